@@ -1,0 +1,36 @@
+# Set-up: `make demo` (installs, writes demo data, trains, evaluates) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test venv venv-test bench clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install -q -e .
+	touch $@
+
+# Test extras: torch (CPU build) for parity tests and Triton's interpreter, triton + jax-triton,
+# libtpu for TPU-topology compiles, and the CUDA plugin (--no-deps) so jax-triton imports on CPU
+# and kernels lower for CUDA without a GPU.
+$(VENV)/.installed-test: pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps "jax-cuda12-plugin==$$($(PY) -c 'import jaxlib; print(jaxlib.__version__)')" \
+	  "jax-cuda12-pjrt==$$($(PY) -c 'import jaxlib; print(jaxlib.__version__)')"
+	touch $(VENV)/.installed $@
+
+venv: $(VENV)/.installed
+venv-test: $(VENV)/.installed-test
+
+test: venv-test
+	JAX_PLATFORMS=cpu $(PY) -m pytest -q
+
+demo: venv
+	$(PY) -m mmv_jax.data.synthetic --out data/demo
+	$(PY) -m launch.train --config configs/demo.py --workdir runs/demo
+
+clean:
+	rm -rf $(VENV) runs data/demo

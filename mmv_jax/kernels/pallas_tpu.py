@@ -1,0 +1,428 @@
+"""Pallas TPU kernel: segment-masked flash attention over packed rows, with block skipping.
+
+Entry point: `segment_attention_pallas(q, k, v, segment_ids, *, interpret=False)`,
+q, k, v `[B, S, H, D]`, segment_ids `[B, S]` int32 (0 = padding). A query attends only to keys
+with its own non-zero segment id; padding query rows return zeros (zero gradients).
+Softmax scale 1/sqrt(D). Forward and backward are Pallas kernels tied by `jax.custom_vjp`;
+matmuls take the input dtype (bf16 or fp32) and accumulate in fp32.
+
+Block skipping. Packed rows hold contiguous segments, so a (q-block, k-block) pair whose
+segment-id ranges do not overlap is fully masked. Per-block ranges (min/max non-zero id,
+`block_segment_ranges`) and, per q-block, the first/last overlapping k-block are computed in
+JAX and scalar-prefetched into SMEM. The k grid axis walks only that span: its index map
+clamps into the span (a repeated block index issues no DMA) and the body runs only for pairs
+whose ranges overlap, so compute and HBM traffic follow sum(len_i^2), not S^2. The dK/dV kernel
+does the same with q- and k-roles swapped (overlap is symmetric).
+
+Constraints (ValueError otherwise): S a multiple of BLOCK (128) — the packer's bucket lengths
+must be multiples of `SEQ_MULTIPLE`; head dim D <= 128 and a multiple of 8, or a multiple of
+128; dtype float32 or bfloat16. Mosaic kernels are not auto-partitioned: call this inside
+`jax.shard_map` with the batch sharded (each device runs the kernel on its rows).
+Modelled on jax's splash attention (SegmentIds, lane-replicated row statistics, separate dQ
+and dK/dV backward kernels); the block skipping here is data-dependent instead of a static mask.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+BLOCK = 128            # default q and k block sizes (tokens)
+BLOCK_Q = BLOCK
+BLOCK_K = BLOCK
+SEQ_MULTIPLE = BLOCK   # packer bucket lengths must be multiples of this
+NUM_LANES = 128
+SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+_MASK_VALUE = -1e30    # finite: masked logits never make inf - inf
+_EMPTY_MIN = jnp.iinfo(jnp.int32).max
+_EMPTY_MAX = -1
+
+_SQUEEZED = pl.Squeezed() if hasattr(pl, "Squeezed") else None
+_CompilerParams = getattr(pltpu, "CompilerParams", None) or getattr(pltpu, "TPUCompilerParams")
+_TRANS_B = (((1,), (1,)), ((), ()))
+
+
+def check_supported(q, k, v, segment_ids, *, block_q: int = BLOCK_Q, block_k: int = BLOCK_K):
+  """Raise ValueError naming the constraint a request breaks."""
+  if q.ndim != 4 or q.shape != k.shape or q.shape != v.shape:
+    raise ValueError(
+        f"pallas_tpu: q, k, v must share one [B, S, H, D] shape, got {q.shape}, {k.shape}, {v.shape}")
+  b, s, _, d = q.shape
+  if segment_ids.shape != (b, s):
+    raise ValueError(f"pallas_tpu: segment_ids must be [B, S] = {(b, s)}, got {segment_ids.shape}")
+  if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+    raise ValueError(f"pallas_tpu: segment_ids must be integer, got {segment_ids.dtype}")
+  dt = jnp.dtype(q.dtype)
+  if dt not in SUPPORTED_DTYPES or k.dtype != dt or v.dtype != dt:
+    raise ValueError(
+        f"pallas_tpu: q, k, v must all be float32 or bfloat16, got {q.dtype}, {k.dtype}, {v.dtype}")
+  for name, blk in (("block_q", block_q), ("block_k", block_k)):
+    if blk <= 0 or blk % NUM_LANES:
+      raise ValueError(f"pallas_tpu: {name}={blk} must be a positive multiple of {NUM_LANES}")
+    if s % blk:
+      raise ValueError(
+          f"pallas_tpu: sequence length S={s} must be a multiple of {name}={blk} "
+          f"(pack into buckets whose length is a multiple of {SEQ_MULTIPLE})")
+  if not ((d <= NUM_LANES and d % 8 == 0) or d % NUM_LANES == 0):
+    raise ValueError(
+        f"pallas_tpu: head dim D={d} must be <= {NUM_LANES} and a multiple of 8, "
+        f"or a multiple of {NUM_LANES}")
+
+
+# ----------------------------------------------------------------------------- block metadata
+
+def block_segment_ranges(segment_ids, block: int):
+  """[B, S] -> (min, max) non-zero segment id per block, each [B, S // block] int32.
+
+  An all-padding block gets (int32 max, -1), so it overlaps nothing. Agrees with
+  `mmv_jax.kernels.blocks.block_ranges`.
+  """
+  b, s = segment_ids.shape
+  seg = segment_ids.astype(jnp.int32).reshape(b, s // block, block)
+  valid = seg != 0
+  lo = jnp.where(valid, seg, _EMPTY_MIN).min(axis=-1)
+  hi = jnp.where(valid, seg, _EMPTY_MAX).max(axis=-1)
+  return lo, hi
+
+
+def block_overlap_mask(segment_ids, block_q: int, block_k: int):
+  """[B, nq, nk] bool: the (q-block, k-block) pairs the kernel computes."""
+  qlo, qhi = block_segment_ranges(segment_ids, block_q)
+  klo, khi = block_segment_ranges(segment_ids, block_k)
+  return (qlo[:, :, None] <= khi[:, None, :]) & (klo[:, None, :] <= qhi[:, :, None])
+
+
+def _spans(mask):
+  """First/last True along the last axis of [B, n, m]; (0, -1) where none."""
+  m = mask.shape[-1]
+  anyt = mask.any(axis=-1)
+  first = jnp.argmax(mask, axis=-1)
+  last = m - 1 - jnp.argmax(mask[..., ::-1], axis=-1)
+  return (jnp.where(anyt, first, 0).astype(jnp.int32),
+          jnp.where(anyt, last, -1).astype(jnp.int32))
+
+
+def _metadata(segment_ids, block_q, block_k):
+  """Scalar-prefetch operands, all flattened 1-D int32 (SMEM)."""
+  qlo, qhi = block_segment_ranges(segment_ids, block_q)
+  klo, khi = block_segment_ranges(segment_ids, block_k)
+  mask = (qlo[:, :, None] <= khi[:, None, :]) & (klo[:, None, :] <= qhi[:, :, None])
+  kstart, kend = _spans(mask)                          # per q-block span of k-blocks
+  qstart, qend = _spans(jnp.swapaxes(mask, 1, 2))      # per k-block span of q-blocks
+  flat = lambda x: x.reshape(-1).astype(jnp.int32)
+  return tuple(map(flat, (qlo, qhi, klo, khi, kstart, kend, qstart, qend)))
+
+
+def _clamp_step(start, end, j):
+  """Block index visited at step j of a span [start, end]: stays put past the end (no DMA)."""
+  return jnp.maximum(jnp.minimum(start + j, end), start)
+
+
+# ----------------------------------------------------------------------------- kernel helpers
+
+def _lanes_to(x, n):
+  """Lane-replicated [rows, 128] statistic -> [rows, n]."""
+  if n == NUM_LANES:
+    return x
+  if n < NUM_LANES:
+    return x[:, :n]
+  return jnp.tile(x, (1, n // NUM_LANES))
+
+
+def _mask(qseg_ref, kseg_ref, bk):
+  qseg = _lanes_to(qseg_ref[...], bk)      # [bq, bk]
+  kseg = kseg_ref[...]                     # [1, bk]
+  return (qseg == kseg) & (qseg != 0)
+
+
+def _pair_overlaps(qlo, qhi, klo, khi, qi, ki):
+  return (qlo[qi] <= khi[ki]) & (klo[ki] <= qhi[qi])
+
+
+def _grid_ids():
+  return pl.program_id(0), pl.program_id(2), pl.program_id(3)
+
+
+# ----------------------------------------------------------------------------- forward
+
+def _fwd_kernel(qlo, qhi, klo, khi, kstart, kend, qstart, qend,
+                q_ref, k_ref, v_ref, qseg_ref, kseg_ref,
+                o_ref, lse_ref,
+                m_scr, l_scr, acc_scr, *, scale, nq, nk, bk):
+  del qstart, qend
+  b, i, j = _grid_ids()
+  row = b * nq + i
+  start, end = kstart[row], kend[row]
+  kb = _clamp_step(start, end, j)
+
+  @pl.when(j == 0)
+  def _init():
+    m_scr[...] = jnp.full(m_scr.shape, _MASK_VALUE, jnp.float32)
+    l_scr[...] = jnp.zeros(l_scr.shape, jnp.float32)
+    acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
+
+  run = (start + j <= end) & _pair_overlaps(qlo, qhi, klo, khi, row, b * nk + kb)
+
+  @pl.when(run)
+  def _compute():
+    q = q_ref[...]
+    k = k_ref[...]
+    v = v_ref[...]
+    s = lax.dot_general(q, k, _TRANS_B, preferred_element_type=jnp.float32) * scale
+    mask = _mask(qseg_ref, kseg_ref, bk)
+    s = jnp.where(mask, s, _MASK_VALUE)
+    m_prev = m_scr[...]                                         # [bq, 128]
+    m_next = jnp.maximum(m_prev, s.max(axis=-1, keepdims=True))  # [bq, 128]
+    p = jnp.where(mask, jnp.exp(s - _lanes_to(m_next, bk)), 0.0)
+    alpha = jnp.exp(m_prev - m_next)
+    l_scr[...] = alpha * l_scr[...] + p.sum(axis=-1, keepdims=True)
+    m_scr[...] = m_next
+    pv = lax.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    acc_scr[...] = acc_scr[...] * _lanes_to(alpha, acc_scr.shape[-1]) + pv
+
+  @pl.when(j == nk - 1)
+  def _finish():
+    l = l_scr[...]
+    has = l > 0.0
+    inv = jnp.where(has, 1.0 / jnp.where(has, l, 1.0), 0.0)
+    o_ref[...] = (acc_scr[...] * _lanes_to(inv, acc_scr.shape[-1])).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(has, m_scr[...] + jnp.log(jnp.where(has, l, 1.0)), 0.0)
+
+
+def _forward(q, k, v, segment_ids, *, block_q, block_k, interpret):
+  """q, k, v [B, H, S, D] -> (o [B, H, S, D], lse [B, H, S, 128] fp32)."""
+  b, h, s, d = q.shape
+  nq, nk = s // block_q, s // block_k
+  meta = _metadata(segment_ids, block_q, block_k)
+  qseg = jnp.broadcast_to(segment_ids.astype(jnp.int32)[:, :, None], (b, s, NUM_LANES))
+  kseg = segment_ids.astype(jnp.int32)[:, None, :]
+  sq = _SQUEEZED
+
+  def q_map(bi, hi, i, j, *m):
+    return bi, hi, i, 0
+
+  def kv_map(bi, hi, i, j, qlo, qhi, klo, khi, kstart, kend, *_):
+    return bi, hi, _clamp_step(kstart[bi * nq + i], kend[bi * nq + i], j), 0
+
+  def qseg_map(bi, hi, i, j, *m):
+    return bi, i, 0
+
+  def kseg_map(bi, hi, i, j, qlo, qhi, klo, khi, kstart, kend, *_):
+    return bi, 0, _clamp_step(kstart[bi * nq + i], kend[bi * nq + i], j)
+
+  grid_spec = pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=len(meta),
+      grid=(b, h, nq, nk),
+      in_specs=[
+          pl.BlockSpec((sq, sq, block_q, d), q_map),
+          pl.BlockSpec((sq, sq, block_k, d), kv_map),
+          pl.BlockSpec((sq, sq, block_k, d), kv_map),
+          pl.BlockSpec((sq, block_q, NUM_LANES), qseg_map),
+          pl.BlockSpec((sq, 1, block_k), kseg_map),
+      ],
+      out_specs=[
+          pl.BlockSpec((sq, sq, block_q, d), q_map),
+          pl.BlockSpec((sq, sq, block_q, NUM_LANES), q_map),
+      ],
+      scratch_shapes=[
+          pltpu.VMEM((block_q, NUM_LANES), jnp.float32),
+          pltpu.VMEM((block_q, NUM_LANES), jnp.float32),
+          pltpu.VMEM((block_q, d), jnp.float32),
+      ],
+  )
+  kernel = functools.partial(_fwd_kernel, scale=1.0 / math.sqrt(d), nq=nq, nk=nk, bk=block_k)
+  o, lse = pl.pallas_call(
+      kernel,
+      grid_spec=grid_spec,
+      out_shape=[jax.ShapeDtypeStruct((b, h, s, d), q.dtype),
+                 jax.ShapeDtypeStruct((b, h, s, NUM_LANES), jnp.float32)],
+      compiler_params=_CompilerParams(
+          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+      interpret=interpret,
+      name="segment_attention_fwd",
+  )(*meta, q, k, v, qseg, kseg)
+  return o, lse
+
+
+# ----------------------------------------------------------------------------- backward
+
+def _dq_kernel(qlo, qhi, klo, khi, kstart, kend, qstart, qend,
+               q_ref, k_ref, v_ref, qseg_ref, kseg_ref, lse_ref, di_ref, do_ref,
+               dq_ref, dq_scr, *, scale, nq, nk, bk):
+  del qstart, qend
+  b, i, j = _grid_ids()
+  row = b * nq + i
+  start, end = kstart[row], kend[row]
+  kb = _clamp_step(start, end, j)
+
+  @pl.when(j == 0)
+  def _init():
+    dq_scr[...] = jnp.zeros(dq_scr.shape, jnp.float32)
+
+  run = (start + j <= end) & _pair_overlaps(qlo, qhi, klo, khi, row, b * nk + kb)
+
+  @pl.when(run)
+  def _compute():
+    q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
+    s = lax.dot_general(q, k, _TRANS_B, preferred_element_type=jnp.float32) * scale
+    mask = _mask(qseg_ref, kseg_ref, bk)
+    p = jnp.where(mask, jnp.exp(s - _lanes_to(lse_ref[...], bk)), 0.0)
+    dp = lax.dot_general(do, v, _TRANS_B, preferred_element_type=jnp.float32)
+    ds = p * (dp - _lanes_to(di_ref[...], bk))
+    dq_scr[...] += lax.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
+
+  @pl.when(j == nk - 1)
+  def _finish():
+    dq_ref[...] = (dq_scr[...] * scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(qlo, qhi, klo, khi, kstart, kend, qstart, qend,
+                q_ref, k_ref, v_ref, qseg_ref, kseg_ref, lse_ref, di_ref, do_ref,
+                dk_ref, dv_ref, dk_scr, dv_scr, *, scale, nq, nk, bk):
+  del kstart, kend
+  b, kb, j = _grid_ids()             # grid axis 2 walks k-blocks here, axis 3 the q-blocks
+  col = b * nk + kb
+  start, end = qstart[col], qend[col]
+  qb = _clamp_step(start, end, j)
+
+  @pl.when(j == 0)
+  def _init():
+    dk_scr[...] = jnp.zeros(dk_scr.shape, jnp.float32)
+    dv_scr[...] = jnp.zeros(dv_scr.shape, jnp.float32)
+
+  run = (start + j <= end) & _pair_overlaps(qlo, qhi, klo, khi, b * nq + qb, col)
+
+  @pl.when(run)
+  def _compute():
+    q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
+    s = lax.dot_general(q, k, _TRANS_B, preferred_element_type=jnp.float32) * scale
+    mask = _mask(qseg_ref, kseg_ref, bk)
+    p = jnp.where(mask, jnp.exp(s - _lanes_to(lse_ref[...], bk)), 0.0)   # [bq, bk]
+    dv_scr[...] += lax.dot(p.T.astype(do.dtype), do, preferred_element_type=jnp.float32)
+    dp = lax.dot_general(do, v, _TRANS_B, preferred_element_type=jnp.float32)
+    ds = p * (dp - _lanes_to(di_ref[...], bk))
+    dk_scr[...] += lax.dot(ds.T.astype(q.dtype), q, preferred_element_type=jnp.float32)
+
+  @pl.when(j == nq - 1)
+  def _finish():
+    dk_ref[...] = (dk_scr[...] * scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv_scr[...].astype(dv_ref.dtype)
+
+
+def _backward(q, k, v, segment_ids, o, lse, do, *, block_q, block_k, interpret):
+  b, h, s, d = q.shape
+  nq, nk = s // block_q, s // block_k
+  meta = _metadata(segment_ids, block_q, block_k)
+  qseg = jnp.broadcast_to(segment_ids.astype(jnp.int32)[:, :, None], (b, s, NUM_LANES))
+  kseg = segment_ids.astype(jnp.int32)[:, None, :]
+  di = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1, keepdims=True)
+  di = jnp.broadcast_to(di, (b, h, s, NUM_LANES))
+  scale = 1.0 / math.sqrt(d)
+  sq = _SQUEEZED
+  params = _CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
+
+  # dQ: grid (B, H, nq, k-steps), like the forward.
+  def q_map(bi, hi, i, j, *m):
+    return bi, hi, i, 0
+
+  def kv_map(bi, hi, i, j, qlo, qhi, klo, khi, kstart, kend, *_):
+    return bi, hi, _clamp_step(kstart[bi * nq + i], kend[bi * nq + i], j), 0
+
+  def qseg_map(bi, hi, i, j, *m):
+    return bi, i, 0
+
+  def kseg_map(bi, hi, i, j, qlo, qhi, klo, khi, kstart, kend, *_):
+    return bi, 0, _clamp_step(kstart[bi * nq + i], kend[bi * nq + i], j)
+
+  q_spec = pl.BlockSpec((sq, sq, block_q, d), q_map)
+  kv_spec = pl.BlockSpec((sq, sq, block_k, d), kv_map)
+  row_spec = pl.BlockSpec((sq, sq, block_q, NUM_LANES), q_map)
+  dq = pl.pallas_call(
+      functools.partial(_dq_kernel, scale=scale, nq=nq, nk=nk, bk=block_k),
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=len(meta),
+          grid=(b, h, nq, nk),
+          in_specs=[q_spec, kv_spec, kv_spec,
+                    pl.BlockSpec((sq, block_q, NUM_LANES), qseg_map),
+                    pl.BlockSpec((sq, 1, block_k), kseg_map),
+                    row_spec, row_spec, q_spec],
+          out_specs=q_spec,
+          scratch_shapes=[pltpu.VMEM((block_q, d), jnp.float32)]),
+      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      compiler_params=params,
+      interpret=interpret,
+      name="segment_attention_dq",
+  )(*meta, q, k, v, qseg, kseg, lse, di, do)
+
+  # dK, dV: grid (B, H, nk, q-steps).
+  def t_q_map(bi, hi, kb, j, qlo, qhi, klo, khi, kstart, kend, qstart, qend):
+    return bi, hi, _clamp_step(qstart[bi * nk + kb], qend[bi * nk + kb], j), 0
+
+  def t_kv_map(bi, hi, kb, j, *m):
+    return bi, hi, kb, 0
+
+  def t_qseg_map(bi, hi, kb, j, qlo, qhi, klo, khi, kstart, kend, qstart, qend):
+    return bi, _clamp_step(qstart[bi * nk + kb], qend[bi * nk + kb], j), 0
+
+  def t_kseg_map(bi, hi, kb, j, *m):
+    return bi, 0, kb
+
+  tq_spec = pl.BlockSpec((sq, sq, block_q, d), t_q_map)
+  tkv_spec = pl.BlockSpec((sq, sq, block_k, d), t_kv_map)
+  trow_spec = pl.BlockSpec((sq, sq, block_q, NUM_LANES), t_q_map)
+  dk, dv = pl.pallas_call(
+      functools.partial(_dkv_kernel, scale=scale, nq=nq, nk=nk, bk=block_k),
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=len(meta),
+          grid=(b, h, nk, nq),
+          in_specs=[tq_spec, tkv_spec, tkv_spec,
+                    pl.BlockSpec((sq, block_q, NUM_LANES), t_qseg_map),
+                    pl.BlockSpec((sq, 1, block_k), t_kseg_map),
+                    trow_spec, trow_spec, tq_spec],
+          out_specs=[tkv_spec, tkv_spec],
+          scratch_shapes=[pltpu.VMEM((block_k, d), jnp.float32),
+                          pltpu.VMEM((block_k, d), jnp.float32)]),
+      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      compiler_params=params,
+      interpret=interpret,
+      name="segment_attention_dkv",
+  )(*meta, q, k, v, qseg, kseg, lse, di, do)
+  return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------- custom_vjp
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _attention_bhsd(q, k, v, segment_ids, block_q, block_k, interpret):
+  o, _ = _forward(q, k, v, segment_ids, block_q=block_q, block_k=block_k, interpret=interpret)
+  return o
+
+
+def _attention_fwd(q, k, v, segment_ids, block_q, block_k, interpret):
+  o, lse = _forward(q, k, v, segment_ids, block_q=block_q, block_k=block_k, interpret=interpret)
+  return o, (q, k, v, segment_ids, o, lse)
+
+
+def _attention_bwd(block_q, block_k, interpret, res, do):
+  q, k, v, segment_ids, o, lse = res
+  dq, dk, dv = _backward(q, k, v, segment_ids, o, lse, do,
+                         block_q=block_q, block_k=block_k, interpret=interpret)
+  return dq, dk, dv, None
+
+
+_attention_bhsd.defvjp(_attention_fwd, _attention_bwd)
+
+
+def segment_attention_pallas(q, k, v, segment_ids, *, interpret=False,
+                             block_q: int = BLOCK_Q, block_k: int = BLOCK_K):
+  """Segment-masked attention, [B, S, H, D] in and out (see the module docstring)."""
+  check_supported(q, k, v, segment_ids, block_q=block_q, block_k=block_k)
+  t = lambda x: jnp.swapaxes(x, 1, 2)
+  o = _attention_bhsd(t(q), t(k), t(v), segment_ids.astype(jnp.int32),
+                      int(block_q), int(block_k), bool(interpret))
+  return t(o)

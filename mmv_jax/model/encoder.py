@@ -1,0 +1,183 @@
+"""SparseMedicalViT (Flax NNX): one encoder for 2D and 3D inputs packed into one sequence.
+
+patch embed (P^3 -> d; a 2D bucket carrying only depth slice 0 uses the first P^2 rows of the
+weight, which equals embedding the zero-padded pseudo-volume) -> pre-norm blocks with 3D RoPE
+and segment-masked attention -> final norm -> per-view mean pooling over each segment's tokens.
+
+Parameters are fp32 with logical axis names (``logical_axes`` metadata); compute runs in
+``config.dtype`` (bf16 on accelerators, fp32 on CPU tests).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mmv_jax.batch import PATCH, PackedBatch
+from mmv_jax.kernels.attention import segment_attention
+from mmv_jax.model.axes import constrain
+from mmv_jax.model.rope import apply_rope, pairs_per_axis, rope_tables
+
+VARIANTS = {  # width, depth, heads (MLP 4x), ViT-Ti/S/B
+    "Ti": (192, 12, 3),
+    "S": (384, 12, 6),
+    "B": (768, 12, 12),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig:
+    width: int = 192
+    depth: int = 12
+    heads: int = 3
+    mlp_ratio: int = 4
+    patch: int = PATCH
+    rope_base: float = 10_000.0
+    dtype: str = "float32"
+    remat: bool = False
+    attention_impl: str = "auto"
+    max_segment_len: int | None = None  # lets the XLA attention skip unreachable key blocks
+    ln_eps: float = 1e-6
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.heads
+
+
+def encoder_config(variant: str = "Ti/14", **overrides) -> EncoderConfig:
+    """``"Ti/14" | "S/14" | "B/14"`` -> :class:`EncoderConfig` (other fields from ``overrides``)."""
+    try:
+        name, patch = variant.split("/")
+        width, depth, heads = VARIANTS[name]
+        patch = int(patch)
+    except (ValueError, KeyError):
+        raise ValueError(f"model.variant must be one of {[v + '/14' for v in VARIANTS]}, "
+                         f"got {variant!r}") from None
+    return dataclasses.replace(EncoderConfig(width=width, depth=depth, heads=heads, patch=patch),
+                               **overrides)
+
+
+def _init(key, shape, fan_in):
+    return jax.random.truncated_normal(key, -2.0, 2.0, shape, jnp.float32) / math.sqrt(fan_in)
+
+
+def param(value, *axes):
+    return nnx.Param(value, logical_axes=tuple(axes))
+
+
+class LayerNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        self.scale = param(jnp.ones((dim,), jnp.float32), "embed")
+        self.bias = param(jnp.zeros((dim,), jnp.float32), "embed")
+        self.eps = eps
+
+    def __call__(self, x):
+        xf = x.astype(jnp.float32)
+        mean = xf.mean(-1, keepdims=True)
+        var = jnp.square(xf - mean).mean(-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
+        return y.astype(x.dtype)
+
+
+class Dense(nnx.Module):
+    """``y = x @ W + b`` with named axes for ``W`` (``in_axis``, ``out_axis``)."""
+
+    def __init__(self, din: int, dout: int, in_axis, out_axis, *, rngs: nnx.Rngs):
+        self.kernel = param(_init(rngs.params(), (din, dout), din), in_axis, out_axis)
+        self.bias = param(jnp.zeros((dout,), jnp.float32), out_axis)
+
+    def __call__(self, x):
+        return x @ self.kernel[...].astype(x.dtype) + self.bias[...].astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
+        d, h = cfg.width, cfg.heads
+        pairs_per_axis(cfg.head_dim)  # raises early when the head cannot hold 3D RoPE
+        if d % h:
+            raise ValueError(f"width {d} is not divisible by heads {h}")
+        self.cfg = cfg
+        self.qkv = param(_init(rngs.params(), (d, 3, h, d // h), d), "embed", None, "heads", None)
+        self.qkv_bias = param(jnp.zeros((3, h, d // h), jnp.float32), None, "heads", None)
+        self.proj = param(_init(rngs.params(), (h, d // h, d), d), "heads", None, "embed")
+        self.proj_bias = param(jnp.zeros((d,), jnp.float32), "embed")
+
+    def __call__(self, x, cos, sin, segment_ids):
+        dt = x.dtype
+        qkv = jnp.einsum("bsd,dthk->tbshk", x, self.qkv[...].astype(dt))
+        qkv = qkv + self.qkv_bias[...].astype(dt)[:, None, None]
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        q = constrain(apply_rope(q, cos, sin), ("batch", "seq", "heads", None))
+        k = constrain(apply_rope(k, cos, sin), ("batch", "seq", "heads", None))
+        o = segment_attention(q, k, v, segment_ids, impl=self.cfg.attention_impl,
+                              max_segment_len=self.cfg.max_segment_len)
+        return jnp.einsum("bshk,hkd->bsd", o, self.proj[...].astype(dt)) + self.proj_bias[...].astype(dt)
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
+        d, hidden = cfg.width, cfg.width * cfg.mlp_ratio
+        self.norm1 = LayerNorm(d, cfg.ln_eps)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.norm2 = LayerNorm(d, cfg.ln_eps)
+        self.fc1 = Dense(d, hidden, "embed", "mlp", rngs=rngs)
+        self.fc2 = Dense(hidden, d, "mlp", "embed", rngs=rngs)
+
+    def __call__(self, x, cos, sin, segment_ids):
+        x = x + self.attn(self.norm1(x), cos, sin, segment_ids)
+        h = constrain(jax.nn.gelu(self.fc1(self.norm2(x)), approximate=False), ("batch", "seq", "mlp"))
+        return constrain(x + self.fc2(h), ("batch", "seq", "embed"))
+
+
+class Encoder(nnx.Module):
+    """``Encoder(cfg, rngs=...)(batch)`` -> per-view embeddings ``[R, V, d]`` (fp32)."""
+
+    def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        p3 = cfg.patch ** 3
+        self.patch_embed = Dense(p3, cfg.width, None, "embed", rngs=rngs)
+        self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.depth)])
+        self.norm = LayerNorm(cfg.width, cfg.ln_eps)
+
+    def embed_patches(self, patches):
+        """``[R, S, P^3]`` or (2D-only bucket) ``[R, S, P^2]`` -> ``[R, S, d]``."""
+        p2, p3 = self.cfg.patch ** 2, self.cfg.patch ** 3
+        dt = jnp.dtype(self.cfg.dtype)
+        kernel = self.patch_embed.kernel[...]
+        if patches.shape[-1] == p2:
+            kernel = kernel[:p2]  # depth slice 0 of the cube: the 2D shortcut
+        elif patches.shape[-1] != p3:
+            raise ValueError(f"patches must have {p3} (P^3) or {p2} (P^2, 2D only) entries, "
+                             f"got {patches.shape[-1]}")
+        x = patches.astype(dt) @ kernel.astype(dt) + self.patch_embed.bias[...].astype(dt)
+        return constrain(x, ("batch", "seq", "embed"))
+
+    def tokens(self, batch: PackedBatch):
+        """Final-norm token features ``[R, S, d]`` in the compute dtype."""
+        x = self.embed_patches(batch.patches)
+        cos, sin = rope_tables(batch.coords, self.cfg.head_dim, self.cfg.rope_base)
+        seg = batch.segment_ids.astype(jnp.int32)
+        for block in self.blocks:
+            if self.cfg.remat:
+                x = nnx.remat(lambda blk, *a: blk(*a))(block, x, cos, sin, seg)
+            else:
+                x = block(x, cos, sin, seg)
+        return self.norm(x)
+
+    def __call__(self, batch: PackedBatch):
+        return pool_views(self.tokens(batch), batch.segment_ids, batch.view_sample.shape[-1])
+
+
+def pool_views(tokens, segment_ids, slots: int):
+    """Mean of each segment's tokens: ``[R, S, d]`` -> ``[R, V, d]`` fp32 (empty slots -> 0)."""
+    onehot = jax.nn.one_hot(segment_ids.astype(jnp.int32) - 1, slots, dtype=jnp.float32)
+    sums = jnp.einsum("rsv,rsd->rvd", onehot, tokens.astype(jnp.float32))
+    counts = onehot.sum(axis=1)[..., None]
+    return sums / jnp.maximum(counts, 1.0)
+
+
+def param_count(module: nnx.Module) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
