@@ -134,7 +134,7 @@ def lejepa_loss(emb, view_sample, view_is_global, view_index, *, num_samples: in
                 mask_absent: bool = True):
     """``(1 - lam) * prediction_loss + lam * sigreg`` on a PackedBatch's per-view projector
     outputs ``emb [R, V, D]``. Returns ``(loss, aux)``; aux holds jax scalars ``pred_loss``,
-    ``sigreg_loss``, ``num_views`` (real view slots).
+    ``sigreg_loss``, ``num_views`` (number of non-empty view slots).
 
     SIGReg runs on the ``[num_views, num_samples, D]`` tensor scattered by
     ``(view_index, view_sample)``. Training batches hold all ``num_views`` views of every

@@ -1,0 +1,64 @@
+"""Base config: every knob a run may change; stage configs override it.
+
+Not run directly; see configs/stage1_2d.py, stage2_curriculum.py, stage3_joint.py, demo.py.
+"""
+import ml_collections
+
+from mmv_jax.data import pipeline
+
+
+def get_config():
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.total_steps = 100_000
+    c.log_every_steps = 50
+    c.checkpoint_every_steps = 1_000
+    c.keep_checkpoints = 3
+    c.async_checkpointing = True
+    c.init_from = ""              # workdir/checkpoint of another run: params only, fresh optimizer
+    c.max_nonfinite_steps = 20    # stop after this many skipped (non-finite) updates in a row
+    c.peak_flops_per_device = 0.0  # 0: vendor table for accelerators, measured on CPU
+    c.progress_bar = True         # on interactive terminals only
+
+    c.model = ml_collections.ConfigDict()
+    c.model.variant = "B/14"
+    c.model.depth = 0             # 0: the variant's depth (12)
+    c.model.dtype = "bfloat16"    # compute dtype; params stay fp32
+    c.model.remat = False
+    c.model.attention_impl = "auto"  # auto | xla | pallas_tpu | triton_gpu
+    c.model.max_segment_len = 512  # largest view in tokens (3D 112^3 / 14^3); lets XLA skip blocks
+    c.model.proj_hidden = 2048
+    c.model.proj_dim = 128
+    c.model.proj_layers = 3
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.lam = 0.025
+    c.loss.num_slices = 256
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 1e-4
+    c.optim.warmup_steps = 1_000
+    c.optim.final_lr_ratio = 0.0
+    c.optim.weight_decay = 0.05
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.grad_clip = 1.0       # global-norm clipping; 0 disables
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.shape = (-1, 1, 1)     # (data, fsdp, tensor); -1 = all remaining devices
+    c.mesh.rules = (
+        ("batch", ("data", "fsdp")),
+        ("seq", None),
+        ("embed", "fsdp"),
+        ("heads", "tensor"),
+        ("mlp", "tensor"),
+    )
+
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.coordinator = ""   # host:port; empty = auto (TPU slice / SLURM / single host)
+    c.distributed.num_processes = -1
+    c.distributed.process_id = -1
+
+    c.data = pipeline.default_config()
+    return c

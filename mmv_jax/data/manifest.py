@@ -1,0 +1,190 @@
+"""Manifest: a JSONL file, one JSON object (record) per image, validated on load.
+
+Fields of a record:
+
+- ``id``        str, unique in the file.
+- ``path``      str, relative to the manifest's folder or absolute (file or DICOM series folder).
+- ``modality``  ``"cxr"`` | ``"ct"``.
+- ``dataset``   str (e.g. ``"mimic-cxr"``, ``"ct-rate"``, ``"demo"``).
+- ``split``     str (``"train"``, ``"val"``, ``"test"``, ...).
+- ``patient``   optional str: the dataset's de-identified subject id (splits never share one).
+- ``labels``    optional object over the five findings :data:`LABELS`: 1 present, 0 absent,
+                -1 uncertain; a missing key (or ``null``) is unknown.
+- ``spacing``   optional ``[z, y, x]`` (or ``[y, x]``) mm, overrides the file's header.
+- ``hu_slope``, ``hu_intercept`` optional floats, override the file's rescale (CT-RATE).
+- ``orientation`` optional six DICOM ImageOrientationPatient cosines (CT-RATE NIfTI).
+- ``preprocessed`` optional bool: the file is an ``mmv-cache`` output, already resampled to the
+                target size (the pipeline then skips the resize); ``shape`` optional ``[Z, H, W]``.
+
+Errors name the file and the line number.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, asdict
+from typing import Iterable, Sequence
+
+LABELS = ("atelectasis", "cardiomegaly", "consolidation", "lung_opacity", "pleural_effusion")
+MODALITIES = ("cxr", "ct")
+_KNOWN = {"id", "path", "modality", "dataset", "split", "patient", "labels", "spacing",
+          "hu_slope", "hu_intercept", "orientation", "preprocessed", "shape", "meta"}
+
+
+class ManifestError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Record:
+    id: str
+    path: str                       # absolute after loading
+    modality: str
+    dataset: str
+    split: str
+    patient: str | None = None
+    labels: dict = field(default_factory=dict)
+    spacing: tuple | None = None
+    hu_slope: float | None = None
+    hu_intercept: float | None = None
+    orientation: tuple | None = None
+    preprocessed: bool = False
+    shape: tuple | None = None
+
+    def read_kwargs(self) -> dict:
+        """Keyword overrides for :func:`mmv_jax.data.readers.load_image`."""
+        return dict(modality=self.modality, spacing=self.spacing, hu_slope=self.hu_slope,
+                    hu_intercept=self.hu_intercept, orientation=self.orientation)
+
+    def to_json(self, root: str | None = None) -> dict:
+        d = {k: v for k, v in asdict(self).items() if v not in (None, {}, False)}
+        if root is not None:
+            try:
+                d["path"] = os.path.relpath(self.path, root)
+            except ValueError:
+                pass
+        for k in ("spacing", "orientation", "shape"):
+            if k in d:
+                d[k] = list(d[k])
+        return d
+
+
+def _err(where: str, msg: str) -> ManifestError:
+    return ManifestError(f"{where}: {msg}")
+
+
+def parse_record(obj, root: str, where: str = "record") -> Record:
+    """Validates one decoded JSON object; ``root`` resolves relative paths."""
+    if not isinstance(obj, dict):
+        raise _err(where, f"expected a JSON object, got {type(obj).__name__}")
+    unknown = set(obj) - _KNOWN
+    if unknown:
+        raise _err(where, f"unknown field(s) {sorted(unknown)}")
+    for key in ("id", "path", "modality", "dataset", "split"):
+        if not isinstance(obj.get(key), str) or not obj.get(key):
+            raise _err(where, f"field {key!r} must be a non-empty string")
+    if obj["modality"] not in MODALITIES:
+        raise _err(where, f"modality must be one of {MODALITIES}, got {obj['modality']!r}")
+    patient = obj.get("patient")
+    if patient is not None and not isinstance(patient, (str, int)):
+        raise _err(where, "field 'patient' must be a string")
+    labels = obj.get("labels") or {}
+    if not isinstance(labels, dict):
+        raise _err(where, "field 'labels' must be an object")
+    clean = {}
+    for k, v in labels.items():
+        if k not in LABELS:
+            raise _err(where, f"unknown label {k!r} (known: {', '.join(LABELS)})")
+        if v is None:
+            continue
+        if v not in (1, 0, -1) or isinstance(v, bool):
+            raise _err(where, f"label {k!r} must be 1, 0, -1 or null, got {v!r}")
+        clean[k] = int(v)
+
+    def floats(key, lengths):
+        v = obj.get(key)
+        if v is None:
+            return None
+        if not isinstance(v, (list, tuple)) or len(v) not in lengths:
+            raise _err(where, f"field {key!r} must be a list of {' or '.join(map(str, lengths))} numbers")
+        try:
+            out = tuple(float(x) for x in v)
+        except (TypeError, ValueError):
+            raise _err(where, f"field {key!r} must hold numbers") from None
+        return out
+
+    spacing = floats("spacing", (2, 3))
+    if spacing is not None and min(spacing) <= 0:
+        raise _err(where, "spacing must be positive")
+    orientation = floats("orientation", (6,))
+    shape = floats("shape", (3,))
+    for key in ("hu_slope", "hu_intercept"):
+        if obj.get(key) is not None and not isinstance(obj[key], (int, float)):
+            raise _err(where, f"field {key!r} must be a number")
+    path = obj["path"]
+    if not os.path.isabs(path):
+        path = os.path.normpath(os.path.join(root, path))
+    return Record(id=obj["id"], path=path, modality=obj["modality"], dataset=obj["dataset"],
+                  split=obj["split"], patient=None if patient is None else str(patient),
+                  labels=clean, spacing=spacing,
+                  hu_slope=None if obj.get("hu_slope") is None else float(obj["hu_slope"]),
+                  hu_intercept=None if obj.get("hu_intercept") is None else float(obj["hu_intercept"]),
+                  orientation=orientation, preprocessed=bool(obj.get("preprocessed", False)),
+                  shape=None if shape is None else tuple(int(s) for s in shape))
+
+
+def load_manifest(path, *, splits: Sequence[str] | str | None = None,
+                  modality: str | None = None, check_patients: bool = True) -> list[Record]:
+    """Reads and validates a JSONL manifest; optionally keeps only ``splits``/``modality``.
+
+    Raises :class:`ManifestError` naming the line for a malformed record, a duplicate id, or
+    (``check_patients``) a patient that appears in two splits of the same dataset.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ManifestError(f"{path}: manifest not found")
+    root = os.path.dirname(os.path.abspath(path))
+    records: list[Record] = []
+    seen: dict[str, int] = {}
+    patient_split: dict[tuple, tuple] = {}
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise _err(where, f"invalid JSON ({e.msg})") from None
+            rec = parse_record(obj, root, where)
+            if rec.id in seen:
+                raise _err(where, f"duplicate id {rec.id!r} (first on line {seen[rec.id]})")
+            seen[rec.id] = lineno
+            if check_patients and rec.patient is not None:
+                key = (rec.dataset, rec.patient)
+                prev = patient_split.setdefault(key, (rec.split, lineno))
+                if prev[0] != rec.split:
+                    raise _err(where, f"a patient of dataset {rec.dataset!r} is in split "
+                                      f"{rec.split!r} and in split {prev[0]!r} (line {prev[1]})")
+            records.append(rec)
+    if isinstance(splits, str):
+        splits = (splits,)
+    if splits is not None:
+        records = [r for r in records if r.split in tuple(splits)]
+    if modality is not None:
+        records = [r for r in records if r.modality == modality]
+    return records
+
+
+def write_manifest(path, records: Iterable[Record | dict], *, relative: bool = True) -> None:
+    """Writes records as JSONL (atomically); paths are made relative to the file's folder."""
+    path = os.fspath(path)
+    root = os.path.dirname(os.path.abspath(path))
+    os.makedirs(root, exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        for r in records:
+            d = r.to_json(root if relative else None) if isinstance(r, Record) else dict(r)
+            f.write(json.dumps(d, sort_keys=True) + "\n")
+    os.replace(tmp, path)

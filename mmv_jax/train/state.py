@@ -1,0 +1,81 @@
+"""Train state, the model and optimizer built from config, created already sharded."""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from mmv_jax.kernels.attention import IMPLS
+from mmv_jax.model.encoder import EncoderConfig, encoder_config
+from mmv_jax.model.heads import MultiMedVision
+from mmv_jax.train import sharding as shd
+
+
+class TrainState(NamedTuple):
+    params: Any          # nnx.State of the model's Params (fp32)
+    opt_state: Any
+    step: Any            # int32 scalar
+    rng: Any             # base PRNG key; step keys are fold_in(rng, step)
+    nonfinite: Any       # int32: consecutive skipped (non-finite) updates
+
+
+def encoder_config_from(cfg) -> EncoderConfig:
+    m = cfg.model
+    if m.attention_impl not in IMPLS:
+        raise ValueError(f"config.model.attention_impl must be one of {IMPLS}, got {m.attention_impl!r}")
+    extra = {"depth": m.depth} if m.get("depth") else {}
+    return encoder_config(m.variant, dtype=m.dtype, remat=m.remat, attention_impl=m.attention_impl,
+                          max_segment_len=m.get("max_segment_len") or None, **extra)
+
+
+def build_model(cfg, *, seed: int = 0) -> MultiMedVision:
+    m = cfg.model
+    return MultiMedVision(encoder_config_from(cfg), proj_hidden=m.proj_hidden, proj_dim=m.proj_dim,
+                          proj_layers=m.proj_layers, rngs=nnx.Rngs(seed))
+
+
+def _decay_mask(params):
+    """Weight decay on matrices only: not on norms and biases."""
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def make_optimizer(cfg) -> optax.GradientTransformation:
+    o = cfg.optim
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=o.lr, warmup_steps=o.warmup_steps,
+        decay_steps=max(cfg.total_steps, o.warmup_steps + 1), end_value=o.lr * o.final_lr_ratio)
+    parts = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip > 0 else []
+    parts.append(optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                             mask=_decay_mask))
+    return optax.chain(*parts)
+
+
+def learning_rate(cfg, step):
+    o = cfg.optim
+    return optax.warmup_cosine_decay_schedule(
+        0.0, o.lr, o.warmup_steps, max(cfg.total_steps, o.warmup_steps + 1), o.lr * o.final_lr_ratio)(step)
+
+
+def create(cfg, mesh, tx):
+    """(graphdef, state, state_shardings) with every array created directly in its sharding."""
+    rules = shd.rules_dict(cfg.mesh.rules)
+    abstract = nnx.eval_shape(lambda: build_model(cfg, seed=cfg.seed))
+    graphdef, abstract_params = nnx.split(abstract, nnx.Param)
+    p_shard = shd.param_shardings(abstract_params, mesh, rules)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    shardings = TrainState(
+        params=p_shard,
+        opt_state=shd.opt_state_shardings(tx, abstract_params, p_shard, mesh),
+        step=replicated, rng=replicated, nonfinite=replicated)
+
+    def init():
+        params = nnx.state(build_model(cfg, seed=cfg.seed), nnx.Param)
+        return TrainState(params, tx.init(params), jnp.zeros((), jnp.int32),
+                          jax.random.PRNGKey(cfg.seed + 1), jnp.zeros((), jnp.int32))
+
+    state = jax.jit(init, out_shardings=shardings)()
+    return graphdef, state, shardings

@@ -1,0 +1,81 @@
+"""The train step: a pure function over ``(graphdef, state)``, jitted with explicit shardings.
+
+A non-finite loss or gradient leaves params and optimizer state unchanged and increments
+``state.nonfinite`` (the loop stops the run after ``config.max_nonfinite_steps`` in a row).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from mmv_jax.batch import PackedBatch
+from mmv_jax.model.axes import axis_rules
+from mmv_jax.objectives.lejepa import lejepa_loss
+from mmv_jax.train.state import TrainState
+
+
+def loss_fn(params, graphdef, batch: PackedBatch, key, *, num_samples: int, num_views: int,
+            lam: float, num_slices: int):
+    model = nnx.merge(graphdef, params)
+    _, proj = model(batch)
+    return lejepa_loss(proj, batch.view_sample, batch.view_is_global, batch.view_index,
+                       num_samples=num_samples, num_views=num_views, key=key, lam=lam,
+                       num_slices=num_slices)
+
+
+def train_step(state: TrainState, batch: PackedBatch, *, graphdef, tx, schedule, num_samples,
+               num_views, lam, num_slices):
+    key = jax.random.fold_in(state.rng, state.step)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (loss, aux), grads = grad_fn(state.params, graphdef, batch, key, num_samples=num_samples,
+                                 num_views=num_views, lam=lam, num_slices=num_slices)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, new_opt = tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = TrainState(
+        params=keep(new_params, state.params),
+        opt_state=keep(new_opt, state.opt_state),
+        step=state.step + 1,
+        rng=state.rng,
+        nonfinite=jnp.where(finite, 0, state.nonfinite + 1).astype(jnp.int32),
+    )
+    metrics = {"loss": loss, "pred_loss": aux["pred_loss"], "sigreg_loss": aux["sigreg_loss"],
+               "grad_norm": grad_norm, "lr": schedule(state.step), "finite": finite}
+    return new_state, metrics
+
+
+def jit_train_step(cfg, graphdef, tx, schedule, state_shardings, batch_shardings, mesh, rules,
+                   *, num_samples: int, num_views: int):
+    """``step(state, batch) -> (state, metrics)``: jitted, state donated, shardings explicit.
+
+    Tracing happens inside ``axis_rules(mesh, rules)`` so activations are constrained."""
+    fn = functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule,
+                           num_samples=num_samples, num_views=num_views, lam=cfg.loss.lam,
+                           num_slices=cfg.loss.num_slices)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    jitted = jax.jit(fn, in_shardings=(state_shardings, batch_shardings),
+                     out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+
+    class Step:
+        """Calls and lowers the jitted step inside the activation-sharding rules."""
+
+        def __call__(self, state, batch):
+            with axis_rules(mesh, rules):
+                return jitted(state, batch)
+
+        def lower(self, state, batch):
+            with axis_rules(mesh, rules):
+                return jitted.lower(state, batch)
+
+        @property
+        def compiles(self) -> int:
+            """Executables of this step compiled so far (one per bucket shape)."""
+            return jitted._cache_size()
+
+    return Step()

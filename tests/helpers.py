@@ -1,0 +1,39 @@
+"""Small builders shared by the train tests."""
+import numpy as np
+
+from mmv_jax.batch import pack_views
+from mmv_jax.data.patches import make_view
+
+
+def synthetic_batch(num_samples=4, n_global=2, n_local=2, rows=2, seq_len=128, slots=12, seed=0,
+                    sample_offset=0):
+    """Packed views of random 2D and 3D 'images' (every other sample 3D)."""
+    rng = np.random.default_rng(seed)
+    views = []
+    for s in range(num_samples):
+        for i in range(n_global + n_local):
+            g = 2 if i < n_global else 1
+            shape = (14 * g, 14 * g, 14) if s % 2 else (1, 14 * (g + 1), 14 * g)
+            views.append(make_view(rng.uniform(-1, 1, shape).astype(np.float32),
+                                   sample=s + sample_offset, is_global=i < n_global, index=i))
+    return pack_views(views, rows, seq_len, slots)
+
+
+def tiny_config(**overrides):
+    import configs.base as base
+    c = base.get_config()
+    c.model.variant = "Ti/14"
+    c.model.dtype = "float32"
+    c.model.proj_hidden = 64
+    c.model.proj_dim = 16
+    c.model.max_segment_len = 0
+    c.loss.num_slices = 32
+    c.optim.warmup_steps = 2
+    c.total_steps = 10
+    for k, v in overrides.items():
+        node = c
+        *path, last = k.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = v
+    return c

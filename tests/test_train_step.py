@@ -1,0 +1,74 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from helpers import synthetic_batch, tiny_config
+from mmv_jax.train import metrics, sharding as shd, state as st
+from mmv_jax.train.step import jit_train_step
+
+
+def _setup(cfg):
+    mesh = shd.make_mesh((1, 1, 1), jax.devices()[:1])
+    rules = shd.rules_dict(cfg.mesh.rules)
+    tx = st.make_optimizer(cfg)
+    graphdef, state, state_sh = st.create(cfg, mesh, tx)
+    step = jit_train_step(cfg, graphdef, tx, lambda s: st.learning_rate(cfg, s), state_sh,
+                          shd.batch_shardings(mesh, rules), mesh, rules, num_samples=4, num_views=4)
+    return state, step
+
+
+def test_step_updates_and_skips_nonfinite():
+    cfg = tiny_config(**{"model.variant": "Ti/14"})
+    cfg.model.update(dict(proj_layers=2))
+    state, step = _setup(cfg)
+    batch = jax.tree.map(jnp.asarray, synthetic_batch())
+    before = jax.tree.map(np.asarray, state.params)
+    state, m = step(state, batch)  # lr(0) = 0 (warm-up from zero): params unchanged
+    state, m = step(state, batch)
+    assert bool(m["finite"]) and np.isfinite(float(m["loss"]))
+    assert float(m["loss"]) == pytest.approx((1 - 0.025) * float(m["pred_loss"]) + 0.025 * float(m["sigreg_loss"]), rel=1e-5)
+    changed = jax.tree.map(lambda a, b: not np.allclose(a, np.asarray(b)), before, state.params)
+    assert any(jax.tree.leaves(changed))
+    assert int(state.step) == 2
+
+    after_good = jax.tree.map(np.asarray, state.params)
+    bad = batch._replace(patches=batch.patches.at[0, 0, 0].set(jnp.nan))
+    state, m = step(state, bad)
+    assert not bool(m["finite"]) and int(state.nonfinite) == 1 and int(state.step) == 3
+    for a, b in zip(jax.tree.leaves(after_good), jax.tree.leaves(state.params)):
+        np.testing.assert_array_equal(a, np.asarray(b))
+    state, m = step(state, batch)
+    assert int(state.nonfinite) == 0
+
+
+def test_compiles_once_per_bucket_shape():
+    cfg = tiny_config()
+    state, step = _setup(cfg)
+    shapes = [(2, 128), (2, 128), (4, 128), (2, 128), (4, 128)]
+    for i, (rows, seq) in enumerate(shapes):
+        batch = jax.tree.map(jnp.asarray, synthetic_batch(rows=rows, seq_len=seq, seed=i))
+        state, _ = step(state, batch)
+        assert step.compiles == (1 if i < 2 else 2)
+    process_compiles = metrics.compile_count()
+    for i in range(3):
+        state, _ = step(state, jax.tree.map(jnp.asarray, synthetic_batch(rows=4, seed=10 + i)))
+    assert step.compiles == 2 and metrics.compile_count() == process_compiles
+
+
+def test_weight_decay_mask_and_schedule():
+    cfg = tiny_config()
+    params = {"w": jnp.ones((2, 2)), "b": jnp.ones((2,))}
+    mask = st._decay_mask(params)
+    assert mask == {"w": True, "b": False}
+    assert float(st.learning_rate(cfg, 0)) == 0.0
+    assert float(st.learning_rate(cfg, 2)) == pytest.approx(cfg.optim.lr)
+    assert float(st.learning_rate(cfg, cfg.total_steps)) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_bad_mesh_names_the_key():
+    with pytest.raises(ValueError, match="config.mesh.shape"):
+        shd.mesh_shape((3, 1, 1), 8)
+    with pytest.raises(ValueError, match="config.mesh.shape"):
+        shd.mesh_shape((-1, -1, 1), 8)
+    assert shd.mesh_shape((2, -1, 2), 8) == (2, 2, 2)

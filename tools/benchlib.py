@@ -1,0 +1,85 @@
+"""Shared pieces of the benchmarks: the machine's fp32 matmul peak, a packed row of the
+paper's view mix, FLOP counting and timing."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from mmv_jax.batch import PATCH, View, first_fit_rows, grid_coords, pack_rows
+
+
+def measure_matmul_peak(n: int = 2048, reps: int = 5) -> float:
+    """Best fp32 matmul FLOP/s this machine reaches through XLA (the MFU denominator)."""
+    import jax
+    import jax.numpy as jnp
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    f = jax.jit(lambda a: a @ a)
+    f(a).block_until_ready()
+    best = min(_timed(lambda: f(a).block_until_ready()) for _ in range(reps))
+    return 2 * n ** 3 / best
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def time_fn(fn, reps: int = 3) -> float:
+    """Median seconds over ``reps`` calls after one warm-up call (``fn`` blocks)."""
+    fn()
+    return float(np.median([_timed(fn) for _ in range(reps)]))
+
+
+def paper_view_sizes(rng, modality: int) -> list[tuple[int, int, int]]:
+    """Grids of one sample's 2 global + 8 local views (METHOD.md scales, long side 224 / 112)."""
+    if modality == 0:
+        base = np.array([1, 224, 224 * rng.uniform(0.75, 1.0)])
+    else:
+        base = np.array([112 * rng.uniform(0.7, 1.0), 112, 112 * rng.uniform(0.85, 1.0)])
+    out = []
+    for scale_lo, scale_hi, n in ((0.3, 1.0, 2), (0.05, 0.3, 8)):
+        for _ in range(n):
+            s = rng.uniform(scale_lo, scale_hi)
+            side = base * (s ** (1 / (2 if modality == 0 else 3)))
+            grid = np.maximum(1, np.floor(side / PATCH)).astype(int)
+            if modality == 0:
+                grid[0] = 1
+            out.append(tuple(int(g) for g in grid))
+    return out
+
+
+def paper_mix_row(seq_len: int, seed: int = 0, ratio_3d: float = 0.25, slots: int = 96):
+    """One packed row of ``seq_len`` tokens holding whole samples of the paper's mix."""
+    rng = np.random.default_rng(seed)
+    views: list[View] = []
+    sample = 0
+    while True:
+        modality = int(rng.uniform() < ratio_3d)
+        grids = paper_view_sizes(rng, modality)
+        new = []
+        for i, g in enumerate(grids):
+            n = int(np.prod(g))
+            new.append(View(rng.uniform(-1, 1, (n, PATCH ** 3)).astype(np.float32),
+                            grid_coords(g), sample, i < 2, modality, i))
+        if sum(v.num_tokens for v in views + new) > seq_len or len(views) + len(new) > slots:
+            break
+        views += new
+        sample += 1
+    rows = first_fit_rows([v.num_tokens for v in views], seq_len, slots)
+    assert len(rows) == 1
+    return pack_rows([[views[i] for i in rows[0]]], seq_len, slots), views
+
+
+def encoder_flops(width: int, depth: int, mlp_ratio: int, seg_lengths, modalities,
+                  patch: int = PATCH) -> float:
+    """Useful forward FLOPs: patch embed (P^2 for 2D tokens, P^3 for 3D), blocks, block-diagonal
+    attention only (sum of squared segment lengths)."""
+    seg_lengths = np.asarray(seg_lengths, np.float64)
+    tokens = seg_lengths.sum()
+    embed_in = np.where(np.asarray(modalities) == 1, patch ** 3, patch ** 2)
+    embed = 2.0 * width * float((seg_lengths * embed_in).sum())
+    dense = 2.0 * tokens * (4 * width * width + 2 * mlp_ratio * width * width)
+    attn = 4.0 * width * float((seg_lengths ** 2).sum())
+    return embed + depth * (dense + attn)

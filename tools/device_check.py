@@ -1,0 +1,295 @@
+"""One-shot accelerator check (minutes): correctness and speed of the attention kernels.
+
+    python tools/device_check.py                      # --section kernels on the local GPU
+    python tools/device_check.py --dry-run            # CPU: tiny shapes, XLA path, same code
+    python tools/device_check.py --section kernels --seq-lens 4096 8192 --segments 1 8 64
+
+Section `kernels`:
+  1. environment: jax/jaxlib/plugin versions, devices, triton / jax-triton and what is missing;
+  2. checks the Triton kernel (`impl="triton_gpu"`) against the XLA reference on packed rows —
+     forward and gradients, bf16 (relative L2 <= 2e-2) and fp32 (max abs <= 1e-4);
+  3. times the kernel vs the XLA reference (banded by the row's longest segment) vs dense masked
+     attention, forward and forward+backward, on packed rows of 4096-32768 tokens holding 1, 8
+     and 64 equal segments and one realistic packed layout (tools/bench_kernels.py), and prints a
+     table: ms, TFLOP/s on useful work (4 * H * D * sum(len^2) forward, 2.5x that backward),
+     TFLOP/s on the blocks the kernel computes, and the fraction of blocks skipped.
+Sections are functions in SECTIONS (`name -> fn(args) -> ok`); add e.g. a `train` section
+(a few sharded train steps, tokens/s and MFU) by writing `section_train` and registering it.
+Exit status 0 when every check passed, 1 otherwise, 2 when something needed is missing.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import math
+import os
+import statistics
+import sys
+import time
+import traceback
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+MISSING = []   # human-readable lines about what is not installed / not usable
+
+
+# ----------------------------------------------------------------------------- environment
+
+def _version(mod):
+  try:
+    m = importlib.import_module(mod)
+    return getattr(m, "__version__", "?")
+  except Exception as e:  # noqa: BLE001 - we report anything
+    return f"missing ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
+
+
+def environment(args) -> dict:
+  import jax
+  info = {"python": sys.version.split()[0], "jax": jax.__version__}
+  import jaxlib
+  info["jaxlib"] = jaxlib.__version__
+  for mod in ("jax_cuda13_plugin", "jax_cuda12_plugin", "triton", "jax_triton", "torch", "libtpu"):
+    info[mod] = _version(mod)
+  info["backend"] = jax.default_backend()
+  devs = jax.devices()
+  info["devices"] = f"{len(devs)} x {devs[0].device_kind}"
+  for k, v in info.items():
+    print(f"  {k:18s} {v}")
+  if not args.dry_run:
+    if info["backend"] != "gpu":
+      MISSING.append(f"no GPU backend (jax.default_backend() = {info['backend']!r}); install "
+                     f"'jax[cuda13]' (or cuda12) matching jax {jax.__version__}, or use --dry-run")
+    if str(info["triton"]).startswith("missing"):
+      MISSING.append("triton is not installed: pip install triton")
+    if str(info["jax_triton"]).startswith("missing"):
+      MISSING.append("jax-triton is not importable: pip install jax-triton "
+                     "(0.3.x for jax 0.10, 0.4.x for jax >= 0.11); " + str(info["jax_triton"]))
+  return info
+
+
+# ----------------------------------------------------------------------------- attention variants
+
+def dense_attention(q, k, v, seg):
+  """Plain dense masked attention: S^2 logits, input-dtype matmuls, fp32 softmax."""
+  import jax.numpy as jnp
+  s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+  s = s / math.sqrt(q.shape[-1])
+  m = ((seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] != 0))[:, None]
+  s = jnp.where(m, s, -1e30)
+  p = jnp.where(m, jnp.exp(s - s.max(-1, keepdims=True)), 0.0)
+  p = p / jnp.maximum(p.sum(-1, keepdims=True), 1e-30)
+  return jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), v,
+                    preferred_element_type=jnp.float32).astype(q.dtype)
+
+
+def _impls(args, max_len):
+  """name -> fn(q, k, v, seg), in table order. The 'kernel' slot is the XLA path on dry runs."""
+  from mmv_jax.kernels.attention import segment_attention
+  out = {}
+  kernel_impl = "xla" if args.dry_run else args.impl
+  out["kernel"] = lambda q, k, v, s: segment_attention(q, k, v, s, impl=kernel_impl)
+  out["xla"] = lambda q, k, v, s: segment_attention(q, k, v, s, impl="xla",
+                                                    max_segment_len=max_len)
+  out["dense"] = dense_attention
+  return out
+
+
+# ----------------------------------------------------------------------------- layouts
+
+def layouts(seq_len, segments, *, include_packed=True):
+  import bench_kernels
+  rows = [(f"{n} seg", bench_kernels.synthetic_row(seq_len, n)[None]) for n in segments]
+  if include_packed and seq_len >= 512:        # a 3D view is up to 512 tokens
+    rows.append(("packed mix", bench_kernels.packed_layouts(seq_len, batches=1, seed=0)[:1]))
+  return rows
+
+
+def _max_len(seg):
+  ids, counts = np.unique(seg[seg != 0], return_counts=True)
+  return int(counts.max()) if counts.size else 1
+
+
+# ----------------------------------------------------------------------------- correctness
+
+def check_correctness(args) -> bool:
+  import jax
+  import jax.numpy as jnp
+  from mmv_jax.kernels.attention import segment_attention
+  ok_all = True
+  s = args.check_seq
+  seg = np.concatenate([lay for _, lay in layouts(s, [1, 5])])
+  seg[0, -100:] = 0                              # padding at the end of a row
+  segj = jnp.asarray(seg)
+  kernel_impl = "xla" if args.dry_run else args.impl
+  rng = np.random.default_rng(0)
+  for d in args.check_head_dims:
+    for dtype, tol in ((jnp.bfloat16, 2e-2), (jnp.float32, 1e-4)):
+      q, k, v = (jnp.asarray(rng.standard_normal((len(seg), s, args.check_heads, d)),
+                             jnp.float32).astype(dtype) for _ in range(3))
+      w = jnp.cos(jnp.arange(d, dtype=jnp.float32))
+
+      def loss(fn):
+        return lambda q, k, v: jnp.sum(fn(q, k, v, segj).astype(jnp.float32) * w)
+
+      cand = lambda q, k, v, sg: segment_attention(q, k, v, sg, impl=kernel_impl)
+      ref = lambda q, k, v, sg: segment_attention(
+          q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), sg, impl="xla")
+      label = f"{kernel_impl} vs xla  D={d} {jnp.dtype(dtype).name:8s}"
+      try:
+        with jax.default_matmul_precision("highest"):
+          want = [jax.jit(ref)(q, k, v, segj)] + list(
+              jax.jit(jax.grad(loss(ref), argnums=(0, 1, 2)))(q, k, v))
+        got = [jax.jit(cand)(q, k, v, segj)] + list(
+            jax.jit(jax.grad(loss(cand), argnums=(0, 1, 2)))(q, k, v))
+        errs = []
+        for g, r in zip(got, want):
+          g, r = np.asarray(g, np.float64), np.asarray(r, np.float64)
+          if not np.isfinite(g).all():
+            errs.append(float("nan"))
+          elif dtype == jnp.float32:
+            errs.append(float(np.abs(g - r).max()))
+          else:
+            errs.append(float(np.linalg.norm(g - r) / max(np.linalg.norm(r), 1e-30)))
+        ok = all(e <= tol for e in errs)       # NaN fails
+        kind = "max abs" if dtype == jnp.float32 else "rel L2"
+        print(f"  {'PASS' if ok else 'FAIL'}  {label}  {kind} o/dq/dk/dv = "
+              + " ".join(f"{e:.2e}" for e in errs) + f"  (tol {tol:g})")
+      except Exception as e:  # noqa: BLE001
+        ok = False
+        print(f"  FAIL  {label}  {type(e).__name__}: {str(e).splitlines()[0][:300]}")
+        if args.verbose:
+          traceback.print_exc()
+      ok_all &= ok
+  return ok_all
+
+
+# ----------------------------------------------------------------------------- timing
+
+def _time(fn, argv, repeats):
+  import jax
+  out = fn(*argv)
+  jax.block_until_ready(out)
+  ts = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*argv))
+    ts.append(time.perf_counter() - t0)
+  return statistics.median(ts)
+
+
+def time_kernels(args) -> list[dict]:
+  import jax
+  import jax.numpy as jnp
+  from mmv_jax.kernels import blocks
+  rng = np.random.default_rng(1)
+  h, d = args.heads, args.head_dim
+  dtype = jnp.dtype(args.dtype)
+  block_q, block_k = args.skip_blocks
+  rows = []
+  hdr = (f"  {'S':>6} {'layout':>10} {'skip':>6} {'impl':>7} {'pass':>8} {'ms':>9} "
+         f"{'TF/s useful':>11} {'TF/s blocks':>11}")
+  print(hdr)
+  for s in args.seq_lens:
+    for name, seg in layouts(s, args.segments):
+      segj = jnp.asarray(seg)
+      useful = float(sum((np.unique(r[r != 0], return_counts=True)[1].astype(np.float64) ** 2).sum()
+                         for r in seg))
+      computed, _ = blocks.block_counts(seg, block_q, block_k)
+      skipped = blocks.skipped_fraction(seg, block_q, block_k)
+      fl_useful = 4.0 * h * d * useful
+      fl_blocks = 4.0 * h * d * computed * block_q * block_k
+      q, k, v = (jnp.asarray(rng.standard_normal((1, s, h, d)), jnp.float32).astype(dtype)
+                 for _ in range(3))
+      for impl, fn in _impls(args, _max_len(seg)).items():
+        if impl == "dense" and s > args.dense_max_seq:
+          continue
+        for pas, mult in (("fwd", 1.0), ("fwd+bwd", 3.5)):
+          if pas == "fwd":
+            f = jax.jit(lambda q, k, v, fn=fn: fn(q, k, v, segj))
+          else:
+            f = jax.jit(jax.grad(lambda q, k, v, fn=fn: jnp.sum(fn(q, k, v, segj).astype(
+                jnp.float32)), argnums=(0, 1, 2)))
+          rec = dict(seq_len=s, layout=name, skipped=skipped, impl=impl, pass_=pas)
+          try:
+            t = _time(f, (q, k, v), args.repeats)
+            rec.update(ms=1e3 * t, tflops_useful=mult * fl_useful / t / 1e12,
+                       tflops_blocks=mult * fl_blocks / t / 1e12)
+            print(f"  {s:>6} {name:>10} {skipped:>6.3f} {impl:>7} {pas:>8} {1e3 * t:>9.3f} "
+                  f"{rec['tflops_useful']:>11.2f} {rec['tflops_blocks']:>11.2f}", flush=True)
+          except Exception as e:  # noqa: BLE001 - OOM of the dense path is expected at 32k
+            rec.update(error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            print(f"  {s:>6} {name:>10} {skipped:>6.3f} {impl:>7} {pas:>8}   {rec['error']}",
+                  flush=True)
+          rows.append(rec)
+  return rows
+
+
+# ----------------------------------------------------------------------------- sections
+
+def section_kernels(args) -> bool:
+  print("== environment")
+  environment(args)
+  if MISSING:
+    print("== MISSING")
+    for line in MISSING:
+      print("  " + line)
+    return False
+  print(f"== correctness ({'xla (dry run)' if args.dry_run else args.impl} vs XLA reference)")
+  ok = check_correctness(args)
+  print(f"== timing (1 row, H={args.heads}, D={args.head_dim}, {args.dtype}; skip fraction for "
+        f"{args.skip_blocks[0]}x{args.skip_blocks[1]} blocks)")
+  time_kernels(args)
+  return ok
+
+
+SECTIONS = {"kernels": section_kernels}
+
+
+def parse_args(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  ap.add_argument("--section", choices=sorted(SECTIONS), nargs="+", default=["kernels"])
+  ap.add_argument("--dry-run", action="store_true",
+                  help="CPU: tiny shapes, the XLA path in the kernel slot, one repeat")
+  ap.add_argument("--impl", default="triton_gpu", choices=["triton_gpu", "pallas_tpu", "xla"],
+                  help="the kernel under test (default triton_gpu)")
+  ap.add_argument("--seq-lens", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
+  ap.add_argument("--segments", type=int, nargs="+", default=[1, 8, 64])
+  ap.add_argument("--heads", type=int, default=12)
+  ap.add_argument("--head-dim", type=int, default=64)
+  ap.add_argument("--dtype", default="bfloat16")
+  ap.add_argument("--repeats", type=int, default=10)
+  ap.add_argument("--dense-max-seq", type=int, default=16384,
+                  help="skip dense attention above this length (S^2 logits)")
+  ap.add_argument("--skip-blocks", type=int, nargs=2, default=[128, 64],
+                  help="block sizes for the skipped-fraction column (Triton forward: 128 64)")
+  ap.add_argument("--check-seq", type=int, default=1024)
+  ap.add_argument("--check-heads", type=int, default=4)
+  ap.add_argument("--check-head-dims", type=int, nargs="+", default=[64, 128])
+  ap.add_argument("--verbose", action="store_true")
+  args = ap.parse_args(argv)
+  if args.dry_run:
+    args.seq_lens = [s for s in args.seq_lens if s <= 1024] or [512, 1024]
+    args.segments = [n for n in args.segments if n <= 8] or [1, 8]
+    args.heads, args.repeats = 2, 1
+    args.check_seq, args.check_heads, args.check_head_dims = 512, 2, [64]
+  return args
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  if args.dry_run:
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  ok = True
+  for name in args.section:
+    print(f"#### section {name}")
+    ok &= bool(SECTIONS[name](args))
+  if MISSING:
+    return 2
+  print("ALL CHECKS PASSED" if ok else "SOME CHECKS FAILED")
+  return 0 if ok else 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())
