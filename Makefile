@@ -18,8 +18,7 @@ $(VENV)/.installed: pyproject.toml | $(VENV)/bin/python
 # and kernels lower for CUDA without a GPU.
 $(VENV)/.installed-test: pyproject.toml | $(VENV)/bin/python
 	$(PY) -m pip install -q -e '.[test]'
-	$(PY) -m pip install -q --no-deps "jax-cuda12-plugin==$$($(PY) -c 'import jaxlib; print(jaxlib.__version__)')" \
-	  "jax-cuda12-pjrt==$$($(PY) -c 'import jaxlib; print(jaxlib.__version__)')"
+	$(PY) -m pip install -q --no-deps "jax-cuda12-plugin==$$($(PY) -c 'import jaxlib; print(jaxlib.__version__)')"
 	touch $(VENV)/.installed $@
 
 venv: $(VENV)/.installed

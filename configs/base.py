@@ -26,7 +26,7 @@ def get_config():
     c.model.dtype = "bfloat16"    # compute dtype; params stay fp32
     c.model.remat = False
     c.model.attention_impl = "auto"  # auto | xla | pallas_tpu | triton_gpu
-    c.model.max_segment_len = 512  # largest view in tokens (3D 112^3 / 14^3); lets XLA skip blocks
+    c.model.max_segment_len = -1  # largest view in tokens; -1: from data.views; 0: dense XLA attention
     c.model.proj_hidden = 2048
     c.model.proj_dim = 128
     c.model.proj_layers = 3

@@ -29,7 +29,7 @@ def _main(argv):
     try:
         last = train_and_evaluate(cfg, workdir)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
-        if "config." not in str(e):  # not a user-facing error: keep the traceback
+        if "config" not in str(e):  # not a user-facing error: keep the traceback
             raise
         sys.exit(f"mmv-train: {e}")
     import jax

@@ -89,3 +89,29 @@ def test_jax_block_ranges_agree_with_numpy():
   mask = np.asarray(pallas_tpu.block_overlap_mask(jnp.asarray(rows), 128, 256))
   for r, row in enumerate(rows):
     np.testing.assert_array_equal(mask[r], blocks.block_overlap(row, 128, 256))
+
+
+def test_bench_kernels_layouts():
+  """tools/bench_kernels.py: the paper's view mix packs into monotone contiguous rows."""
+  import importlib.util as iu
+  import os
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools",
+                      "bench_kernels.py")
+  spec = iu.spec_from_file_location("bench_kernels", path)
+  bk = iu.module_from_spec(spec)
+  spec.loader.exec_module(bk)
+  rng = np.random.default_rng(0)
+  sizes = bk.batch_view_sizes(rng)
+  assert len(sizes) == (bk.N_2D + bk.N_3D) * 10
+  assert 1 <= min(sizes) and max(sizes) <= 512
+  seg = bk.packed_layouts(4096, batches=1, seed=0)
+  assert int((seg != 0).sum()) == sum(bk.batch_view_sizes(np.random.default_rng(0)))
+  for row in seg:
+    ids = row[row != 0]
+    assert (np.diff(ids) >= 0).all()                       # increasing along the row
+    assert len(np.unique(ids)) == int((np.diff(row) != 0).sum() + (row[0] != 0)
+                                      - (row[-1] == 0))    # one contiguous run per id
+  out = bk.run(["--seq-lens", "4096", "--batches", "1"])
+  st = out["buckets"]["4096"]
+  assert 0.8 < st["skipped_pallas_tpu"] < 1.0 and st["useful_fraction"] < 0.1
+  assert st["skipped_pallas_tpu"] == pytest.approx(blocks.skipped_fraction(seg, 128, 128))

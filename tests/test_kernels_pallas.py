@@ -172,6 +172,43 @@ def test_skipped_blocks_are_never_read():
     assert not a[:, 128:256].any()
 
 
+def _short_segments_row(s, rng, max_len):
+  row = np.zeros(s, np.int32)
+  pos, sid = 0, 0
+  while pos < s - 40:                       # padding tail
+    n = int(rng.integers(1, max_len + 1))
+    sid += 1
+    row[pos:pos + n] = sid
+    pos += n
+  return row
+
+
+def test_max_segment_len_bounds_the_grid():
+  """With max_segment_len the grid walks 3 of 6 k-blocks per q-block; results unchanged."""
+  s, L = 768, 60
+  assert pallas_tpu.span_bound(128, 128, L, s // 128) == 3
+  rng = np.random.default_rng(5)
+  seg = np.stack([_short_segments_row(s, rng, L), _short_segments_row(s, rng, 1)])
+  seg[1, 300:420] = 0
+  (q, k, v), segj = _inputs(jnp.float32, seg, h=1, seed=6)
+  kern = _kernel(max_segment_len=L)
+  np.testing.assert_allclose(np.asarray(kern(q, k, v, segj)), _naive(q, k, v, seg), atol=1e-5)
+  g = jax.grad(_loss(kern, segj, D), argnums=(0, 1, 2))(q, k, v)
+  g_ref = jax.grad(_loss(_dense_ref, segj, D), argnums=(0, 1, 2))(q, k, v)
+  for a, b in zip(g, g_ref):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0)
+
+
+def test_max_segment_len_violation_is_loud():
+  seg = np.zeros((1, 768), np.int32)
+  seg[0, :700] = 1                          # one 700-token segment, promised <= 60
+  (q, k, v), segj = _inputs(jnp.float32, seg, h=1, seed=7)
+  out = segment_attention_pallas(q, k, v, segj, interpret=True, max_segment_len=60)
+  assert np.isnan(np.asarray(out)).all()
+  with pytest.raises(ValueError, match="max_segment_len"):
+    segment_attention_pallas(q, k, v, segj, interpret=True, max_segment_len=0)
+
+
 def test_metadata_matches_numpy_helper():
   seg = _layouts(512)
   meta = pallas_tpu._metadata(jnp.asarray(seg), 128, 128)
@@ -218,10 +255,10 @@ _COMPILE_SCRIPT = textwrap.dedent("""
         from jax.experimental.shard_map import shard_map
         smap = lambda f: shard_map(f, mesh=mesh, in_specs=(spec,) * 4, out_specs=spec,
                                    check_rep=False)
-    attn = smap(lambda q, k, v, s: segment_attention_pallas(q, k, v, s))
-    loss = lambda q, k, v, s: jnp.sum(attn(q, k, v, s).astype(jnp.float32))
-    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
-    for S, H in ((4096, 6), (4096, 12), (8192, 6), (8192, 12)):
+    for S, H, L in ((4096, 6, None), (4096, 12, 512), (8192, 6, 512), (8192, 12, 512)):
+        attn = smap(lambda q, k, v, s: segment_attention_pallas(q, k, v, s, max_segment_len=L))
+        loss = lambda q, k, v, s: jnp.sum(attn(q, k, v, s).astype(jnp.float32))
+        step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
         sds = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=NamedSharding(mesh, spec))
         qkv = sds((2 * n, S, H, 64), jnp.bfloat16)
         compiled = step.lower(qkv, qkv, qkv, sds((2 * n, S), jnp.int32)).compile()
@@ -235,7 +272,10 @@ _COMPILE_SCRIPT = textwrap.dedent("""
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                     reason="libtpu not installed (pip install 'jax[tpu]'; the test extra has it)")
 def test_compiles_for_tpu_topology():
-  env = dict(os.environ, JAX_PLATFORMS="cpu", TPU_SKIP_MDS_QUERY="1")
+  # ALLOW_MULTIPLE_LIBTPU_LOAD: compile-only use; do not contend for /tmp/libtpu_lockfile with
+  # other processes that loaded libtpu (parallel test runs, other users).
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TPU_SKIP_MDS_QUERY="1",
+             ALLOW_MULTIPLE_LIBTPU_LOAD="1")
   r = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True,
                      text=True, timeout=600)
   assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]

@@ -6,16 +6,19 @@ Contract (ARCHITECTURE.md): ``load_image(path) -> ImageRecord(array, spacing, mo
   slope/intercept applied); X-ray with MONOCHROME1 inverted so that bone is bright.
 - ``spacing``: ``(z, y, x)`` millimetres per voxel (``1.0`` where the file carries none).
 - ``modality``: ``"cxr"`` (2D radiograph) or ``"ct"`` (3D volume).
-- ``source``: the format read (``"dicom"``, ``"dicom-series"``, ``"png"``, ``"jpg"``, ``"nifti"``, ``"npy"``).
+- ``source``: the format read (``"dicom"``, ``"dicom-series"``, ``"png"``, ``"jpg"``, ``"nifti"``, ``"npy"``, ``"npz"``).
 
 Canonical orientation of 3D volumes: axis 0 runs inferior -> superior, axis 1 anterior ->
 posterior (image top = anterior), axis 2 patient right -> patient left (radiological display).
 NIfTI volumes are reoriented to it from their header affine; DICOM series are ordered by slice
-position along the slice normal.
+position along the slice normal and reoriented from ImageOrientationPatient (an axial series in
+the usual orientation is already canonical). ``.npy``/``.npz`` and multi-frame DICOM are taken as
+stored.
 
 Formats: DICOM (one file; pydicom with the pylibjpeg plugins for JPEG baseline/lossless, JPEG-LS,
 JPEG 2000, RLE; multi-frame files are volumes), a folder of DICOM slices (one series),
-PNG/JPG (MIMIC-CXR-JPG), NIfTI ``.nii``/``.nii.gz`` (nibabel), ``.npy``.
+PNG/JPG (MIMIC-CXR-JPG), NIfTI ``.nii``/``.nii.gz`` (nibabel), ``.npy`` and ``.npz`` (one array,
+key ``ct`` if present: RAD-ChestCT). ``.npy``/``.npz`` arrays are ``[Z, H, W]`` already in canonical order.
 Anything unreadable raises :class:`ImageReadError` (a ``ValueError``) that names the path and
 the reason, never a patient identifier.
 """
@@ -59,6 +62,8 @@ def _kind(path: str) -> str:
         return "jpg" if low.endswith((".jpg", ".jpeg")) else "png"
     if low.endswith(".npy"):
         return "npy"
+    if low.endswith(".npz"):
+        return "npz"
     return "dicom"  # .dcm, .dicom or extension-less files
 
 
@@ -115,8 +120,9 @@ def _check(path: str, arr: np.ndarray) -> np.ndarray:
         arr = arr[None]
     if arr.ndim != 3:
         raise ImageReadError(path, f"expected 2D or 3D data, got {arr.ndim}D shape {arr.shape}")
+    integer = np.issubdtype(arr.dtype, np.integer)
     arr = np.asarray(arr, np.float32)
-    if not np.isfinite(arr).all():
+    if not integer and not np.isfinite(arr).all():
         raise ImageReadError(path, "non-finite (NaN or Inf) values")
     if min(arr.shape) < 1:
         raise ImageReadError(path, f"empty image (shape {arr.shape})")
@@ -235,6 +241,10 @@ def _read_dicom_series(folder, hu_slope, hu_intercept):
         dz = float(np.median(np.abs(np.diff(pos))))
     else:
         dz = float(slices[0].get("SliceThickness", 1.0) or 1.0)
+    if iop is not None and len(slices) > 1:
+        # [slice, row, column] -> voxel axes (i = along the row cosine, j = column cosine, k = normal)
+        arr, (dz, dy, dx) = _to_canonical(arr.transpose(2, 1, 0), _iop_affine(iop, (dx, dy, dz)),
+                                          (dx, dy, dz))
     return arr, (dz, dy, dx), "ct" if len(slices) > 1 else _dicom_modality(slices[0], 1)
 
 
@@ -264,7 +274,11 @@ def _read_nifti(path, hu_slope, hu_intercept, orientation):
         arr = arr * np.float32(1.0 if hu_slope is None else hu_slope) + np.float32(
             0.0 if hu_intercept is None else hu_intercept)
     else:
-        arr = img.get_fdata(dtype=np.float32)
+        slope, inter = img.dataobj.slope, img.dataobj.inter
+        raw_ok = np.issubdtype(img.get_data_dtype(), np.integer) and slope in (1, None) \
+            and inter in (0, None)
+        # integer voxels stay integer through the reorientation (half the memory traffic)
+        arr = np.asanyarray(img.dataobj) if raw_ok else img.get_fdata(dtype=np.float32)
     arr = arr.reshape(shape[:3] if len(shape) >= 3 else shape)
     if arr.ndim == 2:
         arr = arr[:, :, None]
@@ -273,19 +287,31 @@ def _read_nifti(path, hu_slope, hu_intercept, orientation):
         aff = _iop_affine(orientation, zooms)
     else:
         aff = img.affine
-    ornt = nib.orientations.io_orientation(aff)
-    arr = nib.orientations.apply_orientation(arr, ornt)  # now RAS+ (x->R, y->A, z->S)
-    sx, sy, sz = (zooms[int(a)] for a in ornt[:, 0])
-    # RAS [x, y, z] -> [z (I->S), y (A->P), x (R->L)]
+    arr, spacing = _to_canonical(arr, aff, zooms)
+    return arr, spacing, "ct" if arr.shape[0] > 1 else "cxr"
+
+
+def _to_canonical(arr_ijk: np.ndarray, affine: np.ndarray, zooms_ijk) -> tuple[np.ndarray, tuple]:
+    """Voxel array ``[i, j, k]`` with a RAS ``affine`` -> canonical ``[Z (I->S), Y (A->P),
+    X (R->L)]`` and its ``(z, y, x)`` spacing."""
+    from nibabel import orientations as no
+    ornt = no.io_orientation(affine)
+    arr = no.apply_orientation(arr_ijk, ornt)  # now RAS+ (x->R, y->A, z->S)
+    sx, sy, sz = (float(zooms_ijk[int(a)]) for a in ornt[:, 0])
     arr = np.ascontiguousarray(arr[::-1, ::-1, :].transpose(2, 1, 0))
-    mod = "ct" if arr.shape[0] > 1 else "cxr"
-    return arr, (sz, sy, sx), mod
+    return arr, (sz, sy, sx)
 
 
 # ---------------------------------------------------------------- NPY / PNG / JPG
 
 def _read_npy(path, hu_slope, hu_intercept):
-    arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    if path.lower().endswith(".npz"):  # RAD-ChestCT: one array per file (key "ct" if present)
+        with np.load(path, allow_pickle=False) as z:
+            if not z.files:
+                raise ImageReadError(path, "empty .npz archive")
+            arr = z["ct"] if "ct" in z.files else z[z.files[0]]
+    else:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
     if arr.ndim not in (2, 3):
         raise ImageReadError(path, f"expected 2D or 3D data, got {arr.ndim}D shape {arr.shape}")
     if not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
@@ -317,6 +343,7 @@ _READERS = {
     "dicom-series": lambda p, s, i, o: _read_dicom_series(p, s, i),
     "nifti": _read_nifti,
     "npy": lambda p, s, i, o: _read_npy(p, s, i),
+    "npz": lambda p, s, i, o: _read_npy(p, s, i),
     "png": lambda p, s, i, o: _read_raster(p),
     "jpg": lambda p, s, i, o: _read_raster(p),
 }

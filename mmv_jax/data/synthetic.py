@@ -121,7 +121,6 @@ def cxr_phantom(rng, h: int, w: int, labels: dict) -> np.ndarray:
 
 def write_cxr_dicom(path: str, mu: np.ndarray, *, index: int, spacing: float, monochrome1: bool,
                     patient: str) -> None:
-    import pydicom
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -191,14 +190,14 @@ def ct_phantom(rng, shape, labels: dict) -> np.ndarray:
     if labels["consolidation"]:
         lung, cx, cy, cz, rx, ry, rz = lungs[int(rng.random() < 0.5)]
         c = (cx + rng.uniform(-0.3, 0.3) * rx, cy + rng.uniform(-0.3, 0.3) * ry, cz + rng.uniform(-0.4, 0.3) * rz)
-        r = rng.uniform(0.16, 0.22)
+        r = rng.uniform(0.2, 0.28)
         blob = ((x - c[0]) / r) ** 2 + ((y - c[1]) / r) ** 2 + ((z - c[2]) / (1.4 * r)) ** 2 < 1
         hu[blob & lung] = 35.0
     if labels["lung_opacity"]:
         lung, cx, cy, cz, rx, ry, rz = lungs[int(rng.random() < 0.5)]
         c = (cx + rng.uniform(-0.3, 0.3) * rx, cy + rng.uniform(-0.3, 0.3) * ry, cz + rng.uniform(-0.4, 0.4) * rz)
-        sg = rng.uniform(0.15, 0.22)
-        haze = 380.0 * np.exp(-0.5 * ((x - c[0]) ** 2 + (y - c[1]) ** 2 + (z - c[2]) ** 2) / sg ** 2)
+        sg = rng.uniform(0.2, 0.28)
+        haze = 450.0 * np.exp(-0.5 * ((x - c[0]) ** 2 + (y - c[1]) ** 2 + (z - c[2]) ** 2) / sg ** 2)
         hu = np.where(lung, hu + haze, hu)
     if labels["atelectasis"]:
         lung, cx, cy, cz, rx, ry, rz = lungs[0]

@@ -21,44 +21,56 @@ from mmv_jax.data.patches import make_view
 
 def crop_shape(rng: np.random.Generator, dims: Sequence[int], scale: Sequence[float],
                p: int = PATCH) -> tuple[int, ...]:
-    """Samples a crop size (per axis, multiples of ``p`` clipped to the image) for ``dims``."""
-    dims = [int(d) for d in dims]
+    """Samples a crop size (per axis, multiples of ``p`` clipped to the image) for ``dims``.
+
+    One ``rng.uniform`` draw; the rest is deterministic integer arithmetic (plain Python: this
+    runs 10 times per sample).
+    """
+    dims = [int(x) for x in dims]
     d = len(dims)
     lo, hi = float(scale[0]), float(scale[1])
-    s = rng.uniform(lo, hi)
-    g = np.array([x / p for x in dims], float)
-    gmax = np.maximum(1, np.floor(g)).astype(int)
-    k = np.clip(np.round(g * s ** (1.0 / d)), 1, gmax).astype(int)
-    total = float(np.prod(dims))
+    s = float(rng.uniform(lo, hi))
+    g = [x / p for x in dims]
+    gmax = [max(1, int(x // p)) for x in dims]
+    f = s ** (1.0 / d)
+    k = [min(max(1, int(round(gi * f))), gm) for gi, gm in zip(g, gmax)]
+    total = 1.0
+    for x in dims:
+        total *= x
 
     def frac(k):
-        return float(np.prod(np.minimum(k * p, dims))) / total
+        v = 1.0
+        for kk, dd in zip(k, dims):
+            v *= min(kk * p, dd)
+        return v / total
 
-    for _ in range(4 * int(gmax.sum())):
-        f = frac(k)
-        if f < lo:
+    for _ in range(4 * sum(gmax)):
+        cur = frac(k)
+        if cur < lo:
             grow = [i for i in range(d) if k[i] < gmax[i]]
             if not grow:
                 break
             i = min(grow, key=lambda i: k[i] / g[i])
             k[i] += 1
-            if frac(k) > hi:  # cannot enter the range on this grid: keep the closer one
-                if frac(k) - hi > lo - f:
+            new = frac(k)
+            if new > hi:  # cannot enter the range on this grid: keep the closer one
+                if new - hi > lo - cur:
                     k[i] -= 1
                 break
-        elif f > hi:
+        elif cur > hi:
             shrink = [i for i in range(d) if k[i] > 1]
             if not shrink:
                 break
             i = max(shrink, key=lambda i: k[i] / g[i])
             k[i] -= 1
-            if frac(k) < lo:
-                if lo - frac(k) > f - hi:
+            new = frac(k)
+            if new < lo:
+                if lo - new > cur - hi:
                     k[i] += 1
                 break
         else:
             break
-    return tuple(int(min(kk * p, dd)) for kk, dd in zip(k, dims))
+    return tuple(min(kk * p, dd) for kk, dd in zip(k, dims))
 
 
 def random_crop(rng: np.random.Generator, image: np.ndarray, scale, p: int = PATCH):
@@ -118,5 +130,8 @@ def view_tokens(rng: np.random.Generator, shape, *, n_global=2, n_local=8,
     out = []
     for idx in range(n_global + n_local):
         size = crop_shape(rng, dims, global_scale if idx < n_global else local_scale, p)
-        out.append(int(np.prod([max(1, c // p) for c in size])))
+        n = 1
+        for c in size:
+            n *= max(1, c // p)
+        out.append(n)
     return out

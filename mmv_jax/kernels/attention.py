@@ -6,9 +6,11 @@ the same non-zero segment id; padding query rows return zeros. ``impl="auto"`` p
 ``jax.default_backend()``: ``pallas_tpu`` on TPU, ``triton_gpu`` on CUDA GPUs, ``xla`` elsewhere.
 An impl that cannot honour a request raises ``ValueError``; there is no silent fallback.
 
-``max_segment_len`` (optional, an addition to the contract) lets the XLA reference skip the
-key blocks no segment can reach (see ``kernels/xla.py``); the kernels skip blocks by their own
-per-block segment ranges and ignore it.
+``max_segment_len`` (optional, an addition to the contract) bounds every segment's length: the
+XLA reference and the Pallas kernel then visit only the key blocks a segment can reach (a
+longer segment poisons its row with NaN rather than being truncated). The kernels also skip
+blocks by their per-block segment ranges. Mosaic and Triton kernels are not auto-partitioned:
+under a mesh, call them inside ``shard_map`` (the encoder does).
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ def segment_attention(q, k, v, segment_ids, *, impl: str = "auto", interpret: bo
         return segment_attention_xla(q, k, v, segment_ids, max_segment_len=max_segment_len)
     if impl == "pallas_tpu":
         from mmv_jax.kernels.pallas_tpu import segment_attention_pallas
-        return segment_attention_pallas(q, k, v, segment_ids, interpret=interpret)
+        return segment_attention_pallas(q, k, v, segment_ids, interpret=interpret,
+                                        max_segment_len=max_segment_len)
     from mmv_jax.kernels.triton_gpu import segment_attention_triton
     return segment_attention_triton(q, k, v, segment_ids)

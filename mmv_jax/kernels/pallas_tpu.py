@@ -1,6 +1,7 @@
 """Pallas TPU kernel: segment-masked flash attention over packed rows, with block skipping.
 
-Entry point: `segment_attention_pallas(q, k, v, segment_ids, *, interpret=False)`,
+Entry point:
+`segment_attention_pallas(q, k, v, segment_ids, *, interpret=False, max_segment_len=None)`,
 q, k, v `[B, S, H, D]`, segment_ids `[B, S]` int32 (0 = padding). A query attends only to keys
 with its own non-zero segment id; padding query rows return zeros (zero gradients).
 Softmax scale 1/sqrt(D). Forward and backward are Pallas kernels tied by `jax.custom_vjp`;
@@ -8,11 +9,15 @@ matmuls take the input dtype (bf16 or fp32) and accumulate in fp32.
 
 Block skipping. Packed rows hold contiguous segments, so a (q-block, k-block) pair whose
 segment-id ranges do not overlap is fully masked. Per-block ranges (min/max non-zero id,
-`block_segment_ranges`) and, per q-block, the first/last overlapping k-block are computed in
-JAX and scalar-prefetched into SMEM. The k grid axis walks only that span: its index map
-clamps into the span (a repeated block index issues no DMA) and the body runs only for pairs
-whose ranges overlap, so compute and HBM traffic follow sum(len_i^2), not S^2. The dK/dV kernel
-does the same with q- and k-roles swapped (overlap is symmetric).
+`block_segment_ranges`, equal to `kernels.blocks.block_ranges`) and, per q-block, the first/last
+overlapping k-block are computed in JAX and scalar-prefetched into SMEM. The inner grid axis
+walks that span: its index map clamps into the span (a repeated block index issues no DMA) and
+the body runs only for pairs whose ranges overlap, so compute and HBM traffic follow
+sum(len_i^2), not S^2. The dK/dV kernel does the same with q- and k-roles swapped. One program
+handles all H heads of its block (the mask is head-independent): grid (B, blocks, steps).
+Pass `max_segment_len` (the packer's largest view): the inner axis then has
+`span_bound(...)` steps instead of S / block, so even the idle grid steps stop growing with S^2;
+a row whose spans exceed the bound gets NaN output (loud, never silently wrong).
 
 Constraints (ValueError otherwise): S a multiple of BLOCK (128) — the packer's bucket lengths
 must be multiples of `SEQ_MULTIPLE`; head dim D <= 128 and a multiple of 8, or a multiple of
@@ -51,7 +56,8 @@ def check_supported(q, k, v, segment_ids, *, block_q: int = BLOCK_Q, block_k: in
   """Raise ValueError naming the constraint a request breaks."""
   if q.ndim != 4 or q.shape != k.shape or q.shape != v.shape:
     raise ValueError(
-        f"pallas_tpu: q, k, v must share one [B, S, H, D] shape, got {q.shape}, {k.shape}, {v.shape}")
+        f"pallas_tpu: q, k, v must share one [B, S, H, D] shape, got {q.shape}, {k.shape}, "
+        f"{v.shape}")
   b, s, _, d = q.shape
   if segment_ids.shape != (b, s):
     raise ValueError(f"pallas_tpu: segment_ids must be [B, S] = {(b, s)}, got {segment_ids.shape}")
@@ -144,18 +150,28 @@ def _pair_overlaps(qlo, qhi, klo, khi, qi, ki):
   return (qlo[qi] <= khi[ki]) & (klo[ki] <= qhi[qi])
 
 
-def _grid_ids():
-  return pl.program_id(0), pl.program_id(2), pl.program_id(3)
+def span_bound(block_a: int, block_b: int, max_segment_len: int | None, n_b: int) -> int:
+  """Static bound on how many b-blocks one a-block's segments reach (the grid's inner axis).
+
+  Segments of at most L tokens starting or ending in an a-block of `block_a` tokens cover at most
+  block_a + 2 (L - 1) tokens, hence at most ceil((block_a + 2 (L - 1)) / block_b) + 1 b-blocks.
+  """
+  if max_segment_len is None:
+    return n_b
+  reach = block_a + 2 * (max(int(max_segment_len), 1) - 1)
+  return max(1, min(n_b, -(-reach // block_b) + 1))
 
 
 # ----------------------------------------------------------------------------- forward
+# Every program handles all H heads of one (row, q-block) (the mask is head-independent), so the
+# grid is (B, nq, k-steps): H times fewer grid steps than a per-head grid.
 
 def _fwd_kernel(qlo, qhi, klo, khi, kstart, kend, qstart, qend,
                 q_ref, k_ref, v_ref, qseg_ref, kseg_ref,
                 o_ref, lse_ref,
-                m_scr, l_scr, acc_scr, *, scale, nq, nk, bk):
+                m_scr, l_scr, acc_scr, *, scale, nq, nk, bk, heads, steps):
   del qstart, qend
-  b, i, j = _grid_ids()
+  b, i, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   row = b * nq + i
   start, end = kstart[row], kend[row]
   kb = _clamp_step(start, end, j)
@@ -170,79 +186,110 @@ def _fwd_kernel(qlo, qhi, klo, khi, kstart, kend, qstart, qend,
 
   @pl.when(run)
   def _compute():
-    q = q_ref[...]
-    k = k_ref[...]
-    v = v_ref[...]
-    s = lax.dot_general(q, k, _TRANS_B, preferred_element_type=jnp.float32) * scale
     mask = _mask(qseg_ref, kseg_ref, bk)
-    s = jnp.where(mask, s, _MASK_VALUE)
-    m_prev = m_scr[...]                                         # [bq, 128]
-    m_next = jnp.maximum(m_prev, s.max(axis=-1, keepdims=True))  # [bq, 128]
-    p = jnp.where(mask, jnp.exp(s - _lanes_to(m_next, bk)), 0.0)
-    alpha = jnp.exp(m_prev - m_next)
-    l_scr[...] = alpha * l_scr[...] + p.sum(axis=-1, keepdims=True)
-    m_scr[...] = m_next
-    pv = lax.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    acc_scr[...] = acc_scr[...] * _lanes_to(alpha, acc_scr.shape[-1]) + pv
+    for h in range(heads):
+      q, k, v = q_ref[h], k_ref[h], v_ref[h]
+      s = lax.dot_general(q, k, _TRANS_B, preferred_element_type=jnp.float32) * scale
+      s = jnp.where(mask, s, _MASK_VALUE)
+      m_prev = m_scr[h]                                             # [bq, 128]
+      m_next = jnp.maximum(m_prev, s.max(axis=-1, keepdims=True))  # [bq, 128]
+      p = jnp.where(mask, jnp.exp(s - _lanes_to(m_next, bk)), 0.0)
+      alpha = jnp.exp(m_prev - m_next)
+      l_scr[h] = alpha * l_scr[h] + p.sum(axis=-1, keepdims=True)
+      m_scr[h] = m_next
+      pv = lax.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+      acc_scr[h] = acc_scr[h] * _lanes_to(alpha, acc_scr.shape[-1]) + pv
 
-  @pl.when(j == nk - 1)
+  @pl.when(j == steps - 1)
   def _finish():
-    l = l_scr[...]
-    has = l > 0.0
-    inv = jnp.where(has, 1.0 / jnp.where(has, l, 1.0), 0.0)
-    o_ref[...] = (acc_scr[...] * _lanes_to(inv, acc_scr.shape[-1])).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(has, m_scr[...] + jnp.log(jnp.where(has, l, 1.0)), 0.0)
+    for h in range(heads):
+      l = l_scr[h]
+      has = l > 0.0
+      inv = jnp.where(has, 1.0 / jnp.where(has, l, 1.0), 0.0)
+      o_ref[h] = (acc_scr[h] * _lanes_to(inv, acc_scr.shape[-1])).astype(o_ref.dtype)
+      lse_ref[h] = jnp.where(has, m_scr[h] + jnp.log(jnp.where(has, l, 1.0)), 0.0)
 
 
-def _forward(q, k, v, segment_ids, *, block_q, block_k, interpret):
+def _seg_operands(segment_ids):
+  b, s = segment_ids.shape
+  seg = segment_ids.astype(jnp.int32)
+  return jnp.broadcast_to(seg[:, :, None], (b, s, NUM_LANES)), seg[:, None, :]
+
+
+def _q_major_specs(nq, block_q, block_k, heads, d):
+  """Index maps of a grid (B, q-block i, step j) walking k-blocks kstart[i]..kend[i]."""
+  def q_map(bi, i, j, *m):
+    return bi, 0, i, 0
+
+  def kv_map(bi, i, j, qlo, qhi, klo, khi, kstart, kend, *_):
+    return bi, 0, _clamp_step(kstart[bi * nq + i], kend[bi * nq + i], j), 0
+
+  def qseg_map(bi, i, j, *m):
+    return bi, i, 0
+
+  def kseg_map(bi, i, j, qlo, qhi, klo, khi, kstart, kend, *_):
+    return bi, 0, _clamp_step(kstart[bi * nq + i], kend[bi * nq + i], j)
+
+  sq = _SQUEEZED
+  return dict(
+      q=pl.BlockSpec((sq, heads, block_q, d), q_map),
+      kv=pl.BlockSpec((sq, heads, block_k, d), kv_map),
+      qseg=pl.BlockSpec((sq, block_q, NUM_LANES), qseg_map),
+      kseg=pl.BlockSpec((sq, 1, block_k), kseg_map),
+      row=pl.BlockSpec((sq, heads, block_q, NUM_LANES), q_map))
+
+
+def _k_major_specs(nk, block_q, block_k, heads, d):
+  """Index maps of a grid (B, k-block kb, step j) walking q-blocks qstart[kb]..qend[kb]."""
+  def q_map(bi, kb, j, qlo, qhi, klo, khi, kstart, kend, qstart, qend):
+    return bi, 0, _clamp_step(qstart[bi * nk + kb], qend[bi * nk + kb], j), 0
+
+  def kv_map(bi, kb, j, *m):
+    return bi, 0, kb, 0
+
+  def qseg_map(bi, kb, j, qlo, qhi, klo, khi, kstart, kend, qstart, qend):
+    return bi, _clamp_step(qstart[bi * nk + kb], qend[bi * nk + kb], j), 0
+
+  def kseg_map(bi, kb, j, *m):
+    return bi, 0, kb
+
+  sq = _SQUEEZED
+  return dict(
+      q=pl.BlockSpec((sq, heads, block_q, d), q_map),
+      kv=pl.BlockSpec((sq, heads, block_k, d), kv_map),
+      qseg=pl.BlockSpec((sq, block_q, NUM_LANES), qseg_map),
+      kseg=pl.BlockSpec((sq, 1, block_k), kseg_map),
+      row=pl.BlockSpec((sq, heads, block_q, NUM_LANES), q_map))
+
+
+_PARAMS = dict(dimension_semantics=("parallel", "parallel", "arbitrary"))
+
+
+def _forward(q, k, v, segment_ids, meta, *, block_q, block_k, ksteps, interpret):
   """q, k, v [B, H, S, D] -> (o [B, H, S, D], lse [B, H, S, 128] fp32)."""
   b, h, s, d = q.shape
   nq, nk = s // block_q, s // block_k
-  meta = _metadata(segment_ids, block_q, block_k)
-  qseg = jnp.broadcast_to(segment_ids.astype(jnp.int32)[:, :, None], (b, s, NUM_LANES))
-  kseg = segment_ids.astype(jnp.int32)[:, None, :]
-  sq = _SQUEEZED
-
-  def q_map(bi, hi, i, j, *m):
-    return bi, hi, i, 0
-
-  def kv_map(bi, hi, i, j, qlo, qhi, klo, khi, kstart, kend, *_):
-    return bi, hi, _clamp_step(kstart[bi * nq + i], kend[bi * nq + i], j), 0
-
-  def qseg_map(bi, hi, i, j, *m):
-    return bi, i, 0
-
-  def kseg_map(bi, hi, i, j, qlo, qhi, klo, khi, kstart, kend, *_):
-    return bi, 0, _clamp_step(kstart[bi * nq + i], kend[bi * nq + i], j)
-
+  qseg, kseg = _seg_operands(segment_ids)
+  sp = _q_major_specs(nq, block_q, block_k, h, d)
   grid_spec = pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=len(meta),
-      grid=(b, h, nq, nk),
-      in_specs=[
-          pl.BlockSpec((sq, sq, block_q, d), q_map),
-          pl.BlockSpec((sq, sq, block_k, d), kv_map),
-          pl.BlockSpec((sq, sq, block_k, d), kv_map),
-          pl.BlockSpec((sq, block_q, NUM_LANES), qseg_map),
-          pl.BlockSpec((sq, 1, block_k), kseg_map),
-      ],
-      out_specs=[
-          pl.BlockSpec((sq, sq, block_q, d), q_map),
-          pl.BlockSpec((sq, sq, block_q, NUM_LANES), q_map),
-      ],
+      grid=(b, nq, ksteps),
+      in_specs=[sp["q"], sp["kv"], sp["kv"], sp["qseg"], sp["kseg"]],
+      out_specs=[sp["q"], sp["row"]],
       scratch_shapes=[
-          pltpu.VMEM((block_q, NUM_LANES), jnp.float32),
-          pltpu.VMEM((block_q, NUM_LANES), jnp.float32),
-          pltpu.VMEM((block_q, d), jnp.float32),
+          pltpu.VMEM((h, block_q, NUM_LANES), jnp.float32),
+          pltpu.VMEM((h, block_q, NUM_LANES), jnp.float32),
+          pltpu.VMEM((h, block_q, d), jnp.float32),
       ],
   )
-  kernel = functools.partial(_fwd_kernel, scale=1.0 / math.sqrt(d), nq=nq, nk=nk, bk=block_k)
+  kernel = functools.partial(_fwd_kernel, scale=1.0 / math.sqrt(d), nq=nq, nk=nk, bk=block_k,
+                             heads=h, steps=ksteps)
   o, lse = pl.pallas_call(
       kernel,
       grid_spec=grid_spec,
       out_shape=[jax.ShapeDtypeStruct((b, h, s, d), q.dtype),
                  jax.ShapeDtypeStruct((b, h, s, NUM_LANES), jnp.float32)],
-      compiler_params=_CompilerParams(
-          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+      compiler_params=_CompilerParams(**_PARAMS),
       interpret=interpret,
       name="segment_attention_fwd",
   )(*meta, q, k, v, qseg, kseg)
@@ -253,9 +300,9 @@ def _forward(q, k, v, segment_ids, *, block_q, block_k, interpret):
 
 def _dq_kernel(qlo, qhi, klo, khi, kstart, kend, qstart, qend,
                q_ref, k_ref, v_ref, qseg_ref, kseg_ref, lse_ref, di_ref, do_ref,
-               dq_ref, dq_scr, *, scale, nq, nk, bk):
+               dq_ref, dq_scr, *, scale, nq, nk, bk, heads, steps):
   del qstart, qend
-  b, i, j = _grid_ids()
+  b, i, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   row = b * nq + i
   start, end = kstart[row], kend[row]
   kb = _clamp_step(start, end, j)
@@ -268,24 +315,25 @@ def _dq_kernel(qlo, qhi, klo, khi, kstart, kend, qstart, qend,
 
   @pl.when(run)
   def _compute():
-    q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
-    s = lax.dot_general(q, k, _TRANS_B, preferred_element_type=jnp.float32) * scale
     mask = _mask(qseg_ref, kseg_ref, bk)
-    p = jnp.where(mask, jnp.exp(s - _lanes_to(lse_ref[...], bk)), 0.0)
-    dp = lax.dot_general(do, v, _TRANS_B, preferred_element_type=jnp.float32)
-    ds = p * (dp - _lanes_to(di_ref[...], bk))
-    dq_scr[...] += lax.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
+    for h in range(heads):
+      q, k, v, do = q_ref[h], k_ref[h], v_ref[h], do_ref[h]
+      s = lax.dot_general(q, k, _TRANS_B, preferred_element_type=jnp.float32) * scale
+      p = jnp.where(mask, jnp.exp(s - _lanes_to(lse_ref[h], bk)), 0.0)
+      dp = lax.dot_general(do, v, _TRANS_B, preferred_element_type=jnp.float32)
+      ds = p * (dp - _lanes_to(di_ref[h], bk))
+      dq_scr[h] += lax.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
 
-  @pl.when(j == nk - 1)
+  @pl.when(j == steps - 1)
   def _finish():
     dq_ref[...] = (dq_scr[...] * scale).astype(dq_ref.dtype)
 
 
 def _dkv_kernel(qlo, qhi, klo, khi, kstart, kend, qstart, qend,
                 q_ref, k_ref, v_ref, qseg_ref, kseg_ref, lse_ref, di_ref, do_ref,
-                dk_ref, dv_ref, dk_scr, dv_scr, *, scale, nq, nk, bk):
+                dk_ref, dv_ref, dk_scr, dv_scr, *, scale, nq, nk, bk, heads, steps):
   del kstart, kend
-  b, kb, j = _grid_ids()             # grid axis 2 walks k-blocks here, axis 3 the q-blocks
+  b, kb, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)   # axis 1 walks k-blocks
   col = b * nk + kb
   start, end = qstart[col], qend[col]
   qb = _clamp_step(start, end, j)
@@ -299,96 +347,61 @@ def _dkv_kernel(qlo, qhi, klo, khi, kstart, kend, qstart, qend,
 
   @pl.when(run)
   def _compute():
-    q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
-    s = lax.dot_general(q, k, _TRANS_B, preferred_element_type=jnp.float32) * scale
     mask = _mask(qseg_ref, kseg_ref, bk)
-    p = jnp.where(mask, jnp.exp(s - _lanes_to(lse_ref[...], bk)), 0.0)   # [bq, bk]
-    dv_scr[...] += lax.dot(p.T.astype(do.dtype), do, preferred_element_type=jnp.float32)
-    dp = lax.dot_general(do, v, _TRANS_B, preferred_element_type=jnp.float32)
-    ds = p * (dp - _lanes_to(di_ref[...], bk))
-    dk_scr[...] += lax.dot(ds.T.astype(q.dtype), q, preferred_element_type=jnp.float32)
+    for h in range(heads):
+      q, k, v, do = q_ref[h], k_ref[h], v_ref[h], do_ref[h]
+      s = lax.dot_general(q, k, _TRANS_B, preferred_element_type=jnp.float32) * scale
+      p = jnp.where(mask, jnp.exp(s - _lanes_to(lse_ref[h], bk)), 0.0)   # [bq, bk]
+      dv_scr[h] += lax.dot(p.T.astype(do.dtype), do, preferred_element_type=jnp.float32)
+      dp = lax.dot_general(do, v, _TRANS_B, preferred_element_type=jnp.float32)
+      ds = p * (dp - _lanes_to(di_ref[h], bk))
+      dk_scr[h] += lax.dot(ds.T.astype(q.dtype), q, preferred_element_type=jnp.float32)
 
-  @pl.when(j == nq - 1)
+  @pl.when(j == steps - 1)
   def _finish():
     dk_ref[...] = (dk_scr[...] * scale).astype(dk_ref.dtype)
     dv_ref[...] = dv_scr[...].astype(dv_ref.dtype)
 
 
-def _backward(q, k, v, segment_ids, o, lse, do, *, block_q, block_k, interpret):
+def _backward(q, k, v, segment_ids, meta, o, lse, do, *, block_q, block_k, ksteps, qsteps,
+              interpret):
   b, h, s, d = q.shape
   nq, nk = s // block_q, s // block_k
-  meta = _metadata(segment_ids, block_q, block_k)
-  qseg = jnp.broadcast_to(segment_ids.astype(jnp.int32)[:, :, None], (b, s, NUM_LANES))
-  kseg = segment_ids.astype(jnp.int32)[:, None, :]
+  qseg, kseg = _seg_operands(segment_ids)
   di = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1, keepdims=True)
   di = jnp.broadcast_to(di, (b, h, s, NUM_LANES))
   scale = 1.0 / math.sqrt(d)
-  sq = _SQUEEZED
-  params = _CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
+  common = dict(scale=scale, nq=nq, nk=nk, bk=block_k, heads=h)
 
-  # dQ: grid (B, H, nq, k-steps), like the forward.
-  def q_map(bi, hi, i, j, *m):
-    return bi, hi, i, 0
-
-  def kv_map(bi, hi, i, j, qlo, qhi, klo, khi, kstart, kend, *_):
-    return bi, hi, _clamp_step(kstart[bi * nq + i], kend[bi * nq + i], j), 0
-
-  def qseg_map(bi, hi, i, j, *m):
-    return bi, i, 0
-
-  def kseg_map(bi, hi, i, j, qlo, qhi, klo, khi, kstart, kend, *_):
-    return bi, 0, _clamp_step(kstart[bi * nq + i], kend[bi * nq + i], j)
-
-  q_spec = pl.BlockSpec((sq, sq, block_q, d), q_map)
-  kv_spec = pl.BlockSpec((sq, sq, block_k, d), kv_map)
-  row_spec = pl.BlockSpec((sq, sq, block_q, NUM_LANES), q_map)
+  sp = _q_major_specs(nq, block_q, block_k, h, d)
   dq = pl.pallas_call(
-      functools.partial(_dq_kernel, scale=scale, nq=nq, nk=nk, bk=block_k),
+      functools.partial(_dq_kernel, steps=ksteps, **common),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=len(meta),
-          grid=(b, h, nq, nk),
-          in_specs=[q_spec, kv_spec, kv_spec,
-                    pl.BlockSpec((sq, block_q, NUM_LANES), qseg_map),
-                    pl.BlockSpec((sq, 1, block_k), kseg_map),
-                    row_spec, row_spec, q_spec],
-          out_specs=q_spec,
-          scratch_shapes=[pltpu.VMEM((block_q, d), jnp.float32)]),
+          grid=(b, nq, ksteps),
+          in_specs=[sp["q"], sp["kv"], sp["kv"], sp["qseg"], sp["kseg"],
+                    sp["row"], sp["row"], sp["q"]],
+          out_specs=sp["q"],
+          scratch_shapes=[pltpu.VMEM((h, block_q, d), jnp.float32)]),
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      compiler_params=params,
+      compiler_params=_CompilerParams(**_PARAMS),
       interpret=interpret,
       name="segment_attention_dq",
   )(*meta, q, k, v, qseg, kseg, lse, di, do)
 
-  # dK, dV: grid (B, H, nk, q-steps).
-  def t_q_map(bi, hi, kb, j, qlo, qhi, klo, khi, kstart, kend, qstart, qend):
-    return bi, hi, _clamp_step(qstart[bi * nk + kb], qend[bi * nk + kb], j), 0
-
-  def t_kv_map(bi, hi, kb, j, *m):
-    return bi, hi, kb, 0
-
-  def t_qseg_map(bi, hi, kb, j, qlo, qhi, klo, khi, kstart, kend, qstart, qend):
-    return bi, _clamp_step(qstart[bi * nk + kb], qend[bi * nk + kb], j), 0
-
-  def t_kseg_map(bi, hi, kb, j, *m):
-    return bi, 0, kb
-
-  tq_spec = pl.BlockSpec((sq, sq, block_q, d), t_q_map)
-  tkv_spec = pl.BlockSpec((sq, sq, block_k, d), t_kv_map)
-  trow_spec = pl.BlockSpec((sq, sq, block_q, NUM_LANES), t_q_map)
+  tp = _k_major_specs(nk, block_q, block_k, h, d)
   dk, dv = pl.pallas_call(
-      functools.partial(_dkv_kernel, scale=scale, nq=nq, nk=nk, bk=block_k),
+      functools.partial(_dkv_kernel, steps=qsteps, **common),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=len(meta),
-          grid=(b, h, nk, nq),
-          in_specs=[tq_spec, tkv_spec, tkv_spec,
-                    pl.BlockSpec((sq, block_q, NUM_LANES), t_qseg_map),
-                    pl.BlockSpec((sq, 1, block_k), t_kseg_map),
-                    trow_spec, trow_spec, tq_spec],
-          out_specs=[tkv_spec, tkv_spec],
-          scratch_shapes=[pltpu.VMEM((block_k, d), jnp.float32),
-                          pltpu.VMEM((block_k, d), jnp.float32)]),
+          grid=(b, nk, qsteps),
+          in_specs=[tp["q"], tp["kv"], tp["kv"], tp["qseg"], tp["kseg"],
+                    tp["row"], tp["row"], tp["q"]],
+          out_specs=[tp["kv"], tp["kv"]],
+          scratch_shapes=[pltpu.VMEM((h, block_k, d), jnp.float32),
+                          pltpu.VMEM((h, block_k, d), jnp.float32)]),
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      compiler_params=params,
+      compiler_params=_CompilerParams(**_PARAMS),
       interpret=interpret,
       name="segment_attention_dkv",
   )(*meta, q, k, v, qseg, kseg, lse, di, do)
@@ -397,21 +410,40 @@ def _backward(q, k, v, segment_ids, o, lse, do, *, block_q, block_k, interpret):
 
 # ----------------------------------------------------------------------------- custom_vjp
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _attention_bhsd(q, k, v, segment_ids, block_q, block_k, interpret):
-  o, _ = _forward(q, k, v, segment_ids, block_q=block_q, block_k=block_k, interpret=interpret)
-  return o
+def _steps(segment_ids, block_q, block_k, max_segment_len):
+  s = segment_ids.shape[1]
+  nq, nk = s // block_q, s // block_k
+  return (span_bound(block_q, block_k, max_segment_len, nk),
+          span_bound(block_k, block_q, max_segment_len, nq))
 
 
-def _attention_fwd(q, k, v, segment_ids, block_q, block_k, interpret):
-  o, lse = _forward(q, k, v, segment_ids, block_q=block_q, block_k=block_k, interpret=interpret)
+def _span_ok(meta, ksteps, qsteps):
+  """False when a block's span is longer than the static grid walks (max_segment_len broken)."""
+  _, _, _, _, kstart, kend, qstart, qend = meta
+  return (jnp.max(kend - kstart + 1) <= ksteps) & (jnp.max(qend - qstart + 1) <= qsteps)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _attention_bhsd(q, k, v, segment_ids, block_q, block_k, max_segment_len, interpret):
+  return _attention_fwd(q, k, v, segment_ids, block_q, block_k, max_segment_len, interpret)[0]
+
+
+def _attention_fwd(q, k, v, segment_ids, block_q, block_k, max_segment_len, interpret):
+  meta = _metadata(segment_ids, block_q, block_k)
+  ksteps, qsteps = _steps(segment_ids, block_q, block_k, max_segment_len)
+  o, lse = _forward(q, k, v, segment_ids, meta, block_q=block_q, block_k=block_k,
+                    ksteps=ksteps, interpret=interpret)
+  if max_segment_len is not None:   # a segment longer than promised: fail loudly (NaN), not wrongly
+    o = jnp.where(_span_ok(meta, ksteps, qsteps), o, jnp.nan).astype(o.dtype)
   return o, (q, k, v, segment_ids, o, lse)
 
 
-def _attention_bwd(block_q, block_k, interpret, res, do):
+def _attention_bwd(block_q, block_k, max_segment_len, interpret, res, do):
   q, k, v, segment_ids, o, lse = res
-  dq, dk, dv = _backward(q, k, v, segment_ids, o, lse, do,
-                         block_q=block_q, block_k=block_k, interpret=interpret)
+  meta = _metadata(segment_ids, block_q, block_k)
+  ksteps, qsteps = _steps(segment_ids, block_q, block_k, max_segment_len)
+  dq, dk, dv = _backward(q, k, v, segment_ids, meta, o, lse, do, block_q=block_q,
+                         block_k=block_k, ksteps=ksteps, qsteps=qsteps, interpret=interpret)
   return dq, dk, dv, None
 
 
@@ -419,10 +451,21 @@ _attention_bhsd.defvjp(_attention_fwd, _attention_bwd)
 
 
 def segment_attention_pallas(q, k, v, segment_ids, *, interpret=False,
-                             block_q: int = BLOCK_Q, block_k: int = BLOCK_K):
-  """Segment-masked attention, [B, S, H, D] in and out (see the module docstring)."""
+                             block_q: int = BLOCK_Q, block_k: int = BLOCK_K,
+                             max_segment_len: int | None = None):
+  """Segment-masked attention, [B, S, H, D] in and out (see the module docstring).
+
+  `max_segment_len` (static; the packer's largest view) bounds how many blocks a block's
+  segments reach, so the grid walks only that many steps per block instead of S / block — pass
+  it: without it the grid is quadratic in S (idle steps issue no DMA and no compute, but each
+  still costs a grid step). A row that breaks the bound gets NaN output (never a silently wrong
+  one).
+  """
   check_supported(q, k, v, segment_ids, block_q=block_q, block_k=block_k)
+  if max_segment_len is not None and int(max_segment_len) < 1:
+    raise ValueError(f"pallas_tpu: max_segment_len must be >= 1 or None, got {max_segment_len}")
   t = lambda x: jnp.swapaxes(x, 1, 2)
-  o = _attention_bhsd(t(q), t(k), t(v), segment_ids.astype(jnp.int32),
-                      int(block_q), int(block_k), bool(interpret))
+  o = _attention_bhsd(t(q), t(k), t(v), segment_ids.astype(jnp.int32), int(block_q),
+                      int(block_k), None if max_segment_len is None else int(max_segment_len),
+                      bool(interpret))
   return t(o)

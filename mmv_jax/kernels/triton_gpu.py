@@ -6,10 +6,14 @@ Forward and backward (dQ kernel + dK/dV kernel, no atomics) are `@triton.jit` fu
 launched through jax-triton's `triton_call` and tied by `jax.custom_vjp`. Inputs bf16, fp16 or
 fp32; fp32 accumulation (fp32 matmuls in IEEE precision, not TF32). Head dim 64 or 128.
 
-Block skipping as in `pallas_tpu.py`: per-block segment-id ranges and, per q-block (per
-k-block for dK/dV), the span of overlapping blocks are computed in JAX; each program walks
-only its span and skips pairs whose ranges do not overlap. The kernels read [B, S, H, D]
-directly through strides (no transposes).
+Block skipping: per-block segment-id ranges give, per q-block (per k-block for dK/dV), the
+span of blocks whose ranges overlap (`block_metadata`, equal to `kernels.blocks`); each program
+loops over its span only, so the work follows sum(len_i^2), not S^2. For the packer's rows
+(contiguous segments, ids increasing along the row) the span is exactly the set of overlapping
+blocks; for other rows blocks inside the span are computed fully masked (still correct). The
+loop body has no data-dependent branch, so Triton can software-pipeline its loads. The kernels
+read [B, S, H, D] directly through strides (no transposes). jax-triton custom calls are not
+auto-partitioned: under a mesh, call this inside `jax.shard_map` with the batch sharded.
 
 The `@triton.jit` functions hold no launch code: tests run the very same functions under
 Triton's interpreter (TRITON_INTERPRET=1, CPU torch tensors). jax-triton is imported lazily
@@ -44,9 +48,14 @@ BLOCK_N_BWD = 64     # backward k-block
 SEQ_MULTIPLE = 128   # packer bucket lengths must be multiples of this
 HEAD_DIMS = (64, 128)
 SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
-NUM_WARPS_FWD = 4
-NUM_WARPS_BWD = 4
 NUM_STAGES = 2
+
+
+def num_warps(head_dim: int) -> int:
+  """4 warps for D=64; 8 for D=128 (the fp32 accumulators would spill with 4)."""
+  return 4 if head_dim <= 64 else 8
+
+
 _EMPTY_MIN = 2 ** 31 - 1
 _EMPTY_MAX = -1
 
@@ -55,7 +64,8 @@ def check_supported(q, k, v, segment_ids):
   """Raise ValueError naming the constraint a request breaks."""
   if q.ndim != 4 or q.shape != k.shape or q.shape != v.shape:
     raise ValueError(
-        f"triton_gpu: q, k, v must share one [B, S, H, D] shape, got {q.shape}, {k.shape}, {v.shape}")
+        f"triton_gpu: q, k, v must share one [B, S, H, D] shape, got {q.shape}, {k.shape}, "
+        f"{v.shape}")
   b, s, _, d = q.shape
   if segment_ids.shape != (b, s):
     raise ValueError(f"triton_gpu: segment_ids must be [B, S] = {(b, s)}, got {segment_ids.shape}")
@@ -79,11 +89,7 @@ def check_supported(q, k, v, segment_ids):
 if triton is not None:
 
   @triton.jit
-  def _overlaps(QLO, QHI, KLO, KHI, qi, ki):
-    return (tl.load(QLO + qi) <= tl.load(KHI + ki)) & (tl.load(KLO + ki) <= tl.load(QHI + qi))
-
-  @triton.jit
-  def _fwd_kernel(Q, K, V, SEG, QLO, QHI, KLO, KHI, KSTART, KEND, O, LSE,
+  def _fwd_kernel(Q, K, V, SEG, KSTART, KEND, O, LSE,
                   SM_SCALE: tl.constexpr, SEQ: tl.constexpr, NHEADS: tl.constexpr,
                   HEAD_DIM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                   IEEE: tl.constexpr):
@@ -93,7 +99,6 @@ if triton is not None:
     b = pid_bh // NHEADS
     h = pid_bh % NHEADS
     NQ: tl.constexpr = SEQ // BM
-    NK: tl.constexpr = SEQ // BN
     row_stride: tl.constexpr = NHEADS * HEAD_DIM
     base = b * SEQ * row_stride + h * HEAD_DIM
     offs_m = pid_m * BM + tl.arange(0, BM)
@@ -107,28 +112,27 @@ if triton is not None:
     l_i = tl.zeros([BM], dtype=tl.float32)
     acc = tl.zeros([BM, HEAD_DIM], dtype=tl.float32)
     for kb in range(kstart, kend + 1):
-      if _overlaps(QLO, QHI, KLO, KHI, qi, b * NK + kb):
-        offs_n = kb * BN + tl.arange(0, BN)
-        k = tl.load(K + base + offs_n[:, None] * row_stride + offs_d[None, :])
-        v = tl.load(V + base + offs_n[:, None] * row_stride + offs_d[None, :])
-        kseg = tl.load(SEG + b * SEQ + offs_n)
-        if IEEE:
-          s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-          s = tl.dot(q, tl.trans(k))
-        s = s * SM_SCALE
-        mask = (qseg[:, None] == kseg[None, :]) & (qseg[:, None] != 0)
-        s = tl.where(mask, s, -1e30)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.where(mask, tl.exp(s - m_new[:, None]), 0.0)
-        alpha = tl.exp(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if IEEE:
-          pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-          pv = tl.dot(p.to(v.dtype), v)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+      offs_n = kb * BN + tl.arange(0, BN)
+      k = tl.load(K + base + offs_n[:, None] * row_stride + offs_d[None, :])
+      v = tl.load(V + base + offs_n[:, None] * row_stride + offs_d[None, :])
+      kseg = tl.load(SEG + b * SEQ + offs_n)
+      if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+      else:
+        s = tl.dot(q, tl.trans(k))
+      s = s * SM_SCALE
+      mask = (qseg[:, None] == kseg[None, :]) & (qseg[:, None] != 0)
+      s = tl.where(mask, s, -1e30)
+      m_new = tl.maximum(m_i, tl.max(s, 1))
+      p = tl.where(mask, tl.exp(s - m_new[:, None]), 0.0)
+      alpha = tl.exp(m_i - m_new)
+      l_i = l_i * alpha + tl.sum(p, 1)
+      if IEEE:
+        pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+      else:
+        pv = tl.dot(p.to(v.dtype), v)
+      acc = acc * alpha[:, None] + pv
+      m_i = m_new
     has = l_i > 0.0
     l_safe = tl.where(has, l_i, 1.0)
     out = acc / l_safe[:, None]
@@ -137,7 +141,7 @@ if triton is not None:
     tl.store(LSE + pid_bh * SEQ + offs_m, lse)
 
   @triton.jit
-  def _bwd_dq_kernel(Q, K, V, SEG, QLO, QHI, KLO, KHI, KSTART, KEND, DO, LSE, DELTA, DQ,
+  def _bwd_dq_kernel(Q, K, V, SEG, KSTART, KEND, DO, LSE, DELTA, DQ,
                      SM_SCALE: tl.constexpr, SEQ: tl.constexpr, NHEADS: tl.constexpr,
                      HEAD_DIM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                      IEEE: tl.constexpr):
@@ -147,7 +151,6 @@ if triton is not None:
     b = pid_bh // NHEADS
     h = pid_bh % NHEADS
     NQ: tl.constexpr = SEQ // BM
-    NK: tl.constexpr = SEQ // BN
     row_stride: tl.constexpr = NHEADS * HEAD_DIM
     base = b * SEQ * row_stride + h * HEAD_DIM
     offs_m = pid_m * BM + tl.arange(0, BM)
@@ -163,29 +166,28 @@ if triton is not None:
     kend = tl.load(KEND + qi)
     dq = tl.zeros([BM, HEAD_DIM], dtype=tl.float32)
     for kb in range(kstart, kend + 1):
-      if _overlaps(QLO, QHI, KLO, KHI, qi, b * NK + kb):
-        offs_n = kb * BN + tl.arange(0, BN)
-        k = tl.load(K + base + offs_n[:, None] * row_stride + offs_d[None, :])
-        v = tl.load(V + base + offs_n[:, None] * row_stride + offs_d[None, :])
-        kseg = tl.load(SEG + b * SEQ + offs_n)
-        if IEEE:
-          s = tl.dot(q, tl.trans(k), input_precision="ieee")
-          dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-        else:
-          s = tl.dot(q, tl.trans(k))
-          dp = tl.dot(do, tl.trans(v))
-        mask = (qseg[:, None] == kseg[None, :]) & (qseg[:, None] != 0)
-        p = tl.where(mask, tl.exp(s * SM_SCALE - lse[:, None]), 0.0)
-        ds = p * (dp - delta[:, None])
-        if IEEE:
-          dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
-        else:
-          dq += tl.dot(ds.to(k.dtype), k)
+      offs_n = kb * BN + tl.arange(0, BN)
+      k = tl.load(K + base + offs_n[:, None] * row_stride + offs_d[None, :])
+      v = tl.load(V + base + offs_n[:, None] * row_stride + offs_d[None, :])
+      kseg = tl.load(SEG + b * SEQ + offs_n)
+      if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+      else:
+        s = tl.dot(q, tl.trans(k))
+        dp = tl.dot(do, tl.trans(v))
+      mask = (qseg[:, None] == kseg[None, :]) & (qseg[:, None] != 0)
+      p = tl.where(mask, tl.exp(s * SM_SCALE - lse[:, None]), 0.0)
+      ds = p * (dp - delta[:, None])
+      if IEEE:
+        dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
+      else:
+        dq += tl.dot(ds.to(k.dtype), k)
     dq = dq * SM_SCALE
     tl.store(DQ + q_ptrs, dq.to(DQ.dtype.element_ty))
 
   @triton.jit
-  def _bwd_dkv_kernel(Q, K, V, SEG, QLO, QHI, KLO, KHI, QSTART, QEND, DO, LSE, DELTA, DK, DV,
+  def _bwd_dkv_kernel(Q, K, V, SEG, QSTART, QEND, DO, LSE, DELTA, DK, DV,
                       SM_SCALE: tl.constexpr, SEQ: tl.constexpr, NHEADS: tl.constexpr,
                       HEAD_DIM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                       IEEE: tl.constexpr):
@@ -194,7 +196,6 @@ if triton is not None:
     pid_bh = tl.program_id(1)
     b = pid_bh // NHEADS
     h = pid_bh % NHEADS
-    NQ: tl.constexpr = SEQ // BM
     NK: tl.constexpr = SEQ // BN
     row_stride: tl.constexpr = NHEADS * HEAD_DIM
     base = b * SEQ * row_stride + h * HEAD_DIM
@@ -210,29 +211,28 @@ if triton is not None:
     dk = tl.zeros([BN, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BN, HEAD_DIM], dtype=tl.float32)
     for qb in range(qstart, qend + 1):
-      if _overlaps(QLO, QHI, KLO, KHI, b * NQ + qb, ki):
-        offs_m = qb * BM + tl.arange(0, BM)
-        q_ptrs = base + offs_m[:, None] * row_stride + offs_d[None, :]
-        q = tl.load(Q + q_ptrs)
-        do = tl.load(DO + q_ptrs)
-        qseg = tl.load(SEG + b * SEQ + offs_m)
-        lse = tl.load(LSE + pid_bh * SEQ + offs_m)
-        delta = tl.load(DELTA + pid_bh * SEQ + offs_m)
-        if IEEE:
-          s = tl.dot(q, tl.trans(k), input_precision="ieee")
-          dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-        else:
-          s = tl.dot(q, tl.trans(k))
-          dp = tl.dot(do, tl.trans(v))
-        mask = (qseg[:, None] == kseg[None, :]) & (qseg[:, None] != 0)
-        p = tl.where(mask, tl.exp(s * SM_SCALE - lse[:, None]), 0.0)          # [BM, BN]
-        ds = p * (dp - delta[:, None])
-        if IEEE:
-          dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision="ieee")
-          dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee")
-        else:
-          dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-          dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+      offs_m = qb * BM + tl.arange(0, BM)
+      q_ptrs = base + offs_m[:, None] * row_stride + offs_d[None, :]
+      q = tl.load(Q + q_ptrs)
+      do = tl.load(DO + q_ptrs)
+      qseg = tl.load(SEG + b * SEQ + offs_m)
+      lse = tl.load(LSE + pid_bh * SEQ + offs_m)
+      delta = tl.load(DELTA + pid_bh * SEQ + offs_m)
+      if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+      else:
+        s = tl.dot(q, tl.trans(k))
+        dp = tl.dot(do, tl.trans(v))
+      mask = (qseg[:, None] == kseg[None, :]) & (qseg[:, None] != 0)
+      p = tl.where(mask, tl.exp(s * SM_SCALE - lse[:, None]), 0.0)          # [BM, BN]
+      ds = p * (dp - delta[:, None])
+      if IEEE:
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision="ieee")
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee")
+      else:
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
     dk = dk * SM_SCALE
     tl.store(DK + kv_ptrs, dk.to(DK.dtype.element_ty))
     tl.store(DV + kv_ptrs, dv.to(DV.dtype.element_ty))
@@ -307,28 +307,28 @@ def _meta(q):
 
 def _forward(q, k, v, seg, cc):
   b, s, h, _ = q.shape
-  qlo, qhi, klo, khi, kstart, kend, _, _ = block_metadata(seg, BLOCK_M, BLOCK_N)
-  o, lse = _call(_fwd_kernel, (q, k, v, seg, qlo, qhi, klo, khi, kstart, kend),
+  _, _, _, _, kstart, kend, _, _ = block_metadata(seg, BLOCK_M, BLOCK_N)
+  o, lse = _call(_fwd_kernel, (q, k, v, seg, kstart, kend),
                  [jax.ShapeDtypeStruct(q.shape, q.dtype),
                   jax.ShapeDtypeStruct((b, h, s), jnp.float32)],
-                 (s // BLOCK_M, b * h), num_warps=NUM_WARPS_FWD, compute_capability=cc,
-                 BM=BLOCK_M, BN=BLOCK_N, **_meta(q))
+                 (s // BLOCK_M, b * h), num_warps=num_warps(q.shape[-1]),
+                 compute_capability=cc, BM=BLOCK_M, BN=BLOCK_N, **_meta(q))
   return o, lse
 
 
 def _backward(q, k, v, seg, o, lse, do, cc):
   b, s, h, _ = q.shape
-  qlo, qhi, klo, khi, kstart, kend, qstart, qend = block_metadata(seg, BLOCK_M_BWD, BLOCK_N_BWD)
+  _, _, _, _, kstart, kend, qstart, qend = block_metadata(seg, BLOCK_M_BWD, BLOCK_N_BWD)
   delta = jnp.einsum("bshd,bshd->bhs", do.astype(jnp.float32), o.astype(jnp.float32))
   meta = dict(BM=BLOCK_M_BWD, BN=BLOCK_N_BWD, **_meta(q))
-  dq = _call(_bwd_dq_kernel, (q, k, v, seg, qlo, qhi, klo, khi, kstart, kend, do, lse, delta),
+  dq = _call(_bwd_dq_kernel, (q, k, v, seg, kstart, kend, do, lse, delta),
              jax.ShapeDtypeStruct(q.shape, q.dtype), (s // BLOCK_M_BWD, b * h),
-             num_warps=NUM_WARPS_BWD, compute_capability=cc, **meta)
+             num_warps=num_warps(q.shape[-1]), compute_capability=cc, **meta)
   dk, dv = _call(_bwd_dkv_kernel,
-                 (q, k, v, seg, qlo, qhi, klo, khi, qstart, qend, do, lse, delta),
+                 (q, k, v, seg, qstart, qend, do, lse, delta),
                  [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-                 (s // BLOCK_N_BWD, b * h), num_warps=NUM_WARPS_BWD, compute_capability=cc,
-                 **meta)
+                 (s // BLOCK_N_BWD, b * h), num_warps=num_warps(q.shape[-1]),
+                 compute_capability=cc, **meta)
   return dq, dk, dv
 
 

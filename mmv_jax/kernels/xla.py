@@ -1,24 +1,36 @@
-"""XLA reference for segment-masked attention, with static block skipping.
+"""XLA reference for segment-masked attention: block-sparse over data-dependent block pairs.
 
 Dense masked attention over a packed row of S tokens spends S^2 work where only the sum of
-squared segment lengths is useful. When the caller bounds every segment's length by
-``max_segment_len`` (the packer guarantees it: a view never exceeds the largest view of its
-modality), a query block ``[i b, (i + 1) b)`` can only see keys in
-``[i b - (L - 1), (i + 1) b + (L - 1))``: key blocks ``i - m .. i + m`` with ``m = ceil((L-1)/b)``.
-So the reference computes, per query block, logits against a static band of ``(2 m + 1) b`` keys
-only. A segment longer than the bound would be silently truncated; instead the output of its
-row is poisoned with NaN (loud: the train step's non-finite check reports it).
+squared segment lengths is useful. The row is cut into blocks of ``b`` tokens (``G = B * nq``
+blocks over the batch). Query block ``i`` can only see keys of the segment ids it holds, and
+those lie inside the hull ``[min first(id), max last(id)]`` over its ids: a contiguous range of
+key blocks. The ranges are computed from ``segment_ids`` at run time (one sort of the row), laid
+out as one flat list of (query block, key block) pairs over the whole batch, and padded to a
+static capacity ``C``; the pairs' logits ``[C, H, b, b]`` are masked by segment equality, the
+softmax runs across the pairs of each query block (segment max / sum), and the outputs are
+summed back per query block. A ``jax.custom_vjp`` keeps only ``q, k, v, out`` and the per-row
+log-sum-exp and recomputes the probabilities in the backward pass (flash style).
 
-Without ``max_segment_len`` the band is the whole row (plain dense masked attention).
+Static shapes with exact results for every layout: ``C`` is picked at run time from a few
+static tiers by ``lax.switch`` (one branch runs). The largest data tier is a proven bound on the
+pair count of any row of contiguous segments no longer than ``max_segment_len`` (see
+:func:`pair_bound`); a layout that needs more (a segment id split into runs, or an over-long
+segment) takes the last tier, the static band of key blocks ``i - m .. i + m`` (``m = ceil((L -
+1) / b)``; the whole row without ``max_segment_len``). A segment whose id spans more than
+``max_segment_len`` tokens poisons its row's output with NaN (loud: the train step's
+non-finite check reports it) rather than being silently truncated.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 NEG = -1e30
+TIER_FRACTIONS = (0.25, 0.375, 0.5, 1.0)  # data tiers, as fractions of pair_bound (the last = 1)
 
 
 def band_geometry(seq_len: int, max_segment_len: int | None, block: int) -> tuple[int, int, int]:
@@ -31,6 +43,209 @@ def band_geometry(seq_len: int, max_segment_len: int | None, block: int) -> tupl
     if (2 * m + 1) * b >= padded:  # the band would cover the row anyway
         return seq_len, 0, seq_len
     return b, m, padded
+
+
+def halo_blocks(seq_len: int, max_segment_len: int | None, block: int) -> int:
+    """Key blocks a segment of at most ``max_segment_len`` tokens reaches beyond its query block."""
+    nq = math.ceil(seq_len / block)
+    if max_segment_len is None:
+        return nq - 1
+    return min(math.ceil(max(max_segment_len - 1, 0) / block), nq - 1)
+
+
+def pair_bound(seq_len: int, max_segment_len: int | None, block: int) -> int:
+    """Most (query block, key block) pairs one row of contiguous segments can need.
+
+    With contiguous segments the hull of query block ``i`` runs from the start of its first
+    segment to the end of its last, so the row needs ``nq + sum_s x_s (x_s + 1)`` pairs, ``x_s``
+    the block boundaries segment ``s`` crosses. Each boundary is crossed by one segment at most
+    (``sum x_s <= nq - 1``) and ``x_s <= m``; the sum is convex, so it peaks with segments
+    crossing ``m`` boundaries each.
+    """
+    nq = math.ceil(seq_len / block)
+    m = halo_blocks(seq_len, max_segment_len, block)
+    if m == 0:
+        return nq
+    full, rest = divmod(nq - 1, m)
+    return min(nq + full * m * (m + 1) + rest * (rest + 1), nq * (2 * m + 1))
+
+
+def pair_tiers(batch: int, seq_len: int, max_segment_len: int | None, block: int,
+               fractions=TIER_FRACTIONS) -> tuple[int, ...]:
+    """Static pair capacities of the data tiers for ``batch`` rows (ascending, the last a bound)."""
+    bound = pair_bound(seq_len, max_segment_len, block)
+    caps = sorted({max(1, math.ceil(f * bound)) * batch for f in fractions} | {bound * batch})
+    return tuple(c for c in caps if c <= bound * batch)
+
+
+def _id_spans(seg):
+    """first / last position of each token's segment id in its row (any layout): ``[B, P]``."""
+    bsz, p = seg.shape
+    order = jnp.argsort(seg, axis=1, stable=True)
+    sid = jnp.take_along_axis(seg, order, axis=1)
+    idx = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (bsz, p))
+    change = sid[:, 1:] != sid[:, :-1]
+    is_first = jnp.concatenate([jnp.ones((bsz, 1), bool), change], axis=1)
+    is_last = jnp.concatenate([change, jnp.ones((bsz, 1), bool)], axis=1)
+    g_first = lax.cummax(jnp.where(is_first, idx, 0), axis=1)
+    g_last = lax.cummin(jnp.where(is_last, idx, p - 1), axis=1, reverse=True)
+    first_sorted = jnp.take_along_axis(order, g_first, axis=1)  # stable sort: ascending positions
+    last_sorted = jnp.take_along_axis(order, g_last, axis=1)
+    rows = jnp.arange(bsz)[:, None]
+    first = jnp.zeros_like(seg).at[rows, order].set(first_sorted.astype(seg.dtype))
+    last = jnp.zeros_like(seg).at[rows, order].set(last_sorted.astype(seg.dtype))
+    return first, last
+
+
+def _pairs(lo, count, nq: int, cap: int):
+    """Flat pair list from per-block key ranges ``lo, count [G]``: query block, key block, valid."""
+    g = lo.shape[0]
+    csum = jnp.cumsum(count)
+    start = csum - count
+    p = jnp.arange(cap, dtype=csum.dtype)
+    qi = jnp.minimum(jnp.searchsorted(csum, p, side="right", method="compare_all"), g - 1)
+    valid = p < csum[-1]
+    kj = (qi // nq) * nq + lo[qi] + p - start[qi]
+    kj = jnp.where(valid, jnp.clip(kj, 0, g - 1), qi)
+    return qi, kj, valid
+
+
+def _pair_logits(qh, kh, segb, qi, kj, valid):
+    """Masked logits ``[C, H, b, b]`` and the mask ``[C, 1, b, b]`` of the pairs."""
+    s = jnp.einsum("chqd,chkd->chqk", qh[qi], kh[kj], preferred_element_type=jnp.float32)
+    sq, sk = segb[qi], segb[kj]
+    mask = (sq[:, :, None] == sk[:, None, :]) & (sq[:, :, None] > 0) & valid[:, None, None]
+    mask = mask[:, None]
+    return jnp.where(mask, s, NEG), mask
+
+
+def _fwd_pairs(qh, kh, vh, segb, qi, kj, valid):
+    g = qh.shape[0]
+    s, mask = _pair_logits(qh, kh, segb, qi, kj, valid)
+    mx = jax.ops.segment_max(s.max(-1), qi, g, indices_are_sorted=True)  # [G, H, b]
+    e = jnp.where(mask, jnp.exp(s - mx[qi][..., None]), 0.0)
+    den = jax.ops.segment_sum(e.sum(-1), qi, g, indices_are_sorted=True)
+    num = jax.ops.segment_sum(
+        jnp.einsum("chqk,chkd->chqd", e.astype(vh.dtype), vh[kj],
+                   preferred_element_type=jnp.float32), qi, g, indices_are_sorted=True)
+    live = den > 0
+    out = num / jnp.where(live, den, 1.0)[..., None]
+    lse = jnp.where(live, mx + jnp.log(jnp.where(live, den, 1.0)), 0.0)
+    return out, lse
+
+
+def _bwd_pairs(qh, kh, vh, segb, oh, lse, doh, qi, kj, valid):
+    g = qh.shape[0]
+    s, mask = _pair_logits(qh, kh, segb, qi, kj, valid)
+    p = jnp.where(mask, jnp.exp(s - lse[qi][..., None]), 0.0)
+    do_p = doh[qi]
+    delta = jnp.sum(doh.astype(jnp.float32) * oh, axis=-1)  # [G, H, b]
+    dv = jax.ops.segment_sum(jnp.einsum("chqk,chqd->chkd", p, do_p,
+                                        preferred_element_type=jnp.float32), kj, g)
+    dp = jnp.einsum("chqd,chkd->chqk", do_p, vh[kj], preferred_element_type=jnp.float32)
+    ds = p * (dp - delta[qi][..., None])
+    dq = jax.ops.segment_sum(jnp.einsum("chqk,chkd->chqd", ds, kh[kj],
+                                        preferred_element_type=jnp.float32), qi, g,
+                             indices_are_sorted=True)
+    dk = jax.ops.segment_sum(jnp.einsum("chqk,chqd->chkd", ds, qh[qi],
+                                        preferred_element_type=jnp.float32), kj, g)
+    return dq, dk, dv
+
+
+def _ranges(seg, b: int, m: int):
+    """Per query block ``[G]``: data hull (lo, count), band (lo, count); ``[B]`` max id span."""
+    bsz, p = seg.shape
+    nq = p // b
+    first, last = _id_spans(seg)
+    live = seg > 0
+    big = jnp.iinfo(jnp.int32).max
+    lo = jnp.min(jnp.where(live, first, big).reshape(bsz, nq, b), axis=-1)
+    hi = jnp.max(jnp.where(live, last, -1).reshape(bsz, nq, b), axis=-1)
+    any_live = hi >= 0
+    lo_blk = jnp.where(any_live, lo // b, 0)
+    count = jnp.where(any_live, hi // b - lo_blk + 1, 0)
+    i = jnp.arange(nq)
+    band_lo = jnp.broadcast_to(jnp.maximum(i - m, 0), (bsz, nq))
+    band_count = jnp.where(any_live, jnp.minimum(i + m, nq - 1) - band_lo + 1, 0)
+    span = jnp.max(jnp.where(live, last - first + 1, 0), axis=1)
+    flat = lambda x: x.reshape(-1).astype(jnp.int32)
+    return flat(lo_blk), flat(count), flat(band_lo), flat(band_count), span
+
+
+def _switch(tiers, band_cap, nq, seg_ranges, fn):
+    """Run ``fn(qi, kj, valid)`` over the pairs of the smallest tier that holds them."""
+    lo, count, band_lo, band_count = seg_ranges
+    total = jnp.sum(count)
+    index = jnp.sum(jnp.asarray(tiers) < total)  # == len(tiers): the band
+    branches = [functools.partial(lambda c, lo, n: fn(*_pairs(lo, n, nq, c)), c)
+                for c in tiers]
+    branches.append(lambda lo, n: fn(*_pairs(band_lo, band_count, nq, band_cap)))
+    return lax.switch(index, branches, lo, count)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _sparse_attention(qh, kh, vh, seg, b, m, tiers):
+    return _sparse_fwd(qh, kh, vh, seg, b, m, tiers)[0]
+
+
+def _sparse_fwd(qh, kh, vh, seg, b, m, tiers):
+    bsz, p = seg.shape
+    nq = p // b
+    lo, count, band_lo, band_count, _ = _ranges(seg, b, m)
+    segb = seg.reshape(-1, b)
+    fn = lambda qi, kj, valid: _fwd_pairs(qh, kh, vh, segb, qi, kj, valid)
+    band_cap = bsz * nq * (2 * m + 1)
+    oh, lse = _switch(tiers, band_cap, nq, (lo, count, band_lo, band_count), fn)
+    oh = oh.astype(qh.dtype)
+    return oh, (qh, kh, vh, seg, oh, lse)
+
+
+def _sparse_bwd(b, m, tiers, res, doh):
+    qh, kh, vh, seg, oh, lse = res
+    bsz, p = seg.shape
+    nq = p // b
+    lo, count, band_lo, band_count, _ = _ranges(seg, b, m)
+    segb = seg.reshape(-1, b)
+    fn = lambda qi, kj, valid: _bwd_pairs(qh, kh, vh, segb, oh, lse, doh, qi, kj, valid)
+    band_cap = bsz * nq * (2 * m + 1)
+    dq, dk, dv = _switch(tiers, band_cap, nq, (lo, count, band_lo, band_count), fn)
+    return dq.astype(qh.dtype), dk.astype(kh.dtype), dv.astype(vh.dtype), None
+
+
+_sparse_attention.defvjp(
+    lambda qh, kh, vh, seg, b, m, tiers: _sparse_fwd(qh, kh, vh, seg, b, m, tiers), _sparse_bwd)
+
+
+def segment_attention_xla(q, k, v, segment_ids, *, max_segment_len: int | None = None,
+                          block: int = 32, tiers: tuple[int, ...] | None = None):
+    """``softmax(q k^T / sqrt(D) + mask) v`` restricted to equal non-zero segment ids.
+
+    q, k, v ``[B, S, H, D]``; segment_ids ``[B, S]``. Padding queries return 0, never NaN,
+    in forward and backward. Softmax in fp32. ``tiers`` overrides the static pair capacities
+    (over the whole batch) tried before the band; ``()`` forces the band.
+    """
+    bsz, s, h, d = q.shape
+    b = min(block, s)
+    padded = math.ceil(s / b) * b
+    m = halo_blocks(s, max_segment_len, b)
+    if tiers is None:
+        tiers = pair_tiers(bsz, s, max_segment_len, b)
+    seg = segment_ids.astype(jnp.int32)
+    if padded != s:
+        extra = [(0, 0), (0, padded - s), (0, 0), (0, 0)]
+        q, k, v = (jnp.pad(t, extra) for t in (q, k, v))
+        seg = jnp.pad(seg, [(0, 0), (0, padded - s)])
+    q = q * jnp.asarray(1.0 / math.sqrt(d), q.dtype)
+    heads_major = lambda t: t.reshape(bsz * padded // b, b, h, d).transpose(0, 2, 1, 3)
+    oh = _sparse_attention(heads_major(q), heads_major(k), heads_major(v), seg, b, m,
+                           tuple(int(c) for c in tiers))
+    out = oh.transpose(0, 2, 1, 3).reshape(bsz, padded, h, d)[:, :s]
+    if max_segment_len is not None:
+        first, last = _id_spans(seg)
+        span = jnp.max(jnp.where(seg > 0, last - first + 1, 0), axis=1)
+        ok = span <= max_segment_len
+        out = jnp.where(ok[:, None, None, None], out, jnp.nan)
+    return out
 
 
 def _windows(x, m: int, b: int, fill):
@@ -46,13 +261,9 @@ def _windows(x, m: int, b: int, fill):
     return w.reshape(x.shape[0], nq, (2 * m + 1) * b, *x.shape[2:])
 
 
-def segment_attention_xla(q, k, v, segment_ids, *, max_segment_len: int | None = None,
-                          block: int = 64):
-    """``softmax(q k^T / sqrt(D) + mask) v`` restricted to equal non-zero segment ids.
-
-    q, k, v ``[B, S, H, D]``; segment_ids ``[B, S]``. Padding queries return 0, never NaN,
-    in forward and backward. Softmax in fp32.
-    """
+def segment_attention_band(q, k, v, segment_ids, *, max_segment_len: int | None = None,
+                           block: int = 64):
+    """The former reference: a static band of key blocks per query block (autodiff backward)."""
     bsz, s, h, d = q.shape
     b, m, padded = band_geometry(s, max_segment_len, block)
     seg = segment_ids.astype(jnp.int32)

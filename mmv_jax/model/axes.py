@@ -42,6 +42,17 @@ def axis_rules(mesh: jax.sharding.Mesh, rules: dict):
         _CTX.pop()
 
 
+def shard_map_over(fn, in_names, out_names):
+    """``fn`` run per device under ``shard_map`` with logically named in/out specs when a mesh
+    context is active (kernels that XLA cannot partition); ``fn`` itself otherwise."""
+    if not _CTX:
+        return fn
+    mesh, rules = _CTX[-1]
+    in_specs = tuple(logical_to_spec(n, rules) for n in in_names)
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=logical_to_spec(out_names, rules),
+                         check_vma=False)
+
+
 def constrain(x, names: Sequence[str | None]):
     if not _CTX:
         return x

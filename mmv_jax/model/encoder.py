@@ -10,6 +10,7 @@ Parameters are fp32 with logical axis names (``logical_axes`` metadata); compute
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -17,8 +18,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mmv_jax.batch import PATCH, PackedBatch
-from mmv_jax.kernels.attention import segment_attention
-from mmv_jax.model.axes import constrain
+from mmv_jax.kernels.attention import resolve_impl, segment_attention
+from mmv_jax.model.axes import constrain, shard_map_over
 from mmv_jax.model.rope import apply_rope, pairs_per_axis, rope_tables
 
 VARIANTS = {  # width, depth, heads (MLP 4x), ViT-Ti/S/B
@@ -112,8 +113,12 @@ class Attention(nnx.Module):
         q, k, v = qkv[0], qkv[1], qkv[2]
         q = constrain(apply_rope(q, cos, sin), ("batch", "seq", "heads", None))
         k = constrain(apply_rope(k, cos, sin), ("batch", "seq", "heads", None))
-        o = segment_attention(q, k, v, segment_ids, impl=self.cfg.attention_impl,
-                              max_segment_len=self.cfg.max_segment_len)
+        impl = resolve_impl(self.cfg.attention_impl)
+        attend = functools.partial(segment_attention, impl=impl, max_segment_len=self.cfg.max_segment_len)
+        if impl != "xla":  # Mosaic / Triton kernels run per device with the batch sharded
+            qkv_names = ("batch", None, "heads", None)
+            attend = shard_map_over(attend, [qkv_names] * 3 + [("batch", None)], qkv_names)
+        o = attend(q, k, v, segment_ids)
         return jnp.einsum("bshk,hkd->bsd", o, self.proj[...].astype(dt)) + self.proj_bias[...].astype(dt)
 
 

@@ -8,6 +8,7 @@ otherwise starts fresh, from ``config.init_from``'s params when set. Writes
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import sys
@@ -31,8 +32,10 @@ def validate(cfg) -> None:
             raise ValueError(f"config.{key} must be positive, got {cfg[key]}")
     if cfg.init_from and not os.path.exists(cfg.init_from):
         raise ValueError(f"config.init_from={cfg.init_from!r} does not exist")
-    if not os.path.exists(cfg.data.manifest):
-        raise ValueError(f"config.data.manifest={cfg.data.manifest!r} does not exist")
+    pipeline.validate_config(cfg.data)
+    manifest = pipeline.manifest_path(cfg.data)
+    if not os.path.exists(manifest):
+        raise ValueError(f"config.data.manifest={manifest!r} does not exist")
     if cfg.model.dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"config.model.dtype must be float32/bfloat16/float16, got {cfg.model.dtype!r}")
     st.encoder_config_from(cfg)  # raises on model.variant / attention_impl
@@ -71,6 +74,8 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
     batch_sh = shd.batch_shardings(mesh, rules)
 
     proc, nproc = jax.process_index(), jax.process_count()
+    multiple = shd.rows_per_process_multiple(mesh, rules, nproc)
+    cfg.data.rows_multiple_of = math.lcm(int(cfg.data.rows_multiple_of), multiple)
     it = pipeline.make_train_iterator(cfg.data, seed=cfg.seed, process_index=proc, process_count=nproc)
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.keep_checkpoints,
                                    async_save=cfg.async_checkpointing)
@@ -136,6 +141,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
                 log.warning("SIGTERM: checkpoint written at step %d, exiting", step)
                 break
     finally:
+        it.close()
         ckpt.close()
         writer.close()
         preempt.restore()

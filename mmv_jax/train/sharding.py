@@ -101,6 +101,17 @@ def batch_shardings(mesh: Mesh, rules: dict) -> PackedBatch:
     return PackedBatch(*([rows] * len(PackedBatch._fields)))
 
 
+def rows_per_process_multiple(mesh: Mesh, rules: dict, process_count: int) -> int:
+    """Each process's row count must split evenly over its share of the batch-sharding axes."""
+    spec = logical_to_spec(("batch",), rules)[0]
+    names = () if spec is None else (spec,) if isinstance(spec, str) else spec
+    shards = math.prod(mesh.shape[a] for a in names)
+    if shards % process_count:
+        raise ValueError(f"config.mesh.shape {tuple(mesh.shape.values())}: the batch axes {names} "
+                         f"({shards} shards) must be a multiple of the {process_count} processes")
+    return shards // process_count
+
+
 def global_batch(local: PackedBatch, shardings: PackedBatch) -> PackedBatch:
     """This process's rows -> global jax arrays (rows concatenated over processes)."""
     return PackedBatch(*(jax.make_array_from_process_local_data(s, np.asarray(x))

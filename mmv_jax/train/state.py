@@ -9,6 +9,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from mmv_jax.data import pipeline
 from mmv_jax.kernels.attention import IMPLS
 from mmv_jax.model.encoder import EncoderConfig, encoder_config
 from mmv_jax.model.heads import MultiMedVision
@@ -28,8 +29,12 @@ def encoder_config_from(cfg) -> EncoderConfig:
     if m.attention_impl not in IMPLS:
         raise ValueError(f"config.model.attention_impl must be one of {IMPLS}, got {m.attention_impl!r}")
     extra = {"depth": m.depth} if m.get("depth") else {}
+    max_len = m.max_segment_len
+    if max_len == -1:  # the largest view the data config can produce
+        max_2d, max_3d = pipeline.max_view_tokens(cfg.data)
+        max_len = max_3d if cfg.data.ct_per_batch else max_2d
     return encoder_config(m.variant, dtype=m.dtype, remat=m.remat, attention_impl=m.attention_impl,
-                          max_segment_len=m.get("max_segment_len") or None, **extra)
+                          max_segment_len=max_len or None, **extra)
 
 
 def build_model(cfg, *, seed: int = 0) -> MultiMedVision:
@@ -60,8 +65,7 @@ def learning_rate(cfg, step):
         0.0, o.lr, o.warmup_steps, max(cfg.total_steps, o.warmup_steps + 1), o.lr * o.final_lr_ratio)(step)
 
 
-def create(cfg, mesh, tx):
-    """(graphdef, state, state_shardings) with every array created directly in its sharding."""
+def _shardings_and_init(cfg, mesh, tx):
     rules = shd.rules_dict(cfg.mesh.rules)
     abstract = nnx.eval_shape(lambda: build_model(cfg, seed=cfg.seed))
     graphdef, abstract_params = nnx.split(abstract, nnx.Param)
@@ -77,5 +81,19 @@ def create(cfg, mesh, tx):
         return TrainState(params, tx.init(params), jnp.zeros((), jnp.int32),
                           jax.random.PRNGKey(cfg.seed + 1), jnp.zeros((), jnp.int32))
 
-    state = jax.jit(init, out_shardings=shardings)()
+    return graphdef, shardings, init
+
+
+def create(cfg, mesh, tx):
+    """(graphdef, state, state_shardings) with every array created directly in its sharding."""
+    graphdef, shardings, init = _shardings_and_init(cfg, mesh, tx)
+    return graphdef, jax.jit(init, out_shardings=shardings)(), shardings
+
+
+def abstract(cfg, mesh, tx):
+    """(graphdef, abstract state with shardings, state_shardings): nothing is allocated, so
+    this works for meshes over devices this machine does not have (AOT compiles)."""
+    graphdef, shardings, init = _shardings_and_init(cfg, mesh, tx)
+    shapes = jax.eval_shape(init)
+    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
     return graphdef, state, shardings

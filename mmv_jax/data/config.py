@@ -1,0 +1,250 @@
+"""Data configuration (numpy only): every data knob, its validation, and the static facts the
+training code needs before the first batch (samples and views per step, bucket shapes).
+
+Re-exported by :mod:`mmv_jax.data.pipeline`; see its docstring for the iterators.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+import ml_collections
+import numpy as np
+
+from mmv_jax.batch import PATCH
+from mmv_jax.data import packing
+from mmv_jax.data.manifest import Record, load_manifest
+from mmv_jax.data.transforms import target_shape
+
+MODS = ("cxr", "ct")
+KERNEL_BLOCK = 128
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every data knob. Defaults are the paper's stage 1 (256 CXR per step, views and sizes per
+    METHOD.md); stages 2/3 set ``cxr_per_batch=192, ct_per_batch=64``. Override any field as
+    ``--config.data.<field>=...``."""
+    c = ml_collections.ConfigDict()
+    c.manifest = ""              # JSONL manifest (data/manifest.py); an mmv-cache manifest works too
+    c.cache_dir = ""             # if set, read DIR/manifest.jsonl written by `mmv-cache` instead
+    c.train_splits = ("train",)
+    c.eval_split = "val"
+    c.cxr_per_batch = 256        # GLOBAL samples per step (all processes together)
+    c.ct_per_batch = 0           # stages 2/3: 192 + 64
+    c.shuffle_seed = -1          # -1: use make_train_iterator's `seed`
+    c.views = ml_collections.ConfigDict(dict(
+        n_global=2, n_local=8, global_scale=(0.3, 1.0), local_scale=(0.05, 0.3),
+        long_side_2d=224, long_side_3d=112,
+        flips=(0.5, 0.0, 0.0),   # probabilities: left-right, anterior-posterior, superior-inferior
+    ))
+    c.ct_window = (2500.0, 250.0)  # (width, level) HU
+    c.buckets = ml_collections.ConfigDict(dict(
+        seq_len=2048,            # tokens per row; multiple of 128 (attention kernel block)
+        rows=(),                 # row counts; () = chosen automatically (see packing.auto_bucket_rows)
+        max_shapes=4,            # at most this many row counts when automatic
+        slots=128,               # view slots per row
+        # shapes [Z, H, W] after resizing that the automatic choice assumes when the manifest
+        # carries no `shape` fields (MIMIC-CXR portrait radiographs; CT-RATE chest CT)
+        nominal_cxr_shape=(1, 224, 186),
+        nominal_ct_shape=(98, 112, 112),
+        auto_batches=48,
+    ))
+    c.rows_multiple_of = 1       # rows per process divisible by this (the local device count)
+    c.patch_dtype = "float32"    # or "float16" to halve host memory of mixed (P^3-wide) batches
+    c.worker_count = 0           # Grain worker processes (0: in the main process); part of the run config
+    c.worker_buffer_size = 1     # batches buffered per worker process
+    c.read_threads = 1           # threads per process computing batches ahead (0: synchronous)
+    c.prefetch = 1               # batches computed ahead per process
+    c.max_bad_fraction = 0.01    # stop when bad files / files tried exceeds this
+    c.max_bad_retries = 32       # substitutes tried for one sample before giving up
+    return c
+
+
+def demo_config() -> ml_collections.ConfigDict:
+    """Tiny CPU demo: 8 CXR + 4 CT per step, small images (long side 112 / 70), short rows."""
+    c = default_config()
+    c.cxr_per_batch = 8
+    c.ct_per_batch = 4
+    c.eval_split = "val"
+    c.views.long_side_2d = 112
+    c.views.long_side_3d = 70
+    c.buckets.seq_len = 256
+    c.buckets.slots = 64
+    c.buckets.max_shapes = 4
+    c.buckets.nominal_cxr_shape = (1, 112, 98)
+    c.buckets.nominal_ct_shape = (64, 70, 70)
+    c.worker_count = 0
+    c.max_bad_fraction = 0.05
+    return c
+
+
+def _local_counts(cfg, process_count: int) -> tuple[int, int]:
+    out = []
+    for name in ("cxr_per_batch", "ct_per_batch"):
+        n = int(cfg[name])
+        if n < 0 or n % process_count:
+            raise ValueError(f"config data.{name}={n} must be >= 0 and divisible by the "
+                             f"process count {process_count}")
+        out.append(n // process_count)
+    if sum(out) == 0:
+        raise ValueError("config: data.cxr_per_batch + data.ct_per_batch must be > 0")
+    return out[0], out[1]
+
+
+def max_view_tokens(cfg) -> tuple[int, int]:
+    """Upper bounds on the tokens of one view ``(2D, 3D)``: the whole image at its long side
+    (``(L2 // 14) ** 2``, ``(L3 // 14) ** 3``); no view, train or eval, is larger."""
+    v = cfg.views
+    return (max(1, v.long_side_2d // PATCH) ** 2, max(1, v.long_side_3d // PATCH) ** 3)
+
+
+_max_view_tokens = max_view_tokens
+
+
+def validate_config(cfg, process_count: int = 1) -> None:
+    """Raises one clear ``ValueError`` for an unusable data config."""
+    s = int(cfg.buckets.seq_len)
+    if s <= 0 or s % KERNEL_BLOCK:
+        raise ValueError(f"config data.buckets.seq_len={s} must be a positive multiple of "
+                         f"{KERNEL_BLOCK} (attention kernel block size)")
+    n_cxr, n_ct = _local_counts(cfg, process_count)
+    t2, t3 = _max_view_tokens(cfg)
+    need = max(t2 if n_cxr else 0, t3 if n_ct else 0)
+    if need > s:
+        raise ValueError(f"config data.buckets.seq_len={s} is shorter than the largest view "
+                         f"({need} tokens); raise seq_len or lower views.long_side_*")
+    v = cfg.views
+    for name in ("global_scale", "local_scale"):
+        lo, hi = v[name]
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"config data.views.{name}={tuple(v[name])} must satisfy 0 < lo <= hi <= 1")
+    if v.n_global < 1 or v.n_local < 0:
+        raise ValueError("config data.views needs n_global >= 1 and n_local >= 0")
+    if int(cfg.buckets.slots) < 1:
+        raise ValueError("config data.buckets.slots must be >= 1")
+    m = int(cfg.rows_multiple_of)
+    for r in cfg.buckets.rows:
+        if r <= 0 or r % m:
+            raise ValueError(f"config data.buckets.rows={tuple(cfg.buckets.rows)}: every row "
+                             f"count must be a positive multiple of rows_multiple_of={m}")
+    if len(cfg.buckets.rows) > 0 and len(cfg.buckets.rows) > max(4, cfg.buckets.max_shapes):
+        raise ValueError("config data.buckets.rows lists more shapes than max_shapes")
+    if cfg.patch_dtype not in ("float32", "float16"):
+        raise ValueError("config data.patch_dtype must be 'float32' or 'float16'")
+
+
+def num_samples_global(cfg, process_count: int = 1) -> int:
+    """Samples per step across all processes (fixed by the config)."""
+    _local_counts(cfg, process_count)
+    return int(cfg.cxr_per_batch) + int(cfg.ct_per_batch)
+
+
+def num_views_per_sample(cfg) -> int:
+    return int(cfg.views.n_global) + int(cfg.views.n_local)
+
+
+def manifest_path(cfg) -> str:
+    """``cfg.cache_dir/manifest.jsonl`` when a cache is configured (its long sides must match the
+    config's), else ``cfg.manifest``."""
+    if cfg.cache_dir:
+        info_path = os.path.join(cfg.cache_dir, "cache_info.json")
+        if not os.path.exists(info_path):
+            raise ValueError(f"config data.cache_dir={cfg.cache_dir}: no cache_info.json there; "
+                             f"build the cache with `mmv-cache --manifest M --out DIR`")
+        with open(info_path) as f:
+            info = json.load(f)
+        want = (int(cfg.views.long_side_2d), int(cfg.views.long_side_3d))
+        have = (info.get("long_side_2d"), info.get("long_side_3d"))
+        if tuple(have) != want:
+            raise ValueError(f"cache {cfg.cache_dir} was built with long sides {have}, the config "
+                             f"asks for {want}; rebuild it with --long-side-2d/--long-side-3d")
+        return os.path.join(cfg.cache_dir, "manifest.jsonl")
+    if not cfg.manifest:
+        raise ValueError("config data.manifest is empty: point it at a JSONL manifest "
+                         "(e.g. the output of `mmv-demo-data --out DIR`: DIR/manifest.jsonl)")
+    return cfg.manifest
+
+
+@functools.lru_cache(maxsize=16)
+def _train_records(path: str, splits: tuple, mtime: float) -> tuple[tuple[Record, ...], ...]:
+    recs = load_manifest(path, splits=splits)
+    return tuple(tuple(r for r in recs if r.modality == m) for m in MODS)
+
+
+def _records(cfg):
+    path = manifest_path(cfg)
+    splits = tuple(cfg.train_splits)
+    mtime = os.path.getmtime(path) if os.path.exists(path) else 0.0
+    return _train_records(path, splits, mtime)
+
+
+def _resized_shape(rec: Record, cfg) -> tuple[int, int, int] | None:
+    if rec.shape is None:
+        return None
+    if rec.preprocessed:
+        return tuple(rec.shape)
+    long_side = cfg.views.long_side_3d if rec.modality == "ct" else cfg.views.long_side_2d
+    return target_shape(rec.shape, rec.spacing or (1.0, 1.0, 1.0), long_side)
+
+
+def _view_kwargs(cfg) -> dict:
+    v = cfg.views
+    return dict(n_global=int(v.n_global), n_local=int(v.n_local),
+                global_scale=tuple(v.global_scale), local_scale=tuple(v.local_scale))
+
+
+@functools.lru_cache(maxsize=32)
+def _auto_rows(key: str) -> tuple[int, ...]:
+    k = json.loads(key)
+    rng = np.random.default_rng(0)
+    shapes_counts = []
+    for shapes, count in k["mods"]:
+        if count == 0:
+            continue
+        # empirical: one random record shape per sample slot, redrawn for each batch
+        shapes_counts.append(([tuple(s) for s in shapes], count))
+    needed = []
+    from mmv_jax.data.views import view_tokens
+    for _ in range(k["n_batches"]):
+        sizes = []
+        for shapes, count in shapes_counts:
+            for i in rng.integers(0, len(shapes), count):
+                sizes += view_tokens(rng, shapes[i], **k["view_kwargs"])
+        needed.append(packing.rows_needed(sizes, k["seq_len"], k["slots"]))
+    return packing.choose_rows(needed, k["max_shapes"], k["multiple_of"])
+
+
+def bucket_rows(cfg, process_count: int = 1, shapes: dict | None = None) -> tuple[int, ...]:
+    """The row counts the train iterator may emit (configured, or chosen automatically from the
+    manifest's ``shape`` fields when present, else from ``nominal_*_shape``; ``shapes`` =
+    ``{"cxr": [[Z, H, W], ...], "ct": [...]}`` overrides both, for benchmarks and planning)."""
+    validate_config(cfg, process_count)
+    if len(cfg.buckets.rows):
+        return tuple(sorted(int(r) for r in cfg.buckets.rows))
+    n_cxr, n_ct = _local_counts(cfg, process_count)
+    nominal = {"cxr": tuple(cfg.buckets.nominal_cxr_shape), "ct": tuple(cfg.buckets.nominal_ct_shape)}
+    mods = []
+    try:
+        recs = _records(cfg) if shapes is None else ((), ())
+    except (ValueError, OSError):
+        recs = ((), ())
+    for m, n, rs in zip(MODS, (n_cxr, n_ct), recs):
+        if shapes is not None and shapes.get(m):
+            found = [tuple(int(v) for v in x) for x in shapes[m]]
+        else:
+            found = [x for x in (_resized_shape(r, cfg) for r in rs[:: max(1, len(rs) // 2000)]) if x]
+        mods.append((found if found else [nominal[m]], n))  # empirical, with multiplicity
+    key = json.dumps(dict(mods=mods, seq_len=int(cfg.buckets.seq_len), slots=int(cfg.buckets.slots),
+                          max_shapes=int(cfg.buckets.max_shapes), multiple_of=int(cfg.rows_multiple_of),
+                          view_kwargs=_view_kwargs(cfg), n_batches=int(cfg.buckets.auto_batches)),
+                     sort_keys=True)
+    return _auto_rows(key)
+
+
+def bucket_shapes(cfg, process_count: int = 1) -> list[tuple[int, int, int, int]]:
+    """Every ``(rows, seq_len, slots, patch_dim)`` the train iterator may emit on one process."""
+    _, n_ct = _local_counts(cfg, process_count)
+    pd = packing.patch_dim_for(n_ct > 0)
+    s, v = int(cfg.buckets.seq_len), int(cfg.buckets.slots)
+    return [(r, s, v, pd) for r in bucket_rows(cfg, process_count)]

@@ -1,0 +1,265 @@
+"""Pipeline on the synthetic demo data: mixing, exact save/restore, bad files, eval, cache."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pydicom
+import pytest
+
+from mmv_jax.data import pipeline as P
+from mmv_jax.data.manifest import LABELS, load_manifest
+from mmv_jax.data.synthetic import make_demo_dataset
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    return make_demo_dataset(str(out), n_cxr=24, n_ct=10, seed=1)
+
+
+def _cfg(manifest, **kw):
+    cfg = P.demo_config()
+    cfg.manifest = manifest
+    cfg.cxr_per_batch, cfg.ct_per_batch = 4, 2
+    for k, v in kw.items():
+        cfg[k] = v
+    return cfg
+
+
+def _same(a, b):
+    return all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def test_demo_dataset(demo):
+    recs = load_manifest(demo)
+    assert {r.modality for r in recs} == {"cxr", "ct"} and len(recs) == 34
+    assert {r.split for r in recs} >= {"train", "val"}
+    assert all(set(r.labels) == set(LABELS) for r in recs)
+    pos = np.mean([[r.labels[k] for k in LABELS] for r in recs], 0)
+    assert (pos > 0.1).all() and (pos < 0.9).all()
+    photometric = {pydicom.dcmread(r.path, stop_before_pixels=True).PhotometricInterpretation
+                   for r in recs if r.modality == "cxr"}
+    assert photometric == {"MONOCHROME1", "MONOCHROME2"}
+    ds = pydicom.dcmread(recs[0].path, stop_before_pixels=True)
+    assert ds.PatientName == "DEMO^PHANTOM" and float(ds.PixelSpacing[0]) > 0
+
+
+def test_mixing_ratio_shapes_and_stats(demo):
+    cfg = _cfg(demo)
+    shapes = set(P.bucket_shapes(cfg))
+    assert len(shapes) <= 4
+    it = P.make_train_iterator(cfg, seed=0)
+    nv = P.num_views_per_sample(cfg)
+    assert P.num_samples_global(cfg) == 6 and nv == 10
+    for _ in range(4):
+        b, s = next(it)
+        assert (b.patches.shape[0], b.patches.shape[1], b.view_sample.shape[1],
+                b.patches.shape[2]) in shapes
+        vs, vm = b.view_sample, b.view_modality
+        used = vs >= 0
+        samples = np.unique(vs[used])
+        assert list(samples) == list(range(6))
+        for smp in samples:  # every sample has all its views, one modality
+            assert (vs == smp).sum() == nv
+            assert len(np.unique(vm[vs == smp])) == 1
+        assert len(np.unique(vs[used & (vm == 0)])) == 4 and len(np.unique(vs[used & (vm == 1)])) == 2
+        assert ((b.view_is_global & used).sum()) == 6 * 2
+        assert 0 < float(s["packing_efficiency"]) <= 1 and int(s["bad_files"]) == 0
+        assert int(s["real_tokens"]) == int((b.segment_ids > 0).sum())
+
+
+def test_sharding_gives_global_indices_and_partitions_stream(demo):
+    cfg = _cfg(demo)
+    full, _ = next(P.make_train_iterator(cfg, seed=3))
+    parts = [next(P.make_train_iterator(cfg, seed=3, process_index=p, process_count=2))[0]
+             for p in range(2)]
+    for p, b in enumerate(parts):
+        got = np.unique(b.view_sample[b.view_sample >= 0])
+        assert list(got) == list(range(3 * p, 3 * p + 3))
+    # views depend only on the global stream position: the same tokens overall
+    tot = sorted(np.round(full.patches[full.segment_ids > 0].sum(-1), 3).tolist())
+    tot2 = sorted(np.round(np.concatenate([b.patches[b.segment_ids > 0].sum(-1) for b in parts]), 3).tolist())
+    assert tot == tot2
+
+
+def test_save_restore_exact(demo):
+    cfg = _cfg(demo)
+    ref = P.make_train_iterator(cfg, seed=5)
+    ref_batches = [next(ref)[0] for _ in range(5)]
+    it = P.make_train_iterator(cfg, seed=5)
+    for _ in range(2):
+        next(it)
+    state = json.loads(json.dumps(it.get_state()))  # must be JSON-serialisable
+    fresh = P.make_train_iterator(cfg, seed=5)
+    fresh.set_state(state)
+    for k in range(2, 5):
+        assert _same(next(fresh)[0], ref_batches[k])
+    other = P.make_train_iterator(cfg, seed=6)
+    assert not _same(next(other)[0], ref_batches[0])
+
+
+def test_worker_processes_match_and_restore(demo):
+    cfg = _cfg(demo, worker_count=2)
+    it = P.make_train_iterator(cfg, seed=5)
+    try:
+        got = [next(it)[0] for _ in range(3)]
+        state = it.get_state()
+        nxt = next(it)[0]
+    finally:
+        it.close()
+    ref = P.make_train_iterator(_cfg(demo), seed=5)
+    ref_batches = [next(ref)[0] for _ in range(4)]
+    for a, b in zip(got + [nxt], ref_batches):
+        assert _same(a, b)
+    assert state["step"] == 3
+    # the state restores across worker counts: into an in-process iterator ...
+    it2 = P.make_train_iterator(_cfg(demo), seed=5)
+    it2.set_state(state)
+    assert _same(next(it2)[0], ref_batches[3])
+    # ... and an in-process state into a multi-worker iterator
+    it3 = P.make_train_iterator(cfg, seed=5)
+    try:
+        it3.set_state({**state, "step": 1})
+        assert _same(next(it3)[0], ref_batches[1])
+    finally:
+        it3.close()
+
+
+_RESTORE = r"""
+import hashlib, sys
+import numpy as np
+import grain, orbax.checkpoint as ocp
+from mmv_jax.data import pipeline as P
+cfg = P.demo_config(); cfg.manifest = sys.argv[1]; cfg.cxr_per_batch, cfg.ct_per_batch = 4, 2
+it = P.make_train_iterator(cfg, seed=5)
+mgr = ocp.CheckpointManager(sys.argv[2], item_names=("data",))
+mgr.restore(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(it)))
+b, s = next(it)
+print("HASH", hashlib.sha1(b"".join(np.ascontiguousarray(x).tobytes() for x in b)).hexdigest(), int(s["step"]))
+"""
+
+
+def test_orbax_checkpoint_restore_in_new_process(demo, tmp_path):
+    import grain
+    import hashlib
+    import orbax.checkpoint as ocp
+    cfg = _cfg(demo)
+    it = P.make_train_iterator(cfg, seed=5)
+    next(it), next(it)
+    mgr = ocp.CheckpointManager(str(tmp_path / "ckpt"), item_names=("data",))
+    mgr.save(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+    mgr.wait_until_finished()
+    b, _ = next(it)
+    want = hashlib.sha1(b"".join(np.ascontiguousarray(x).tobytes() for x in b)).hexdigest()
+    out = subprocess.run([sys.executable, "-c", _RESTORE, demo, str(tmp_path / "ckpt")],
+                         capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = [l for l in out.stdout.splitlines() if l.startswith("HASH")][0]
+    assert line.split()[1:] == [want, "2"]
+
+
+def test_bad_files_skipped_counted_and_limit(demo, tmp_path):
+    recs = [json.loads(l) for l in open(demo)]
+    root = os.path.dirname(demo)
+    train_cxr = [r for r in recs if r["split"] == "train" and r["modality"] == "cxr"]
+    train_ct = [r for r in recs if r["split"] == "train" and r["modality"] == "ct"]
+    shutil.copytree(root, tmp_path / "d")
+    d = tmp_path / "d"
+    # corrupt (truncated), missing and zero-byte files
+    p0 = d / train_cxr[0]["path"]
+    p0.write_bytes(p0.read_bytes()[:2000])
+    os.remove(d / train_cxr[1]["path"])
+    (d / train_ct[0]["path"]).write_bytes(b"")
+    bad_paths = {str(d / train_cxr[0]["path"]), str(d / train_cxr[1]["path"]), str(d / train_ct[0]["path"])}
+    cfg = _cfg(str(d / "manifest.jsonl"), max_bad_fraction=0.5)
+    it = P.make_train_iterator(cfg, seed=0)
+    seen = 0
+    for _ in range(8):
+        b, s = next(it)
+        assert len(np.unique(b.view_sample[b.view_sample >= 0])) == 6  # still full batches
+        seen = int(s["bad_files"])
+    assert seen >= 3
+    assert {p for p, _ in it.get_state()["first_bad"]} == bad_paths
+    # a strict limit stops with one message naming the bad files
+    it = P.make_train_iterator(_cfg(str(d / "manifest.jsonl"), max_bad_fraction=0.0), seed=0)
+    with pytest.raises(RuntimeError, match="too many bad files") as e:
+        for _ in range(8):
+            next(it)
+    assert any(p in str(e.value) for p in bad_paths)
+
+
+def test_eval_iterator(demo):
+    cfg = _cfg(demo)
+    recs = load_manifest(demo, splits="train")
+    seen = []
+    shapes = set()
+    for b, ids in P.make_eval_iterator(cfg, demo, split="train", batch_size=8):
+        shapes.add(b.patches.shape)
+        used = b.view_sample >= 0
+        assert sorted(b.view_sample[used].tolist()) == list(range(len(ids)))
+        assert (b.view_index[used] == 0).all() and b.view_is_global[used].all()
+        seen += ids
+    assert seen == [r.id for r in recs] and len(shapes) == 1
+    # deterministic
+    b1, _ = next(P.make_eval_iterator(cfg, recs, batch_size=8))
+    b2, _ = next(P.make_eval_iterator(cfg, recs, batch_size=8))
+    assert _same(b1, b2)
+
+
+def test_config_validation(demo):
+    cfg = _cfg(demo)
+    cfg.buckets.seq_len = 200
+    with pytest.raises(ValueError, match="multiple of 128"):
+        P.bucket_shapes(cfg)
+    cfg = _cfg(demo)
+    cfg.buckets.rows = (1,)
+    with pytest.raises(ValueError, match="largest bucket"):
+        next(P.make_train_iterator(cfg, seed=0))
+    cfg = _cfg(demo)
+    cfg.rows_multiple_of = 4
+    assert all(r % 4 == 0 for r, *_ in P.bucket_shapes(cfg))
+
+
+def test_cache_roundtrip(demo, tmp_path):
+    from mmv_jax.data.cache import build_cache
+    cfg = _cfg(demo)
+    res = build_cache(demo, str(tmp_path / "c"), workers=1, long_side_2d=cfg.views.long_side_2d,
+                      long_side_3d=cfg.views.long_side_3d, progress=False)
+    assert res["images"] == 34 and res["bad"] == 0
+    res = build_cache(demo, str(tmp_path / "c"), workers=1, long_side_2d=cfg.views.long_side_2d,
+                      long_side_3d=cfg.views.long_side_3d, progress=False)  # resumes
+    assert res["images"] == 34
+    recs = load_manifest(tmp_path / "c" / "manifest.jsonl")
+    ct = next(r for r in recs if r.modality == "ct")
+    assert ct.preprocessed and np.load(ct.path).dtype == np.int16
+    assert max(ct.shape) == cfg.views.long_side_3d
+    cached = _cfg("", cache_dir=str(tmp_path / "c"))
+    it = P.make_train_iterator(cached, seed=0)
+    b, s = next(it)
+    assert len(np.unique(b.view_sample[b.view_sample >= 0])) == 6
+    bad = _cfg("", cache_dir=str(tmp_path / "c"))
+    bad.views.long_side_2d = 224
+    with pytest.raises(ValueError, match="long sides"):
+        P.make_train_iterator(bad, seed=0)
+
+
+def test_static_facts_of_default_configs():
+    for cfg in (P.default_config(), P.demo_config()):
+        P.validate_config(cfg)
+        t2, t3 = P.max_view_tokens(cfg)
+        assert t2 <= cfg.buckets.seq_len and t3 <= cfg.buckets.seq_len
+        assert cfg.buckets.seq_len % 128 == 0
+    mix = P.default_config()
+    mix.cxr_per_batch, mix.ct_per_batch = 192, 64
+    got = P.bucket_shapes(mix)
+    assert 1 <= len(got) <= 4 and all(s[1:] == (2048, 128, 14 ** 3) for s in got)
+    s1 = P.bucket_shapes(P.default_config())  # stage 1: 2D only, P*P wide patches
+    assert all(pd == 14 * 14 for *_, pd in s1)
+    assert P.num_samples_global(mix, 4) == 256
+    with pytest.raises(ValueError, match="divisible"):
+        P.num_samples_global(mix, 5)

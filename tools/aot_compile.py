@@ -1,0 +1,100 @@
+"""Compile the real sharded train step for a TPU pod topology from any CPU machine.
+
+  python tools/aot_compile.py --config configs/stage3_joint.py --topology v5e:4x4 [--num-slices 2]
+      [--config.mesh.shape=-1,1,1 ...]
+
+Needs libtpu (jax's ``tpu`` extra); no TPU. Builds the mesh over the topology's devices, lowers
+and compiles the train step at every bucket shape the data config can emit, prints per-device
+memory (XLA memory analysis) against the chip's HBM and the step's FLOPs, and ends with one JSON
+object: ``fits``, ``bytes_per_device``, ``hbm_bytes``, ``flops``, ``compiled_shapes``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile-only: no lock on the runtime
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+HBM_BYTES = {"v4": 32 << 30, "v5e": 16 << 30, "v5litepod": 16 << 30, "v5p": 95 << 30,
+             "v5": 95 << 30, "v6e": 32 << 30}
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file.")
+_TOPOLOGY = flags.DEFINE_string("topology", "v5e:4x4", "TPU topology, e.g. v5e:4x4, v4:2x2x1.")
+_SLICES = flags.DEFINE_integer("num_slices", 1, "Number of slices (multi-slice over DCN).")
+flags.mark_flag_as_required("config")
+
+
+def compile_for_topology(cfg, topology: str, num_slices: int = 1) -> dict:
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental import topologies
+
+    from mmv_jax.batch import PackedBatch
+    from mmv_jax.data import pipeline
+    from mmv_jax.train import sharding as shd, state as st
+    from mmv_jax.train.step import jit_train_step
+
+    topo = topologies.get_topology_desc(topology_name=topology, platform="tpu", num_slices=num_slices)
+    devices = list(topo.devices)
+    num_hosts = len({d.process_index for d in devices})
+    cfg = cfg.copy_and_resolve_references()
+    if cfg.model.attention_impl == "auto":
+        cfg.model.attention_impl = "pallas_tpu"  # auto would resolve on this CPU
+    mesh = shd.make_mesh(cfg.mesh.shape, devices)
+    rules = shd.rules_dict(cfg.mesh.rules)
+    tx = st.make_optimizer(cfg)
+    graphdef, state, state_sh = st.abstract(cfg, mesh, tx)
+    batch_sh = shd.batch_shardings(mesh, rules)
+    multiple = shd.rows_per_process_multiple(mesh, rules, num_hosts)
+    cfg.data.rows_multiple_of = math.lcm(int(cfg.data.rows_multiple_of), multiple)
+    step = jit_train_step(cfg, graphdef, tx, lambda s: st.learning_rate(cfg, s), state_sh, batch_sh,
+                          mesh, rules, num_samples=pipeline.num_samples_global(cfg.data, num_hosts),
+                          num_views=pipeline.num_views_per_sample(cfg.data))
+    kind = devices[0].device_kind
+    hbm = next((b for k, b in sorted(HBM_BYTES.items(), key=lambda kv: -len(kv[0]))
+                if k in topology.split(":")[0].lower()), 0)
+    results = []
+    for rows, seq, slots, pdim in pipeline.bucket_shapes(cfg.data, num_hosts):
+        g = rows * num_hosts
+        sds = lambda shape, dt, s: jax.ShapeDtypeStruct(shape, dt, sharding=s)
+        batch = PackedBatch(
+            patches=sds((g, seq, pdim), jnp.float32, batch_sh.patches),
+            segment_ids=sds((g, seq), jnp.int32, batch_sh.segment_ids),
+            coords=sds((g, seq, 3), jnp.float32, batch_sh.coords),
+            view_sample=sds((g, slots), jnp.int32, batch_sh.view_sample),
+            view_is_global=sds((g, slots), jnp.bool_, batch_sh.view_is_global),
+            view_modality=sds((g, slots), jnp.int32, batch_sh.view_modality),
+            view_index=sds((g, slots), jnp.int32, batch_sh.view_index))
+        compiled = step.lower(state, batch).compile()
+        mem = compiled.memory_analysis()
+        total = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+                 - mem.alias_size_in_bytes)
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        flops = float(cost.get("flops", 0.0)) if cost else 0.0
+        results.append({"rows": g, "seq_len": seq, "bytes_per_device": int(total),
+                        "temp_bytes": int(mem.temp_size_in_bytes), "flops": flops})
+        print(f"[{kind} {topology} x{num_slices}] rows={g} seq={seq}: "
+              f"{total / 2**30:.2f} GiB/device (HBM {hbm / 2**30:.0f} GiB), {flops / 1e12:.1f} TFLOP/device",
+              file=sys.stderr)
+    worst = max(r["bytes_per_device"] for r in results)
+    return {"topology": topology, "num_slices": num_slices, "devices": len(devices),
+            "hosts": num_hosts, "mesh": dict(mesh.shape), "device_kind": kind,
+            "fits": bool(hbm and worst <= hbm), "bytes_per_device": worst, "hbm_bytes": hbm,
+            "flops": max(r["flops"] for r in results), "compiled_shapes": results}
+
+
+def _main(argv):
+    del argv
+    print(json.dumps(compile_for_topology(_CONFIG.value, _TOPOLOGY.value, _SLICES.value)))
+
+
+if __name__ == "__main__":
+    app.run(_main)
