@@ -28,8 +28,7 @@ test: venv-test
 	JAX_PLATFORMS=cpu $(PY) -m pytest -q
 
 demo: venv
-	$(PY) -m mmv_jax.data.synthetic --out data/demo
-	$(PY) -m launch.train --config configs/demo.py --workdir runs/demo
+	$(PY) -m launch.demo --config configs/demo.py --workdir runs/demo --data data/demo
 
 clean:
 	rm -rf $(VENV) runs data/demo

@@ -11,6 +11,7 @@ import os
 import sys
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file (get_config()).")
@@ -20,6 +21,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def _main(argv):
     del argv
+    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every file at INFO
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
     from mmv_jax.train.loop import train_and_evaluate

@@ -81,3 +81,103 @@ def test_dispatcher():
         segment_attention(q, q, q, jnp.zeros((1, 7), jnp.int32))
     with pytest.raises(ValueError, match="interpret"):
         segment_attention(q, q, q, jnp.zeros((1, 8), jnp.int32), impl="xla", interpret=True)
+
+
+# --- block-sparse pairs: tiers, the band fallback, non-contiguous ids, the pair bound --------
+
+from mmv_jax.kernels.xla import _ranges, halo_blocks, pair_bound, pair_tiers  # noqa: E402
+
+
+def dense_ref(q, k, v, seg):
+    """Dense masked attention (fp32, autodiff) for gradients; padding queries -> 0."""
+    mask = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] > 0)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+    logits = jnp.where(mask[:, None], logits, -1e30)
+    p = jnp.where(mask[:, None], jax.nn.softmax(logits, -1), 0.0)
+    return jnp.einsum("bhqk,bkhd->bqhd", p, v)
+
+
+def random_layout(rng, total, max_len, fill=0.9):
+    lengths = []
+    while sum(lengths) < fill * total:
+        n = int(rng.integers(1, max_len + 1))
+        if sum(lengths) + n > total:
+            break
+        lengths.append(n)
+    return layout(lengths, total)
+
+
+SPARSE_ROWS = np.stack([
+    random_layout(np.random.default_rng(1), 192, 40),
+    layout([1] * 9 + [15, 17, 16, 1, 33, 40], 192),   # one-token runs, boundaries at 16 and off it
+    layout([40, 40, 40, 40, 32], 192),                # a full row of segments at the bound
+    layout([], 192),                                  # only padding
+    np.array([1] * 10 + [2] * 10 + [1] * 10 + [0] * 5 + [3] * 20 + [2] * 5 + [0] * 132, np.int32),
+])  # the last row reuses ids 1 and 2 in separate runs (spans 30 and 45 > 40: poisoned w/ max_len)
+
+
+@pytest.mark.parametrize("tiers", [None, (1,), ()])  # default tiers; too small -> band; band only
+def test_sparse_tiers_and_band_fallback_match_dense(tiers):
+    seg = jnp.asarray(SPARSE_ROWS)
+    q, k, v = jax.random.normal(jax.random.PRNGKey(2), (3, *seg.shape, 2, 8))
+    w = jax.random.normal(jax.random.PRNGKey(3), q.shape)
+
+    @jax.jit
+    def run(q, k, v):
+        f = lambda q, k, v, L: segment_attention_xla(q, k, v, seg, max_segment_len=L, block=16,
+                                                     tiers=tiers)
+        loss = lambda q, k, v, L: jnp.sum(jnp.nan_to_num(f(q, k, v, L), nan=0.0) * w)
+        return (f(q, k, v, 40), jax.grad(loss, argnums=(0, 1, 2))(q, k, v, 40),
+                f(q, k, v, None), jax.grad(loss, argnums=(0, 1, 2))(q, k, v, None),
+                jax.grad(lambda q, k, v: jnp.sum(dense_ref(q, k, v, seg) * w), argnums=(0, 1, 2))(q, k, v))
+
+    out40, g40, out, g, g_ref = run(q, k, v)
+    want = naive(q, k, v, SPARSE_ROWS)
+    np.testing.assert_allclose(out, want, atol=1e-5)  # no bound: every layout is exact
+    assert np.all(np.asarray(out)[SPARSE_ROWS == 0] == 0)
+    np.testing.assert_allclose(out40[:4], want[:4], atol=1e-5)
+    assert np.isnan(np.asarray(out40[4])).all()  # ids spanning more than max_segment_len
+    for a, b, r in zip(g, g40, g_ref):
+        np.testing.assert_allclose(a, r, atol=1e-5)
+        np.testing.assert_allclose(b[:4], r[:4], atol=1e-5)
+
+
+def test_pair_bound_holds_and_is_tight():
+    s, b = 256, 16
+    rng = np.random.default_rng(0)
+    for max_len in (1, 16, 17, 40, 100, None):
+        cap = max_len or s
+        rows = [random_layout(rng, s, cap, fill=rng.uniform(0.5, 1.0)) for _ in range(48)]
+        m = halo_blocks(s, max_len, b)
+        for phase in range(0, b, 5):  # adversarial: segments crossing m boundaries, max length
+            n = min((m - 1) * b + 2, cap) if m else 1
+            rows.append(np.roll(layout([n] * ((s - phase) // n), s), phase))
+        seg = jnp.asarray(np.stack(rows))
+        lo, count, _, band_count, span = jax.jit(_ranges, static_argnums=(1, 2))(seg, b, m)
+        totals = np.asarray(count).reshape(len(rows), -1).sum(1)
+        bound = pair_bound(s, max_len, b)
+        assert totals.max() <= bound <= s // b * (2 * m + 1)
+        assert totals.max() >= bound - 2 * (m + 1) ** 2 or max_len is None
+        assert np.all(np.asarray(count) <= np.asarray(band_count))
+        assert np.asarray(span).max() <= cap
+    assert pair_tiers(1, 4096, 512, 64) == (156, 234, 312, 624)  # 624 pairs <= 1088 of the band
+    assert pair_tiers(2, 256, None, 32) == (128,)  # short rows: the bound only
+
+
+def test_non_contiguous_ids_need_the_band_and_stay_exact():
+    # two-token ids 36 apart (span 37 <= 40): every block's hull reaches 4 blocks each way, far
+    # beyond the bound of contiguous layouts, so the default tiers cannot hold it: the band runs
+    pattern = np.zeros(192, np.int32)
+    for t in range(160):
+        if t % 8 < 4 or pattern[t] == 0:
+            pattern[t] = t + 1
+            if t % 8 < 4 and t + 36 < 160:
+                pattern[t + 36] = t + 1
+    seg = jnp.asarray(pattern[None])
+    m = halo_blocks(192, 40, 8)
+    _, count, _, _, span = _ranges(seg, 8, m)
+    assert int(np.sum(count)) > pair_bound(192, 40, 8) and int(span.max()) == 37
+    q, k, v = jax.random.normal(jax.random.PRNGKey(4), (3, 1, 192, 1, 8))
+    out = jax.jit(lambda q, k, v: segment_attention_xla(q, k, v, seg, max_segment_len=40,
+                                                        block=8))(q, k, v)
+    np.testing.assert_allclose(out, naive(q, k, v, pattern[None]), atol=1e-5)

@@ -29,6 +29,7 @@ import fnmatch
 import importlib.util
 import os
 import sys
+import warnings
 from collections import OrderedDict
 from typing import Callable, NamedTuple
 
@@ -263,7 +264,7 @@ def strip_prefix(state: dict, expected, prefix: str | None = None) -> "OrderedDi
 
 def save_torch_state(state: dict, path: str) -> None:
     import torch
-    tensors = OrderedDict((k, torch.from_numpy(np.ascontiguousarray(v))) for k, v in state.items())
+    tensors = OrderedDict((k, torch.from_numpy(np.array(v, dtype=np.float32))) for k, v in state.items())
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if path.endswith(".safetensors"):
         from safetensors.torch import save_file
@@ -306,12 +307,13 @@ def _single_device_state(cfg):
     return st.create(cfg, mesh, tx)
 
 
-def save_jax_checkpoint(params: dict, cfg, out_dir: str) -> str:
-    """Writes ``params`` (pure dict) as a step-0 TrainState (fresh optimizer) under ``out_dir``."""
+def save_jax_checkpoint(params: dict, cfg, out_dir: str, created=None) -> str:
+    """Writes ``params`` (pure dict) as a step-0 TrainState (fresh optimizer) under ``out_dir``;
+    ``created``: the config's ``(graphdef, state, shardings)`` when already built."""
     import jax
     from flax import nnx
     from mmv_jax.train.checkpoint import Checkpointer
-    _, state, shardings = _single_device_state(cfg)
+    _, state, shardings = created or _single_device_state(cfg)
     p = state.params
     nnx.replace_by_pure_dict(p, jax.tree.map(np.asarray, params))
     state = state._replace(params=jax.device_put(p, shardings.params))
@@ -325,11 +327,18 @@ def save_jax_checkpoint(params: dict, cfg, out_dir: str) -> str:
     return ckpt.directory
 
 
-def fresh_params(cfg) -> dict:
+def abstract_params(cfg) -> dict:
+    """The config's param shapes (pure dict of ShapeDtypeStruct), without computing anything."""
+    from flax import nnx
+    from mmv_jax.train import state as st
+    return nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: st.build_model(cfg, seed=cfg.seed)), nnx.Param))
+
+
+def fresh_params(cfg, created=None) -> dict:
     """The config's freshly initialised params as a pure dict of numpy arrays."""
     import jax
     from flax import nnx
-    _, state, _ = _single_device_state(cfg)
+    _, state, _ = created or _single_device_state(cfg)
     return jax.tree.map(np.asarray, nnx.to_pure_dict(state.params))
 
 
@@ -346,7 +355,9 @@ def load_jax_params(path: str, step: int | None = None) -> dict:
             s = mgr.latest_step() if step is None else step
             if s is None:
                 continue
-            restored = mgr.restore(s, args=ocp.args.Composite(state=ocp.args.PyTreeRestore()))
+            with warnings.catch_warnings():  # "sharding info not provided": host arrays wanted
+                warnings.simplefilter("ignore", UserWarning)
+                restored = mgr.restore(s, args=ocp.args.Composite(state=ocp.args.PyTreeRestore()))
         finally:
             mgr.close()
         params = restored["state"]["params"]
@@ -393,12 +404,22 @@ def main(argv=None) -> int:
     try:
         if args.cmd == "torch2jax":
             cfg = load_config(args.config, overrides)
-            reference = fresh_params(cfg)
-            expected = name_map(reference)
-            state = strip_prefix(load_torch_state(args.src), expected, args.prefix)
-            params, report = torch_to_jax(state, reference, allow_missing=args.allow_missing,
+            if os.path.isdir(args.out) and os.listdir(args.out):
+                raise ConversionError(f"--out {args.out!r} is not empty; choose a new folder")
+            source = load_torch_state(args.src)
+            abstract = abstract_params(cfg)   # names and shapes checked before anything is built
+            state = strip_prefix(source, name_map(abstract), args.prefix)
+            params, report = torch_to_jax(state, abstract, allow_missing=args.allow_missing,
                                           ignore=args.ignore)
-            out = save_jax_checkpoint(params, cfg, args.out)
+            created = _single_device_state(cfg)
+            if report["allowed_missing"]:  # these keep the config's fresh init
+                fresh = flatten(fresh_params(cfg, created))
+                flat = flatten(params)
+                for path in flat:
+                    if not isinstance(flat[path], np.ndarray):
+                        flat[path] = fresh[path]
+                params = unflatten(flat)
+            out = save_jax_checkpoint(params, cfg, args.out, created)
             print(f"convert_torch: {report['mapped']} tensors converted; "
                   f"kept fresh init: {report['allowed_missing'] or 'none'}; "
                   f"ignored: {report['ignored'] or 'none'}; checkpoint in {out} "

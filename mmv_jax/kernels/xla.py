@@ -72,10 +72,16 @@ def pair_bound(seq_len: int, max_segment_len: int | None, block: int) -> int:
 
 def pair_tiers(batch: int, seq_len: int, max_segment_len: int | None, block: int,
                fractions=TIER_FRACTIONS) -> tuple[int, ...]:
-    """Static pair capacities of the data tiers for ``batch`` rows (ascending, the last a bound)."""
+    """Static pair capacities of the data tiers for ``batch`` rows (ascending, the last a bound).
+
+    Short rows (under 32 blocks) get the bound only: the smaller tiers would save little and
+    each tier is one more branch to compile.
+    """
     bound = pair_bound(seq_len, max_segment_len, block)
-    caps = sorted({max(1, math.ceil(f * bound)) * batch for f in fractions} | {bound * batch})
-    return tuple(c for c in caps if c <= bound * batch)
+    if math.ceil(seq_len / block) < 32:
+        fractions = ()
+    return tuple(sorted({max(1, math.ceil(f * bound)) * batch for f in fractions if f < 1}
+                        | {bound * batch}))
 
 
 def _id_spans(seg):
@@ -173,79 +179,106 @@ def _ranges(seg, b: int, m: int):
 
 
 def _switch(tiers, band_cap, nq, seg_ranges, fn):
-    """Run ``fn(qi, kj, valid)`` over the pairs of the smallest tier that holds them."""
+    """Run ``fn(qi, kj, valid)`` over the pairs of the smallest tier that holds them; the band
+    when none does (left out when the largest tier holds any layout: every block x the row)."""
     lo, count, band_lo, band_count = seg_ranges
-    total = jnp.sum(count)
-    index = jnp.sum(jnp.asarray(tiers) < total)  # == len(tiers): the band
-    branches = [functools.partial(lambda c, lo, n: fn(*_pairs(lo, n, nq, c)), c)
-                for c in tiers]
-    branches.append(lambda lo, n: fn(*_pairs(band_lo, band_count, nq, band_cap)))
+    branches = [functools.partial(lambda c, lo, n: fn(*_pairs(lo, n, nq, c)), c) for c in tiers]
+    if not tiers or tiers[-1] < lo.shape[0] * nq:
+        branches.append(lambda lo, n: fn(*_pairs(band_lo, band_count, nq, band_cap)))
+    if len(branches) == 1:
+        return branches[0](lo, count)
+    index = jnp.minimum(jnp.sum(jnp.asarray(tiers) < jnp.sum(count)), len(branches) - 1)
     return lax.switch(index, branches, lo, count)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _sparse_attention(qh, kh, vh, seg, b, m, tiers):
-    return _sparse_fwd(qh, kh, vh, seg, b, m, tiers)[0]
+def _heads_major(t, b: int):
+    """``[B, P, H, D]`` -> ``[B * P / b, H, b, D]``: blocks, heads, tokens."""
+    bsz, p, h, d = t.shape
+    return t.reshape(bsz * p // b, b, h, d).transpose(0, 2, 1, 3)
 
 
-def _sparse_fwd(qh, kh, vh, seg, b, m, tiers):
-    bsz, p = seg.shape
-    nq = p // b
-    lo, count, band_lo, band_count, _ = _ranges(seg, b, m)
-    segb = seg.reshape(-1, b)
-    fn = lambda qi, kj, valid: _fwd_pairs(qh, kh, vh, segb, qi, kj, valid)
-    band_cap = bsz * nq * (2 * m + 1)
-    oh, lse = _switch(tiers, band_cap, nq, (lo, count, band_lo, band_count), fn)
-    oh = oh.astype(qh.dtype)
-    return oh, (qh, kh, vh, seg, oh, lse)
+def _tokens_major(t, bsz: int, s: int):
+    """Inverse of :func:`_heads_major`, cropped to ``s`` tokens."""
+    g, h, b, d = t.shape
+    return t.transpose(0, 2, 1, 3).reshape(bsz, g * b // bsz, h, d)[:, :s]
 
 
-def _sparse_bwd(b, m, tiers, res, doh):
-    qh, kh, vh, seg, oh, lse = res
-    bsz, p = seg.shape
-    nq = p // b
-    lo, count, band_lo, band_count, _ = _ranges(seg, b, m)
-    segb = seg.reshape(-1, b)
-    fn = lambda qi, kj, valid: _bwd_pairs(qh, kh, vh, segb, oh, lse, doh, qi, kj, valid)
-    band_cap = bsz * nq * (2 * m + 1)
-    dq, dk, dv = _switch(tiers, band_cap, nq, (lo, count, band_lo, band_count), fn)
-    return dq.astype(qh.dtype), dk.astype(kh.dtype), dv.astype(vh.dtype), None
-
-
-_sparse_attention.defvjp(
-    lambda qh, kh, vh, seg, b, m, tiers: _sparse_fwd(qh, kh, vh, seg, b, m, tiers), _sparse_bwd)
-
-
-def segment_attention_xla(q, k, v, segment_ids, *, max_segment_len: int | None = None,
-                          block: int = 32, tiers: tuple[int, ...] | None = None):
-    """``softmax(q k^T / sqrt(D) + mask) v`` restricted to equal non-zero segment ids.
-
-    q, k, v ``[B, S, H, D]``; segment_ids ``[B, S]``. Padding queries return 0, never NaN,
-    in forward and backward. Softmax in fp32. ``tiers`` overrides the static pair capacities
-    (over the whole batch) tried before the band; ``()`` forces the band.
-    """
-    bsz, s, h, d = q.shape
+def _geometry(shape, max_segment_len, block, tiers):
+    bsz, s, h, d = shape
     b = min(block, s)
     padded = math.ceil(s / b) * b
     m = halo_blocks(s, max_segment_len, b)
     if tiers is None:
         tiers = pair_tiers(bsz, s, max_segment_len, b)
+    return b, padded, m, tuple(sorted(int(c) for c in tiers))
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5, 6))
+def _attention_fwd(q, k, v, segment_ids, max_segment_len, block, tiers):
+    bsz, s, h, d = q.shape
+    b, padded, m, tiers = _geometry(q.shape, max_segment_len, block, tiers)
     seg = segment_ids.astype(jnp.int32)
     if padded != s:
         extra = [(0, 0), (0, padded - s), (0, 0), (0, 0)]
         q, k, v = (jnp.pad(t, extra) for t in (q, k, v))
         seg = jnp.pad(seg, [(0, 0), (0, padded - s)])
     q = q * jnp.asarray(1.0 / math.sqrt(d), q.dtype)
-    heads_major = lambda t: t.reshape(bsz * padded // b, b, h, d).transpose(0, 2, 1, 3)
-    oh = _sparse_attention(heads_major(q), heads_major(k), heads_major(v), seg, b, m,
-                           tuple(int(c) for c in tiers))
-    out = oh.transpose(0, 2, 1, 3).reshape(bsz, padded, h, d)[:, :s]
-    if max_segment_len is not None:
-        first, last = _id_spans(seg)
-        span = jnp.max(jnp.where(seg > 0, last - first + 1, 0), axis=1)
-        ok = span <= max_segment_len
-        out = jnp.where(ok[:, None, None, None], out, jnp.nan)
-    return out
+    qh, kh, vh = (_heads_major(t, b) for t in (q, k, v))
+    lo, count, band_lo, band_count, span = _ranges(seg, b, m)
+    ranges = (lo, count, band_lo, band_count)
+    fn = lambda qi, kj, valid: _fwd_pairs(qh, kh, vh, seg.reshape(-1, b), qi, kj, valid)
+    oh, lse = _switch(tiers, bsz * (padded // b) * (2 * m + 1), padded // b, ranges, fn)
+    oh = oh.astype(qh.dtype)
+    out = _tokens_major(oh, bsz, s)
+    ok = span <= (max_segment_len if max_segment_len is not None else padded)
+    out = jnp.where(ok[:, None, None, None], out, jnp.nan)
+    return out, (qh, kh, vh, seg, oh, lse, ranges, ok)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _attention_bwd(max_segment_len, block, tiers, res, dout):
+    bsz, s, h, d = dout.shape
+    b, padded, m, tiers = _geometry(dout.shape, max_segment_len, block, tiers)
+    qh, kh, vh, seg, oh, lse, ranges, ok = res
+    dout = jnp.where(ok[:, None, None, None], dout, 0)  # poisoned rows: no gradient
+    if padded != s:
+        dout = jnp.pad(dout, [(0, 0), (0, padded - s), (0, 0), (0, 0)])
+    doh = _heads_major(dout, b)
+    fn = lambda qi, kj, valid: _bwd_pairs(qh, kh, vh, seg.reshape(-1, b), oh, lse, doh,
+                                          qi, kj, valid)
+    dq, dk, dv = _switch(tiers, bsz * (padded // b) * (2 * m + 1), padded // b, ranges, fn)
+    dq = dq * (1.0 / math.sqrt(d))
+    return tuple(_tokens_major(t.astype(qh.dtype), bsz, s) for t in (dq, dk, dv))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _attention(q, k, v, segment_ids, max_segment_len, block, tiers):
+    return _attention_fwd(q, k, v, segment_ids, max_segment_len, block, tiers)[0]
+
+
+def _attention_vjp_fwd(q, k, v, segment_ids, max_segment_len, block, tiers):
+    return _attention_fwd(q, k, v, segment_ids, max_segment_len, block, tiers)
+
+
+def _attention_vjp_bwd(max_segment_len, block, tiers, res, dout):
+    dq, dk, dv = _attention_bwd(max_segment_len, block, tiers, res, dout)
+    return dq, dk, dv, None
+
+
+_attention.defvjp(_attention_vjp_fwd, _attention_vjp_bwd)
+
+
+def segment_attention_xla(q, k, v, segment_ids, *, max_segment_len: int | None = None,
+                          block: int = 64, tiers: tuple[int, ...] | None = None):
+    """``softmax(q k^T / sqrt(D) + mask) v`` restricted to equal non-zero segment ids.
+
+    q, k, v ``[B, S, H, D]``; segment_ids ``[B, S]``. Padding queries return 0, never NaN,
+    in forward and backward. Softmax in fp32. ``tiers`` overrides the static pair capacities
+    (over the whole batch) tried before the band; ``()`` forces the band. A row holding an id
+    that spans more than ``max_segment_len`` tokens returns NaN (and no gradient).
+    """
+    tiers = None if tiers is None else tuple(int(c) for c in tiers)
+    return _attention(q, k, v, segment_ids, max_segment_len, block, tiers)
 
 
 def _windows(x, m: int, b: int, fill):

@@ -90,6 +90,9 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
             state = state._replace(params=params)
 
     writer = metrics.MetricWriter(workdir, enabled=proc == 0)
+    if proc == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(cfg.to_json(indent=1))
     writer.truncate_after(start)
     num_samples = pipeline.num_samples_global(cfg.data, nproc)
     step_fn = jit_train_step(cfg, graphdef, tx, lambda s: st.learning_rate(cfg, s), state_sh,

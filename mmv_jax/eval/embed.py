@@ -1,0 +1,143 @@
+"""``mmv-embed``: frozen-encoder embeddings of every image in a manifest (one whole-image view each).
+
+  mmv-embed --checkpoint runs/demo --manifest data/demo/manifest.jsonl --out runs/demo/emb.npz
+  mmv-embed --checkpoint runs/demo --random-init --manifest ... --out runs/demo/emb_random.npz
+
+The run's ``config.json`` (written by ``mmv-train``) gives the model and data settings (or
+``--config configs/X.py``). Images are packed and batched like training and the encoder runs
+sharded over all devices. Resumable: finished batches are kept in ``OUT.partial/``; a rerun
+embeds only the images not there yet, then writes ``OUT`` (see ``eval/io.py`` for the format).
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import importlib.util
+import json
+import logging
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from mmv_jax.data import pipeline
+from mmv_jax.data.manifest import load_manifest
+from mmv_jax.eval.io import FINDINGS, save_embeddings
+from mmv_jax.model.axes import axis_rules
+from mmv_jax.train import checkpoint, sharding as shd, state as st
+
+log = logging.getLogger(__name__)
+
+
+def load_run_config(run_dir: str, config_path: str | None = None) -> ml_collections.ConfigDict:
+    if config_path:
+        spec = importlib.util.spec_from_file_location("mmv_config", config_path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.get_config()
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.exists(path):
+        raise ValueError(f"no config.json in {run_dir}; pass --config configs/X.py")
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def build_encoder(cfg, run_dir: str | None, mesh, *, random_init: bool = False):
+    """The encoder with params restored from ``run_dir`` (or a seeded random init), sharded."""
+    rules = shd.rules_dict(cfg.mesh.rules)
+    abstract = nnx.eval_shape(lambda: st.build_model(cfg, seed=cfg.seed))
+    graphdef, abstract_params = nnx.split(abstract, nnx.Param)
+    p_shard = shd.param_shardings(abstract_params, mesh, rules)
+    if random_init:
+        params = jax.jit(lambda: nnx.state(st.build_model(cfg, seed=cfg.seed), nnx.Param),
+                         out_shardings=p_shard)()
+    else:
+        params = checkpoint.load_params(run_dir, checkpoint.abstract_of(abstract_params, p_shard))
+    return nnx.merge(graphdef, params).encoder
+
+
+def _labels(rec) -> np.ndarray:
+    return np.array([float(rec.labels[f]) if rec.labels.get(f) is not None else np.nan
+                     for f in FINDINGS], np.float32)
+
+
+def embed(cfg, records, encoder, out: str, mesh, *, batch_size: int = 16, progress: bool = True) -> dict:
+    """Embeds ``records`` (skipping those already in ``out.partial/``) and writes ``out``."""
+    partial = out + ".partial"
+    os.makedirs(partial, exist_ok=True)
+    done = set()
+    for f in sorted(glob.glob(os.path.join(partial, "chunk_*.npz"))):
+        done.update(np.load(f)["ids"].tolist())
+    todo = [r for r in records if r.id not in done]
+    rules = shd.rules_dict(cfg.mesh.rules)
+    data_cfg = cfg.data.copy_and_resolve_references()
+    data_cfg.rows_multiple_of = shd.rows_per_process_multiple(mesh, rules, jax.process_count())
+    batch_sh = shd.batch_shardings(mesh, rules)
+
+    @jax.jit
+    def forward(batch):
+        return encoder(batch)
+
+    if todo:
+        it = pipeline.make_eval_iterator(data_cfg, todo, batch_size=batch_size)
+        bar = None
+        if progress and sys.stderr.isatty():
+            from tqdm import tqdm
+            bar = tqdm(total=len(todo), unit="img", desc="embed")
+        n_chunks = len(glob.glob(os.path.join(partial, "chunk_*.npz")))
+        with axis_rules(mesh, rules):
+            for batch, ids in it:
+                emb = np.asarray(forward(shd.global_batch(batch, batch_sh)))
+                vs = np.asarray(batch.view_sample)
+                rows, slots = np.nonzero(vs >= 0)
+                vecs = np.zeros((len(ids), emb.shape[-1]), np.float32)
+                vecs[vs[rows, slots]] = emb[rows, slots]
+                tmp = os.path.join(partial, f"chunk_{n_chunks:06d}.tmp.npz")
+                np.savez(tmp, ids=np.asarray(ids, dtype=str), embeddings=vecs)
+                os.replace(tmp, os.path.join(partial, f"chunk_{n_chunks:06d}.npz"))  # atomic
+                n_chunks += 1
+                if bar:
+                    bar.update(len(ids))
+        if bar:
+            bar.close()
+    vecs = {}
+    for f in sorted(glob.glob(os.path.join(partial, "chunk_*.npz"))):
+        z = np.load(f)
+        vecs.update(zip(z["ids"].tolist(), z["embeddings"]))
+    kept = [r for r in records if r.id in vecs]  # unreadable images were skipped and logged
+    arrays = dict(
+        ids=np.array([r.id for r in kept]), embeddings=np.stack([vecs[r.id] for r in kept]),
+        modality=np.array([r.modality for r in kept]), dataset=np.array([r.dataset for r in kept]),
+        split=np.array([r.split for r in kept]), labels=np.stack([_labels(r) for r in kept]))
+    save_embeddings(out, **arrays)
+    for f in glob.glob(os.path.join(partial, "*")):
+        os.remove(f)
+    os.rmdir(partial)
+    return arrays
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser("mmv-embed", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", required=True, help="run folder written by mmv-train")
+    ap.add_argument("--manifest", required=True)
+    ap.add_argument("--out", required=True, help="output .npz")
+    ap.add_argument("--config", help="config file (default: the run's config.json)")
+    ap.add_argument("--split", nargs="*", help="only these splits (default: all)")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--random-init", action="store_true", help="untrained encoder baseline")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = load_run_config(args.checkpoint, args.config)
+    mesh = shd.make_mesh((-1, 1, 1))
+    encoder = build_encoder(cfg, args.checkpoint, mesh, random_init=args.random_init)
+    records = load_manifest(args.manifest, splits=args.split)
+    arrays = embed(cfg, records, encoder, args.out, mesh, batch_size=args.batch_size)
+    print(f"mmv-embed: {len(arrays['ids'])} embeddings -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()

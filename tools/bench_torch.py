@@ -1,0 +1,162 @@
+"""``bench.py torch``: the same ViT-S/14 train step (forward, backward, AdamW) on the same packed
+row of the paper's mix, PyTorch (tools/torch_reference) vs mmv_jax, on this machine in one run.
+
+JAX side: the real train step (``mmv_jax.train.step.jit_train_step`` over a full TrainState:
+LeJEPA loss, global-norm clipping, AdamW with the weight-decay mask), fp32, XLA attention with
+block skipping bounded by the largest view. PyTorch side: the same model, loss (same projector,
+256 SIGReg directions), clipping and AdamW, starting from the JAX initial params (converted by
+tools/convert_torch.py; the step-0 losses of both sides, with the same directions, are reported
+and agree), with both natural CPU attention paths: SDPA once per
+segment (``varlen``) and SDPA with a dense block mask (``mask``); the faster one counts.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+
+from benchlib import encoder_flops, paper_mix_row, time_fn
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(variant: str, max_segment_len: int):
+    if _ROOT not in sys.path:
+        sys.path.insert(0, _ROOT)
+    import configs.base as base
+    c = base.get_config()
+    c.model.variant = variant
+    c.model.dtype = "float32"
+    c.model.attention_impl = "xla"
+    c.model.max_segment_len = max_segment_len
+    c.optim.warmup_steps = 1
+    c.total_steps = 1000
+    return c
+
+
+def _jax_setup(cfg, batch, num_samples, num_views):
+    import jax
+    from mmv_jax.train import sharding as shd, state as st
+    from mmv_jax.train.step import jit_train_step
+    mesh = shd.make_mesh((1, 1, 1), jax.devices()[:1])
+    rules = shd.rules_dict(cfg.mesh.rules)
+    tx = st.make_optimizer(cfg)
+    graphdef, state, state_sh = st.create(cfg, mesh, tx)
+    batch_sh = shd.batch_shardings(mesh, rules)
+    step = jit_train_step(cfg, graphdef, tx, lambda s: st.learning_rate(cfg, s), state_sh, batch_sh,
+                          mesh, rules, num_samples=num_samples, num_views=num_views)
+    return step, state, jax.device_put(batch, batch_sh)
+
+
+def _first_directions(state, dim, slices):
+    """The SIGReg directions the JAX step draws at step 0 (lejepa.sigreg's expression)."""
+    import jax
+    import jax.numpy as jnp
+    key = jax.random.fold_in(state.rng, state.step)
+    a = jax.random.normal(key, (dim, slices), jnp.float32)
+    return np.asarray(a / jnp.linalg.norm(a, axis=0, keepdims=True))
+
+
+def _jax_step_seconds(step, state, dev_batch, reps):
+    import jax
+    box, losses = {"state": state}, []
+
+    def call():
+        box["state"], m = step(box["state"], dev_batch)
+        jax.block_until_ready((box["state"].step, m["loss"]))
+        losses.append(float(m["loss"]))
+
+    return time_fn(call, reps), losses[0], step.compiles
+
+
+def _torch_step_seconds(cfg, params, batch, num_samples, num_views, impl, reps, first_dirs, seed=0):
+    """``params``: the JAX initial params (pure dict), loaded through tools/convert_torch.py."""
+    import torch
+    import convert_torch
+    import torch_reference as tr
+    m = cfg.model
+    model = tr.MultiMedVisionTorch.from_variant(m.variant, proj_hidden=m.proj_hidden,
+                                                proj_dim=m.proj_dim, proj_layers=m.proj_layers)
+    model.load_state_dict({k: torch.tensor(v) for k, v in convert_torch.jax_to_torch(params).items()},
+                          strict=True)
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    o = cfg.optim
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=o.lr, betas=(o.b1, o.b2), eps=o.eps)
+    tb = type(batch)(*(torch.from_numpy(np.ascontiguousarray(x)) for x in batch))
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+
+    def call():
+        opt.zero_grad(set_to_none=True)
+        _, proj = model(tb, impl=impl)
+        dirs = torch.tensor(first_dirs) if not losses else \
+            tr.random_directions(m.proj_dim, cfg.loss.num_slices, gen)
+        loss, _ = tr.lejepa_loss(proj, tb.view_sample, tb.view_is_global, tb.view_index,
+                                 num_samples=num_samples, num_views=num_views, lam=cfg.loss.lam,
+                                 directions=dirs)
+        loss.backward()
+        if o.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+        opt.step()
+        losses.append(float(loss.detach()))
+
+    return time_fn(call, reps), losses[0]
+
+
+def run(argv):
+    ap = argparse.ArgumentParser("bench.py torch")
+    ap.add_argument("--variant", default="S/14")
+    ap.add_argument("--seq-len", type=int, default=4096)
+    ap.add_argument("--reps", type=int, default=2, help="timed steps per side after one warm-up")
+    ap.add_argument("--paths", default="varlen,mask", help="PyTorch attention paths to time")
+    ap.add_argument("--skip-jax", action="store_true")
+    args = ap.parse_args(argv)
+
+    import torch
+    batch, views = paper_mix_row(args.seq_len)
+    has_3d = any(v.modality for v in views)
+    max_len = max(v.num_tokens for v in views)
+    bound = 512 if has_3d else 256  # as bench.py encoder: the largest view the paper mix can make
+    assert max_len <= bound
+    cfg = _config(args.variant, bound)
+    num_samples = int(batch.view_sample.max()) + 1
+    num_views = int(batch.view_index.max()) + 1
+    tokens = int(sum(v.num_tokens for v in views))
+
+    result = {"variant": args.variant, "seq_len": args.seq_len, "real_tokens": tokens,
+              "views": len(views), "samples": num_samples, "max_segment_len": bound,
+              "reps": args.reps, "torch_threads": torch.get_num_threads(),
+              "cpu_count": os.cpu_count(), "torch_version": torch.__version__}
+    import jax
+    from flax import nnx
+    step, state, dev_batch = _jax_setup(cfg, batch, num_samples, num_views)
+    params = jax.tree.map(np.array, nnx.to_pure_dict(state.params))  # copies: the step donates
+    dirs = _first_directions(state, cfg.model.proj_dim, cfg.loss.num_slices)
+    torch_rates = {}
+    for impl in args.paths.split(","):
+        s, loss = _torch_step_seconds(cfg, params, batch, num_samples, num_views, impl, args.reps, dirs)
+        torch_rates[impl] = tokens / s
+        result[f"torch_{impl}_step_s"] = s
+        result[f"torch_{impl}_tokens_per_s"] = tokens / s
+        result[f"torch_{impl}_loss_step0"] = loss
+    best = max(torch_rates, key=torch_rates.get)
+    result.update(torch_path=best, torch_tokens_per_s=torch_rates[best])
+
+    if not args.skip_jax:
+        s, loss, compiles = _jax_step_seconds(step, state, dev_batch, args.reps)
+        result.update(jax_step_s=s, jax_tokens_per_s=tokens / s, jax_loss_step0=loss,
+                      jax_compiles=compiles, jax_backend=jax.default_backend(),
+                      jax_path="mmv_jax.train.step.jit_train_step (full TrainState)",
+                      ratio=(tokens / s) / torch_rates[best])
+    lengths = [v.num_tokens for v in views]
+    from mmv_jax.model.encoder import encoder_config
+    enc = encoder_config(args.variant)
+    result["useful_train_flops"] = 3 * encoder_flops(enc.width, enc.depth, enc.mlp_ratio, lengths,
+                                                     [v.modality for v in views])
+    result["load_avg_1m"] = os.getloadavg()[0]
+    return result
