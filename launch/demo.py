@@ -59,7 +59,7 @@ def _feature_maps(cfg, encoder, manifest, out_dir) -> list[str]:
 def _main(argv):
     del argv
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every file at INFO
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("mmv_jax").setLevel(logging.INFO)
     t0 = time.time()
     import numpy as np
 

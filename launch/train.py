@@ -22,8 +22,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def _main(argv):
     del argv
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every file at INFO
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("absl").setLevel(logging.WARNING)
+    logging.getLogger("mmv_jax").setLevel(logging.INFO)
     from mmv_jax.train.loop import train_and_evaluate
 
     workdir = os.path.abspath(_WORKDIR.value)

@@ -134,7 +134,7 @@ def _torch_loss(tmodel, batch, directions, impl):
     _, proj = tmodel(batch, impl=impl)
     loss, aux = tr.lejepa_loss(proj, batch.view_sample, batch.view_is_global, batch.view_index,
                                num_samples=NUM_SAMPLES, num_views=NUM_VIEWS,
-                               directions=torch.from_numpy(directions))
+                               directions=torch.tensor(directions))
     loss.backward()
     grads = {k: p.grad.numpy().copy() for k, p in tmodel.named_parameters()}
     return float(loss.detach()), {k: float(v.detach()) for k, v in aux.items()}, grads

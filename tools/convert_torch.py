@@ -138,11 +138,23 @@ def unflatten(flat: dict) -> dict:
 
 def name_map(jax_tree: dict) -> "OrderedDict[str, Entry]":
     """PyTorch name -> Entry for every leaf of a JAX param pure dict (arrays or shape structs)."""
-    return OrderedDict((e.torch_name, e) for e in (_entry(p) for p in flatten(jax_tree)))
+    entries = sorted((_entry(p) for p in flatten(jax_tree)), key=lambda e: _module_order(e.torch_name))
+    return OrderedDict((e.torch_name, e) for e in entries)
+
+
+_ORDER = ["patch_embed", "blocks", "norm", "projector", "norm1", "attn", "norm2", "mlp", "qkv",
+          "proj", "fc1", "fc2", "layers", "norms", "out", "weight", "bias"]
+
+
+def _module_order(name: str):
+    """Sort key giving PyTorch module registration order (as ``model.state_dict()`` lists)."""
+    return [(0, int(p)) if p.isdigit() else (1, _ORDER.index(p) if p in _ORDER else len(_ORDER))
+            for p in name.split(".")]
 
 
 def jax_to_torch(params: dict) -> "OrderedDict[str, np.ndarray]":
-    """JAX param pure dict -> timm-style state_dict of float32 numpy arrays (exact)."""
+    """JAX param pure dict -> timm-style state_dict of float32 numpy arrays (exact), in the
+    PyTorch module's order."""
     flat = flatten(params)
     return OrderedDict((e.torch_name, np.ascontiguousarray(e.to_torch(np.asarray(flat[e.jax_path]))))
                        for e in name_map(params).values())

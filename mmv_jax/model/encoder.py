@@ -55,7 +55,7 @@ def encoder_config(variant: str = "Ti/14", **overrides) -> EncoderConfig:
         width, depth, heads = VARIANTS[name]
         patch = int(patch)
     except (ValueError, KeyError):
-        raise ValueError(f"model.variant must be one of {[v + '/14' for v in VARIANTS]}, "
+        raise ValueError(f"config.model.variant must be one of {[v + '/14' for v in VARIANTS]}, "
                          f"got {variant!r}") from None
     return dataclasses.replace(EncoderConfig(width=width, depth=depth, heads=heads, patch=patch),
                                **overrides)

@@ -52,14 +52,18 @@ def rope_tables(coords: torch.Tensor, head_dim: int, base: float = 10_000.0):
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotates ``x [B, S, H, D]``: axis a owns dims ``[2 n a, 2 n (a + 1))``, the first n of them
-    pair with the next n (rotate-half); dims past ``6 n`` pass unrotated."""
+    """Rotates ``x [B, S, H, D]`` by ``cos, sin [B, S, 3 n]`` (or any layout ``[..., D]`` with
+    tables that broadcast as ``[..., 3 n]``, e.g. ``x [B, H, S, D]`` with ``[B, 1, S, 3 n]``):
+    axis a owns dims ``[2 n a, 2 n (a + 1))``, the first n of them pair with the next n
+    (rotate-half); dims past ``6 n`` pass unrotated."""
     d = x.shape[-1]
     n = cos.shape[-1] // 3
+    if cos.dim() == x.dim() - 1:  # [B, S, 3n] tables for [B, S, H, D]
+        cos, sin = cos[:, :, None], sin[:, :, None]
     r = x[..., : 6 * n].reshape(*x.shape[:-1], 3, 2, n)
     x1, x2 = r[..., 0, :], r[..., 1, :]
-    c = cos.reshape(*cos.shape[:-1], 3, n)[:, :, None]
-    s = sin.reshape(*sin.shape[:-1], 3, n)[:, :, None]
+    c = cos.reshape(*cos.shape[:-1], 3, n)
+    s = sin.reshape(*sin.shape[:-1], 3, n)
     out = torch.stack([x1 * c - x2 * s, x2 * c + x1 * s], dim=-2).reshape(*x.shape[:-1], 6 * n)
     return torch.cat([out, x[..., 6 * n:]], dim=-1) if d > 6 * n else out
 
@@ -91,6 +95,25 @@ class SegmentLayout:
         return cls(runs, seg.shape[1], _t(seg, torch.int64))
 
     @property
+    def chunks(self) -> list:
+        """Per row: ``(sizes, is_segment)`` covering the row: segments and padding gaps."""
+        out = []
+        for runs in self.runs:
+            sizes, real, pos = [], [], 0
+            for a, b in runs:
+                if a > pos:
+                    sizes.append(a - pos)
+                    real.append(False)
+                sizes.append(b - a)
+                real.append(True)
+                pos = b
+            if pos < self.seq_len:
+                sizes.append(self.seq_len - pos)
+                real.append(False)
+            out.append((sizes, real))
+        return out
+
+    @property
     def mask(self) -> torch.Tensor:
         if self._mask is None:
             seg = self.segment_ids
@@ -105,26 +128,23 @@ class SegmentLayout:
 
 
 def segment_attention(q, k, v, layout: SegmentLayout, impl: str = "varlen"):
-    """``softmax(q k^T / sqrt(D)) v`` within each segment; q, k, v ``[B, S, H, D]`` -> same."""
+    """``softmax(q k^T / sqrt(D)) v`` within each segment; q, k, v ``[B, H, S, D]`` -> same.
+
+    ``varlen`` splits each row along S into its segments (a split's backward is one concat, not
+    a zero-filled full-size gradient per segment) and runs 4-D SDPA (PyTorch's fused CPU kernel)
+    on each; ``mask`` is one SDPA call with the block mask."""
     if impl == "mask":
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           attn_mask=layout.mask)
-        return o.transpose(1, 2) * layout.valid.to(o.dtype)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.mask)
+        return o * layout.valid.transpose(1, 2).to(o.dtype)
     if impl != "varlen":
         raise ValueError(f"attention impl must be 'varlen' or 'mask', got {impl!r}")
     rows = []
-    for r, runs in enumerate(layout.runs):
-        parts, pos = [], 0
-        for a, b in runs:
-            if a > pos:
-                parts.append(q.new_zeros((a - pos, *q.shape[2:])))
-            qs, ks, vs = (t[r, a:b].transpose(0, 1) for t in (q, k, v))   # [H, L, D]
-            parts.append(F.scaled_dot_product_attention(qs, ks, vs).transpose(0, 1))
-            pos = b
-        if pos < q.shape[1]:
-            parts.append(q.new_zeros((q.shape[1] - pos, *q.shape[2:])))
-        rows.append(torch.cat(parts, dim=0))
-    return torch.stack(rows, dim=0)
+    for r, (sizes, real) in enumerate(layout.chunks):
+        qs, ks, vs = (torch.split(t[r:r + 1], sizes, dim=2) for t in (q, k, v))
+        parts = [F.scaled_dot_product_attention(a.contiguous(), b.contiguous(), c.contiguous())
+                 if keep else torch.zeros_like(a) for a, b, c, keep in zip(qs, ks, vs, real)]
+        rows.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
+    return torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
 
 
 # --------------------------------------------------------------------------- modules
@@ -159,12 +179,13 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)      # input index (h, k)
 
     def forward(self, x, cos, sin, layout: SegmentLayout, impl: str):
+        """``cos, sin``: ``[B, 1, S, 3 n]`` (head-major layout)."""
         b, s, _ = x.shape
-        qkv = self.qkv(x).reshape(b, s, 3, self.heads, self.head_dim)
-        q, k, v = qkv.unbind(2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        qkv = self.qkv(x).reshape(b, s, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)                                   # [B, H, S, D]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)   # H in the role of S: same math
         o = segment_attention(q, k, v, layout, impl)
-        return self.proj(o.reshape(b, s, -1))
+        return self.proj(o.transpose(1, 2).reshape(b, s, -1))
 
 
 class Mlp(nn.Module):
@@ -255,6 +276,7 @@ class MultiMedVisionTorch(nn.Module):
         impl = impl or self.attn_impl
         x = self.patch_embed(_t(patches, torch.float32))
         cos, sin = rope_tables(_t(coords, torch.float32), self.width // self.heads, self.rope_base)
+        cos, sin = cos[:, None], sin[:, None]   # [B, 1, S, 3n] for [B, H, S, D]
         for blk in self.blocks:
             x = blk(x, cos, sin, layout, impl)
         return self.norm(x)

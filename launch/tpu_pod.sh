@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Run the same mmv-train command on every worker of a TPU VM slice.
+#   launch/tpu_pod.sh TPU_NAME ZONE CONFIG WORKDIR [--config.a.b=v ...]
+# The repo must be at the same path on every worker (e.g. cloned by a startup script); WORKDIR
+# should be shared storage (gs://... or a mounted filesystem). jax.distributed discovers the
+# slice from the TPU metadata; each worker feeds its own shard of the data.
+set -euo pipefail
+if [ $# -lt 4 ]; then
+  echo "usage: $0 TPU_NAME ZONE CONFIG WORKDIR [--config.a.b=v ...]" >&2
+  exit 2
+fi
+tpu=$1 zone=$2 config=$3 workdir=$4
+shift 4
+repo=${MMV_REPO:-$(cd "$(dirname "$0")/.." && pwd)}
+cmd="cd $repo && make venv >/dev/null && .venv/bin/python -m launch.train --config $config --workdir $workdir $*"
+exec gcloud compute tpus tpu-vm ssh "$tpu" --zone "$zone" --worker=all --command "$cmd"
