@@ -34,6 +34,9 @@ def get_config():
     c.loss = ml_collections.ConfigDict()
     c.loss.lam = 0.025
     c.loss.num_slices = 256
+    # METHOD.md writes the prediction loss with a squared L2 norm (sum over the projection dims);
+    # the LeJEPA reference code averages over them ("mean"), which weights SIGReg D times more.
+    c.loss.pred_reduce = "sum"
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 1e-4

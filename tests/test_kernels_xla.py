@@ -116,8 +116,10 @@ SPARSE_ROWS = np.stack([
 ])  # the last row reuses ids 1 and 2 in separate runs (spans 30 and 45 > 40: poisoned w/ max_len)
 
 
-@pytest.mark.parametrize("tiers", [None, (1,)])  # default tiers; one too small: the band runs
+@pytest.mark.parametrize("tiers", [None, (1,), (1, 125, 132)])
 def test_sparse_tiers_and_band_fallback_match_dense(tiers):
+    # default tiers; one too small (the band runs); the middle tier holds exactly the 125 pairs
+    assert sum(hull_pairs(r, 16).sum() for r in SPARSE_ROWS) == 125
     seg = jnp.asarray(SPARSE_ROWS)
     q, k, v = jax.random.normal(jax.random.PRNGKey(2), (3, *seg.shape, 2, 8))
     w = jax.random.normal(jax.random.PRNGKey(3), q.shape)
@@ -141,24 +143,44 @@ def test_sparse_tiers_and_band_fallback_match_dense(tiers):
         assert np.all(np.asarray(g[4]) == 0)  # a poisoned row passes no gradient
 
 
+def hull_pairs(row, b):
+    """Pairs one row needs, per query block: the key blocks of the hull of its ids (numpy)."""
+    row = np.pad(row, (0, -len(row) % b))
+    first = {i: np.flatnonzero(row == i)[0] for i in set(row.tolist()) - {0}}
+    last = {i: np.flatnonzero(row == i)[-1] for i in first}
+    out = []
+    for blk in row.reshape(-1, b):
+        ids = set(blk.tolist()) - {0}
+        out.append(max(last[i] for i in ids) // b - min(first[i] for i in ids) // b + 1
+                   if ids else 0)
+    return np.array(out)
+
+
 def test_pair_bound_holds_and_is_tight():
     s, b = 256, 16
     rng = np.random.default_rng(0)
+    rows, groups = [], []
     for max_len in (1, 17, 40, None):
         cap = max_len or s
-        rows = [random_layout(rng, s, cap, fill=rng.uniform(0.5, 1.0)) for _ in range(48)]
+        rows += [random_layout(rng, s, cap, fill=rng.uniform(0.5, 1.0)) for _ in range(32)]
         m = halo_blocks(s, max_len, b)
         for phase in range(0, b, 5):  # adversarial: segments crossing m boundaries, max length
             n = min((m - 1) * b + 2, cap) if m else 1
             rows.append(np.roll(layout([n] * ((s - phase) // n), s), phase))
-        seg = jnp.asarray(np.stack(rows))
-        lo, count, _, band_count, span = jax.jit(_ranges, static_argnums=(1, 2))(seg, b, m)
-        totals = np.asarray(count).reshape(len(rows), -1).sum(1)
+        groups.append((max_len, m, len(rows)))
+    rows = np.stack(rows)
+    _, count, _, _, span = jax.jit(_ranges, static_argnums=(1, 2))(jnp.asarray(rows), b, 0)
+    count = np.asarray(count).reshape(len(rows), -1)
+    np.testing.assert_array_equal(count, np.stack([hull_pairs(r, b) for r in rows]))
+    start = 0
+    for max_len, m, end in groups:
+        totals = count[start:end].sum(1)
         bound = pair_bound(s, max_len, b)
         assert totals.max() <= bound <= s // b * (2 * m + 1)
         assert totals.max() >= bound - 2 * (m + 1) ** 2 or max_len is None
-        assert np.all(np.asarray(count) <= np.asarray(band_count))
-        assert np.asarray(span).max() <= cap
+        assert count[start:end].max() <= 2 * m + 1
+        assert np.asarray(span)[start:end].max() <= (max_len or s)
+        start = end
     assert pair_tiers(1, 4096, 512, 64) == (156, 234, 312, 624)  # 624 pairs <= 1088 of the band
     assert pair_tiers(2, 256, None, 32) == (128,)  # short rows: the bound only
 
@@ -172,10 +194,8 @@ def test_non_contiguous_ids_need_the_band_and_stay_exact():
             pattern[t] = t + 1
             if t % 8 < 4 and t + 36 < 192:
                 pattern[t + 36] = t + 1
+    assert hull_pairs(pattern, 8).sum() > pair_bound(192, 40, 8)
     seg = jnp.asarray(pattern[None])
-    m = halo_blocks(192, 40, 8)
-    _, count, _, _, span = _ranges(seg, 8, m)
-    assert int(np.sum(count)) > pair_bound(192, 40, 8) and int(span.max()) == 37
     q, k, v = jax.random.normal(jax.random.PRNGKey(4), (3, 1, 192, 1, 8))
     out = jax.jit(lambda q, k, v: segment_attention_xla(q, k, v, seg, max_segment_len=40,
                                                         block=8))(q, k, v)

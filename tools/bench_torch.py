@@ -14,10 +14,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 import numpy as np
 
-from benchlib import encoder_flops, paper_mix_row, time_fn
+from benchlib import encoder_flops, paper_mix_row
+from mmv_jax.model.encoder import encoder_config
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -59,7 +61,8 @@ def _first_directions(state, dim, slices):
     return np.asarray(a / jnp.linalg.norm(a, axis=0, keepdims=True))
 
 
-def _jax_step_seconds(step, state, dev_batch, reps):
+def _jax_stepper(step, state, dev_batch):
+    """A blocking ``call()`` doing one JAX train step; ``losses`` collects each step's loss."""
     import jax
     box, losses = {"state": state}, []
 
@@ -68,11 +71,12 @@ def _jax_step_seconds(step, state, dev_batch, reps):
         jax.block_until_ready((box["state"].step, m["loss"]))
         losses.append(float(m["loss"]))
 
-    return time_fn(call, reps), losses[0], step.compiles
+    return call, losses
 
 
-def _torch_step_seconds(cfg, params, batch, num_samples, num_views, impl, reps, first_dirs, seed=0):
-    """``params``: the JAX initial params (pure dict), loaded through tools/convert_torch.py."""
+def _torch_stepper(cfg, params, batch, num_samples, num_views, impl, first_dirs, seed=0):
+    """Same for PyTorch; ``params``: the JAX initial params (pure dict), loaded through
+    tools/convert_torch.py; step 0 uses the JAX step's step-0 SIGReg directions."""
     import torch
     import convert_torch
     import torch_reference as tr
@@ -105,58 +109,74 @@ def _torch_step_seconds(cfg, params, batch, num_samples, num_views, impl, reps, 
         opt.step()
         losses.append(float(loss.detach()))
 
-    return time_fn(call, reps), losses[0]
+    return call, losses
 
 
 def run(argv):
     ap = argparse.ArgumentParser("bench.py torch")
     ap.add_argument("--variant", default="S/14")
     ap.add_argument("--seq-len", type=int, default=4096)
-    ap.add_argument("--reps", type=int, default=2, help="timed steps per side after one warm-up")
+    ap.add_argument("--reps", type=int, default=3,
+                    help="timed steps per side after one warm-up, taken round-robin (median)")
     ap.add_argument("--paths", default="varlen,mask", help="PyTorch attention paths to time")
     ap.add_argument("--skip-jax", action="store_true")
+    ap.add_argument("--torch-threads", type=int, default=0, help="0: PyTorch's default")
     args = ap.parse_args(argv)
 
+    import jax
     import torch
+    from flax import nnx
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     batch, views = paper_mix_row(args.seq_len)
     has_3d = any(v.modality for v in views)
-    max_len = max(v.num_tokens for v in views)
     bound = 512 if has_3d else 256  # as bench.py encoder: the largest view the paper mix can make
-    assert max_len <= bound
+    assert max(v.num_tokens for v in views) <= bound
     cfg = _config(args.variant, bound)
     num_samples = int(batch.view_sample.max()) + 1
     num_views = int(batch.view_index.max()) + 1
     tokens = int(sum(v.num_tokens for v in views))
+    load_start = os.getloadavg()[0]
+
+    step, state, dev_batch = _jax_setup(cfg, batch, num_samples, num_views)
+    params = jax.tree.map(np.array, nnx.to_pure_dict(state.params))  # copies: the step donates
+    dirs = _first_directions(state, cfg.model.proj_dim, cfg.loss.num_slices)
+    sides = {f"torch_{impl}": _torch_stepper(cfg, params, batch, num_samples, num_views, impl, dirs)
+             for impl in args.paths.split(",")}
+    if not args.skip_jax:
+        sides["jax"] = _jax_stepper(step, state, dev_batch)
+    times = {name: [] for name in sides}
+    cpu = {name: [] for name in sides}
+    for name, (call, _) in sides.items():
+        call()  # warm-up (and the JAX compile)
+    for _ in range(args.reps):  # round-robin: a load swing on the shared machine hits every side
+        for name, (call, _) in sides.items():
+            t, c = time.perf_counter(), time.process_time()
+            call()
+            times[name].append(time.perf_counter() - t)
+            cpu[name].append(time.process_time() - c)
 
     result = {"variant": args.variant, "seq_len": args.seq_len, "real_tokens": tokens,
               "views": len(views), "samples": num_samples, "max_segment_len": bound,
               "reps": args.reps, "torch_threads": torch.get_num_threads(),
-              "cpu_count": os.cpu_count(), "torch_version": torch.__version__}
-    import jax
-    from flax import nnx
-    step, state, dev_batch = _jax_setup(cfg, batch, num_samples, num_views)
-    params = jax.tree.map(np.array, nnx.to_pure_dict(state.params))  # copies: the step donates
-    dirs = _first_directions(state, cfg.model.proj_dim, cfg.loss.num_slices)
-    torch_rates = {}
-    for impl in args.paths.split(","):
-        s, loss = _torch_step_seconds(cfg, params, batch, num_samples, num_views, impl, args.reps, dirs)
-        torch_rates[impl] = tokens / s
-        result[f"torch_{impl}_step_s"] = s
-        result[f"torch_{impl}_tokens_per_s"] = tokens / s
-        result[f"torch_{impl}_loss_step0"] = loss
+              "cpu_count": os.cpu_count(), "torch_version": torch.__version__,
+              "jax_backend": jax.default_backend()}
+    for name, (_, losses) in sides.items():
+        sec = float(np.median(times[name]))
+        result.update({f"{name}_step_s": sec, f"{name}_tokens_per_s": tokens / sec,
+                       f"{name}_step_times_s": [round(x, 3) for x in times[name]],
+                       # CPU seconds of this process a step (all threads; spin-waits included)
+                       f"{name}_cpu_s": float(np.median(cpu[name])),
+                       f"{name}_loss_step0": losses[0]})
+    torch_rates = {n[len("torch_"):]: result[f"{n}_tokens_per_s"] for n in sides if n.startswith("torch_")}
     best = max(torch_rates, key=torch_rates.get)
     result.update(torch_path=best, torch_tokens_per_s=torch_rates[best])
-
     if not args.skip_jax:
-        s, loss, compiles = _jax_step_seconds(step, state, dev_batch, args.reps)
-        result.update(jax_step_s=s, jax_tokens_per_s=tokens / s, jax_loss_step0=loss,
-                      jax_compiles=compiles, jax_backend=jax.default_backend(),
-                      jax_path="mmv_jax.train.step.jit_train_step (full TrainState)",
-                      ratio=(tokens / s) / torch_rates[best])
-    lengths = [v.num_tokens for v in views]
-    from mmv_jax.model.encoder import encoder_config
+        result.update(jax_compiles=step.compiles, ratio=result["jax_tokens_per_s"] / torch_rates[best],
+                      jax_path="mmv_jax.train.step.jit_train_step (full TrainState: LeJEPA, clip, AdamW)")
     enc = encoder_config(args.variant)
-    result["useful_train_flops"] = 3 * encoder_flops(enc.width, enc.depth, enc.mlp_ratio, lengths,
+    result["useful_train_flops"] = 3 * encoder_flops(enc.width, enc.depth, enc.mlp_ratio,
+                                                     [v.num_tokens for v in views],
                                                      [v.modality for v in views])
-    result["load_avg_1m"] = os.getloadavg()[0]
+    result["load_avg_1m"] = [load_start, os.getloadavg()[0]]
     return result

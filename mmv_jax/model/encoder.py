@@ -65,6 +65,14 @@ def _init(key, shape, fan_in):
     return jax.random.truncated_normal(key, -2.0, 2.0, shape, jnp.float32) / math.sqrt(fan_in)
 
 
+def matmul(x, w):
+    """``x [..., din] @ w [din, ...]`` as one 2D matmul: flattening the leading dims keeps the
+    weight gradient a canonical matmul (XLA:CPU runs dots with two contracting dims slowly)."""
+    lead, din = x.shape[:-1], x.shape[-1]
+    y = x.reshape(-1, din) @ w.reshape(din, -1)
+    return y.reshape(*lead, *w.shape[1:])
+
+
 def param(value, *axes):
     return nnx.Param(value, logical_axes=tuple(axes))
 
@@ -91,7 +99,7 @@ class Dense(nnx.Module):
         self.bias = param(jnp.zeros((dout,), jnp.float32), out_axis)
 
     def __call__(self, x):
-        return x @ self.kernel[...].astype(x.dtype) + self.bias[...].astype(x.dtype)
+        return matmul(x, self.kernel[...].astype(x.dtype)) + self.bias[...].astype(x.dtype)
 
 
 class Attention(nnx.Module):
@@ -108,9 +116,8 @@ class Attention(nnx.Module):
 
     def __call__(self, x, cos, sin, segment_ids):
         dt = x.dtype
-        qkv = jnp.einsum("bsd,dthk->tbshk", x, self.qkv[...].astype(dt))
-        qkv = qkv + self.qkv_bias[...].astype(dt)[:, None, None]
-        q, k, v = qkv[0], qkv[1], qkv[2]
+        qkv = matmul(x, self.qkv[...].astype(dt)) + self.qkv_bias[...].astype(dt)  # [B, S, 3, H, K]
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         q = constrain(apply_rope(q, cos, sin), ("batch", "seq", "heads", None))
         k = constrain(apply_rope(k, cos, sin), ("batch", "seq", "heads", None))
         impl = resolve_impl(self.cfg.attention_impl)
@@ -119,7 +126,9 @@ class Attention(nnx.Module):
             qkv_names = ("batch", None, "heads", None)
             attend = shard_map_over(attend, [qkv_names] * 3 + [("batch", None)], qkv_names)
         o = attend(q, k, v, segment_ids)
-        return jnp.einsum("bshk,hkd->bsd", o, self.proj[...].astype(dt)) + self.proj_bias[...].astype(dt)
+        h, k = o.shape[-2:]
+        out = matmul(o.reshape(*o.shape[:-2], h * k), self.proj[...].astype(dt).reshape(h * k, -1))
+        return out + self.proj_bias[...].astype(dt)
 
 
 class Block(nnx.Module):
@@ -157,7 +166,7 @@ class Encoder(nnx.Module):
         elif patches.shape[-1] != p3:
             raise ValueError(f"patches must have {p3} (P^3) or {p2} (P^2, 2D only) entries, "
                              f"got {patches.shape[-1]}")
-        x = patches.astype(dt) @ kernel.astype(dt) + self.patch_embed.bias[...].astype(dt)
+        x = matmul(patches.astype(dt), kernel.astype(dt)) + self.patch_embed.bias[...].astype(dt)
         return constrain(x, ("batch", "seq", "embed"))
 
     def tokens(self, batch: PackedBatch):

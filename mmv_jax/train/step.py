@@ -19,20 +19,21 @@ from mmv_jax.train.state import TrainState
 
 
 def loss_fn(params, graphdef, batch: PackedBatch, key, *, num_samples: int, num_views: int,
-            lam: float, num_slices: int):
+            lam: float, num_slices: int, pred_reduce: str = "sum"):
     model = nnx.merge(graphdef, params)
     _, proj = model(batch)
     return lejepa_loss(proj, batch.view_sample, batch.view_is_global, batch.view_index,
                        num_samples=num_samples, num_views=num_views, key=key, lam=lam,
-                       num_slices=num_slices)
+                       num_slices=num_slices, pred_reduce=pred_reduce)
 
 
 def train_step(state: TrainState, batch: PackedBatch, *, graphdef, tx, schedule, num_samples,
-               num_views, lam, num_slices):
+               num_views, lam, num_slices, pred_reduce="sum"):
     key = jax.random.fold_in(state.rng, state.step)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (loss, aux), grads = grad_fn(state.params, graphdef, batch, key, num_samples=num_samples,
-                                 num_views=num_views, lam=lam, num_slices=num_slices)
+                                 num_views=num_views, lam=lam, num_slices=num_slices,
+                                 pred_reduce=pred_reduce)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt = tx.update(grads, state.opt_state, state.params)
@@ -57,7 +58,7 @@ def jit_train_step(cfg, graphdef, tx, schedule, state_shardings, batch_shardings
     Tracing happens inside ``axis_rules(mesh, rules)`` so activations are constrained."""
     fn = functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule,
                            num_samples=num_samples, num_views=num_views, lam=cfg.loss.lam,
-                           num_slices=cfg.loss.num_slices)
+                           num_slices=cfg.loss.num_slices, pred_reduce=cfg.loss.pred_reduce)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     jitted = jax.jit(fn, in_shardings=(state_shardings, batch_shardings),
                      out_shardings=(state_shardings, replicated), donate_argnums=(0,))

@@ -15,6 +15,7 @@ Padding query rows output zeros in both (as the JAX kernels do).
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -94,7 +95,7 @@ class SegmentLayout:
             runs.append([(int(a), int(b)) for a, b in zip(starts, ends) if row[a] > 0])
         return cls(runs, seg.shape[1], _t(seg, torch.int64))
 
-    @property
+    @functools.cached_property
     def chunks(self) -> list:
         """Per row: ``(sizes, is_segment)`` covering the row: segments and padding gaps."""
         out = []
@@ -131,8 +132,8 @@ def segment_attention(q, k, v, layout: SegmentLayout, impl: str = "varlen"):
     """``softmax(q k^T / sqrt(D)) v`` within each segment; q, k, v ``[B, H, S, D]`` -> same.
 
     ``varlen`` splits each row along S into its segments (a split's backward is one concat, not
-    a zero-filled full-size gradient per segment) and runs 4-D SDPA (PyTorch's fused CPU kernel)
-    on each; ``mask`` is one SDPA call with the block mask."""
+    a zero-filled full-size gradient per segment) and runs 4-D SDPA on contiguous chunks
+    (PyTorch's fused flash CPU kernel) on each; ``mask`` is one SDPA call with the block mask."""
     if impl == "mask":
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.mask)
         return o * layout.valid.transpose(1, 2).to(o.dtype)
