@@ -308,9 +308,9 @@ def _device_check():
 def test_device_check_arguments():
   dc = _device_check()
   args = dc.parse_args([])
-  assert args.section == ["kernels"] and not args.dry_run
+  assert args.section == ["kernels", "train"] and not args.dry_run
   assert args.seq_lens == [4096, 8192, 16384, 32768] and args.segments == [1, 8, 64]
-  assert "kernels" in dc.SECTIONS
+  assert "kernels" in dc.SECTIONS and "train" in dc.SECTIONS
   with pytest.raises(SystemExit):
     dc.parse_args(["--section", "nope"])
 
@@ -329,6 +329,7 @@ def test_device_check_dry_run_on_cpu(capsys):
     assert re.search(rf"\s{impl}\s+fwd\s+[0-9.]+\s", out), out
   assert out.count("PASS ") >= 2                # bf16 and fp32 checks
   assert "packed mix" in out and "fwd+bwd" in out
+  assert re.search(r"Ti/14\s+1024\s+[0-9.]+\s+[0-9]+", out), out   # the train section's row
 
 
 if __name__ == "__main__":

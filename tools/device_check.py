@@ -1,6 +1,6 @@
 """One-shot accelerator check (minutes): correctness and speed of the attention kernels.
 
-    python tools/device_check.py                      # --section kernels on the local GPU
+    python tools/device_check.py                      # sections kernels + train on the local GPU
     python tools/device_check.py --dry-run            # CPU: tiny shapes, XLA path, same code
     python tools/device_check.py --section kernels --seq-lens 4096 8192 --segments 1 8 64
 
@@ -13,8 +13,9 @@ Section `kernels`:
      and 64 equal segments and one realistic packed layout (tools/bench_kernels.py), and prints a
      table: ms, TFLOP/s on useful work (4 * H * D * sum(len^2) forward, 2.5x that backward),
      TFLOP/s on the blocks the kernel computes, and the fraction of blocks skipped.
-Sections are functions in SECTIONS (`name -> fn(args) -> ok`); add e.g. a `train` section
-(a few sharded train steps, tokens/s and MFU) by writing `section_train` and registering it.
+Section `train`: a few steps of the real sharded train step (ViT-S/14 and B/14, bf16 compute,
+the kernel under test) on packed rows of the paper's mix: step time, tokens/s, MFU, compile time.
+Sections are functions in SECTIONS (`name -> fn(args) -> ok`).
 Exit status 0 when every check passed, 1 otherwise, 2 when something needed is missing.
 """
 from __future__ import annotations
@@ -258,12 +259,47 @@ def section_kernels(args) -> bool:
   return ok
 
 
-SECTIONS = {"kernels": section_kernels}
+def section_train(args) -> bool:
+  """A few sharded train steps of the real step (bf16 compute, the kernel under test) on a
+  packed row of the paper's view mix: tokens/s and MFU against the chip's bf16 peak."""
+  import jax
+  from bench_train import _config, step_bench
+  from benchlib import paper_mix_row
+  print("== train steps (real LeJEPA step, sharded over all local devices)")
+  ok = True
+  rows = []
+  for variant in args.train_variants:
+    for seq in args.train_seq_lens:
+      host_batch, views = paper_mix_row(seq, slots=max(96, seq // 40))
+      n = max(v.sample for v in views) + 1
+      impl = "xla" if args.dry_run else args.impl
+      dtype = "float32" if args.dry_run else "bfloat16"
+      cfg = _config(variant, dtype, impl, False, 512)
+      if args.dry_run:
+        cfg.model.depth = 1
+      try:
+        r = step_bench(cfg, host_batch, num_samples=n, num_views=10, steps=1 if args.dry_run else 5)
+      except Exception:  # noqa: BLE001 - report and go on with the next shape
+        traceback.print_exc()
+        ok = False
+        continue
+      ok &= bool(np.isfinite(r["loss"]))
+      rows.append((variant, seq, r))
+  print(f"  {'model':8s} {'seq':>6s} {'step ms':>9s} {'tokens/s':>10s} {'MFU':>6s} {'compile s':>9s} {'loss':>8s}")
+  for variant, seq, r in rows:
+    print(f"  {variant:8s} {seq:6d} {r['step_s'] * 1e3:9.1f} {r['tokens_per_s']:10.0f} "
+          f"{r['mfu']:6.1%} {r['compile_s']:9.1f} {r['loss']:8.4f}")
+  print(f"  devices: {jax.device_count()} x {jax.devices()[0].device_kind}; "
+        f"MFU denominator {rows[0][2]['peak_flops'] / 1e12 if rows else 0:.0f} TFLOP/s")
+  return ok
+
+
+SECTIONS = {"kernels": section_kernels, "train": section_train}
 
 
 def parse_args(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  ap.add_argument("--section", choices=sorted(SECTIONS), nargs="+", default=["kernels"])
+  ap.add_argument("--section", choices=sorted(SECTIONS), nargs="+", default=["kernels", "train"])
   ap.add_argument("--dry-run", action="store_true",
                   help="CPU: tiny shapes, the XLA path in the kernel slot, one repeat")
   ap.add_argument("--impl", default="triton_gpu", choices=["triton_gpu", "pallas_tpu", "xla"],
@@ -281,6 +317,8 @@ def parse_args(argv=None):
   ap.add_argument("--check-seq", type=int, default=1024)
   ap.add_argument("--check-heads", type=int, default=4)
   ap.add_argument("--check-head-dims", type=int, nargs="+", default=[64, 128])
+  ap.add_argument("--train-variants", nargs="+", default=["S/14", "B/14"])
+  ap.add_argument("--train-seq-lens", type=int, nargs="+", default=[8192, 16384])
   ap.add_argument("--verbose", action="store_true")
   args = ap.parse_args(argv)
   args.kernel_ok = True
@@ -289,6 +327,7 @@ def parse_args(argv=None):
     args.segments = [n for n in args.segments if n <= 8] or [1, 8]
     args.heads, args.repeats = 2, 1
     args.check_seq, args.check_heads, args.check_head_dims = 512, 2, [64]
+    args.train_variants, args.train_seq_lens = ["Ti/14"], [1024]
   return args
 
 
