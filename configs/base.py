@@ -30,6 +30,7 @@ def get_config():
     c.model.proj_hidden = 2048
     c.model.proj_dim = 128
     c.model.proj_layers = 3
+    c.model.proj_norm = "batch"   # LeJEPA reference: BatchNorm over the batch's real views; or "layer"
 
     c.loss = ml_collections.ConfigDict()
     c.loss.lam = 0.025

@@ -1,32 +1,56 @@
 """Projector head and the full self-supervised model (encoder + projector).
 
-The LeJEPA reference projector is an MLP with BatchNorm; with packed rows a batch statistic
-would couple views across samples, so ours uses LayerNorm: Dense -> LN -> GELU, repeated, then
-a final Dense to the projection width.
+Projector: ``Dense -> norm -> GELU`` repeated, then a final Dense to the projection width.
+``norm="batch"`` (default) is the LeJEPA reference's BatchNorm: each hidden unit standardised
+over the real views of the whole (global) batch, empty view slots masked out, batch statistics
+always (the projector only serves the training loss). ``norm="layer"`` normalises each view on
+its own instead.
 """
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from mmv_jax.batch import PackedBatch
-from mmv_jax.model.encoder import Dense, Encoder, EncoderConfig, LayerNorm
+from mmv_jax.model.encoder import Dense, Encoder, EncoderConfig, LayerNorm, param
+
+
+class MaskedBatchNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        self.scale = param(jnp.ones((dim,), jnp.float32), None)
+        self.bias = param(jnp.zeros((dim,), jnp.float32), None)
+        self.eps = eps
+
+    def __call__(self, x, mask):
+        """``x [..., dim]``, ``mask [...]`` (True = a real view)."""
+        w = mask.astype(jnp.float32)[..., None]
+        n = jnp.maximum(w.sum(), 1.0)
+        axes = tuple(range(x.ndim - 1))
+        mean = (x * w).sum(axes) / n
+        var = (jnp.square(x - mean) * w).sum(axes) / n
+        return (x - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
 
 
 class Projector(nnx.Module):
     def __init__(self, din: int, hidden: int = 2048, dout: int = 128, layers: int = 3, *,
-                 rngs: nnx.Rngs):
+                 norm: str = "batch", rngs: nnx.Rngs):
         if layers < 1:
-            raise ValueError(f"projector layers must be >= 1, got {layers}")
+            raise ValueError(f"config.model.proj_layers must be >= 1, got {layers}")
+        if norm not in ("batch", "layer"):
+            raise ValueError(f"config.model.proj_norm must be 'batch' or 'layer', got {norm!r}")
         dims = [din] + [hidden] * (layers - 1)
         self.hidden = nnx.List([Dense(a, b, "embed", "mlp" if i == 0 else None, rngs=rngs)
                                 for i, (a, b) in enumerate(zip(dims[:-1], dims[1:]))])
-        self.norms = nnx.List([LayerNorm(b) for b in dims[1:]])
+        norm_cls = MaskedBatchNorm if norm == "batch" else LayerNorm
+        self.norms = nnx.List([norm_cls(b) for b in dims[1:]])
         self.out = Dense(dims[-1], dout, None, None, rngs=rngs)
 
-    def __call__(self, x):
+    def __call__(self, x, mask):
         for dense, norm in zip(self.hidden, self.norms):
-            x = jax.nn.gelu(norm(dense(x)), approximate=False)
+            h = dense(x)
+            h = norm(h, mask) if isinstance(norm, MaskedBatchNorm) else norm(h)
+            x = jax.nn.gelu(h, approximate=False)
         return self.out(x)
 
 
@@ -34,10 +58,11 @@ class MultiMedVision(nnx.Module):
     """``model(batch)`` -> ``(embeddings [R, V, d], projections [R, V, k])``, both fp32."""
 
     def __init__(self, cfg: EncoderConfig, *, proj_hidden: int = 2048, proj_dim: int = 128,
-                 proj_layers: int = 3, rngs: nnx.Rngs):
+                 proj_layers: int = 3, proj_norm: str = "batch", rngs: nnx.Rngs):
         self.encoder = Encoder(cfg, rngs=rngs)
-        self.projector = Projector(cfg.width, proj_hidden, proj_dim, proj_layers, rngs=rngs)
+        self.projector = Projector(cfg.width, proj_hidden, proj_dim, proj_layers, norm=proj_norm,
+                                   rngs=rngs)
 
     def __call__(self, batch: PackedBatch):
         emb = self.encoder(batch)
-        return emb, self.projector(emb)
+        return emb, self.projector(emb, batch.view_sample >= 0)

@@ -40,7 +40,7 @@ def encoder_config_from(cfg) -> EncoderConfig:
 def build_model(cfg, *, seed: int = 0) -> MultiMedVision:
     m = cfg.model
     return MultiMedVision(encoder_config_from(cfg), proj_hidden=m.proj_hidden, proj_dim=m.proj_dim,
-                          proj_layers=m.proj_layers, rngs=nnx.Rngs(seed))
+                          proj_layers=m.proj_layers, proj_norm=m.proj_norm, rngs=nnx.Rngs(seed))
 
 
 def _decay_mask(params):
