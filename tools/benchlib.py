@@ -1,5 +1,5 @@
-"""Shared pieces of the benchmarks: the machine's fp32 matmul peak, a packed row of the
-paper's view mix, FLOP counting and timing."""
+"""Shared pieces of the benchmarks: a packed row of the paper's view mix and timing (the FLOP
+count and the matmul peak live in mmv_jax.train.metrics)."""
 from __future__ import annotations
 
 import time
@@ -7,17 +7,7 @@ import time
 import numpy as np
 
 from mmv_jax.batch import PATCH, View, first_fit_rows, grid_coords, pack_rows
-
-
-def measure_matmul_peak(n: int = 2048, reps: int = 5) -> float:
-    """Best fp32 matmul FLOP/s this machine reaches through XLA (the MFU denominator)."""
-    import jax
-    import jax.numpy as jnp
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
-    f = jax.jit(lambda a: a @ a)
-    f(a).block_until_ready()
-    best = min(_timed(lambda: f(a).block_until_ready()) for _ in range(reps))
-    return 2 * n ** 3 / best
+from mmv_jax.train.metrics import encoder_flops, measure_matmul_peak  # noqa: F401  (re-exported)
 
 
 def _timed(fn) -> float:
@@ -70,16 +60,3 @@ def paper_mix_row(seq_len: int, seed: int = 0, ratio_3d: float = 0.25, slots: in
     rows = first_fit_rows([v.num_tokens for v in views], seq_len, slots)
     assert len(rows) == 1
     return pack_rows([[views[i] for i in rows[0]]], seq_len, slots), views
-
-
-def encoder_flops(width: int, depth: int, mlp_ratio: int, seg_lengths, modalities,
-                  patch: int = PATCH) -> float:
-    """Useful forward FLOPs: patch embed (P^2 for 2D tokens, P^3 for 3D), blocks, block-diagonal
-    attention only (sum of squared segment lengths)."""
-    seg_lengths = np.asarray(seg_lengths, np.float64)
-    tokens = seg_lengths.sum()
-    embed_in = np.where(np.asarray(modalities) == 1, patch ** 3, patch ** 2)
-    embed = 2.0 * width * float((seg_lengths * embed_in).sum())
-    dense = 2.0 * tokens * (4 * width * width + 2 * mlp_ratio * width * width)
-    attn = 4.0 * width * float((seg_lengths ** 2).sum())
-    return embed + depth * (dense + attn)

@@ -85,3 +85,23 @@ def kv_block_spans(segment_ids_row, block_q: int, block_k: int) -> tuple[np.ndar
   start = np.where(anyk, m.argmax(axis=1), 0)
   end = np.where(anyk, m.shape[1] - 1 - m[:, ::-1].argmax(axis=1), -1)
   return start, end
+
+
+def check_qkv(kernel: str, q, k, v, segment_ids, dtypes) -> tuple[int, int, int]:
+    """The checks every kernel shares; raises ``ValueError`` naming ``kernel`` and the
+    constraint. Returns ``(B, S, D)``."""
+    if q.ndim != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"{kernel}: q, k, v must share one [B, S, H, D] shape, got {q.shape}, "
+                         f"{k.shape}, {v.shape}")
+    b, s, _, d = q.shape
+    if segment_ids.shape != (b, s):
+        raise ValueError(f"{kernel}: segment_ids must be [B, S] = {(b, s)}, got {segment_ids.shape}")
+    if not np.issubdtype(np.dtype(segment_ids.dtype), np.integer):
+        raise ValueError(f"{kernel}: segment_ids must be integer, got {segment_ids.dtype}")
+    if q.dtype not in dtypes or k.dtype != q.dtype or v.dtype != q.dtype:
+        names = [np.dtype(t).name for t in dtypes]
+        names = ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
+        raise ValueError(f"{kernel}: q, k, v must all be {names}, got {q.dtype}, "
+                         f"{k.dtype}, {v.dtype}")
+    return b, s, d
+

@@ -42,6 +42,8 @@ BLOCK_Q = BLOCK
 BLOCK_K = BLOCK
 SEQ_MULTIPLE = BLOCK   # packer bucket lengths must be multiples of this
 NUM_LANES = 128
+from mmv_jax.kernels.blocks import check_qkv  # noqa: E402
+
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 _MASK_VALUE = -1e30    # finite: masked logits never make inf - inf
 _EMPTY_MIN = jnp.iinfo(jnp.int32).max
@@ -54,19 +56,7 @@ _TRANS_B = (((1,), (1,)), ((), ()))
 
 def check_supported(q, k, v, segment_ids, *, block_q: int = BLOCK_Q, block_k: int = BLOCK_K):
   """Raise ValueError naming the constraint a request breaks."""
-  if q.ndim != 4 or q.shape != k.shape or q.shape != v.shape:
-    raise ValueError(
-        f"pallas_tpu: q, k, v must share one [B, S, H, D] shape, got {q.shape}, {k.shape}, "
-        f"{v.shape}")
-  b, s, _, d = q.shape
-  if segment_ids.shape != (b, s):
-    raise ValueError(f"pallas_tpu: segment_ids must be [B, S] = {(b, s)}, got {segment_ids.shape}")
-  if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
-    raise ValueError(f"pallas_tpu: segment_ids must be integer, got {segment_ids.dtype}")
-  dt = jnp.dtype(q.dtype)
-  if dt not in SUPPORTED_DTYPES or k.dtype != dt or v.dtype != dt:
-    raise ValueError(
-        f"pallas_tpu: q, k, v must all be float32 or bfloat16, got {q.dtype}, {k.dtype}, {v.dtype}")
+  _, s, d = check_qkv("pallas_tpu", q, k, v, segment_ids, SUPPORTED_DTYPES)
   for name, blk in (("block_q", block_q), ("block_k", block_k)):
     if blk <= 0 or blk % NUM_LANES:
       raise ValueError(f"pallas_tpu: {name}={blk} must be a positive multiple of {NUM_LANES}")

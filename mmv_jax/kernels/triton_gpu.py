@@ -47,6 +47,8 @@ BLOCK_M_BWD = 64     # backward q-block
 BLOCK_N_BWD = 64     # backward k-block
 SEQ_MULTIPLE = 128   # packer bucket lengths must be multiples of this
 HEAD_DIMS = (64, 128)
+from mmv_jax.kernels.blocks import check_qkv  # noqa: E402
+
 SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 NUM_STAGES = 2
 
@@ -62,20 +64,7 @@ _EMPTY_MAX = -1
 
 def check_supported(q, k, v, segment_ids):
   """Raise ValueError naming the constraint a request breaks."""
-  if q.ndim != 4 or q.shape != k.shape or q.shape != v.shape:
-    raise ValueError(
-        f"triton_gpu: q, k, v must share one [B, S, H, D] shape, got {q.shape}, {k.shape}, "
-        f"{v.shape}")
-  b, s, _, d = q.shape
-  if segment_ids.shape != (b, s):
-    raise ValueError(f"triton_gpu: segment_ids must be [B, S] = {(b, s)}, got {segment_ids.shape}")
-  if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
-    raise ValueError(f"triton_gpu: segment_ids must be integer, got {segment_ids.dtype}")
-  dt = jnp.dtype(q.dtype)
-  if dt not in SUPPORTED_DTYPES or k.dtype != dt or v.dtype != dt:
-    raise ValueError(
-        f"triton_gpu: q, k, v must all be bfloat16, float16 or float32, got {q.dtype}, {k.dtype}, "
-        f"{v.dtype}")
+  _, s, d = check_qkv("triton_gpu", q, k, v, segment_ids, SUPPORTED_DTYPES)
   if d not in HEAD_DIMS:
     raise ValueError(f"triton_gpu: head dim D={d} must be one of {HEAD_DIMS}")
   if s % SEQ_MULTIPLE:
