@@ -117,14 +117,18 @@ def test_cli_round_trip_through_orbax_and_init_from(tmp_path, capsys):
 def test_lightning_checkpoint_nested_state_dict_and_prefix(tmp_path, prefix):
     sd = _sd(_torch_model())
     path = str(tmp_path / "last.ckpt")
+    stats = {"projector.norms.0.running_mean": np.zeros(32, np.float32),  # nn.BatchNorm1d buffers
+             "projector.norms.0.running_var": np.ones(32, np.float32),
+             "projector.norms.0.num_batches_tracked": np.zeros((), np.int64)}
     torch.save({"epoch": 3, "global_step": 120, "pytorch-lightning_version": "2.4.0",
-                "state_dict": {prefix + k: torch.from_numpy(v) for k, v in sd.items()},
+                "state_dict": {prefix + k: torch.from_numpy(v) for k, v in {**sd, **stats}.items()},
                 "optimizer_states": [{"state": {}, "param_groups": [{"lr": 1e-4}]}],
                 "hyper_parameters": {"lr": 1e-4, "variant": "Ti/14"}}, path)
     params = _jax_params()
     state = ct.strip_prefix(ct.load_torch_state(path), ct.name_map(params))
-    assert set(state) == set(sd)
-    out, _ = ct.torch_to_jax(state, params)
+    assert set(state) == set(sd) | set(stats)
+    out, report = ct.torch_to_jax(state, params)
+    assert report["ignored"] == sorted(stats)
     _assert_trees_equal(ct.jax_to_torch(out), sd)
     plain = str(tmp_path / "plain.pt")  # jax2torch's .pt output loads back with weights_only
     ct.save_torch_state(ct.jax_to_torch(out), plain)

@@ -58,12 +58,10 @@ def _jax_setup(cfg, batch, num_samples, num_views):
 
 
 def _first_directions(state, dim, slices):
-    """The SIGReg directions the JAX step draws at step 0 (lejepa.sigreg's expression)."""
+    """The SIGReg directions the JAX step draws at step 0."""
     import jax
-    import jax.numpy as jnp
-    key = jax.random.fold_in(state.rng, state.step)
-    a = jax.random.normal(key, (dim, slices), jnp.float32)
-    return np.asarray(a / jnp.linalg.norm(a, axis=0, keepdims=True))
+    from mmv_jax.objectives.lejepa import sigreg_directions
+    return np.asarray(sigreg_directions(jax.random.fold_in(state.rng, state.step), dim, slices))
 
 
 def _jax_stepper(step, state, dev_batch):
@@ -87,7 +85,8 @@ def _torch_stepper(cfg, params, batch, num_samples, num_views, impl, first_dirs,
     import torch_reference as tr
     m = cfg.model
     model = tr.MultiMedVisionTorch.from_variant(m.variant, proj_hidden=m.proj_hidden,
-                                                proj_dim=m.proj_dim, proj_layers=m.proj_layers)
+                                                proj_dim=m.proj_dim, proj_layers=m.proj_layers,
+                                                proj_norm=m.get("proj_norm", "layer"))
     model.load_state_dict({k: torch.tensor(v) for k, v in convert_torch.jax_to_torch(params).items()},
                           strict=True)
     decay = [p for p in model.parameters() if p.ndim >= 2]

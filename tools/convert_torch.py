@@ -184,6 +184,7 @@ def torch_to_jax(state: dict, reference: dict, *, allow_missing=(), ignore=()):
             misshaped.append(f"{name}: got {tuple(t.shape)}, expected {want}")
             continue
         out[e.jax_path] = np.ascontiguousarray(e.to_jax(t, shape))
+    ignore = list(ignore or ()) + list(BN_RUNNING_STATS)
     ignored = sorted(k for k in state if k not in entries and _matches(k, ignore))
     unmapped = sorted(k for k in state if k not in entries and not _matches(k, ignore))
     problems = []
@@ -200,6 +201,12 @@ def torch_to_jax(state: dict, reference: dict, *, allow_missing=(), ignore=()):
     report = {"mapped": len(entries) - len(allowed_missing), "allowed_missing": allowed_missing,
               "ignored": ignored}
     return unflatten(out), report
+
+
+# A PyTorch projector with nn.BatchNorm1d carries running statistics; ours always normalises
+# with the batch's statistics (the LeJEPA reference in training), so they have no counterpart.
+BN_RUNNING_STATS = ("projector.norms.*.running_mean", "projector.norms.*.running_var",
+                    "projector.norms.*.num_batches_tracked")
 
 
 def _matches(name: str, patterns) -> bool:

@@ -175,8 +175,10 @@ class Encoder(nnx.Module):
         cos, sin = rope_tables(batch.coords, self.cfg.head_dim, self.cfg.rope_base)
         seg = batch.segment_ids.astype(jnp.int32)
         for block in self.blocks:
-            if self.cfg.remat:
-                x = nnx.remat(lambda blk, *a: blk(*a))(block, x, cos, sin, seg)
+            if self.cfg.remat:  # keep only each block's input; recompute the rest in backward
+                graphdef, state = nnx.split(block)
+                run = lambda st, x: nnx.merge(graphdef, st)(x, cos, sin, seg)  # noqa: E731
+                x = jax.checkpoint(run, policy=jax.checkpoint_policies.nothing_saveable)(state, x)
             else:
                 x = block(x, cos, sin, seg)
         return self.norm(x)

@@ -65,13 +65,18 @@ def epps_pulley(x, *, t_max: float = 3.0, knots: int = 17, mask=None):
     return (err @ weights) * n
 
 
+def sigreg_directions(key, dim: int, num_slices: int = 256):
+    """The unit-norm Gaussian directions ``[dim, num_slices]`` :func:`sigreg` draws from ``key``."""
+    a = jax.random.normal(key, (dim, num_slices), jnp.float32)
+    return a / jnp.linalg.norm(a, axis=0, keepdims=True)
+
+
 def sigreg(z, key, *, num_slices: int = 256, t_max: float = 3.0, knots: int = 17, mask=None):
     """SIGReg of ``z [..., N, D]``: mean Epps-Pulley statistic over ``num_slices`` random unit
-    directions (fresh for each ``key``) and over all leading indices (e.g. view indices).
-    ``mask [..., N]`` optionally leaves samples out (see :func:`epps_pulley`)."""
+    directions (fresh for each ``key``, :func:`sigreg_directions`) and over all leading indices
+    (e.g. view indices). ``mask [..., N]`` optionally leaves samples out (see :func:`epps_pulley`)."""
     z = jnp.asarray(z, jnp.float32)
-    a = jax.random.normal(key, (z.shape[-1], num_slices), jnp.float32)
-    a = a / jnp.linalg.norm(a, axis=0, keepdims=True)
+    a = sigreg_directions(key, z.shape[-1], num_slices)
     return epps_pulley(z @ a, t_max=t_max, knots=knots, mask=mask).mean()
 
 

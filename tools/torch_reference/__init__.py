@@ -6,7 +6,7 @@ PyTorch side of ``tools/bench.py torch``. Parameter names follow the timm ViT la
 ``norm.weight``) plus ``projector.layers.N.*``, ``projector.norms.N.*``, ``projector.out.*``.
 Not imported by the ``mmv_jax`` package.
 """
-from torch_reference.model import (VARIANTS, MultiMedVisionTorch, SegmentLayout, apply_rope,
+from torch_reference.model import (VARIANTS, MaskedBatchNorm, MultiMedVisionTorch, SegmentLayout, apply_rope,
                                    pool_views, rope_tables, segment_attention)
 from torch_reference.lejepa import (epps_pulley, lejepa_loss, prediction_loss, random_directions,
                                     scatter_views, sigreg)

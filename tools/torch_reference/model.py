@@ -212,20 +212,46 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+class MaskedBatchNorm(nn.Module):
+    """BatchNorm over the real views of the whole batch (batch statistics always, biased
+    variance, no running averages): the LeJEPA reference projector's BatchNorm1d in training
+    mode, with empty view slots masked out."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x, mask):
+        w = mask.to(torch.float32)[..., None]
+        n = w.sum().clamp_min(1.0)
+        axes = tuple(range(x.dim() - 1))
+        mean = (x * w).sum(axes) / n
+        var = ((x - mean).square() * w).sum(axes) / n
+        return (x - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
+
+
 class Projector(nn.Module):
-    """``layers - 1`` times (Linear -> LayerNorm -> GELU), then Linear ``out``."""
+    """``layers - 1`` times (Linear -> norm -> GELU), then Linear ``out``; ``norm="batch"``
+    (masked BatchNorm over the batch's real views, the default) or ``"layer"`` (LayerNorm)."""
 
     def __init__(self, din: int, hidden: int = 2048, dout: int = 128, layers: int = 3,
-                 eps: float = 1e-6):
+                 eps: float = 1e-6, norm: str = "batch"):
         super().__init__()
+        if norm not in ("batch", "layer"):
+            raise ValueError(f"projector norm must be 'batch' or 'layer', got {norm!r}")
         dims = [din] + [hidden] * (layers - 1)
         self.layers = nn.ModuleList([nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:])])
-        self.norms = nn.ModuleList([nn.LayerNorm(b, eps=eps) for b in dims[1:]])
+        self.norms = nn.ModuleList([MaskedBatchNorm(b) if norm == "batch" else nn.LayerNorm(b, eps=eps)
+                                    for b in dims[1:]])
         self.out = nn.Linear(dims[-1], dout)
 
-    def forward(self, x):
+    def forward(self, x, mask):
         for lin, norm in zip(self.layers, self.norms):
-            x = F.gelu(norm(lin(x)))
+            h = lin(x)
+            h = norm(h, mask) if isinstance(norm, MaskedBatchNorm) else norm(h)
+            x = F.gelu(h)
         return self.out(x)
 
 
@@ -245,13 +271,14 @@ class MultiMedVisionTorch(nn.Module):
     """
 
     def __init__(self, width=192, depth=12, heads=3, mlp_ratio=4, patch=PATCH, rope_base=10_000.0,
-                 proj_hidden=2048, proj_dim=128, proj_layers=3, eps=1e-6, attn_impl="varlen"):
+                 proj_hidden=2048, proj_dim=128, proj_layers=3, proj_norm="batch", eps=1e-6,
+                 attn_impl="varlen"):
         super().__init__()
         self.width, self.heads, self.rope_base, self.attn_impl = width, heads, rope_base, attn_impl
         self.patch_embed = PatchEmbed(width, patch)
         self.blocks = nn.ModuleList([Block(width, heads, mlp_ratio, eps) for _ in range(depth)])
         self.norm = nn.LayerNorm(width, eps=eps)
-        self.projector = Projector(width, proj_hidden, proj_dim, proj_layers, eps)
+        self.projector = Projector(width, proj_hidden, proj_dim, proj_layers, eps, proj_norm)
         self.init_weights()
 
     @classmethod
@@ -289,4 +316,4 @@ class MultiMedVisionTorch(nn.Module):
 
     def forward(self, batch, impl: str | None = None):
         emb = self.encode(batch, impl)
-        return emb, self.projector(emb)
+        return emb, self.projector(emb, _t(batch.view_sample) >= 0)
