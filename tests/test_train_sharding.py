@@ -11,8 +11,8 @@ import json, sys
 import jax, jax.numpy as jnp, numpy as np
 sys.path.insert(0, "tests")
 from helpers import synthetic_batch, tiny_config
-from mmv_jax.train import sharding as shd, state as st
-from mmv_jax.train.step import jit_train_step
+from mmv_jax.train import sharding as shd
+from mmv_jax.train.step import setup
 
 cfg = tiny_config(**{"model.variant": "S/14", "model.depth": 1})
 batches = [synthetic_batch(num_samples=8, rows=8, seq_len=128, slots=8, seed=s) for s in range(2)]
@@ -20,12 +20,7 @@ out = {}
 for shape in [(1, 1, 1), (8, 1, 1), (2, 4, 1), (2, 2, 2)]:
     n = int(np.prod(shape))
     mesh = shd.make_mesh(shape, jax.devices()[:n])
-    rules = shd.rules_dict(cfg.mesh.rules)
-    tx = st.make_optimizer(cfg)
-    graphdef, state, state_sh = st.create(cfg, mesh, tx)
-    b_sh = shd.batch_shardings(mesh, rules)
-    step = jit_train_step(cfg, graphdef, tx, lambda s: st.learning_rate(cfg, s), state_sh, b_sh,
-                          mesh, rules, num_samples=8, num_views=4)
+    step, state, state_sh, b_sh = setup(cfg, mesh, num_samples=8, num_views=4)
     losses = []
     for b in batches:
         state, m = step(state, shd.global_batch(b, b_sh))

@@ -5,16 +5,12 @@ import pytest
 
 from helpers import synthetic_batch, tiny_config
 from mmv_jax.train import metrics, sharding as shd, state as st
-from mmv_jax.train.step import jit_train_step
+from mmv_jax.train.step import setup
 
 
 def _setup(cfg):
     mesh = shd.make_mesh((1, 1, 1), jax.devices()[:1])
-    rules = shd.rules_dict(cfg.mesh.rules)
-    tx = st.make_optimizer(cfg)
-    graphdef, state, state_sh = st.create(cfg, mesh, tx)
-    step = jit_train_step(cfg, graphdef, tx, lambda s: st.learning_rate(cfg, s), state_sh,
-                          shd.batch_shardings(mesh, rules), mesh, rules, num_samples=4, num_views=4)
+    step, state, _, _ = setup(cfg, mesh, num_samples=4, num_views=4)
     return state, step
 
 

@@ -38,8 +38,8 @@ def compile_for_topology(cfg, topology: str, num_slices: int = 1) -> dict:
 
     from mmv_jax.batch import PackedBatch
     from mmv_jax.data import pipeline
-    from mmv_jax.train import sharding as shd, state as st
-    from mmv_jax.train.step import jit_train_step
+    from mmv_jax.train import sharding as shd
+    from mmv_jax.train.step import setup
 
     topo = topologies.get_topology_desc(topology_name=topology, platform="tpu", num_slices=num_slices)
     devices = list(topo.devices)
@@ -48,15 +48,11 @@ def compile_for_topology(cfg, topology: str, num_slices: int = 1) -> dict:
     if cfg.model.attention_impl == "auto":
         cfg.model.attention_impl = "pallas_tpu"  # auto would resolve on this CPU
     mesh = shd.make_mesh(cfg.mesh.shape, devices)
-    rules = shd.rules_dict(cfg.mesh.rules)
-    tx = st.make_optimizer(cfg)
-    graphdef, state, state_sh = st.abstract(cfg, mesh, tx)
-    batch_sh = shd.batch_shardings(mesh, rules)
-    multiple = shd.rows_per_process_multiple(mesh, rules, num_hosts)
+    multiple = shd.rows_per_process_multiple(mesh, shd.rules_dict(cfg.mesh.rules), num_hosts)
     cfg.data.rows_multiple_of = math.lcm(int(cfg.data.rows_multiple_of), multiple)
-    step = jit_train_step(cfg, graphdef, tx, lambda s: st.learning_rate(cfg, s), state_sh, batch_sh,
-                          mesh, rules, num_samples=pipeline.num_samples_global(cfg.data, num_hosts),
-                          num_views=pipeline.num_views_per_sample(cfg.data))
+    step, state, _, batch_sh = setup(cfg, mesh, abstract=True,
+                                     num_samples=pipeline.num_samples_global(cfg.data, num_hosts),
+                                     num_views=pipeline.num_views_per_sample(cfg.data))
     kind = devices[0].device_kind
     hbm = next((b for k, b in sorted(HBM_BYTES.items(), key=lambda kv: -len(kv[0]))
                 if k in topology.split(":")[0].lower()), 0)

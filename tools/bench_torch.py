@@ -45,15 +45,10 @@ def _config(variant: str, max_segment_len: int):
 
 def _jax_setup(cfg, batch, num_samples, num_views):
     import jax
-    from mmv_jax.train import sharding as shd, state as st
-    from mmv_jax.train.step import jit_train_step
+    from mmv_jax.train import sharding as shd
+    from mmv_jax.train.step import setup
     mesh = shd.make_mesh((1, 1, 1), jax.devices()[:1])
-    rules = shd.rules_dict(cfg.mesh.rules)
-    tx = st.make_optimizer(cfg)
-    graphdef, state, state_sh = st.create(cfg, mesh, tx)
-    batch_sh = shd.batch_shardings(mesh, rules)
-    step = jit_train_step(cfg, graphdef, tx, lambda s: st.learning_rate(cfg, s), state_sh, batch_sh,
-                          mesh, rules, num_samples=num_samples, num_views=num_views)
+    step, state, _, batch_sh = setup(cfg, mesh, num_samples=num_samples, num_views=num_views)
     return step, state, jax.device_put(batch, batch_sh)
 
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from benchlib import paper_mix_row
 from mmv_jax.train import metrics, sharding as shd, state as st
-from mmv_jax.train.step import jit_train_step
+from mmv_jax.train.step import setup
 
 
 def _config(variant: str, dtype: str, impl: str, remat: bool, max_len: int):
@@ -30,12 +30,7 @@ def _config(variant: str, dtype: str, impl: str, remat: bool, max_len: int):
 def step_bench(cfg, host_batch, *, num_samples: int, num_views: int, steps: int = 3) -> dict:
     """Compiles and times the train step on ``host_batch`` over all devices (rows sharded)."""
     mesh = shd.make_mesh(cfg.mesh.shape)
-    rules = shd.rules_dict(cfg.mesh.rules)
-    tx = st.make_optimizer(cfg)
-    graphdef, state, state_sh = st.create(cfg, mesh, tx)
-    batch_sh = shd.batch_shardings(mesh, rules)
-    step = jit_train_step(cfg, graphdef, tx, lambda s: st.learning_rate(cfg, s), state_sh, batch_sh,
-                          mesh, rules, num_samples=num_samples, num_views=num_views)
+    step, state, _, batch_sh = setup(cfg, mesh, num_samples=num_samples, num_views=num_views)
     batch = shd.global_batch(host_batch, batch_sh)
     t = time.perf_counter()
     compiled = step.lower(state, batch).compile()

@@ -20,7 +20,7 @@ from jax.experimental import multihost_utils
 
 from mmv_jax.data import pipeline
 from mmv_jax.train import checkpoint, distributed, metrics, sharding as shd, state as st
-from mmv_jax.train.step import jit_train_step
+from mmv_jax.train.step import setup
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +68,11 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
     distributed.initialize(cfg.distributed)
     mesh = shd.make_mesh(cfg.mesh.shape)
     rules = shd.rules_dict(cfg.mesh.rules)
-    tx = st.make_optimizer(cfg)
-    graphdef, state, state_sh = st.create(cfg, mesh, tx)
-    log.info("mesh %s; parameter shardings:\n%s", dict(mesh.shape), shd.describe(state_sh.params))
-    batch_sh = shd.batch_shardings(mesh, rules)
-
     proc, nproc = jax.process_index(), jax.process_count()
+    step_fn, state, state_sh, batch_sh = setup(
+        cfg, mesh, num_samples=pipeline.num_samples_global(cfg.data, nproc),
+        num_views=pipeline.num_views_per_sample(cfg.data))
+    log.info("mesh %s; parameter shardings:\n%s", dict(mesh.shape), shd.describe(state_sh.params))
     multiple = shd.rows_per_process_multiple(mesh, rules, nproc)
     cfg.data.rows_multiple_of = math.lcm(int(cfg.data.rows_multiple_of), multiple)
     it = pipeline.make_train_iterator(cfg.data, seed=cfg.seed, process_index=proc, process_count=nproc)
@@ -94,10 +93,6 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(cfg.to_json(indent=1))
     writer.truncate_after(start)
-    num_samples = pipeline.num_samples_global(cfg.data, nproc)
-    step_fn = jit_train_step(cfg, graphdef, tx, lambda s: st.learning_rate(cfg, s), state_sh,
-                             batch_sh, mesh, rules, num_samples=num_samples,
-                             num_views=pipeline.num_views_per_sample(cfg.data))
     enc = st.encoder_config_from(cfg)
     peak = metrics.peak_flops_per_device(cfg.peak_flops_per_device) * jax.device_count()
 

@@ -80,3 +80,17 @@ def jit_train_step(cfg, graphdef, tx, schedule, state_shardings, batch_shardings
             return jitted._cache_size()
 
     return Step()
+
+
+def setup(cfg, mesh, *, num_samples: int, num_views: int, abstract: bool = False):
+    """Everything a run needs around the step: ``(step, state, state_shardings, batch_shardings)``.
+
+    ``abstract=True`` builds shape-only state (for AOT compiles on devices this machine lacks)."""
+    from mmv_jax.train import sharding as shd, state as st
+    rules = shd.rules_dict(cfg.mesh.rules)
+    tx = st.make_optimizer(cfg)
+    graphdef, state, state_sh = (st.abstract if abstract else st.create)(cfg, mesh, tx)
+    batch_sh = shd.batch_shardings(mesh, rules)
+    step = jit_train_step(cfg, graphdef, tx, lambda s: st.learning_rate(cfg, s), state_sh, batch_sh,
+                          mesh, rules, num_samples=num_samples, num_views=num_views)
+    return step, state, state_sh, batch_sh
