@@ -69,12 +69,12 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
     mesh = shd.make_mesh(cfg.mesh.shape)
     rules = shd.rules_dict(cfg.mesh.rules)
     proc, nproc = jax.process_index(), jax.process_count()
+    multiple = shd.rows_per_process_multiple(mesh, rules, nproc)
+    cfg.data.rows_multiple_of = math.lcm(int(cfg.data.rows_multiple_of), multiple)
     step_fn, state, state_sh, batch_sh = setup(
         cfg, mesh, num_samples=pipeline.num_samples_global(cfg.data, nproc),
         num_views=pipeline.num_views_per_sample(cfg.data))
     log.info("mesh %s; parameter shardings:\n%s", dict(mesh.shape), shd.describe(state_sh.params))
-    multiple = shd.rows_per_process_multiple(mesh, rules, nproc)
-    cfg.data.rows_multiple_of = math.lcm(int(cfg.data.rows_multiple_of), multiple)
     it = pipeline.make_train_iterator(cfg.data, seed=cfg.seed, process_index=proc, process_count=nproc)
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.keep_checkpoints,
                                    async_save=cfg.async_checkpointing)
