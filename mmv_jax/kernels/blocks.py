@@ -11,8 +11,8 @@ Range overlap is a conservative test: it never skips a pair that shares a segmen
 ids of a row increase along the row (what the packer emits), it is exact: a pair's ranges
 overlap iff the two blocks share a segment id.
 
-The kernels compute the same ranges on device (`pallas_tpu.block_segment_ranges`,
-`triton_gpu` does it the same way); tests check they agree with this module.
+Both kernels compute the same ranges on device (`kernels/block_meta.py`); tests check they agree
+with this module.
 """
 from __future__ import annotations
 

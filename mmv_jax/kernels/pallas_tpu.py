@@ -42,12 +42,12 @@ BLOCK_Q = BLOCK
 BLOCK_K = BLOCK
 SEQ_MULTIPLE = BLOCK   # packer bucket lengths must be multiples of this
 NUM_LANES = 128
+from mmv_jax.kernels.block_meta import (  # noqa: E402,F401  (block_overlap_mask: tests)
+    block_metadata as _metadata, block_overlap_mask, block_segment_ranges)
 from mmv_jax.kernels.blocks import check_qkv  # noqa: E402
 
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 _MASK_VALUE = -1e30    # finite: masked logits never make inf - inf
-_EMPTY_MIN = jnp.iinfo(jnp.int32).max
-_EMPTY_MAX = -1
 
 _SQUEEZED = pl.Squeezed() if hasattr(pl, "Squeezed") else None
 _CompilerParams = getattr(pltpu, "CompilerParams", None) or getattr(pltpu, "TPUCompilerParams")
@@ -71,48 +71,6 @@ def check_supported(q, k, v, segment_ids, *, block_q: int = BLOCK_Q, block_k: in
 
 
 # ----------------------------------------------------------------------------- block metadata
-
-def block_segment_ranges(segment_ids, block: int):
-  """[B, S] -> (min, max) non-zero segment id per block, each [B, S // block] int32.
-
-  An all-padding block gets (int32 max, -1), so it overlaps nothing. Agrees with
-  `mmv_jax.kernels.blocks.block_ranges`.
-  """
-  b, s = segment_ids.shape
-  seg = segment_ids.astype(jnp.int32).reshape(b, s // block, block)
-  valid = seg != 0
-  lo = jnp.where(valid, seg, _EMPTY_MIN).min(axis=-1)
-  hi = jnp.where(valid, seg, _EMPTY_MAX).max(axis=-1)
-  return lo, hi
-
-
-def block_overlap_mask(segment_ids, block_q: int, block_k: int):
-  """[B, nq, nk] bool: the (q-block, k-block) pairs the kernel computes."""
-  qlo, qhi = block_segment_ranges(segment_ids, block_q)
-  klo, khi = block_segment_ranges(segment_ids, block_k)
-  return (qlo[:, :, None] <= khi[:, None, :]) & (klo[:, None, :] <= qhi[:, :, None])
-
-
-def _spans(mask):
-  """First/last True along the last axis of [B, n, m]; (0, -1) where none."""
-  m = mask.shape[-1]
-  anyt = mask.any(axis=-1)
-  first = jnp.argmax(mask, axis=-1)
-  last = m - 1 - jnp.argmax(mask[..., ::-1], axis=-1)
-  return (jnp.where(anyt, first, 0).astype(jnp.int32),
-          jnp.where(anyt, last, -1).astype(jnp.int32))
-
-
-def _metadata(segment_ids, block_q, block_k):
-  """Scalar-prefetch operands, all flattened 1-D int32 (SMEM)."""
-  qlo, qhi = block_segment_ranges(segment_ids, block_q)
-  klo, khi = block_segment_ranges(segment_ids, block_k)
-  mask = (qlo[:, :, None] <= khi[:, None, :]) & (klo[:, None, :] <= qhi[:, :, None])
-  kstart, kend = _spans(mask)                          # per q-block span of k-blocks
-  qstart, qend = _spans(jnp.swapaxes(mask, 1, 2))      # per k-block span of q-blocks
-  flat = lambda x: x.reshape(-1).astype(jnp.int32)
-  return tuple(map(flat, (qlo, qhi, klo, khi, kstart, kend, qstart, qend)))
-
 
 def _clamp_step(start, end, j):
   """Block index visited at step j of a span [start, end]: stays put past the end (no DMA)."""

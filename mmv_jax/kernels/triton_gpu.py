@@ -47,6 +47,7 @@ BLOCK_M_BWD = 64     # backward q-block
 BLOCK_N_BWD = 64     # backward k-block
 SEQ_MULTIPLE = 128   # packer bucket lengths must be multiples of this
 HEAD_DIMS = (64, 128)
+from mmv_jax.kernels.block_meta import block_metadata, block_segment_ranges  # noqa: E402,F401
 from mmv_jax.kernels.blocks import check_qkv  # noqa: E402
 
 SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
@@ -58,8 +59,6 @@ def num_warps(head_dim: int) -> int:
   return 4 if head_dim <= 64 else 8
 
 
-_EMPTY_MIN = 2 ** 31 - 1
-_EMPTY_MAX = -1
 
 
 def check_supported(q, k, v, segment_ids):
@@ -225,37 +224,6 @@ if triton is not None:
     dk = dk * SM_SCALE
     tl.store(DK + kv_ptrs, dk.to(DK.dtype.element_ty))
     tl.store(DV + kv_ptrs, dv.to(DV.dtype.element_ty))
-
-
-# ----------------------------------------------------------------------------- block metadata
-
-def block_segment_ranges(segment_ids, block: int):
-  """[B, S] -> per-block (min, max) non-zero segment id, [B, S // block] int32 each."""
-  b, s = segment_ids.shape
-  seg = segment_ids.astype(jnp.int32).reshape(b, s // block, block)
-  valid = seg != 0
-  return (jnp.where(valid, seg, _EMPTY_MIN).min(axis=-1),
-          jnp.where(valid, seg, _EMPTY_MAX).max(axis=-1))
-
-
-def _spans(mask):
-  m = mask.shape[-1]
-  anyt = mask.any(axis=-1)
-  first = jnp.argmax(mask, axis=-1)
-  last = m - 1 - jnp.argmax(mask[..., ::-1], axis=-1)
-  return (jnp.where(anyt, first, 0).astype(jnp.int32),
-          jnp.where(anyt, last, -1).astype(jnp.int32))
-
-
-def block_metadata(segment_ids, block_m: int, block_n: int):
-  """(qlo, qhi, klo, khi, kstart, kend, qstart, qend), flattened int32 (see module doc)."""
-  qlo, qhi = block_segment_ranges(segment_ids, block_m)
-  klo, khi = block_segment_ranges(segment_ids, block_n)
-  mask = (qlo[:, :, None] <= khi[:, None, :]) & (klo[:, None, :] <= qhi[:, :, None])
-  kstart, kend = _spans(mask)
-  qstart, qend = _spans(jnp.swapaxes(mask, 1, 2))
-  return tuple(x.reshape(-1).astype(jnp.int32)
-               for x in (qlo, qhi, klo, khi, kstart, kend, qstart, qend))
 
 
 # ----------------------------------------------------------------------------- jax-triton glue
