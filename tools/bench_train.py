@@ -74,8 +74,8 @@ def demo_bench(steps: int = 3) -> dict:
 
 def tpu_remat_memory(variant: str, seq_len: int, topology: str = "v5e:2x2") -> dict | None:
     """Compiled temp memory per device of the encoder's forward+backward (bf16, Pallas kernel)
-    for a TPU topology, with and without remat (libtpu needed, no TPU). XLA:CPU's scheduler is
-    not memory-aware, so the CPU compile shows no remat saving; a TPU compile does."""
+    for a TPU topology, with and without remat (libtpu needed, no TPU): the saving where it
+    matters most, beside the CPU figures of :func:`step_bench`."""
     import importlib.util
     import os
     if importlib.util.find_spec("libtpu") is None:

@@ -1,6 +1,6 @@
 """Demo data: a small real-format chest dataset drawn from anatomical phantoms (numpy only).
 
-``mmv-demo-data --out DIR [--n-cxr 160 --n-ct 48 --seed 0]`` writes
+``mmv-demo-data --out DIR [--n-cxr 480 --n-ct 144 --seed 0]`` writes
 
 - ``DIR/cxr/*.dcm``: chest-radiograph-like DICOM (DX, 12-bit, PixelSpacing; about a quarter
   MONOCHROME1, the rest MONOCHROME2), 256-384 px;
@@ -8,6 +8,10 @@
   spacing, stored in a non-canonical LPS-like voxel order that the reader must reorient);
 - ``DIR/manifest.jsonl``: one record per image (dataset ``demo``, train/val/test 70/15/15 by
   patient, ``labels`` for the five findings, ``spacing`` and ``shape``).
+
+The default size (480 + 144, about 10 s to write) gives a test split of about 95 images: with
+the former 160 + 48 (33 test images) the demo's AUROC comparison moved by +-0.05 between
+equivalent runs, more than the trained-vs-random difference it is meant to show.
 
 Phantoms: body outline, lungs, heart, spine, ribs (and the diaphragm as the lungs' lower edge).
 Each finding is present independently (p = 0.4) and drawn as a real change:
@@ -235,7 +239,7 @@ def _split(rng) -> str:
     return "train" if u < 0.7 else ("val" if u < 0.85 else "test")
 
 
-def make_demo_dataset(out: str, n_cxr: int = 160, n_ct: int = 48, seed: int = 0,
+def make_demo_dataset(out: str, n_cxr: int = 480, n_ct: int = 144, seed: int = 0,
                       verbose: bool = False) -> str:
     """Writes the demo dataset under ``out``; returns the manifest path."""
     os.makedirs(os.path.join(out, "cxr"), exist_ok=True)
@@ -279,8 +283,8 @@ def make_demo_dataset(out: str, n_cxr: int = 160, n_ct: int = 48, seed: int = 0,
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="mmv-demo-data", description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)
-    ap.add_argument("--n-cxr", type=int, default=160)
-    ap.add_argument("--n-ct", type=int, default=48)
+    ap.add_argument("--n-cxr", type=int, default=480)
+    ap.add_argument("--n-ct", type=int, default=144)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     t = time.time()

@@ -14,6 +14,7 @@ from flax import nnx
 
 from mmv_jax.batch import PackedBatch
 from mmv_jax.model.axes import axis_rules
+from mmv_jax.model.encoder import remat_compiler_options
 from mmv_jax.objectives.lejepa import lejepa_loss
 from mmv_jax.train.state import TrainState
 
@@ -60,8 +61,10 @@ def jit_train_step(cfg, graphdef, tx, schedule, state_shardings, batch_shardings
                            num_samples=num_samples, num_views=num_views, lam=cfg.loss.lam,
                            num_slices=cfg.loss.num_slices, pred_reduce=cfg.loss.pred_reduce)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    options = remat_compiler_options(cfg.model.remat, mesh.devices.flat[0].platform)
     jitted = jax.jit(fn, in_shardings=(state_shardings, batch_shardings),
-                     out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+                     out_shardings=(state_shardings, replicated), donate_argnums=(0,),
+                     compiler_options=options)
 
     class Step:
         """Calls and lowers the jitted step inside the activation-sharding rules."""
