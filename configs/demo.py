@@ -23,8 +23,9 @@ def get_config():
     c.optim.warmup_steps = 30
     c.loss.num_slices = 128
     # 12 samples a step is far below the paper's 256: the LeJEPA reference code's mean-reduced
-    # prediction loss and its default lambda (0.05) keep SIGReg strong enough not to collapse
-    # (measured on the demo data: macro AUROC 0.81 vs 0.79 with the paper's sum / 0.025).
+    # prediction loss and its default lambda (0.05) keep SIGReg strong enough not to collapse.
+    # Measured on the default demo data (make demo): macro AUROC 0.840, random init 0.824;
+    # lambda 0.2 / 0.5 / 1.0, local views of 15-50% and 600 steps all gave 0.81-0.84.
     c.loss.pred_reduce = "mean"
     c.loss.lam = 0.05
     return c

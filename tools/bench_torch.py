@@ -10,9 +10,10 @@ and agree), with both natural CPU attention paths: SDPA once per
 segment (``varlen``) and SDPA with a dense block mask (``mask``); the faster one counts.
 
 Steps are timed round-robin (one of each side in turn), so load swings on a shared machine hit
-every side alike; the dense-mask path comes last, on its own (it slows whatever runs after it). ``*_tokens_per_s`` and ``ratio`` use the median step; ``*_best_tokens_per_s``
-and ``ratio_best_of`` the fastest step (the least disturbed one); ``*_cpu_s`` is process CPU
-time a step. Tokens are real (non-padding) tokens.
+every side alike; the dense-mask path comes last, on its own (it slows whatever runs after it).
+``*_tokens_per_s`` and ``ratio`` use the median step; ``*_best_tokens_per_s`` and
+``ratio_best_of`` the fastest step (the least disturbed one); ``*_cpu_s`` is process CPU time a
+step. Tokens are real (non-padding) tokens.
 """
 from __future__ import annotations
 
@@ -146,9 +147,9 @@ def run(argv):
         sides["jax"] = _jax_stepper(step, state, dev_batch)
     times = {name: [] for name in sides}
     cpu = {name: [] for name in sides}
-    # The dense-mask path's multi-GB temporaries leave the process heap in a state that slows the
-    # next XLA step by ~30% (measured here: JAX 3.3 s -> 4.3 s a step when interleaved with it),
-    # so it is warmed up and timed after the others, which are timed round-robin.
+    # Interleaved with the dense-mask path (multi-GB temporaries, the likely cause) the JAX step
+    # ran ~30% slower here (3.3 s -> 4.3 s; with the per-segment path alone it does not), so that
+    # path is warmed up and timed after the others, which are timed round-robin.
     groups = [[n for n in sides if n != "torch_mask"], [n for n in sides if n == "torch_mask"]]
     for group in groups:
         for name in group:
