@@ -83,9 +83,9 @@ def test_dispatcher():
         segment_attention(q, q, q, jnp.zeros((1, 8), jnp.int32), impl="xla", interpret=True)
 
 
-# --- block-sparse pairs: tiers, the band fallback, non-contiguous ids, the pair bound --------
+# --- block-sparse pairs: hull ranges, non-contiguous ids, poisoned rows ----------------------
 
-from mmv_jax.kernels.xla import _ranges, halo_blocks, pair_bound, pair_tiers  # noqa: E402
+from mmv_jax.kernels.xla import _pairs, _ranges, halo_blocks  # noqa: E402
 
 
 def dense_ref(q, k, v, seg):
@@ -116,9 +116,7 @@ SPARSE_ROWS = np.stack([
 ])  # the last row reuses ids 1 and 2 in separate runs (spans 30 and 45 > 40: poisoned w/ max_len)
 
 
-@pytest.mark.parametrize("tiers", [None, (1,), (1, 125, 132)])
-def test_sparse_tiers_and_band_fallback_match_dense(tiers):
-    # default tiers; one too small (the band runs); the middle tier holds exactly the 125 pairs
+def test_sparse_pairs_match_dense():
     assert sum(hull_pairs(r, 16).sum() for r in SPARSE_ROWS) == 125
     seg = jnp.asarray(SPARSE_ROWS)
     q, k, v = jax.random.normal(jax.random.PRNGKey(2), (3, *seg.shape, 2, 8))
@@ -126,8 +124,7 @@ def test_sparse_tiers_and_band_fallback_match_dense(tiers):
 
     @jax.jit
     def run(q, k, v):
-        f = lambda q, k, v: segment_attention_xla(q, k, v, seg, max_segment_len=40, block=16,
-                                                  tiers=tiers)
+        f = lambda q, k, v: segment_attention_xla(q, k, v, seg, max_segment_len=40, block=16)
         loss = lambda q, k, v: jnp.sum(jnp.nan_to_num(f(q, k, v), nan=0.0) * w)
         ref = lambda q, k, v: jnp.sum(dense_ref(q, k, v, seg) * w)
         return (f(q, k, v), jax.grad(loss, argnums=(0, 1, 2))(q, k, v),
@@ -156,45 +153,37 @@ def hull_pairs(row, b):
     return np.array(out)
 
 
-def test_pair_bound_holds_and_is_tight():
+def test_ranges_are_the_hulls_within_the_band():
     s, b = 256, 16
     rng = np.random.default_rng(0)
-    rows, groups = [], []
     for max_len in (1, 17, 40, None):
         cap = max_len or s
-        rows += [random_layout(rng, s, cap, fill=rng.uniform(0.5, 1.0)) for _ in range(32)]
+        rows = [random_layout(rng, s, cap, fill=rng.uniform(0.5, 1.0)) for _ in range(32)]
         m = halo_blocks(s, max_len, b)
-        for phase in range(0, b, 5):  # adversarial: segments crossing m boundaries, max length
+        for phase in range(0, b, 5):  # segments crossing m boundaries, of the longest length
             n = min((m - 1) * b + 2, cap) if m else 1
             rows.append(np.roll(layout([n] * ((s - phase) // n), s), phase))
-        groups.append((max_len, m, len(rows)))
-    rows = np.stack(rows)
-    _, count, _, _, span = jax.jit(_ranges, static_argnums=(1, 2))(jnp.asarray(rows), b, 0)
-    count = np.asarray(count).reshape(len(rows), -1)
-    np.testing.assert_array_equal(count, np.stack([hull_pairs(r, b) for r in rows]))
-    start = 0
-    for max_len, m, end in groups:
-        totals = count[start:end].sum(1)
-        bound = pair_bound(s, max_len, b)
-        assert totals.max() <= bound <= s // b * (2 * m + 1)
-        assert totals.max() >= bound - 2 * (m + 1) ** 2 or max_len is None
-        assert count[start:end].max() <= 2 * m + 1
-        assert np.asarray(span)[start:end].max() <= (max_len or s)
-        start = end
-    assert pair_tiers(1, 4096, 512, 64) == (156, 234, 312, 624)  # 624 pairs <= 1088 of the band
-    assert pair_tiers(2, 256, None, 32) == (128,)  # short rows: the bound only
+        rows = np.stack(rows)
+        (lo, count), span = jax.jit(_ranges, static_argnums=(1, 2))(jnp.asarray(rows), b, m)
+        count = np.asarray(count).reshape(len(rows), -1)
+        np.testing.assert_array_equal(count, np.stack([hull_pairs(r, b) for r in rows]))
+        assert count.max() <= 2 * m + 1
+        assert np.asarray(span).max() <= cap
+        qi, kj, valid, n = _pairs(lo, count.reshape(-1), s // b, len(rows) * (s // b) * (2 * m + 1))
+        assert int(n) == count.sum() and np.asarray(valid).sum() == count.sum()
+        assert np.all(np.asarray(valid)[:int(n)])  # the live pairs come first
 
 
 def test_non_contiguous_ids_need_the_band_and_stay_exact():
     # two-token ids 36 apart (span 37 <= 40): every block's hull reaches 4 blocks each way, far
-    # beyond the bound of contiguous layouts, so the default tiers cannot hold it: the band runs
+    # more pairs than any row of contiguous segments needs (the whole band)
     pattern = np.zeros(192, np.int32)
     for t in range(192):
         if t % 8 < 4 or pattern[t] == 0:
             pattern[t] = t + 1
             if t % 8 < 4 and t + 36 < 192:
                 pattern[t + 36] = t + 1
-    assert hull_pairs(pattern, 8).sum() > pair_bound(192, 40, 8)
+    assert hull_pairs(pattern, 8).max() == 9  # 4 key blocks each way
     seg = jnp.asarray(pattern[None])
     q, k, v = jax.random.normal(jax.random.PRNGKey(4), (3, 1, 192, 1, 8))
     out = jax.jit(lambda q, k, v: segment_attention_xla(q, k, v, seg, max_segment_len=40,

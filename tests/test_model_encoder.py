@@ -103,3 +103,29 @@ def test_full_model_shapes_and_logical_axes():
             state, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]:
         axes = var.get_metadata().get("logical_axes")
         assert axes is not None and len(axes) == var[...].ndim, path
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_layer_norm_vjp_matches_autodiff_of_the_formula(dtype):
+    from mmv_jax.model.encoder import layer_norm
+
+    def formula(x, scale, bias):
+        xf = x.astype(jnp.float32)
+        mean = xf.mean(-1, keepdims=True)
+        var = jnp.square(xf - mean).mean(-1, keepdims=True)
+        return ((xf - mean) * jax.lax.rsqrt(var + 1e-6) * scale + bias).astype(x.dtype)
+
+    k = jax.random.split(jax.random.PRNGKey(0), 4)
+    x = (3 * jax.random.normal(k[0], (2, 33, 48)) + 1).astype(dtype)
+    scale, bias = 1 + jax.random.normal(k[1], (48,)), jax.random.normal(k[2], (48,))
+    w = jax.random.normal(k[3], x.shape)
+    loss = lambda f: lambda *a: jnp.sum(f(*a).astype(jnp.float32) * w)
+    ours = jax.jit(jax.value_and_grad(loss(lambda *a: layer_norm(*a, 1e-6)), argnums=(0, 1, 2)))
+    ref = jax.jit(jax.value_and_grad(loss(formula), argnums=(0, 1, 2)))
+    (v, g), (v_ref, g_ref) = ours(x, scale, bias), ref(x, scale, bias)
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(v, v_ref, rtol=tol)
+    for a, b in zip(g, g_ref):
+        assert a.dtype == b.dtype
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                   rtol=tol, atol=tol * float(jnp.abs(b.astype(jnp.float32)).max()))

@@ -9,11 +9,15 @@ tools/convert_torch.py; the step-0 losses of both sides, with the same direction
 and agree), with both natural CPU attention paths: SDPA once per
 segment (``varlen``) and SDPA with a dense block mask (``mask``); the faster one counts.
 
-Steps are timed round-robin (one of each side in turn), so load swings on a shared machine hit
-every side alike; the dense-mask path comes last, on its own (it slows whatever runs after it).
-``*_tokens_per_s`` and ``ratio`` use the median step; ``*_best_tokens_per_s`` and
-``ratio_best_of`` the fastest step (the least disturbed one); ``*_cpu_s`` is process CPU time a
-step. Tokens are real (non-padding) tokens.
+Sides take turns (round-robin), so load swings on a shared machine hit every side alike. Each
+turn runs ``--rewarm`` untimed steps before the timed one: the first step after the other
+framework ran is slower than a training run's steady state (measured here, ViT-S/14: JAX 2.7 s
+back to back, 3.1-3.6 s right after a PyTorch step, still ~3.1 s after a 1 s pause; PyTorch
+3.2 s vs 3.4-3.5 s; memory the other side took and freed is the likely cause). The dense-mask
+path comes last, on its own (it slows whatever runs after it by more). ``*_tokens_per_s`` and
+``ratio`` use the median timed step; ``*_best_tokens_per_s`` and ``ratio_best_of`` the fastest
+(the least disturbed one); ``*_cpu_s`` is process CPU time a step. Tokens are real (non-padding)
+tokens.
 """
 from __future__ import annotations
 
@@ -118,6 +122,8 @@ def run(argv):
     ap.add_argument("--seq-len", type=int, default=4096)
     ap.add_argument("--reps", type=int, default=4,
                     help="timed steps per side after one warm-up, taken round-robin (median)")
+    ap.add_argument("--rewarm", type=int, default=1,
+                    help="untimed steps of a side at the start of each of its turns")
     ap.add_argument("--paths", default="varlen,mask", help="PyTorch attention paths to time")
     ap.add_argument("--skip-jax", action="store_true")
     ap.add_argument("--torch-threads", type=int, default=0, help="0: PyTorch's default")
@@ -156,6 +162,8 @@ def run(argv):
             sides[name][0]()  # warm-up (and the JAX compile)
         for _ in range(args.reps):  # round-robin: a load swing on the shared machine hits all alike
             for name in group:
+                for _ in range(args.rewarm):
+                    sides[name][0]()
                 t, c = time.perf_counter(), time.process_time()
                 sides[name][0]()
                 times[name].append(time.perf_counter() - t)
@@ -163,7 +171,7 @@ def run(argv):
 
     result = {"variant": args.variant, "seq_len": args.seq_len, "real_tokens": tokens,
               "views": len(views), "samples": num_samples, "max_segment_len": bound,
-              "reps": args.reps, "torch_threads": torch.get_num_threads(),
+              "reps": args.reps, "rewarm": args.rewarm, "torch_threads": torch.get_num_threads(),
               "cpu_count": os.cpu_count(), "torch_version": torch.__version__,
               "jax_backend": jax.default_backend()}
     for name, (_, losses) in sides.items():

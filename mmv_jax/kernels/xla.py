@@ -5,22 +5,19 @@ squared segment lengths is useful. The row is cut into blocks of ``b`` tokens (`
 blocks over the batch). Query block ``i`` can only see keys of the segment ids it holds, and
 those lie inside the hull ``[min first(id), max last(id)]`` over its ids: a contiguous range of
 key blocks. The ranges are computed from ``segment_ids`` at run time (one sort of the row), laid
-out as one flat list of (query block, key block) pairs over the whole batch, and padded to a
-static capacity ``C``; the pairs' logits ``[C, H, b, b]`` are masked by segment equality, the
-softmax runs across the pairs of each query block (segment max / sum), and the outputs are
-summed back per query block. The pairs are visited in chunks of a few (a ``fori_loop``, see
+out as one flat list of (query block, key block) pairs over the whole batch; each pair's logits
+``[H, b, b]`` are masked by segment equality, the softmax runs across the pairs of each query
+block (segment max / sum), and the outputs are summed back per query block. The pairs are visited in chunks of a few (a ``fori_loop``, see
 :func:`_chunk`) so that each chunk's operands stay in cache; the forward takes two passes (the
 row max, then the sums). A ``jax.custom_vjp`` keeps only ``q, k, v, out`` and the per-row
 log-sum-exp and recomputes the probabilities in the backward pass (flash style).
 
-Static shapes with exact results for every layout: ``C`` is picked at run time from a few
-static tiers by ``lax.switch`` (one branch runs). The largest data tier is a proven bound on the
-pair count of any row of contiguous segments no longer than ``max_segment_len`` (see
-:func:`pair_bound`); a layout that needs more (a segment id split into runs, or an over-long
-segment) takes the last tier, the static band of key blocks ``i - m .. i + m`` (``m = ceil((L -
-1) / b)``; the whole row without ``max_segment_len``). A segment whose id spans more than
-``max_segment_len`` tokens poisons its row's output with NaN (loud: the train step's
-non-finite check reports it) rather than being silently truncated.
+Static shapes with exact results for every layout: the pair list has room for the whole band
+of key blocks ``i - m .. i + m`` of every query block (``m = ceil((L - 1) / b)`` for
+``max_segment_len`` L; the whole row without it), which holds the hull of any row whose ids span
+at most L tokens, and the loops run over the live pairs only (a run-time trip count). A segment
+id spanning more than ``max_segment_len`` tokens poisons its row's output with NaN (loud: the
+train step's non-finite check reports it) rather than being silently truncated.
 """
 from __future__ import annotations
 
@@ -32,7 +29,6 @@ import jax.numpy as jnp
 from jax import lax
 
 NEG = -1e30
-TIER_FRACTIONS = (0.25, 0.375, 0.5, 1.0)  # data tiers, as fractions of pair_bound (the last = 1)
 
 
 def band_geometry(seq_len: int, max_segment_len: int | None, block: int) -> tuple[int, int, int]:
@@ -55,37 +51,6 @@ def halo_blocks(seq_len: int, max_segment_len: int | None, block: int) -> int:
     return min(math.ceil(max(max_segment_len - 1, 0) / block), nq - 1)
 
 
-def pair_bound(seq_len: int, max_segment_len: int | None, block: int) -> int:
-    """Most (query block, key block) pairs one row of contiguous segments can need.
-
-    With contiguous segments the hull of query block ``i`` runs from the start of its first
-    segment to the end of its last, so the row needs ``nq + sum_s x_s (x_s + 1)`` pairs, ``x_s``
-    the block boundaries segment ``s`` crosses. Each boundary is crossed by one segment at most
-    (``sum x_s <= nq - 1``) and ``x_s <= m``; the sum is convex, so it peaks with segments
-    crossing ``m`` boundaries each.
-    """
-    nq = math.ceil(seq_len / block)
-    m = halo_blocks(seq_len, max_segment_len, block)
-    if m == 0:
-        return nq
-    full, rest = divmod(nq - 1, m)
-    return min(nq + full * m * (m + 1) + rest * (rest + 1), nq * (2 * m + 1))
-
-
-def pair_tiers(batch: int, seq_len: int, max_segment_len: int | None, block: int,
-               fractions=TIER_FRACTIONS) -> tuple[int, ...]:
-    """Static pair capacities of the data tiers for ``batch`` rows (ascending, the last a bound).
-
-    Short rows (under 32 blocks) get the bound only: the smaller tiers would save little and
-    each tier is one more branch to compile.
-    """
-    bound = pair_bound(seq_len, max_segment_len, block)
-    if math.ceil(seq_len / block) < 32:
-        fractions = ()
-    return tuple(sorted({max(1, math.ceil(f * bound)) * batch for f in fractions if f < 1}
-                        | {bound * batch}))
-
-
 def _id_spans(seg):
     """first / last position of each token's segment id in its row (any layout): ``[B, P]``."""
     bsz, p = seg.shape
@@ -106,7 +71,8 @@ def _id_spans(seg):
 
 
 def _pairs(lo, count, nq: int, cap: int):
-    """Flat pair list from per-block key ranges ``lo, count [G]``: query block, key block, valid."""
+    """Flat pair list from per-block key ranges ``lo, count [G]``: query block, key block, valid,
+    and the number of live pairs (they come first)."""
     g = lo.shape[0]
     csum = jnp.cumsum(count)
     start = csum - count
@@ -115,7 +81,7 @@ def _pairs(lo, count, nq: int, cap: int):
     valid = p < csum[-1]
     kj = (qi // nq) * nq + lo[qi] + p - start[qi]
     kj = jnp.where(valid, jnp.clip(kj, 0, g - 1), qi)
-    return qi, kj, valid
+    return qi, kj, valid, csum[-1]
 
 
 def _bmm(spec: str, x, y):
@@ -144,9 +110,11 @@ def _chunk(num_pairs: int, heads: int, block: int) -> int:
     return max(1, min(num_pairs, CHUNK_ELEMS // (heads * block * block)))
 
 
-def _over_chunks(qi, kj, valid, heads: int, block: int, body, init):
-    """``fori_loop`` of ``body(qi_c, kj_c, valid_c, carry)`` over chunks of the pair list (the
-    list is padded with invalid pairs to a whole number of chunks)."""
+def _over_chunks(pairs, heads: int, block: int, body, init):
+    """Loop of ``body(qi_c, kj_c, valid_c, carry)`` over the chunks that hold the ``n`` live pairs
+    of ``pairs = (qi, kj, valid, n)`` (a run-time trip count: the rest of the capacity costs
+    nothing; the list is padded with invalid pairs to a whole number of chunks)."""
+    qi, kj, valid, n = pairs
     c = _chunk(qi.shape[0], heads, block)
     pad = -qi.shape[0] % c
     if pad:
@@ -157,10 +125,10 @@ def _over_chunks(qi, kj, valid, heads: int, block: int, body, init):
         part = lambda x: lax.dynamic_slice_in_dim(x, i * c, c)
         return body(part(qi), part(kj), part(valid), carry)
 
-    return lax.fori_loop(0, qi.shape[0] // c, step, init)
+    return lax.fori_loop(0, (n + c - 1) // c, step, init)
 
 
-def _fwd_pairs(qh, kh, vh, segb, qi, kj, valid):
+def _fwd_pairs(qh, kh, vh, segb, pairs):
     """Two passes over the pair chunks: the per-row max over each query block's pairs, then the
     exponentials' sums and the weighted values (the logits are recomputed, not stored)."""
     g, h, b, d = qh.shape
@@ -169,7 +137,7 @@ def _fwd_pairs(qh, kh, vh, segb, qi, kj, valid):
     def row_max(qi, kj, valid, mx):
         return mx.at[qi].max(logits(qi, kj, valid).max(-1), indices_are_sorted=True)
 
-    mx = _over_chunks(qi, kj, valid, h, b, row_max, jnp.full((g, h, b), NEG, jnp.float32))
+    mx = _over_chunks(pairs, h, b, row_max, jnp.full((g, h, b), NEG, jnp.float32))
     live = mx > 0.5 * NEG  # the query sees at least one key
     ref = jnp.where(live, mx, 0.0)
 
@@ -182,15 +150,15 @@ def _fwd_pairs(qh, kh, vh, segb, qi, kj, valid):
         return den, num
 
     init = (jnp.zeros((g, h, b), jnp.float32), jnp.zeros((g, h, b, d), jnp.float32))
-    den, num = _over_chunks(qi, kj, valid, h, b, sums, init)
+    den, num = _over_chunks(pairs, h, b, sums, init)
     out = num / jnp.where(live, den, 1.0)[..., None]
     lse = jnp.where(live, mx + jnp.log(jnp.where(live, den, 1.0)), 0.0)
     return out, lse
 
 
-def _bwd_pairs(qh, kh, vh, segb, oh, lse, doh, qi, kj, valid):
+def _bwd_pairs(qh, kh, vh, segb, oh, lse, doh, pairs):
     g, h, b, d = qh.shape
-    delta = jnp.sum(doh.astype(jnp.float32) * oh, axis=-1)  # [G, H, b]
+    delta = jnp.einsum("ghqd,ghqd->ghq", doh.astype(jnp.float32), oh)  # a contraction: see layer_norm
 
     def grads(qi, kj, valid, carry):
         dq, dk, dv = carry
@@ -203,40 +171,26 @@ def _bwd_pairs(qh, kh, vh, segb, oh, lse, doh, qi, kj, valid):
         return dq, dk, dv
 
     zeros = jnp.zeros((g, h, b, d), jnp.float32)
-    return _over_chunks(qi, kj, valid, h, b, grads, (zeros, zeros, zeros))
+    return _over_chunks(pairs, h, b, grads, (zeros, zeros, zeros))
 
 
 def _ranges(seg, b: int, m: int):
-    """Per query block ``[G]``: data hull (lo, count), band (lo, count); ``[B]`` max id span."""
+    """Per query block ``[G]``: the key block range (lo, count) of the hull of its ids, clipped to
+    the band ``i - m .. i + m`` (which holds the hull of any row whose ids span at most ``m``
+    blocks' reach; a row that breaks this is poisoned anyway); ``[B]``: each row's max id span."""
     bsz, p = seg.shape
     nq = p // b
     first, last = _id_spans(seg)
     live = seg > 0
     big = jnp.iinfo(jnp.int32).max
-    lo = jnp.min(jnp.where(live, first, big).reshape(bsz, nq, b), axis=-1)
-    hi = jnp.max(jnp.where(live, last, -1).reshape(bsz, nq, b), axis=-1)
-    any_live = hi >= 0
-    lo_blk = jnp.where(any_live, lo // b, 0)
-    count = jnp.where(any_live, hi // b - lo_blk + 1, 0)
+    lo = jnp.min(jnp.where(live, first, big).reshape(bsz, nq, b), axis=-1) // b
+    hi = jnp.max(jnp.where(live, last, -1).reshape(bsz, nq, b), axis=-1) // b
     i = jnp.arange(nq)
-    band_lo = jnp.broadcast_to(jnp.maximum(i - m, 0), (bsz, nq))
-    band_count = jnp.where(any_live, jnp.minimum(i + m, nq - 1) - band_lo + 1, 0)
+    lo = jnp.maximum(lo, i - m)
+    count = jnp.where(hi >= 0, jnp.minimum(hi, i + m) - lo + 1, 0)
     span = jnp.max(jnp.where(live, last - first + 1, 0), axis=1)
     flat = lambda x: x.reshape(-1).astype(jnp.int32)
-    return flat(lo_blk), flat(count), flat(band_lo), flat(band_count), span
-
-
-def _switch(tiers, band_cap, nq, seg_ranges, fn):
-    """Run ``fn(qi, kj, valid)`` over the pairs of the smallest tier that holds them; the band
-    when none does (left out when the largest tier holds any layout: every block x the row)."""
-    lo, count, band_lo, band_count = seg_ranges
-    branches = [functools.partial(lambda c, lo, n: fn(*_pairs(lo, n, nq, c)), c) for c in tiers]
-    if not tiers or tiers[-1] < lo.shape[0] * nq:
-        branches.append(lambda lo, n: fn(*_pairs(band_lo, band_count, nq, band_cap)))
-    if len(branches) == 1:
-        return branches[0](lo, count)
-    index = jnp.minimum(jnp.sum(jnp.asarray(tiers) < jnp.sum(count)), len(branches) - 1)
-    return lax.switch(index, branches, lo, count)
+    return (flat(jnp.where(hi >= 0, lo, 0)), flat(count)), span
 
 
 def _heads_major(t, b: int):
@@ -251,20 +205,21 @@ def _tokens_major(t, bsz: int, s: int):
     return t.transpose(0, 2, 1, 3).reshape(bsz, g * b // bsz, h, d)[:, :s]
 
 
-def _geometry(shape, max_segment_len, block, tiers):
+def _geometry(shape, max_segment_len, block):
+    """``(block, padded length, halo m, pair capacity)``: the capacity holds the band of every
+    query block of the batch (the loops stop after the live pairs)."""
     bsz, s, h, d = shape
     b = min(block, s)
     padded = math.ceil(s / b) * b
     m = halo_blocks(s, max_segment_len, b)
-    if tiers is None:
-        tiers = pair_tiers(bsz, s, max_segment_len, b)
-    return b, padded, m, tuple(sorted(int(c) for c in tiers))
+    nq = padded // b
+    return b, padded, m, bsz * nq * min(2 * m + 1, nq)
 
 
-@functools.partial(jax.jit, static_argnums=(4, 5, 6))
-def _attention_fwd(q, k, v, segment_ids, max_segment_len, block, tiers):
+@functools.partial(jax.jit, static_argnums=(4, 5))
+def _attention_fwd(q, k, v, segment_ids, max_segment_len, block):
     bsz, s, h, d = q.shape
-    b, padded, m, tiers = _geometry(q.shape, max_segment_len, block, tiers)
+    b, padded, m, cap = _geometry(q.shape, max_segment_len, block)
     seg = segment_ids.astype(jnp.int32)
     if padded != s:
         extra = [(0, 0), (0, padded - s), (0, 0), (0, 0)]
@@ -272,10 +227,8 @@ def _attention_fwd(q, k, v, segment_ids, max_segment_len, block, tiers):
         seg = jnp.pad(seg, [(0, 0), (0, padded - s)])
     q = q * jnp.asarray(1.0 / math.sqrt(d), q.dtype)
     qh, kh, vh = (_heads_major(t, b) for t in (q, k, v))
-    lo, count, band_lo, band_count, span = _ranges(seg, b, m)
-    ranges = (lo, count, band_lo, band_count)
-    fn = lambda qi, kj, valid: _fwd_pairs(qh, kh, vh, seg.reshape(-1, b), qi, kj, valid)
-    oh, lse = _switch(tiers, bsz * (padded // b) * (2 * m + 1), padded // b, ranges, fn)
+    ranges, span = _ranges(seg, b, m)
+    oh, lse = _fwd_pairs(qh, kh, vh, seg.reshape(-1, b), _pairs(*ranges, padded // b, cap))
     oh = oh.astype(qh.dtype)
     out = _tokens_major(oh, bsz, s)
     ok = span <= (max_segment_len if max_segment_len is not None else padded)
@@ -283,33 +236,32 @@ def _attention_fwd(q, k, v, segment_ids, max_segment_len, block, tiers):
     return out, (qh, kh, vh, seg, oh, lse, ranges, ok)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _attention_bwd(max_segment_len, block, tiers, res, dout):
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _attention_bwd(max_segment_len, block, res, dout):
     bsz, s, h, d = dout.shape
-    b, padded, m, tiers = _geometry(dout.shape, max_segment_len, block, tiers)
+    b, padded, m, cap = _geometry(dout.shape, max_segment_len, block)
     qh, kh, vh, seg, oh, lse, ranges, ok = res
     dout = jnp.where(ok[:, None, None, None], dout, 0)  # poisoned rows: no gradient
     if padded != s:
         dout = jnp.pad(dout, [(0, 0), (0, padded - s), (0, 0), (0, 0)])
     doh = _heads_major(dout, b)
-    fn = lambda qi, kj, valid: _bwd_pairs(qh, kh, vh, seg.reshape(-1, b), oh, lse, doh,
-                                          qi, kj, valid)
-    dq, dk, dv = _switch(tiers, bsz * (padded // b) * (2 * m + 1), padded // b, ranges, fn)
+    dq, dk, dv = _bwd_pairs(qh, kh, vh, seg.reshape(-1, b), oh, lse, doh,
+                            _pairs(*ranges, padded // b, cap))
     dq = dq * (1.0 / math.sqrt(d))
     return tuple(_tokens_major(t.astype(qh.dtype), bsz, s) for t in (dq, dk, dv))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _attention(q, k, v, segment_ids, max_segment_len, block, tiers):
-    return _attention_fwd(q, k, v, segment_ids, max_segment_len, block, tiers)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _attention(q, k, v, segment_ids, max_segment_len, block):
+    return _attention_fwd(q, k, v, segment_ids, max_segment_len, block)[0]
 
 
-def _attention_vjp_fwd(q, k, v, segment_ids, max_segment_len, block, tiers):
-    return _attention_fwd(q, k, v, segment_ids, max_segment_len, block, tiers)
+def _attention_vjp_fwd(q, k, v, segment_ids, max_segment_len, block):
+    return _attention_fwd(q, k, v, segment_ids, max_segment_len, block)
 
 
-def _attention_vjp_bwd(max_segment_len, block, tiers, res, dout):
-    dq, dk, dv = _attention_bwd(max_segment_len, block, tiers, res, dout)
+def _attention_vjp_bwd(max_segment_len, block, res, dout):
+    dq, dk, dv = _attention_bwd(max_segment_len, block, res, dout)
     return dq, dk, dv, None
 
 
@@ -317,16 +269,14 @@ _attention.defvjp(_attention_vjp_fwd, _attention_vjp_bwd)
 
 
 def segment_attention_xla(q, k, v, segment_ids, *, max_segment_len: int | None = None,
-                          block: int = 64, tiers: tuple[int, ...] | None = None):
+                          block: int = 64):
     """``softmax(q k^T / sqrt(D) + mask) v`` restricted to equal non-zero segment ids.
 
     q, k, v ``[B, S, H, D]``; segment_ids ``[B, S]``. Padding queries return 0, never NaN,
-    in forward and backward. Softmax in fp32. ``tiers`` overrides the static pair capacities
-    (over the whole batch) tried before the band; ``()`` forces the band. A row holding an id
-    that spans more than ``max_segment_len`` tokens returns NaN (and no gradient).
+    in forward and backward. Softmax in fp32. A row holding an id that spans more than
+    ``max_segment_len`` tokens returns NaN (and no gradient).
     """
-    tiers = None if tiers is None else tuple(int(c) for c in tiers)
-    return _attention(q, k, v, segment_ids, max_segment_len, block, tiers)
+    return _attention(q, k, v, segment_ids, max_segment_len, block)
 
 
 def _windows(x, m: int, b: int, fill):

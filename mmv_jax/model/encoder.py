@@ -90,6 +90,47 @@ def param(value, *axes):
     return nnx.Param(value, logical_axes=tuple(axes))
 
 
+def _ln_stats(xf, eps):
+    mean = xf.mean(-1, keepdims=True)
+    return mean, jax.lax.rsqrt(jnp.square(xf - mean).mean(-1, keepdims=True) + eps)
+
+
+def _rowdot(a, b):
+    """``sum(a * b, -1)`` as a contraction (XLA:CPU runs a fused multiply-reduce over the minor axis
+    ~25x slower than the equivalent dot)."""
+    return jnp.einsum("...d,...d->...", a, b)[..., None]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def layer_norm(x, scale, bias, eps: float):
+    """LayerNorm over the last axis in fp32, output in ``x.dtype``. Its hand-written backward
+    saves only ``x`` and two per-token statistics and keeps every reduction a contraction; XLA's
+    own derivative of the formula cost ~20 ms per ViT-S/14 norm on a 4096 row on CPU, this ~1 ms."""
+    return _layer_norm_fwd(x, scale, bias, eps)[0]
+
+
+def _layer_norm_fwd(x, scale, bias, eps):
+    xf = x.astype(jnp.float32)
+    mean, rstd = _ln_stats(xf, eps)
+    return ((xf - mean) * rstd * scale + bias).astype(x.dtype), (x, mean, rstd, scale)
+
+
+def _layer_norm_bwd(eps, res, g):
+    x, mean, rstd, scale = res
+    xhat = (x.astype(jnp.float32) - mean) * rstd
+    gf = g.astype(jnp.float32)
+    g2, xhat2 = gf.reshape(-1, gf.shape[-1]), xhat.reshape(-1, gf.shape[-1])
+    dscale = jnp.einsum("nd,nd->d", g2, xhat2)
+    dbias = g2.sum(0)
+    gs = gf * scale
+    n = gf.shape[-1]
+    dx = rstd * (gs - _rowdot(gf, scale) / n - xhat * (_rowdot(gs, xhat) / n))
+    return dx.astype(x.dtype), dscale, dbias
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
 class LayerNorm(nnx.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         self.scale = param(jnp.ones((dim,), jnp.float32), "embed")
@@ -97,11 +138,7 @@ class LayerNorm(nnx.Module):
         self.eps = eps
 
     def __call__(self, x):
-        xf = x.astype(jnp.float32)
-        mean = xf.mean(-1, keepdims=True)
-        var = jnp.square(xf - mean).mean(-1, keepdims=True)
-        y = (xf - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
-        return y.astype(x.dtype)
+        return layer_norm(x, self.scale[...], self.bias[...], self.eps)
 
 
 class Dense(nnx.Module):
