@@ -61,6 +61,14 @@ def test_matches_naive_loop_forward_and_grad(max_len):
         np.testing.assert_allclose(g, r, atol=1e-4)
 
 
+def test_batch_of_only_padding_gives_zeros():
+    seg = jnp.zeros((2, 96), jnp.int32)
+    q = jax.random.normal(jax.random.PRNGKey(5), (2, 96, 2, 16))
+    f = lambda q: segment_attention_xla(q, q, q, seg, max_segment_len=40, block=32)
+    out, grad = f(q), jax.grad(lambda q: jnp.sum(f(q) * q))(q)
+    assert np.all(np.asarray(out) == 0) and np.all(np.asarray(grad) == 0)
+
+
 def test_band_skips_blocks_and_poisons_overlong_segments():
     b, m, padded = band_geometry(4096, 256, 64)
     assert (b, m, padded) == (64, 4, 4096)  # 9 key blocks of 64 per query block, not 64
