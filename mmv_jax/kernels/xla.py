@@ -8,8 +8,8 @@ key blocks. The ranges are computed from ``segment_ids`` at run time (one sort o
 out as one flat list of (query block, key block) pairs over the whole batch; each pair's logits
 ``[H, b, b]`` are masked by segment equality, the softmax runs across the pairs of each query
 block (segment max / sum), and the outputs are summed back per query block. The pairs are visited in chunks of a few (a ``fori_loop``, see
-:func:`_chunk`) so that each chunk's operands stay in cache; the forward takes two passes (the
-row max, then the sums). A ``jax.custom_vjp`` keeps only ``q, k, v, out`` and the per-row
+:func:`_chunk`) so that each chunk's operands stay in cache; the forward keeps a running row max
+(online softmax, one pass). A ``jax.custom_vjp`` keeps only ``q, k, v, out`` and the per-row
 log-sum-exp and recomputes the probabilities in the backward pass (flash style).
 
 Static shapes with exact results for every layout: the pair list has room for the whole band
@@ -129,29 +129,33 @@ def _over_chunks(pairs, heads: int, block: int, body, init):
 
 
 def _fwd_pairs(qh, kh, vh, segb, pairs):
-    """Two passes over the pair chunks: the per-row max over each query block's pairs, then the
-    exponentials' sums and the weighted values (the logits are recomputed, not stored)."""
+    """One pass over the pair chunks with a running row max (online softmax). The pairs are
+    sorted by query block, so a block's pairs within a chunk are adjacent: the first of them
+    rescales the block's sums to the new max (added as ``(alpha - 1) * old``, so one scatter-add
+    per sum). A row that has only seen masked keys holds junk (``exp(NEG - NEG) = 1``) that the
+    first live key's ``alpha = exp(NEG - max) = 0`` wipes out; rows that never see one are
+    dropped at the end."""
     g, h, b, d = qh.shape
-    logits = lambda qi, kj, valid: _pair_logits(qh, kh, segb, qi, kj, valid)
 
-    def row_max(qi, kj, valid, mx):
-        return mx.at[qi].max(logits(qi, kj, valid).max(-1), indices_are_sorted=True)
+    def step(qi, kj, valid, carry):
+        mx, den, num = carry
+        s = _pair_logits(qh, kh, segb, qi, kj, valid)
+        old = mx[qi]
+        mx = mx.at[qi].max(s.max(-1), indices_are_sorted=True)
+        new = mx[qi]
+        first = jnp.concatenate([jnp.ones((1,), bool), qi[1:] != qi[:-1]])[:, None, None]
+        rescale = jnp.where(first, jnp.exp(old - new) - 1.0, 0.0)  # alpha - 1, once per block
+        e = jnp.exp(s - new[..., None])
+        den = den.at[qi].add(rescale * den[qi] + e.sum(-1), indices_are_sorted=True)
+        pv = _bmm("chqk,chkd->chqd", e.astype(vh.dtype), vh[kj])
+        num = num.at[qi].add(rescale[..., None] * num[qi] + pv, indices_are_sorted=True)
+        return mx, den, num
 
-    mx = _over_chunks(pairs, h, b, row_max, jnp.full((g, h, b), NEG, jnp.float32))
+    init = (jnp.full((g, h, b), NEG, jnp.float32), jnp.zeros((g, h, b), jnp.float32),
+            jnp.zeros((g, h, b, d), jnp.float32))
+    mx, den, num = _over_chunks(pairs, h, b, step, init)
     live = mx > 0.5 * NEG  # the query sees at least one key
-    ref = jnp.where(live, mx, 0.0)
-
-    def sums(qi, kj, valid, carry):
-        den, num = carry
-        e = jnp.exp(logits(qi, kj, valid) - ref[qi][..., None])  # masked: exp(NEG) == 0
-        den = den.at[qi].add(e.sum(-1), indices_are_sorted=True)
-        num = num.at[qi].add(_bmm("chqk,chkd->chqd", e.astype(vh.dtype), vh[kj]),
-                             indices_are_sorted=True)
-        return den, num
-
-    init = (jnp.zeros((g, h, b), jnp.float32), jnp.zeros((g, h, b, d), jnp.float32))
-    den, num = _over_chunks(pairs, h, b, sums, init)
-    out = num / jnp.where(live, den, 1.0)[..., None]
+    out = jnp.where(live[..., None], num / jnp.where(live, den, 1.0)[..., None], 0.0)
     lse = jnp.where(live, mx + jnp.log(jnp.where(live, den, 1.0)), 0.0)
     return out, lse
 

@@ -37,12 +37,18 @@ def train_step(state: TrainState, batch: PackedBatch, *, graphdef, tx, schedule,
                                  pred_reduce=pred_reduce)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, new_opt = tx.update(grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+    def update(params, opt_state):
+        updates, new_opt = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), new_opt
+
+    # A conditional, not a select over every leaf: the select pass over params and both Adam
+    # moments cost ~4% of a ViT-S/14 step on CPU (and the update can stay in place).
+    new_params, new_opt = jax.lax.cond(finite, update, lambda p, o: (p, o), state.params,
+                                       state.opt_state)
     new_state = TrainState(
-        params=keep(new_params, state.params),
-        opt_state=keep(new_opt, state.opt_state),
+        params=new_params,
+        opt_state=new_opt,
         step=state.step + 1,
         rng=state.rng,
         nonfinite=jnp.where(finite, 0, state.nonfinite + 1).astype(jnp.int32),
