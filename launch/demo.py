@@ -17,6 +17,8 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from mmv_jax.hugepages import reexec_with_hugepages
+
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Demo config.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Run folder.")
 _DATA = flags.DEFINE_string("data", "data/demo", "Demo data folder (written when missing).")
@@ -120,6 +122,7 @@ def _main(argv):
 
 
 def main():
+    reexec_with_hugepages()
     app.run(_main)
 
 

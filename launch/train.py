@@ -14,6 +14,8 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from mmv_jax.hugepages import reexec_with_hugepages
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file (get_config()).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder: checkpoints, metrics.jsonl, TensorBoard.")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -41,6 +43,7 @@ def _main(argv):
 
 
 def main():
+    reexec_with_hugepages()
     app.run(_main)
 
 

@@ -27,6 +27,7 @@ from flax import nnx
 from mmv_jax.data import pipeline
 from mmv_jax.data.manifest import load_manifest
 from mmv_jax.eval.io import FINDINGS, save_embeddings
+from mmv_jax.hugepages import reexec_with_hugepages
 from mmv_jax.model.axes import axis_rules
 from mmv_jax.train import checkpoint, sharding as shd, state as st
 
@@ -130,6 +131,8 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--random-init", action="store_true", help="untrained encoder baseline")
     args = ap.parse_args(argv)
+    if argv is None:
+        reexec_with_hugepages()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = load_run_config(args.checkpoint, args.config)
     mesh = shd.make_mesh((-1, 1, 1))
