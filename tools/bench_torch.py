@@ -17,7 +17,9 @@ back to back, 3.1-3.6 s right after a PyTorch step, still ~3.1 s after a 1 s pau
 path comes last, on its own (it slows whatever runs after it by more). ``*_tokens_per_s`` and
 ``ratio`` use the median timed step; ``*_best_tokens_per_s`` and ``ratio_best_of`` the fastest
 (the least disturbed one); ``*_cpu_s`` is process CPU time a step. Tokens are real (non-padding)
-tokens.
+tokens. ``glibc_tunables`` says whether both sides ran with huge pages (``mmv_jax/hugepages.py``;
+measured here, JAX 2.64 -> 2.29 s with them, PyTorch 3.2-3.3 -> 3.6-3.7 s); ``MMV_HUGEPAGES=0``
+runs both without.
 """
 from __future__ import annotations
 
