@@ -7,10 +7,11 @@ those lie inside the hull ``[min first(id), max last(id)]`` over its ids: a cont
 key blocks. The ranges are computed from ``segment_ids`` at run time (one sort of the row), laid
 out as one flat list of (query block, key block) pairs over the whole batch; each pair's logits
 ``[H, b, b]`` are masked by segment equality, the softmax runs across the pairs of each query
-block (segment max / sum), and the outputs are summed back per query block. The pairs are visited in chunks of a few (a ``fori_loop``, see
-:func:`_chunk`) so that each chunk's operands stay in cache; the forward keeps a running row max
-(online softmax, one pass). A ``jax.custom_vjp`` keeps only ``q, k, v, out`` and the per-row
-log-sum-exp and recomputes the probabilities in the backward pass (flash style).
+block (segment max / sum), and the outputs are summed back per query block. The pairs are
+visited in chunks of a few (a ``fori_loop``, see :func:`_chunk`) so that each chunk's operands
+stay in cache; the forward keeps a running row max (online softmax, one pass). A
+``jax.custom_vjp`` keeps only ``q, k, v, out`` and the per-row log-sum-exp and recomputes the
+probabilities in the backward pass (flash style).
 
 Static shapes with exact results for every layout: the pair list has room for the whole band
 of key blocks ``i - m .. i + m`` of every query block (``m = ceil((L - 1) / b)`` for
@@ -162,7 +163,7 @@ def _fwd_pairs(qh, kh, vh, segb, pairs):
 
 def _bwd_pairs(qh, kh, vh, segb, oh, lse, doh, pairs):
     g, h, b, d = qh.shape
-    delta = jnp.einsum("ghqd,ghqd->ghq", doh.astype(jnp.float32), oh)  # a contraction: see layer_norm
+    delta = jnp.einsum("ghqd,ghqd->ghq", doh.astype(jnp.float32), oh)  # see _rowdot (encoder)
 
     def grads(qi, kj, valid, carry):
         dq, dk, dv = carry
