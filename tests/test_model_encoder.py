@@ -129,3 +129,23 @@ def test_layer_norm_vjp_matches_autodiff_of_the_formula(dtype):
         assert a.dtype == b.dtype
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
                                    rtol=tol, atol=tol * float(jnp.abs(b.astype(jnp.float32)).max()))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_matmul_vjp_matches_autodiff_of_the_product(dtype):
+    from mmv_jax.model.encoder import matmul
+
+    k = jax.random.split(jax.random.PRNGKey(1), 3)
+    x = jax.random.normal(k[0], (2, 17, 24)).astype(dtype)
+    w = jax.random.normal(k[1], (24, 3, 5)).astype(dtype)      # multi-dim output, like qkv
+    c = jax.random.normal(k[2], (2, 17, 3, 5))
+    loss = lambda f: lambda x, w: jnp.sum(f(x, w).astype(jnp.float32) * c)
+    ref = lambda x, w: jnp.einsum("bsi,ihk->bshk", x, w)
+    (v, g), (v_ref, g_ref) = (jax.jit(jax.value_and_grad(loss(f), argnums=(0, 1)))(x, w)
+                              for f in (matmul, ref))
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(v, v_ref, rtol=tol)
+    for a, b in zip(g, g_ref):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                   rtol=tol, atol=tol * float(jnp.abs(b.astype(jnp.float32)).max()))
