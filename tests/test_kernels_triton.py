@@ -310,7 +310,7 @@ def test_device_check_arguments():
   args = dc.parse_args([])
   assert args.section == ["kernels", "train"] and not args.dry_run
   assert args.seq_lens == [4096, 8192, 16384, 32768] and args.segments == [1, 8, 64]
-  assert "kernels" in dc.SECTIONS and "train" in dc.SECTIONS
+  assert set(dc.SECTIONS) == {"kernels", "train", "e2e"}
   with pytest.raises(SystemExit):
     dc.parse_args(["--section", "nope"])
 
@@ -330,6 +330,18 @@ def test_device_check_dry_run_on_cpu(capsys):
   assert out.count("PASS ") >= 2                # bf16 and fp32 checks
   assert "packed mix" in out and "fwd+bwd" in out
   assert re.search(r"Ti/14\s+1024\s+[0-9.]+\s+[0-9]+", out), out   # the train section's row
+
+
+@pytest.mark.slow
+def test_device_check_e2e_dry_run_on_cpu(capsys):
+  """The launcher section on CPU (about a minute): demo data, two launch.train runs, resume."""
+  pytest.importorskip("jax")
+  dc = _device_check()
+  rc = dc.main(["--dry-run", "--section", "e2e"])
+  out = capsys.readouterr().out
+  assert rc == 0, out
+  assert "resume: from" in out and "at step 2" in out
+  assert "PASS  finite losses, one row per step, resumed at step 2" in out
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run tools/device_check.py on a lent GPU machine whose image has jax, flax, optax, orbax and
 # triton but not the rest of our dependencies. The missing wheels travel in .whl/ (ignored by git):
-#   .whl/base/   grain, array-record, portpicker, ml-collections   (installed into /tmp/site)
+#   .whl/base/   grain, array-record, portpicker, ml-collections, pydicom, nibabel, tensorboardX
 #   .whl/alt/    flax (installed only when the image's flax is older than our lower bound)
 #   .whl/jt*/    one jax-triton version per folder; the first whose kernels run here is used
 # Download them here with pip download --no-deps --python-version 3.12 ... -d .whl/<folder>.
