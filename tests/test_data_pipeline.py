@@ -103,6 +103,30 @@ def test_save_restore_exact(demo):
     assert not _same(next(other)[0], ref_batches[0])
 
 
+_BLAS_THREADS = r"""
+import sys
+from threadpoolctl import threadpool_info
+from mmv_jax.data import pipeline as P
+blas = lambda: sorted({p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"})
+before = blas()
+cfg = P.demo_config()
+cfg.manifest, cfg.cxr_per_batch, cfg.ct_per_batch = sys.argv[1], 4, 2
+next(P.make_train_iterator(cfg, seed=0))
+print(before, blas())
+"""
+
+
+def test_batches_build_with_one_blas_thread(demo):
+    pytest.importorskip("threadpoolctl")
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="2", JAX_PLATFORMS="cpu")
+    r = subprocess.run([sys.executable, "-c", _BLAS_THREADS, demo], capture_output=True,
+                       text=True, env=env, check=True)
+    before, after = r.stdout.strip().splitlines()[-1].split("] [")
+    if before == "[]":
+        pytest.skip("numpy loaded no BLAS that threadpoolctl can see")
+    assert (before, after) == ("[2", "1]")
+
+
 def test_worker_processes_match_and_restore(demo):
     cfg = _cfg(demo, worker_count=2)
     it = P.make_train_iterator(cfg, seed=5)

@@ -75,6 +75,22 @@ def prepare_views(rec: Record, rng: np.random.Generator, sample: int, cfg_views,
                         flips=cfg_views["flips"])
 
 
+_ONE_BLAS_THREAD = []
+
+
+def use_one_blas_thread() -> None:
+    """Sets numpy's BLAS to one thread for this process (once; never restored: a process-wide
+    setting cannot be restored safely while other threads build batches). The resizes are small
+    matmuls, and Grain workers that each run OpenBLAS with a thread per core oversubscribe the
+    host: 2 workers on 2 cores built 2.4 batches/s, 6.6 with one thread each; on a 16-core GPU
+    host 8 workers fed the step only about 20k tokens/s. The in-process pipeline does the same,
+    so a batch is bit-identical whatever the worker count."""
+    if not _ONE_BLAS_THREAD:
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(limits=1, user_api="blas")
+        _ONE_BLAS_THREAD.append(True)
+
+
 class _TrainSource:
     """Random-access source: ``source[step]`` is this process's packed batch of that step."""
 
@@ -115,6 +131,7 @@ class _TrainSource:
         return int(self._perm[key][q % n])
 
     def __getitem__(self, step: int):
+        use_one_blas_thread()
         step = int(step)
         views: list[View] = []
         bad: list[tuple[str, str]] = []
