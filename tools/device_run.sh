@@ -4,11 +4,27 @@
 #   .whl/base/   grain, array-record, portpicker, ml-collections, pydicom, nibabel, tensorboardX
 #   .whl/alt/    flax (installed only when the image's flax is older than our lower bound)
 #   .whl/jt*/    one jax-triton version per folder; the first whose kernels run here is used
-# Download them here with pip download --no-deps --python-version 3.12 ... -d .whl/<folder>.
-# Usage: bash tools/device_run.sh 'CMD' ['CMD' ...], e.g.
+# `bash tools/device_run.sh --fetch` downloads them here (Python 3.12, x86-64 Linux; 11 MB).
+# On the device: bash tools/device_run.sh 'CMD' ['CMD' ...], e.g.
 #   bash tools/device_run.sh 'timeout 300 python3 tools/device_check.py --section kernels'
 # Each CMD runs in turn with that environment; logs go to $OUT (or ./device_logs).
+# Seen 2026-11-26 on the H200 image (jax 0.11.2, triton 3.6.0): jax-triton 0.3.1 runs (through
+# jaxlib's legacy `triton_kernel_call` target); 0.4.x needs triton >= 3.7, whose wheel (200 MB)
+# is too big to carry.
 set -u
+if [ "${1:-}" = "--fetch" ]; then
+  dl() {
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+      --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+      --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+      --platform manylinux2014_x86_64 -d ".whl/$1" "${@:2}"
+  }
+  dl base grain==0.2.18 array-record portpicker ml-collections==1.1.0 pydicom nibabel tensorboardX
+  dl alt flax==0.12.8
+  dl jt31 jax-triton==0.3.1
+  dl jt41 jax-triton==0.4.1
+  exit
+fi
 out=${OUT:-device_logs}; mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \

@@ -82,7 +82,7 @@ def use_one_blas_thread() -> None:
     """Sets numpy's BLAS to one thread for this process (once; never restored: a process-wide
     setting cannot be restored safely while other threads build batches). The resizes are small
     matmuls, and Grain workers that each run OpenBLAS with a thread per core oversubscribe the
-    host: 2 workers on 2 cores built 2.4 batches/s, 6.6 with one thread each; on a 16-core GPU
+    host: 2 workers on 2 cores built 2.4 batches/s, 6.4 with one thread each; on a 16-core GPU
     host 8 workers fed the step only about 20k tokens/s. The in-process pipeline does the same,
     so a batch is bit-identical whatever the worker count."""
     if not _ONE_BLAS_THREAD:
