@@ -42,7 +42,7 @@ def test_sigkill_resume_matches_uninterrupted(tmp_path, demo_manifest):
     killed = tmp_path / "killed"
     proc = subprocess.Popen(train_cmd(killed, demo_manifest, *common), cwd=ROOT, env=env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    _wait_for_step(killed, 5, proc)  # checkpoint at 3; 4 and 5 are lost
+    _wait_for_step(killed, 5, proc)  # checkpoint at 3; steps after it are lost
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     # the run may have passed another checkpoint before the signal landed: resume from the last
