@@ -26,7 +26,7 @@ def get_config():
     # prediction loss, lambda 0.05 collapses here (pred_loss -> 0 by step 60, SIGReg stuck near
     # 2.7, the backbone's CXR and CT embeddings 115 within-modality stds apart); lambda 0.5 keeps
     # SIGReg at 1.2-1.6. Measured (make demo, default demo data): macro AUROC 0.854 vs random init
-    # 0.824 at lambda 0.5; 0.839 at lambda 0.05 (300 or 600 steps), 0.816 with local views of
+    # 0.824 at lambda 0.5; 0.839 / 0.833 at lambda 0.05 (300 / 600 steps), 0.816 with local views of
     # 25-60%, 0.807 with 32 samples a step and 2 local views at lambda 0.2.
     c.loss.pred_reduce = "mean"
     c.loss.lam = 0.5
