@@ -21,7 +21,8 @@ def test_demo_config_learns_without_collapse(tmp_path, demo_manifest):
     loss = np.array([x["loss"] for x in rows])
     sig = np.array([x["sigreg_loss"] for x in rows])
     assert np.isfinite(loss).all() and np.isfinite(sig).all()
-    # lambda 0.5: SIGReg dominates the loss and falls by about 30% in 40 steps
+    # lambda 0.2: the loss falls to about 0.6x its start in 40 steps (prediction loss ~0.2 -> 0.03,
+    # SIGReg ~1.65 -> 1.35)
     assert loss[-10:].mean() < 0.85 * loss[:5].mean()
     assert sig.max() < 50.0  # bounded: a fully collapsed batch of 6 samples scores ~15-20 per view
 
@@ -49,4 +50,5 @@ def test_make_demo_beats_random_init(tmp_path):
     report = json.load(open(tmp_path / "run" / "demo_report.json"))
     trained, random = report["auroc"]["trained"]["macro"], report["auroc"]["random_init"]["macro"]
     print(f"macro AUROC trained {trained:.3f} vs random-init {random:.3f} ({report['seconds']:.0f} s)")
-    assert trained > random
+    # measured 0.764 vs 0.657; either macro's 95% CI is about +-0.02
+    assert trained > random + 0.05
