@@ -23,12 +23,12 @@ def get_config():
     c.optim.warmup_steps = 30
     c.loss.num_slices = 128
     # 6 CXR + 6 CT a step (the data default is 8 + 4): with 4 CT a step the CT features were no
-    # better than a random encoder's. 12 samples a step is far below the paper's 256: lambda 0.025-
-    # 0.05 collapses the projector (pred_loss -> 0 by step 40, SIGReg near 2.8) and 0.5 learns
-    # little invariance (pred_loss stays ~0.4). Measured with make demo's data (1,920 CXR + 576 CT,
+    # better than a random encoder's. 12 samples a step is far below the paper's 256: lambda 0.05
+    # collapses the projector (pred_loss -> 0 by step 40, SIGReg near 2.8) and 0.5 learns little
+    # invariance (pred_loss stays ~0.4). Measured with make demo's data (1,920 CXR + 576 CT,
     # ~380 test images, CI +-0.02), macro AUROC trained vs random init 0.657:
     #   lambda 0.05 / 0.2 / 0.5, 8 CXR + 4 CT, 300 steps: 0.708 / 0.732 / 0.702
-    #   lambda 0.05, 600 steps: 0.726;  lambda 0.2, 6 + 6, 300 steps: 0.737
+    #   lambda 0.05, 8 + 4, 600 steps: 0.726;  lambda 0.2, 6 + 6, 300 steps: 0.737
     #   lambda 0.2, 6 + 6, 600 steps (this config): 0.764 (seed 1: 0.763 vs random init 0.643)
     c.data.cxr_per_batch = 6
     c.data.ct_per_batch = 6
