@@ -36,6 +36,14 @@ import numpy as np
 from mmv_jax.data.manifest import LABELS, write_manifest
 
 P_FINDING = 0.4
+N_CXR, N_CT = 1920, 576   # default size
+
+
+def _pose(a, b, th: float, size: float, ta: float, tb: float):
+    """Scanner coordinates ``(a, b)`` -> patient coordinates: the patient shifted by
+    ``(ta, tb)``, rotated by ``th`` and scaled by ``size`` in that plane."""
+    c, s = np.cos(th), np.sin(th)
+    return (c * (a - ta) + s * (b - tb)) / size, (-s * (a - ta) + c * (b - tb)) / size
 
 
 def _gauss_matrix(n: int, sigma: float) -> np.ndarray:
@@ -67,8 +75,7 @@ def cxr_phantom(rng, h: int, w: int, labels: dict) -> np.ndarray:
     # positioning: the patient is rotated, shifted and sized differently on every detector
     th, size = float(rng.normal(0, 0.06)), float(rng.uniform(0.86, 1.08))
     tu, tv = float(rng.normal(0, 0.05)), float(rng.normal(0, 0.05))
-    u = (np.cos(th) * (ud - tu) + np.sin(th) * (vd - tv)) / size   # patient coordinates
-    v = (-np.sin(th) * (ud - tu) + np.cos(th) * (vd - tv)) / size
+    u, v = _pose(ud, vd, th, size, tu, tv)
     jit = lambda s: float(rng.normal(0, s))
     mu = np.zeros((h, w), np.float32)
     body = ((u / (0.86 + jit(0.02))) ** 2 + ((v - 0.05) / 1.0) ** 2) < 1
@@ -190,8 +197,7 @@ def ct_phantom(rng, shape, labels: dict) -> np.ndarray:
     # positioning: patient size, table height, centring, rotation, scan range vary per scan
     th, size = float(rng.normal(0, 0.05)), float(rng.uniform(0.85, 1.1))
     tx, ty = float(rng.normal(0, 0.05)), float(rng.normal(0, 0.06))
-    x, y = ((np.cos(th) * (x - tx) + np.sin(th) * (y - ty)) / size,
-            (-np.sin(th) * (x - tx) + np.cos(th) * (y - ty)) / size)
+    x, y = _pose(x, y, th, size, tx, ty)
     z = z + float(rng.uniform(-0.12, 0.12))
     jit = lambda s: float(rng.normal(0, s))
     hu = np.full(shape, -1000.0, np.float32)
@@ -268,7 +274,7 @@ def _split(rng) -> str:
     return "train" if u < 0.7 else ("val" if u < 0.85 else "test")
 
 
-def make_demo_dataset(out: str, n_cxr: int = 1920, n_ct: int = 576, seed: int = 0,
+def make_demo_dataset(out: str, n_cxr: int = N_CXR, n_ct: int = N_CT, seed: int = 0,
                       verbose: bool = False) -> str:
     """Writes the demo dataset under ``out``; returns the manifest path."""
     os.makedirs(os.path.join(out, "cxr"), exist_ok=True)
@@ -312,8 +318,8 @@ def make_demo_dataset(out: str, n_cxr: int = 1920, n_ct: int = 576, seed: int = 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="mmv-demo-data", description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)
-    ap.add_argument("--n-cxr", type=int, default=1920)
-    ap.add_argument("--n-ct", type=int, default=576)
+    ap.add_argument("--n-cxr", type=int, default=N_CXR)
+    ap.add_argument("--n-ct", type=int, default=N_CT)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     t = time.time()
