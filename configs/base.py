@@ -18,7 +18,8 @@ def get_config():
     c.init_from = ""              # workdir/checkpoint of another run: params only, fresh optimizer
     c.max_nonfinite_steps = 20    # stop after this many skipped (non-finite) updates in a row
     c.peak_flops_per_device = 0.0  # 0: vendor table for accelerators, measured on CPU
-    c.progress_bar = True         # on interactive terminals only
+    c.allow_config_change = False  # resume with changed model/loss/optim/global batch (workdir.py)
+    c.require_platform = ""       # "" any; "cpu" / "gpu" / "tpu": fail fast when JAX runs elsewhere
 
     c.model = ml_collections.ConfigDict()
     c.model.variant = "B/14"
@@ -63,6 +64,11 @@ def get_config():
     c.distributed.coordinator = ""   # host:port; empty = auto (TPU slice / SLURM / single host)
     c.distributed.num_processes = -1
     c.distributed.process_id = -1
+    # seconds (mmv_jax/train/distributed.py): a host silent this long is declared dead and the
+    # others exit with an error; a finished process waits this long for the rest at exit
+    c.distributed.initialization_timeout_s = 300
+    c.distributed.heartbeat_timeout_s = 100
+    c.distributed.shutdown_timeout_s = 300
 
     c.data = pipeline.default_config()
     return c

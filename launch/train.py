@@ -14,6 +14,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from mmv_jax import paths
 from mmv_jax.hugepages import reexec_with_hugepages
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file (get_config()).")
@@ -27,19 +28,33 @@ def _main(argv):
     logging.getLogger("mmv_jax").setLevel(logging.INFO)
     from mmv_jax.train.loop import train_and_evaluate
 
-    workdir = os.path.abspath(_WORKDIR.value)
+    import jax
+    workdir = paths.resolve(_WORKDIR.value)  # a URI stays a URI (gs://...)
     cfg = _CONFIG.value
     try:
         last = train_and_evaluate(cfg, workdir)
+    except jax.errors.JaxRuntimeError as e:
+        if jax.process_count() == 1:
+            raise
+        # A collective failed: another process died (its log says why). Exit at once: the
+        # orderly shutdown would wait at a barrier for the dead process and then abort.
+        print(f"mmv-train: process {jax.process_index()} of {jax.process_count()}: a collective "
+              f"failed, another process has probably died (see its log); the run resumes from "
+              f"its last checkpoint when restarted. {str(e).splitlines()[0][:300]}",
+              file=sys.stderr, flush=True)
+        logging.shutdown()
+        os._exit(1)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         if "config" not in str(e):  # not a user-facing error: keep the traceback
             raise
         sys.exit(f"mmv-train: {e}")
-    import jax
     if jax.process_index() == 0:
-        print(f"mmv-train: done at loss {last.get('loss', float('nan')):.4f}; "
-              f"metrics in {os.path.join(workdir, 'metrics.jsonl')}, "
-              f"checkpoints in {os.path.join(workdir, 'checkpoints')}, TensorBoard in {os.path.join(workdir, 'tb')}")
+        how = ("already finished" if last.get("already_finished") else
+               "preempted, rerun to resume" if last.get("preempted") else "done")
+        loss = f" at step {last['step']}, loss {last['loss']:.4f}" if "loss" in last and "step" in last \
+            else f" at loss {last['loss']:.4f}" if "loss" in last else ""
+        print(f"mmv-train: {how}{loss}; metrics in {workdir / 'metrics.jsonl'}, "
+              f"checkpoints in {workdir / 'checkpoints'}, TensorBoard in {workdir / 'tb'}")
 
 
 def main():

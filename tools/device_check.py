@@ -319,7 +319,7 @@ def section_e2e(args) -> bool:
           f"--config.data.cxr_per_batch={args.e2e_batch[0]}",
           f"--config.data.ct_per_batch={args.e2e_batch[1]}",
           f"--config.data.buckets.seq_len={args.e2e_seq_len}",
-          f"--config.data.worker_count={args.e2e_workers}", "--config.progress_bar=False",
+          f"--config.data.worker_count={args.e2e_workers}",
           f"--config.checkpoint_every_steps={max(1, n // 2)}", "--config.log_every_steps=1",
           f"--config.optim.warmup_steps={max(1, n // 4)}"]
   logs = os.environ.get("OUT") or tmp   # the device tool brings $OUT back

@@ -2,7 +2,8 @@
 shape comes from a small fixed set of buckets ``(rows, seq_len, slots)``.
 
 Views are assigned to rows by first-fit decreasing (a view never straddles two rows); the
-batch takes the smallest configured row count that holds them. Buckets share one ``seq_len``
+batch takes the smallest configured row count that holds them. With several processes the row
+count is agreed across them first (the largest need), so every process feeds the same shape. Buckets share one ``seq_len``
 (a multiple of 128, the attention kernels' block size). :func:`auto_bucket_rows` picks the row
 counts from the view-size distribution (Monte Carlo over the view sampler on nominal image
 shapes) so that the expected padding is minimal with at most ``max_shapes`` shapes.
@@ -14,7 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
-from mmv_jax.batch import PATCH, PackedBatch, View, pack_rows
+from mmv_jax.batch import PATCH, PackedBatch, View, empty_batch, pack_rows
 
 
 class BucketError(ValueError):
@@ -46,31 +47,58 @@ def ffd_rows(sizes: Sequence[int], seq_len: int, slots: int) -> list[list[int]]:
     return rows
 
 
+def pack_compact(views: Sequence[View], seq_len: int, slots: int, patch_dim: int
+                 ) -> tuple[PackedBatch, dict]:
+    """Packs ``views`` into as few rows as first-fit decreasing needs (no bucket padding yet).
+
+    Returns ``(batch, info)`` with ``info`` = ``real_tokens`` and ``rows_needed`` (numpy scalars).
+    The bucket is chosen later (:func:`bucket_for`, :func:`pad_rows`): with several processes
+    every process must use the same row count, which only the consumer can agree on.
+    """
+    sizes = [v.num_tokens for v in views]
+    assign = ffd_rows(sizes, seq_len, slots)
+    batch = pack_rows([[views[i] for i in row] for row in assign], seq_len, slots, patch_dim)
+    return batch, dict(real_tokens=np.int64(sum(sizes)), rows_needed=np.int64(len(assign)))
+
+
+def bucket_for(rows_needed: int, row_buckets: Sequence[int]) -> int:
+    """The smallest of ``row_buckets`` that holds ``rows_needed`` rows; :class:`BucketError` if
+    none does."""
+    fits = [r for r in sorted(row_buckets) if r >= rows_needed]
+    if not fits:
+        raise BucketError(
+            f"a batch needs {rows_needed} rows but the largest bucket has {max(row_buckets)} "
+            f"rows; raise data.buckets.rows (or seq_len), or set data.buckets.rows=() to size "
+            f"them automatically from data.buckets.nominal_*_shape")
+    return fits[0]
+
+
+def pad_rows(batch: PackedBatch, rows: int) -> PackedBatch:
+    """Appends empty rows (padding tokens, empty view slots) up to ``rows``."""
+    extra = rows - batch.segment_ids.shape[0]
+    if extra < 0:
+        raise ValueError(f"batch has {batch.segment_ids.shape[0]} rows, more than {rows}")
+    if extra == 0:
+        return batch
+    empty = empty_batch(extra, batch.segment_ids.shape[1], batch.view_sample.shape[1],
+                        batch.patches.shape[2])
+    return PackedBatch(*(np.concatenate([x, e.astype(x.dtype)]) for x, e in zip(batch, empty)))
+
+
 def pack_batch(views: Sequence[View], row_buckets: Sequence[int], seq_len: int, slots: int,
                patch_dim: int) -> tuple[PackedBatch, dict]:
-    """Packs ``views`` into the smallest bucket of ``row_buckets`` rows that holds them.
+    """Packs ``views`` into the smallest bucket of ``row_buckets`` rows that holds them (one
+    process: :func:`pack_compact`, :func:`bucket_for`, :func:`pad_rows`).
 
     Returns ``(batch, info)`` with ``info`` = ``packing_efficiency`` (real tokens / capacity),
     ``real_tokens``, ``rows``, ``rows_needed``. Raises :class:`BucketError` when even the largest
     bucket is too small.
     """
-    sizes = [v.num_tokens for v in views]
-    assign = ffd_rows(sizes, seq_len, slots)
-    need = len(assign)
-    fits = [r for r in sorted(row_buckets) if r >= need]
-    if not fits:
-        raise BucketError(
-            f"a batch of {len(views)} views ({sum(sizes)} tokens) needs {need} rows of {seq_len} "
-            f"tokens but the largest bucket has {max(row_buckets)} rows; raise "
-            f"data.buckets.rows (or seq_len), or set data.buckets.rows=() to size them "
-            f"automatically from data.buckets.nominal_*_shape")
-    rows = fits[0]
-    assign = assign + [[] for _ in range(rows - need)]
-    batch = pack_rows([[views[i] for i in row] for row in assign], seq_len, slots, patch_dim)
-    real = int(sum(sizes))
-    info = dict(packing_efficiency=np.float32(real / (rows * seq_len)),
-                real_tokens=np.int64(real), rows=np.int64(rows), rows_needed=np.int64(need))
-    return batch, info
+    batch, info = pack_compact(views, seq_len, slots, patch_dim)
+    rows = bucket_for(int(info["rows_needed"]), row_buckets)
+    real = int(info["real_tokens"])
+    info.update(packing_efficiency=np.float32(real / (rows * seq_len)), rows=np.int64(rows))
+    return pad_rows(batch, rows), info
 
 
 def rows_needed(sizes: Sequence[int], seq_len: int, slots: int) -> int:

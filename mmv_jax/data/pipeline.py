@@ -4,14 +4,15 @@ Public API (what the training and evaluation code calls):
 
 - :func:`default_config` / :func:`demo_config`: every data knob as an ``ml_collections.ConfigDict``
   (embedded as ``config.data``).
-- :func:`make_train_iterator` ``(cfg, *, seed, process_index=0, process_count=1)`` -> a Grain
-  ``DatasetIterator`` (``get_state()``/``set_state()``; works with
-  ``grain.checkpoint.CheckpointSave/CheckpointRestore`` in an Orbax ``Composite``) yielding
-  ``(batch: PackedBatch, stats: dict)``. ``batch`` holds this process's rows (numpy); its
-  ``view_sample`` holds GLOBAL sample indices ``process_index * local_samples + i`` (local order:
-  this process's CXR samples, then its CT samples). ``stats`` holds numpy scalars
-  ``packing_efficiency``, ``real_tokens``, ``rows``, ``bad_files`` (cumulative count on this
-  process), ``bad_in_batch``, ``samples``, ``step``.
+- :func:`make_train_iterator` ``(cfg, *, seed, process_index=0, process_count=1, gather=None)``
+  -> a Grain ``DatasetIterator`` (``get_state()``/``set_state()``: a small JSON dict, the same on
+  every process) yielding ``(batch: PackedBatch, stats: dict)``. ``batch`` holds this process's
+  rows (numpy); its ``view_sample`` holds GLOBAL sample indices ``process_index * local_samples
+  + i`` (local order: this process's CXR samples, then its CT samples). With several processes,
+  ``gather`` (``[k]`` -> ``[P, k]``, an all-gather) lets them agree on one bucket per step.
+  ``stats`` holds numpy scalars over ALL processes: ``packing_efficiency``, ``real_tokens``,
+  ``capacity_tokens``, ``rows``, ``bad_files`` (cumulative), ``bad_in_batch``; and ``samples``
+  (this process's), ``step``.
 - :func:`make_eval_iterator` ``(cfg, manifest_path_or_records, *, split=None, batch_size, ...)``
   yielding ``(batch, ids)``: one deterministic whole-image view per image (``view_index`` 0,
   global, ``view_sample`` = position in ``ids``).
@@ -25,10 +26,11 @@ modality) and draws its views from ``np.random.default_rng([seed, modality, q, a
 Process ``p`` of ``P`` builds positions ``j in [p * n_local, (p + 1) * n_local)``. A bad file
 (:class:`~mmv_jax.data.readers.ImageReadError`) is replaced by a seeded substitute
 (``attempt + 1``), so every batch holds exactly the configured counts; the bad paths travel with the
-batch and are counted, logged once and checked against ``max_bad_fraction`` in the consuming
-process. A batch is a pure function of ``(config, seed, step, process)`` (the same for any
-``worker_count``), so the iterator state is the step index plus the bad-file counters, and it
-restores exactly into a fresh iterator or process.
+batch, are logged once by the process that met them, and are counted over all processes against
+``max_bad_fraction``. A batch is a pure function of ``(config, seed, step, process)`` (the same for
+any ``worker_count``), up to the bucket padding that the processes agree on; so the iterator state
+is the step index plus the global bad-file counters, and it restores exactly into a fresh
+iterator, process or topology.
 """
 from __future__ import annotations
 
@@ -155,7 +157,7 @@ class _TrainSource:
                     raise RuntimeError(
                         f"{self.retries + 1} files in a row failed to load for one {MODS[m]} sample; "
                         f"first bad: {bad[:5]}")
-        batch, info = packing.pack_batch(views, self.rows, self.seq_len, self.slots, self.patch_dim)
+        batch, info = packing.pack_compact(views, self.seq_len, self.slots, self.patch_dim)
         if self.dtype != np.float32:
             batch = batch._replace(patches=batch.patches.astype(self.dtype))
         info.update(step=np.int64(step), tried=np.int64(tried),
@@ -165,22 +167,38 @@ class _TrainSource:
 
 # ---------------------------------------------------------------- the iterator with bad-file accounting
 
-class _TrainIterator(grain.DatasetIterator):
-    """Counts bad files and owns the position. Its state is ``{"step", "bad_files", "tried",
-    "first_bad"}`` (JSON); restoring rebuilds the Grain pipeline from ``step`` (a batch is a pure
-    function of its step), so a state restores into a fresh iterator, a new process or another
-    ``worker_count`` alike. The pipeline starts lazily, on the first ``next``."""
+def _single_process(local: np.ndarray) -> np.ndarray:
+    return local[None]
 
-    def __init__(self, factory, max_bad_fraction: float, samples_per_batch: int):
+
+class _TrainIterator(grain.DatasetIterator):
+    """Agrees on the bucket, counts bad files and owns the position.
+
+    Each batch arrives packed into as few rows as it needs. ``gather`` (``[k]`` per process ->
+    ``[P, k]`` on every process: one small collective, injected by the training code so that
+    this module stays JAX-free) shares every process's rows needed and bad-file counts; each
+    process then pads to the smallest bucket that holds the largest need, so all processes feed
+    the same shape, and the bad-file fraction is checked on global counts.
+
+    The state ``{"step", "bad_files", "tried"}`` (JSON) is global: the same on every process and
+    free of the topology, so it restores into a fresh iterator, a new process, another
+    ``worker_count`` or another process count alike (a batch is a pure function of its step).
+    The pipeline starts lazily, on the first ``next``.
+    """
+
+    def __init__(self, factory, *, rows: tuple[int, ...], seq_len: int, max_bad_fraction: float,
+                 samples_per_batch: int, gather=None):
         super().__init__()
         self._factory = factory          # start step -> DatasetIterator over (batch, info)
         self._it = None
+        self._rows, self._seq_len = rows, seq_len
+        self._gather = gather or _single_process
         self._step = 0
         self._max_bad = float(max_bad_fraction)
         self._samples = samples_per_batch
         self._bad = 0
         self._tried = 0
-        self._first_bad: list[list[str]] = []
+        self._first_bad: list[tuple[str, str]] = []   # this process's, for the error message
         self._logged: set[str] = set()
 
     def __next__(self):
@@ -192,36 +210,41 @@ class _TrainIterator(grain.DatasetIterator):
                                f"expected {self._step}")
         self._step += 1
         bad = json.loads(info["bad_paths"])
-        self._bad += len(bad)
-        self._tried += int(info["tried"])
         for path, reason in bad:
             if path not in self._logged:
                 self._logged.add(path)
                 log.warning("skipping bad file %s: %s", path, reason)
-            if len(self._first_bad) < 20:
-                self._first_bad.append([path, reason])
+            if len(self._first_bad) < 10:
+                self._first_bad.append((path, reason))
+        local = np.array([info["rows_needed"], info["real_tokens"], len(bad), info["tried"]],
+                         np.int64)
+        table = np.asarray(self._gather(local), np.int64).reshape(-1, local.size)
+        need, real, n_bad, tried = table.max(0)[0], *table.sum(0)[1:]
+        rows = packing.bucket_for(int(need), self._rows)  # the same on every process
+        batch = packing.pad_rows(batch, rows)
+        self._bad += int(n_bad)
+        self._tried += int(tried)
         if self._bad > self._max_bad * self._tried:
-            listing = "\n  ".join(f"{p}: {r}" for p, r in self._first_bad[:10])
+            listing = "\n  ".join(f"{p}: {r}" for p, r in self._first_bad) or "(on other hosts)"
             raise RuntimeError(
                 f"too many bad files: {self._bad} of {self._tried} tried "
                 f"({self._bad / self._tried:.1%} > data.max_bad_fraction="
-                f"{self._max_bad:g}). First bad files:\n  {listing}")
-        stats = dict(packing_efficiency=np.float32(info["packing_efficiency"]),
-                     real_tokens=np.int64(info["real_tokens"]), rows=np.int64(info["rows"]),
-                     bad_files=np.int64(self._bad), bad_in_batch=np.int64(len(bad)),
+                f"{self._max_bad:g}). First bad files on this host:\n  {listing}")
+        capacity = rows * self._seq_len * len(table)
+        stats = dict(packing_efficiency=np.float32(real / capacity), real_tokens=np.int64(real),
+                     capacity_tokens=np.int64(capacity), rows=np.int64(rows * len(table)),
+                     bad_files=np.int64(self._bad), bad_in_batch=np.int64(n_bad),
                      samples=np.int64(self._samples), step=np.int64(info["step"]))
         return batch, stats
 
     def get_state(self) -> dict:
-        return {"step": self._step, "bad_files": self._bad, "tried": self._tried,
-                "first_bad": [list(x) for x in self._first_bad]}
+        return {"step": self._step, "bad_files": self._bad, "tried": self._tried}
 
     def set_state(self, state: dict) -> None:
         self.close()
         self._step = int(state["step"])
         self._bad = int(state["bad_files"])
         self._tried = int(state["tried"])
-        self._first_bad = [list(x) for x in state["first_bad"]]
 
     def close(self) -> None:
         """Stops the worker processes (if any); the iterator may continue afterwards."""
@@ -232,14 +255,13 @@ class _TrainIterator(grain.DatasetIterator):
 
 
 class _TrainDataset(grain.IterDataset):
-    def __init__(self, factory, max_bad_fraction: float, samples: int):
+    def __init__(self, factory, **kwargs):
         super().__init__()
         self._factory = factory
-        self._max_bad = max_bad_fraction
-        self._samples = samples
+        self._kwargs = kwargs
 
     def __iter__(self):
-        return _TrainIterator(self._factory, self._max_bad, self._samples)
+        return _TrainIterator(self._factory, **self._kwargs)
 
 
 def _mp_prefetch(ds: grain.IterDataset, cfg) -> grain.IterDataset:
@@ -254,8 +276,8 @@ def _mp_prefetch(ds: grain.IterDataset, cfg) -> grain.IterDataset:
         num_workers=int(cfg.worker_count), per_worker_buffer_size=int(cfg.worker_buffer_size)))
 
 
-def make_train_dataset(cfg, *, seed: int, process_index: int = 0, process_count: int = 1
-                       ) -> grain.IterDataset:
+def make_train_dataset(cfg, *, seed: int, process_index: int = 0, process_count: int = 1,
+                       gather=None) -> grain.IterDataset:
     """The Grain ``IterDataset`` behind :func:`make_train_iterator`."""
     seed = int(cfg.shuffle_seed) if int(cfg.shuffle_seed) >= 0 else int(seed)
     src = _TrainSource(cfg, seed, process_index, process_count)
@@ -268,10 +290,12 @@ def make_train_dataset(cfg, *, seed: int, process_index: int = 0, process_count:
             ds = ds[start:]
         return iter(_mp_prefetch(ds.to_iter_dataset(read), cfg))
 
-    return _TrainDataset(factory, float(cfg.max_bad_fraction), sum(src.local))
+    return _TrainDataset(factory, rows=src.rows, seq_len=src.seq_len, gather=gather,
+                         max_bad_fraction=float(cfg.max_bad_fraction), samples_per_batch=sum(src.local))
 
 
-def make_train_iterator(cfg, *, seed: int, process_index: int = 0, process_count: int = 1):
+def make_train_iterator(cfg, *, seed: int, process_index: int = 0, process_count: int = 1,
+                        gather=None):
     """A checkpointable Grain ``DatasetIterator`` over ``(PackedBatch, stats)`` (module docstring).
 
     With ``cfg.worker_count > 0`` the batches are built in Grain worker processes
@@ -279,21 +303,21 @@ def make_train_iterator(cfg, *, seed: int, process_index: int = 0, process_count
     ``iterator.close()`` when done.
     """
     return iter(make_train_dataset(cfg, seed=seed, process_index=process_index,
-                                   process_count=process_count))
+                                   process_count=process_count, gather=gather))
 
 
 # ---------------------------------------------------------------- evaluation
 
 class _EvalSource:
-    def __init__(self, records, cfg, batch_size, seq_len, slots, patch_dim, rows):
-        self.records, self.bs = records, int(batch_size)
+    def __init__(self, records, cfg, batch_size, seq_len, slots, patch_dim, rows, num_batches):
+        self.records, self.bs, self.num_batches = records, int(batch_size), int(num_batches)
         self.views = dict(long_side_2d=int(cfg.views.long_side_2d),
                           long_side_3d=int(cfg.views.long_side_3d))
         self.window = tuple(cfg.ct_window)
         self.seq_len, self.slots, self.patch_dim, self.rows = seq_len, slots, patch_dim, rows
 
     def __len__(self):
-        return math.ceil(len(self.records) / self.bs)
+        return self.num_batches
 
     def __getitem__(self, b):
         views, ids = [], []
@@ -331,23 +355,25 @@ def make_eval_iterator(cfg, manifest_path_or_records, *, split: str | None = Non
     """Iterator of ``(batch, ids)`` with one deterministic whole-image view per image.
 
     ``manifest_path_or_records``: a manifest path or a list of :class:`Record`. ``split``
-    filters records (``None``: all). Process ``p`` takes records ``p::process_count``. Unreadable
-    files are skipped (logged); ``ids`` lists the images in the batch, and ``view_sample`` is the
-    position in ``ids``. Every batch has the shape :func:`eval_batch_shape` (the last one may hold
-    fewer images).
+    filters records (``None``: all). Process ``p`` takes records ``p::process_count``, and every
+    process yields the same number of batches (trailing ones may be empty), so a sharded forward
+    pass runs in lockstep. Unreadable files are skipped (logged); ``ids`` lists the images in the
+    batch, and ``view_sample`` is the position in ``ids``. Every batch has the shape
+    :func:`eval_batch_shape` (the last ones may hold fewer images).
     """
     if isinstance(manifest_path_or_records, (str, os.PathLike)):
         records = load_manifest(manifest_path_or_records, splits=split)
     else:
         records = [r for r in manifest_path_or_records if split is None or r.split == split]
+    has_3d = any(r.modality == "ct" for r in records)  # all processes: one shape everywhere
+    num_batches = math.ceil(math.ceil(len(records) / process_count) / int(batch_size))
     records = records[process_index::process_count]
-    has_3d = any(r.modality == "ct" for r in records)
     rows, s, slots, pd = eval_batch_shape(cfg, batch_size, has_3d)
     t2, t3 = _max_view_tokens(cfg)
     if (t3 if has_3d else t2) > s:
         raise ValueError(f"config data.buckets.seq_len={s} is shorter than a whole image "
                          f"({t3 if has_3d else t2} tokens)")
-    src = _EvalSource(records, cfg, batch_size, s, slots, pd, rows)
+    src = _EvalSource(records, cfg, batch_size, s, slots, pd, rows, num_batches)
     ds = grain.MapDataset.source(src).to_iter_dataset(
         grain.ReadOptions(num_threads=int(cfg.read_threads), prefetch_buffer_size=max(1, int(cfg.prefetch))))
     return iter(_mp_prefetch(ds, cfg))

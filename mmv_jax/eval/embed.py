@@ -5,7 +5,7 @@
 
 The run's ``config.json`` (written by ``mmv-train``) gives the model and data settings (or
 ``--config configs/X.py``). Images are packed and batched like training and the encoder runs
-sharded over all devices. Resumable: finished batches are kept in ``OUT.partial/``; a rerun
+sharded over all devices, in one or several processes (launched like ``mmv-train``). Resumable: finished batches are kept in ``OUT.partial/``; a rerun
 embeds only the images not there yet, then writes ``OUT`` (see ``eval/io.py`` for the format).
 """
 from __future__ import annotations
@@ -23,13 +23,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from mmv_jax.data import pipeline
 from mmv_jax.data.manifest import load_manifest
 from mmv_jax.eval.io import FINDINGS, save_embeddings
 from mmv_jax.hugepages import reexec_with_hugepages
 from mmv_jax.model.axes import axis_rules
-from mmv_jax.train import checkpoint, sharding as shd, state as st
+from mmv_jax.train import checkpoint, distributed, sharding as shd, state as st
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,13 @@ def _labels(rec) -> np.ndarray:
 
 
 def embed(cfg, records, encoder, out: str, mesh, *, batch_size: int = 16, progress: bool = True) -> dict:
-    """Embeds ``records`` (skipping those already in ``out.partial/``) and writes ``out``."""
+    """Embeds ``records`` (skipping those already in ``out.partial/``) and writes ``out``.
+
+    With several processes each embeds every ``P``-th image (in lockstep: the same number of
+    batches everywhere) into its own chunk files; process 0 then merges them. ``out`` must be on
+    a file system all processes see (as a cluster's run folder is).
+    """
+    proc, nproc = jax.process_index(), jax.process_count()
     partial = out + ".partial"
     os.makedirs(partial, exist_ok=True)
     done = set()
@@ -76,7 +83,7 @@ def embed(cfg, records, encoder, out: str, mesh, *, batch_size: int = 16, progre
     todo = [r for r in records if r.id not in done]
     rules = shd.rules_dict(cfg.mesh.rules)
     data_cfg = cfg.data.copy_and_resolve_references()
-    data_cfg.rows_multiple_of = shd.rows_per_process_multiple(mesh, rules, jax.process_count())
+    data_cfg.rows_multiple_of = shd.rows_per_process_multiple(mesh, rules, nproc)
     batch_sh = shd.batch_shardings(mesh, rules)
 
     @jax.jit
@@ -84,27 +91,34 @@ def embed(cfg, records, encoder, out: str, mesh, *, batch_size: int = 16, progre
         return encoder(batch)
 
     if todo:
-        it = pipeline.make_eval_iterator(data_cfg, todo, batch_size=batch_size)
+        it = pipeline.make_eval_iterator(data_cfg, todo, batch_size=batch_size,
+                                         process_index=proc, process_count=nproc)
         bar = None
-        if progress and sys.stderr.isatty():
+        if progress and sys.stderr.isatty() and proc == 0:
             from tqdm import tqdm
             bar = tqdm(total=len(todo), unit="img", desc="embed")
-        n_chunks = len(glob.glob(os.path.join(partial, "chunk_*.npz")))
+        n_chunks = len(glob.glob(os.path.join(partial, f"chunk_p{proc:03d}_*.npz")))
         with axis_rules(mesh, rules):
             for batch, ids in it:
-                emb = np.asarray(forward(shd.global_batch(batch, batch_sh)))
-                vs = np.asarray(batch.view_sample)
-                rows, slots = np.nonzero(vs >= 0)
-                vecs = np.zeros((len(ids), emb.shape[-1]), np.float32)
-                vecs[vs[rows, slots]] = emb[rows, slots]
-                tmp = os.path.join(partial, f"chunk_{n_chunks:06d}.tmp.npz")
-                np.savez(tmp, ids=np.asarray(ids, dtype=str), embeddings=vecs)
-                os.replace(tmp, os.path.join(partial, f"chunk_{n_chunks:06d}.npz"))  # atomic
-                n_chunks += 1
+                emb = forward(shd.global_batch(batch, batch_sh))
+                emb = np.asarray(multihost_utils.global_array_to_host_local_array(
+                    emb, mesh, batch_sh.view_sample.spec)) if nproc > 1 else np.asarray(emb)
+                if ids:
+                    vs = np.asarray(batch.view_sample)
+                    rows, slots = np.nonzero(vs >= 0)
+                    vecs = np.zeros((len(ids), emb.shape[-1]), np.float32)
+                    vecs[vs[rows, slots]] = emb[rows, slots]
+                    name = f"chunk_p{proc:03d}_{n_chunks:06d}"
+                    tmp = os.path.join(partial, name + ".tmp.npz")
+                    np.savez(tmp, ids=np.asarray(ids, dtype=str), embeddings=vecs)
+                    os.replace(tmp, os.path.join(partial, name + ".npz"))  # atomic
+                    n_chunks += 1
                 if bar:
-                    bar.update(len(ids))
+                    bar.update(len(ids) * nproc)
         if bar:
             bar.close()
+    if nproc > 1:
+        multihost_utils.sync_global_devices("mmv-embed: chunks written")
     vecs = {}
     for f in sorted(glob.glob(os.path.join(partial, "chunk_*.npz"))):
         z = np.load(f)
@@ -114,10 +128,11 @@ def embed(cfg, records, encoder, out: str, mesh, *, batch_size: int = 16, progre
         ids=np.array([r.id for r in kept]), embeddings=np.stack([vecs[r.id] for r in kept]),
         modality=np.array([r.modality for r in kept]), dataset=np.array([r.dataset for r in kept]),
         split=np.array([r.split for r in kept]), labels=np.stack([_labels(r) for r in kept]))
-    save_embeddings(out, **arrays)
-    for f in glob.glob(os.path.join(partial, "*")):
-        os.remove(f)
-    os.rmdir(partial)
+    if proc == 0:
+        save_embeddings(out, **arrays)
+        for f in glob.glob(os.path.join(partial, "*")):
+            os.remove(f)
+        os.rmdir(partial)
     return arrays
 
 
@@ -134,12 +149,14 @@ def main(argv=None):
     if argv is None:
         reexec_with_hugepages()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    distributed.initialize()  # several processes: MMV_COORDINATOR etc., SLURM or a TPU slice
     cfg = load_run_config(args.checkpoint, args.config)
     mesh = shd.make_mesh((-1, 1, 1))
     encoder = build_encoder(cfg, args.checkpoint, mesh, random_init=args.random_init)
     records = load_manifest(args.manifest, splits=args.split)
     arrays = embed(cfg, records, encoder, args.out, mesh, batch_size=args.batch_size)
-    print(f"mmv-embed: {len(arrays['ids'])} embeddings -> {args.out}")
+    if jax.process_index() == 0:
+        print(f"mmv-embed: {len(arrays['ids'])} embeddings -> {args.out}")
 
 
 if __name__ == "__main__":

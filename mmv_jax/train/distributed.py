@@ -8,6 +8,12 @@
 - Explicit: ``config.distributed.coordinator`` (``host:port``), ``num_processes``,
   ``process_id`` (or ``MMV_COORDINATOR`` / ``MMV_NUM_PROCESSES`` / ``MMV_PROCESS_ID``).
 - Otherwise a single process: nothing to initialise.
+
+A dead host: every process sends heartbeats to the coordination service; one that misses them
+for ``distributed.heartbeat_timeout_s`` is declared dead and JAX terminates the others with an
+error naming the failed task, instead of leaving them blocked in a collective forever.
+``distributed.shutdown_timeout_s`` bounds how long a finished process waits for the others at
+exit; ``distributed.initialization_timeout_s`` how long processes wait for each other at start.
 """
 from __future__ import annotations
 
@@ -15,8 +21,11 @@ import logging
 import os
 
 import jax
+import numpy as np
 
 log = logging.getLogger(__name__)
+
+PLATFORMS = ("", "cpu", "gpu", "tpu")
 
 
 def _setting(cfg, key: str, env: str):
@@ -41,15 +50,62 @@ def initialize(cfg=None) -> str:
     kind = detect(cfg)
     if kind == "single" or getattr(initialize, "_done", False):
         return kind
+    timeouts = {}
+    if cfg is not None:
+        timeouts = dict(initialization_timeout=int(cfg.get("initialization_timeout_s", 300)),
+                        heartbeat_timeout_seconds=int(cfg.get("heartbeat_timeout_s", 100)),
+                        shutdown_timeout_seconds=int(cfg.get("shutdown_timeout_s", 300)))
     if kind == "explicit":
         jax.distributed.initialize(
             coordinator_address=_setting(cfg, "coordinator", "MMV_COORDINATOR"),
             num_processes=int(_setting(cfg, "num_processes", "MMV_NUM_PROCESSES")),
             process_id=int(_setting(cfg, "process_id", "MMV_PROCESS_ID")),
-        )
+            **timeouts)
     else:  # slurm / tpu: JAX's own cluster detection
-        jax.distributed.initialize()
+        jax.distributed.initialize(**timeouts)
     initialize._done = True
     log.info("jax.distributed (%s): process %d of %d, %d local / %d global devices", kind,
              jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
     return kind
+
+
+def check_platform(expected: str) -> str:
+    """The platform JAX runs on (``cpu``/``gpu``/``tpu``); raises when ``expected`` (a config
+    value, ``""`` = any) is not it, e.g. a GPU job whose CUDA plugin failed to load."""
+    if expected not in PLATFORMS:
+        raise ValueError(f"config.require_platform={expected!r} must be one of {PLATFORMS}")
+    backend = jax.default_backend()
+    platform = "gpu" if backend in ("gpu", "cuda", "rocm") else backend
+    if expected and platform != expected:
+        raise RuntimeError(
+            f"config.require_platform={expected!r} but JAX runs on {platform!r} "
+            f"({jax.devices()[0].device_kind}); install the '{expected}' extra "
+            f"(pip install -e '.[{expected}]') and check that the accelerator is visible")
+    return platform
+
+
+def devices_by_process() -> list[dict]:
+    """``[{"process", "count", "kind"}, ...]``: every process's devices (from the global list)."""
+    out: dict[int, dict] = {}
+    for d in jax.devices():
+        entry = out.setdefault(d.process_index, dict(process=d.process_index, count=0,
+                                                     kind=d.device_kind))
+        entry["count"] += 1
+    return [out[p] for p in sorted(out)]
+
+
+def host_allgather(local: np.ndarray) -> np.ndarray:
+    """``[k]`` integers on each process -> ``[P, k]`` on every process (one small collective;
+    values must fit in int32)."""
+    local = np.asarray(local, np.int32)
+    if jax.process_count() == 1:
+        return local[None]
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(local)).reshape(jax.process_count(), -1)
+
+
+def preemption_requested(step: int) -> bool:
+    """True on every process at the same step once any of them got SIGTERM (JAX's preemption
+    sync point: call it at every step, on every process)."""
+    from jax.experimental import multihost_utils
+    return multihost_utils.reached_preemption_sync_point(step)

@@ -1,47 +1,70 @@
 """``train_and_evaluate(config, workdir)``: the one training loop for CPU, GPU clusters and pods.
 
-Resumes from ``workdir/checkpoints`` when a checkpoint is there (train state and data iterator);
-otherwise starts fresh, from ``config.init_from``'s params when set. Writes
-``workdir/metrics.jsonl`` and TensorBoard events; checkpoints every
-``checkpoint_every_steps``, at the end, and on SIGTERM (preemption).
+Resumes from ``workdir/checkpoints`` when a checkpoint is there (train state and data iterator,
+on any topology); otherwise starts fresh, from ``config.init_from``'s params when set. Writes
+``workdir/metrics.jsonl``, TensorBoard events, ``config.json`` and ``run_info.json``; checkpoints
+every ``checkpoint_every_steps``, at the end, and on preemption (SIGTERM to any process: with
+several processes all of them save the same step, then exit). ``workdir`` may be a URI
+(``gs://bucket/run``).
 """
 from __future__ import annotations
 
 import logging
 import math
-import os
 import signal
-import sys
 import time
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 
+from mmv_jax import paths
 from mmv_jax.data import pipeline
-from mmv_jax.train import checkpoint, distributed, metrics, sharding as shd, state as st
+from mmv_jax.train import checkpoint, distributed, metrics, sharding as shd, state as st, workdir as wd
 from mmv_jax.train.step import setup
 
 log = logging.getLogger(__name__)
 
 
+def _require(ok: bool, key: str, what: str, value) -> None:
+    if not ok:
+        raise ValueError(f"config.{key} must be {what}, got {value!r}")
+
+
 def validate(cfg) -> None:
     """Fails before any compile, naming the config key."""
-    for key in ("total_steps", "log_every_steps", "checkpoint_every_steps"):
-        if int(cfg[key]) <= 0:
-            raise ValueError(f"config.{key} must be positive, got {cfg[key]}")
-    if cfg.init_from and not os.path.exists(cfg.init_from):
+    for key in ("total_steps", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
+                "max_nonfinite_steps"):
+        _require(int(cfg[key]) > 0, key, "positive", cfg[key])
+    o = cfg.optim
+    finite = lambda x: isinstance(x, (int, float)) and math.isfinite(x)
+    _require(finite(o.lr) and o.lr > 0, "optim.lr", "a positive finite number", o.lr)
+    _require(int(o.warmup_steps) >= 0, "optim.warmup_steps", ">= 0", o.warmup_steps)
+    for key in ("b1", "b2"):
+        _require(finite(o[key]) and 0 <= o[key] < 1, f"optim.{key}", "in [0, 1)", o[key])
+    _require(finite(o.eps) and o.eps > 0, "optim.eps", "positive", o.eps)
+    for key in ("weight_decay", "grad_clip"):
+        _require(finite(o[key]) and o[key] >= 0, f"optim.{key}", ">= 0", o[key])
+    _require(finite(o.final_lr_ratio) and 0 <= o.final_lr_ratio <= 1, "optim.final_lr_ratio",
+             "in [0, 1]", o.final_lr_ratio)
+    _require(finite(cfg.loss.lam) and cfg.loss.lam >= 0, "loss.lam", ">= 0", cfg.loss.lam)
+    _require(int(cfg.loss.num_slices) >= 1, "loss.num_slices", ">= 1", cfg.loss.num_slices)
+    _require(cfg.require_platform in distributed.PLATFORMS, "require_platform",
+             f"one of {distributed.PLATFORMS}", cfg.require_platform)
+    if cfg.init_from and not paths.resolve(cfg.init_from).exists():
         raise ValueError(f"config.init_from={cfg.init_from!r} does not exist")
     pipeline.validate_config(cfg.data)
     manifest = pipeline.manifest_path(cfg.data)
-    if not os.path.exists(manifest):
+    if not paths.resolve(manifest).exists():
         raise ValueError(f"config.data.manifest={manifest!r} does not exist")
     if cfg.model.dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"config.model.dtype must be float32/bfloat16/float16, got {cfg.model.dtype!r}")
     st.encoder_config_from(cfg)  # raises on model.variant / attention_impl
 
 
-class _Preemption:
+class _Sigterm:
+    """Single process: SIGTERM sets a flag that the loop reads at the end of each step. (With
+    several processes JAX's own preemption notifier owns SIGTERM: ``distributed.preemption_requested``.)"""
+
     def __init__(self):
         self.requested = False
         self._old = signal.signal(signal.SIGTERM, self._handle)
@@ -49,23 +72,24 @@ class _Preemption:
     def _handle(self, *_):
         self.requested = True
 
+    def __call__(self, step: int) -> bool:
+        return self.requested
+
     def restore(self):
         signal.signal(signal.SIGTERM, self._old)
 
 
-def _log_stats(host_batch, stats: dict) -> dict:
-    """Tokens and bad-file counts of this step, summed over processes."""
-    keys = ("real_tokens", "capacity_tokens", "bad_files")
-    seg = np.asarray(host_batch.segment_ids)
-    local = np.array([float((seg > 0).sum()), float(seg.size), float(stats.get("bad_files", 0))])
-    total = np.asarray(multihost_utils.process_allgather(local)).reshape(-1, len(keys)).sum(0) \
-        if jax.process_count() > 1 else local
-    return dict(zip(keys, total))
+def _eta(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
-def train_and_evaluate(cfg, workdir: str) -> dict:
+def train_and_evaluate(cfg, workdir) -> dict:
     validate(cfg)
     distributed.initialize(cfg.distributed)
+    platform = distributed.check_platform(cfg.require_platform)
+    workdir = paths.resolve(workdir)
     mesh = shd.make_mesh(cfg.mesh.shape)
     rules = shd.rules_dict(cfg.mesh.rules)
     proc, nproc = jax.process_index(), jax.process_count()
@@ -74,31 +98,41 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
     step_fn, state, state_sh, batch_sh = setup(
         cfg, mesh, num_samples=pipeline.num_samples_global(cfg.data, nproc),
         num_views=pipeline.num_views_per_sample(cfg.data))
-    log.info("mesh %s; parameter shardings:\n%s", dict(mesh.shape), shd.describe(state_sh.params))
-    it = pipeline.make_train_iterator(cfg.data, seed=cfg.seed, process_index=proc, process_count=nproc)
-    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.keep_checkpoints,
+    log.info("%s: %d x %s in %d process(es); mesh %s", platform, jax.device_count(),
+             jax.devices()[0].device_kind, nproc, dict(mesh.shape))
+    log.debug("parameter shardings:\n%s", shd.describe(state_sh.params))
+    it = pipeline.make_train_iterator(cfg.data, seed=cfg.seed, process_index=proc, process_count=nproc,
+                                      gather=distributed.host_allgather if nproc > 1 else None)
+    ckpt = checkpoint.Checkpointer(workdir / "checkpoints", keep=cfg.keep_checkpoints,
                                    async_save=cfg.async_checkpointing)
     start = ckpt.latest_step()
+    wd.check_and_record_config(cfg, workdir, resuming=start is not None)
     if start is not None:
-        state = ckpt.restore(start, checkpoint.abstract_of(state, state_sh), it)
+        state, data_state = ckpt.restore(start, checkpoint.abstract_of(state, state_sh))
+        if data_state is None or int(data_state["step"]) != start:
+            raise RuntimeError(f"checkpoint {ckpt.directory}/{start} has no data state for step {start}")
+        it.set_state(data_state)
         log.info("resumed from %s at step %d", ckpt.directory, start)
     else:
         start = 0
         if cfg.init_from:
             params = checkpoint.load_params(cfg.init_from, checkpoint.abstract_of(state.params, state_sh.params))
             state = state._replace(params=params)
+    wd.record_start(workdir, start, platform)
+    writer = metrics.MetricWriter(workdir, start=start, enabled=proc == 0)
+    if start >= cfg.total_steps:
+        done = [r for r in metrics.read_metrics(workdir / "metrics.jsonl")] if proc == 0 and \
+            (workdir / "metrics.jsonl").exists() else []
+        log.info("run already finished at step %d (config.total_steps=%d)", start, cfg.total_steps)
+        ckpt.close()
+        writer.close()
+        return dict(done[-1], already_finished=True) if done else {"already_finished": True}
 
-    writer = metrics.MetricWriter(workdir, enabled=proc == 0)
-    if proc == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(cfg.to_json(indent=1))
-    writer.truncate_after(start)
     enc = st.encoder_config_from(cfg)
     peak = metrics.peak_flops_per_device(cfg.peak_flops_per_device) * jax.device_count()
-
-    preempt = _Preemption()
-    bar = _progress(cfg, start)
-    window = {"tokens": 0.0, "flops": 0.0, "time": 0.0}
+    sigterm = _Sigterm() if nproc == 1 else None
+    preempted = sigterm or distributed.preemption_requested
+    window = {"tokens": 0.0, "flops": 0.0, "time": 0.0, "steps": 0}
     last = {}
     try:
         for step in range(start + 1, cfg.total_steps + 1):
@@ -107,10 +141,10 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
             state, m = step_fn(state, shd.global_batch(host_batch, batch_sh))
             jax.block_until_ready(state.step)
             dt = time.perf_counter() - t0
-            counts = _log_stats(host_batch, stats)
             if step > start + 1:  # the first step of a process includes its compile
                 window["time"] += dt
-                window["tokens"] += counts["real_tokens"]
+                window["steps"] += 1
+                window["tokens"] += float(stats["real_tokens"])
                 window["flops"] += metrics.batch_flops(host_batch, enc.width, enc.depth, enc.mlp_ratio) * nproc
             nonfinite = int(state.nonfinite)
             if not bool(m["finite"]):
@@ -121,35 +155,29 @@ def train_and_evaluate(cfg, workdir: str) -> dict:
                 last.update(
                     tokens_per_s=rate,
                     mfu=window["flops"] / window["time"] / peak if window["time"] else 0.0,
-                    packing_efficiency=counts["real_tokens"] / max(counts["capacity_tokens"], 1),
-                    bad_files=int(counts["bad_files"]), compiles=step_fn.compiles,
-                    step_s=dt, rows=int(np.asarray(host_batch.segment_ids).shape[0]) * nproc)
+                    packing_efficiency=float(stats["packing_efficiency"]),
+                    bad_files=int(stats["bad_files"]), compiles=step_fn.compiles,
+                    step_s=dt, rows=int(stats["rows"]))
                 writer.write(step, last)
+                if proc == 0:
+                    eta = (cfg.total_steps - step) * window["time"] / max(window["steps"], 1)
+                    print(f"step {step}/{cfg.total_steps}  loss {last['loss']:.4f}  "
+                          f"tokens/s {rate:,.0f}  mfu {last['mfu']:.3f}  eta {_eta(eta)}", flush=True)
                 window = dict.fromkeys(window, 0.0)
-                if bar:
-                    bar.set_postfix(loss=f"{last['loss']:.4f}", tok_s=f"{rate:.0f}")
-            if bar:
-                bar.update(1)
             if nonfinite >= cfg.max_nonfinite_steps:
                 raise RuntimeError(f"{nonfinite} consecutive non-finite steps (config.max_nonfinite_steps="
                                    f"{cfg.max_nonfinite_steps}); stopping at step {step}")
-            if step % cfg.checkpoint_every_steps == 0 or step == cfg.total_steps or preempt.requested:
-                ckpt.save(step, state, it, force=preempt.requested)
-            if preempt.requested:
-                log.warning("SIGTERM: checkpoint written at step %d, exiting", step)
+            stop = preempted(step)
+            if step % cfg.checkpoint_every_steps == 0 or step == cfg.total_steps or stop:
+                ckpt.save(step, state, it.get_state(), force=stop)
+            if stop:
+                log.warning("preemption (SIGTERM): checkpoint written at step %d, exiting", step)
+                last = dict(last, step=step, preempted=True)
                 break
     finally:
         it.close()
         ckpt.close()
         writer.close()
-        preempt.restore()
-        if bar:
-            bar.close()
+        if sigterm:
+            sigterm.restore()
     return last
-
-
-def _progress(cfg, start: int):
-    if not (cfg.progress_bar and sys.stderr.isatty() and jax.process_index() == 0):
-        return None
-    from tqdm import tqdm
-    return tqdm(total=cfg.total_steps, initial=start, unit="step", dynamic_ncols=True)

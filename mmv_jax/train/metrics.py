@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import json
-import os
+import logging
 import time
 
 import jax
 import numpy as np
 
+from mmv_jax import paths
 from mmv_jax.batch import PATCH
+
+log = logging.getLogger(__name__)
 
 # Dense bf16 peak FLOP/s per chip (vendor figures); CPUs are measured at start-up.
 PEAK_FLOPS = {
@@ -87,40 +90,59 @@ def batch_flops(batch, width: int, depth: int, mlp_ratio: int) -> float:
 
 
 class MetricWriter:
-    """Appends JSON lines to ``workdir/metrics.jsonl`` and scalars to TensorBoard (process 0)."""
+    """``workdir/metrics.jsonl`` (one JSON object per logged step) and TensorBoard scalars;
+    written by process 0, through the path layer (a ``gs://`` workdir works).
 
-    def __init__(self, workdir: str, enabled: bool = True):
+    The file is rewritten whole at each row (atomically, see ``paths.write_text_atomic``): object
+    stores cannot append, and a reader never sees a torn line. ``start`` drops rows past the
+    step a resumed run restarts from, and TensorBoard discards its events past it too.
+    """
+
+    def __init__(self, workdir, *, start: int = 0, enabled: bool = True):
         self.enabled = enabled
         self._tb = None
-        if enabled:
-            os.makedirs(workdir, exist_ok=True)
-            self._path = os.path.join(workdir, "metrics.jsonl")
-            from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+        self._lines: list[str] = []
+        if not enabled:
+            return
+        workdir = paths.resolve(workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        self._path = workdir / "metrics.jsonl"
+        if self._path.exists():
+            self._lines = [json.dumps(r) for r in read_metrics(self._path) if r["step"] <= start]
+        from tensorboardX import SummaryWriter
+        self._tb = SummaryWriter(str(workdir / "tb"), purge_step=start + 1 if start else None)
 
     def write(self, step: int, values: dict):
         if not self.enabled:
             return
         row = {"step": int(step), **{k: _py(v) for k, v in values.items()}}
-        with open(self._path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        self._lines.append(json.dumps(row))
+        paths.write_text_atomic(self._path, "\n".join(self._lines) + "\n")
         for k, v in row.items():
             if k != "step" and isinstance(v, (int, float)):
                 self._tb.add_scalar(k, v, step)
         self._tb.flush()
 
-    def truncate_after(self, step: int):
-        """Drops lines past ``step`` (a resumed run rewrites them), keeping the file consistent."""
-        if not self.enabled or not os.path.exists(self._path):
-            return
-        with open(self._path) as f:
-            rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-        with open(self._path, "w") as f:
-            f.writelines(rows)
-
     def close(self):
         if self._tb is not None:
             self._tb.close()
+
+
+def read_metrics(path) -> list[dict]:
+    """The rows of a ``metrics.jsonl``. A torn last line (a crash mid-write by an older version)
+    is dropped with a warning; a bad line elsewhere raises naming the file and line."""
+    path = paths.resolve(path)
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                log.warning("%s: dropping a torn last line", path)
+                break
+            raise ValueError(f"{path}: line {i + 1} is not JSON") from None
+    return rows
 
 
 def _py(v):
