@@ -1,5 +1,6 @@
 """Issue 20, per-file side: any broken file is one ImageReadError naming it (sizes checked before
 allocating, NaN spacing refused), and no message, log line or cache file quotes a header value."""
+import contextlib
 import gzip
 import json
 import logging
@@ -253,6 +254,39 @@ def test_file_errors_passes_interrupts_and_image_read_errors():
         with file_errors("x", "reading"):
             raise inner
     assert e.value is inner
+
+
+def _rle_corrupted(tmp_path, start):
+    ds = pydicom.dcmread(_f("MR_small_RLE.dcm"))
+    data = bytearray(ds.PixelData)
+    start = start if start >= 0 else len(data) // 2
+    data[start:start + 256] = b"\xff" * 256
+    ds.PixelData = bytes(data)
+    p = tmp_path / f"rle{start}.dcm"
+    ds.save_as(p)
+    return p
+
+
+def test_decoder_failures_are_quiet_and_named(tmp_path, caplog, monkeypatch):
+    caplog.set_level(logging.DEBUG)
+    p = _rle_corrupted(tmp_path, 64)  # the RLE header: every decoder plugin fails, pydicom logs
+    with pytest.raises(ImageReadError, match="pixel data decoding failed"):
+        load_image(p)
+    assert not [r for r in caplog.records if r.name.startswith("pydicom")]
+    # outside load_image the same records pass, reduced to a fixed text without traceback
+    monkeypatch.setattr(readers, "_reading", contextlib.nullcontext)
+    with pytest.raises(ImageReadError):
+        load_image(p)
+    recs = [r for r in caplog.records if r.name.startswith("pydicom")]
+    assert recs and all(r.levelno >= logging.ERROR and r.exc_info is None
+                        and "withheld" in r.getMessage() for r in recs)
+
+
+def test_rust_decoder_panic_is_a_bad_file(tmp_path):
+    """pylibjpeg-rle panics on this frame (pyo3 PanicException, a BaseException)."""
+    p = _rle_corrupted(tmp_path, -1)
+    with pytest.raises(ImageReadError, match="pixel data decoding failed"):
+        load_image(p)
 
 
 def test_image_read_error_pickles():

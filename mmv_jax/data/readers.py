@@ -28,14 +28,16 @@ a fixed category plus, at most, a tag name (``non-numeric RescaleSlope``, ``pixe
 failed (ValueError)``) -- never the text of a header value, which may be an identifier written
 into the wrong tag. Sizes claimed by a header are checked against ``max_voxels`` before anything
 is allocated, and spacing and rescale values must be finite (spacing positive). pydicom's own
-log records (which quote element values) are dropped below ERROR and reduced to a fixed text
-above it; its Python warnings are ignored.
+log records (which quote element values) are dropped while a file is read here, and elsewhere
+dropped below ERROR and reduced to a fixed text above it; its Python warnings are ignored.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import threading
 import warnings
 from typing import NamedTuple, Sequence
 
@@ -59,13 +61,19 @@ class ImageReadError(ValueError):
         return type(self), (self.path, self.reason)
 
 
+def _is_file_error(exc: BaseException) -> bool:
+    # Rust (pyo3) decoders -- pylibjpeg-rle among them -- turn a panic on a malformed file into
+    # pyo3_runtime.PanicException, a BaseException: a bad file all the same
+    return isinstance(exc, Exception) or type(exc).__name__ == "PanicException"
+
+
 class file_errors:
     """``with file_errors(path, stage):`` turns any ``Exception`` raised inside (``MemoryError``,
     ``ZeroDivisionError``, a decoder's error, ...) into one :class:`ImageReadError` for ``path``
     with a fixed reason: ``"<stage> failed (<exception type>)"`` or ``"<stage>: out of memory"``.
     The original message is dropped (``from None``, not quoted): decoders quote header values,
     and a header value may be an identifier. An :class:`ImageReadError` passes through unchanged;
-    ``KeyboardInterrupt``/``SystemExit`` are not caught."""
+    ``KeyboardInterrupt``/``SystemExit`` are not caught (a Rust decoder's panic is)."""
 
     def __init__(self, path, stage: str = "reading"):
         self.path = os.fspath(path)
@@ -75,7 +83,7 @@ class file_errors:
         return self
 
     def __exit__(self, etype, exc, tb):
-        if exc is None or isinstance(exc, ImageReadError) or not isinstance(exc, Exception):
+        if exc is None or isinstance(exc, ImageReadError) or not _is_file_error(exc):
             return False
         if isinstance(exc, MemoryError):
             reason = f"{self.stage}: out of memory"
@@ -149,7 +157,7 @@ def load_image(path, *, modality: str | None = None,
     kind = _kind(path)
     if kind != "dicom-series" and os.path.getsize(path) == 0:
         raise ImageReadError(path, "zero-byte file")
-    with file_errors(path, "reading"), warnings.catch_warnings():
+    with file_errors(path, "reading"), warnings.catch_warnings(), _reading():
         warnings.simplefilter("ignore")
         for name, v in (("hu_slope", hu_slope), ("hu_intercept", hu_intercept)):
             if v is not None and not math.isfinite(float(v)):
@@ -190,13 +198,27 @@ def _check(path: str, arr: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------- DICOM
 
+_READING = threading.local()
+
+
+@contextlib.contextmanager
+def _reading():
+    """Marks this thread as inside :func:`load_image` (for :class:`_NoHeaderValues`)."""
+    _READING.depth = getattr(_READING, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _READING.depth -= 1
+
+
 class _NoHeaderValues(logging.Filter):
     """pydicom's log records quote element values (``Invalid value for VR DS: '<value>'``) and
-    carry tracebacks for files we skip by name anyway: drop those below ERROR, keep the level of
-    the rest with a fixed text."""
+    carry tracebacks. Inside :func:`load_image` they are dropped (the file is reported by name
+    and category through ImageReadError); elsewhere those below ERROR are dropped and the rest
+    keep their level with a fixed text."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.ERROR:
+        if record.levelno < logging.ERROR or getattr(_READING, "depth", 0):
             return False
         record.msg = "pydicom reported an error (its text is withheld: it may quote header values)"
         record.args = ()
