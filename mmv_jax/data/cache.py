@@ -1,13 +1,14 @@
 """``mmv-cache``: decode, reorient, resample and resize every image of a manifest once.
 
     mmv-cache --manifest M.jsonl --out DIR [--workers N] [--long-side-2d 224 --long-side-3d 112]
-              [--splits train val]
+              [--splits train val] [--max-image-voxels 1073741824]
 
 Writes ``DIR/<modality>/<id>.npy`` (CT: int16 HU, resized to the 3D long side with isotropic
 voxels; X-ray: uint16, min-max scaled to [0, 65535], resized to the 2D long side),
 ``DIR/manifest.jsonl`` (the input records with ``path`` pointing at the cached file,
 ``preprocessed: true``, the cached ``shape`` and the new ``spacing``), ``DIR/bad.jsonl`` (records
-that failed to read, with the reason) and ``DIR/cache_info.json`` (the long sides used).
+that failed to read or resize: ``id``, ``path`` and the reason, a fixed category that never quotes
+a header value; the cache keeps going past them) and ``DIR/cache_info.json`` (the long sides used).
 Resumable: files already written are kept (each file is written atomically). Runs over
 ``--workers`` processes with a progress bar. The pipeline reads it with ``data.cache_dir=DIR``
 (or ``data.manifest=DIR/manifest.jsonl``); the long sides must match the config's.
@@ -25,7 +26,7 @@ import sys
 import numpy as np
 
 from mmv_jax.data.manifest import Record, load_manifest, write_manifest
-from mmv_jax.data.readers import ImageReadError, load_image
+from mmv_jax.data.readers import DEFAULT_MAX_VOXELS, ImageReadError, file_errors, load_image
 from mmv_jax.data.transforms import resize_long_side
 
 
@@ -44,27 +45,32 @@ def encode(arr: np.ndarray, modality: str) -> np.ndarray:
 
 
 def _one(args):
-    rec, out, ls2, ls3 = args
+    rec, out, ls2, ls3, max_voxels = args
     rel = cache_name(rec)
     dst = os.path.join(out, rel)
-    try:
-        if os.path.exists(dst):
+    if os.path.exists(dst):
+        try:
             arr = np.load(dst, mmap_mode="r")
-            spacing = _spacing_of(out, rel)
-            return rec, rel, tuple(arr.shape), spacing, None
-        img = load_image(rec.path, **rec.read_kwargs())
-        long_side = ls3 if rec.modality == "ct" else ls2
-        arr, spacing = resize_long_side(img.array, img.spacing, long_side)
-        tmp = dst + f".tmp{os.getpid()}.npy"
-        np.save(tmp, encode(arr, rec.modality))
-        with open(dst[:-4] + ".json", "w") as f:
-            json.dump({"spacing": list(spacing)}, f)
-        os.replace(tmp, dst)
-        return rec, rel, tuple(arr.shape), tuple(spacing), None
+            return rec, rel, tuple(arr.shape), _spacing_of(out, rel), None
+        except (OSError, ValueError):
+            pass  # a damaged cached file (a crashed disk, not our atomic write): rebuild it
+    try:
+        # reading, resizing and encoding one file: any failure is that file's, listed by
+        # category in bad.jsonl, and the cache keeps going
+        with file_errors(rec.path, "caching"):
+            img = load_image(rec.path, **rec.read_kwargs(), max_voxels=max_voxels)
+            long_side = ls3 if rec.modality == "ct" else ls2
+            arr, spacing = resize_long_side(img.array, img.spacing, long_side)
+            data = encode(arr, rec.modality)
     except ImageReadError as e:
         return rec, rel, None, None, e.reason
-    except Exception as e:  # keep going; the record is listed in bad.jsonl
-        return rec, rel, None, None, f"{type(e).__name__}: {str(e)[:200]}"
+    # writing is not the file's fault (a full disk): an error here stops the cache
+    tmp = dst + f".tmp{os.getpid()}.npy"
+    np.save(tmp, data)
+    with open(dst[:-4] + ".json", "w") as f:
+        json.dump({"spacing": list(spacing)}, f)
+    os.replace(tmp, dst)
+    return rec, rel, tuple(arr.shape), tuple(spacing), None
 
 
 def _spacing_of(out, rel):
@@ -76,7 +82,8 @@ def _spacing_of(out, rel):
 
 
 def build_cache(manifest: str, out: str, *, workers: int = 1, long_side_2d: int = 224,
-                long_side_3d: int = 112, splits=None, progress: bool = True) -> dict:
+                long_side_3d: int = 112, splits=None, progress: bool = True,
+                max_voxels: int = DEFAULT_MAX_VOXELS) -> dict:
     records = load_manifest(manifest, splits=splits)
     out = os.path.abspath(out)
     for m in ("cxr", "ct"):
@@ -92,7 +99,7 @@ def build_cache(manifest: str, out: str, *, workers: int = 1, long_side_2d: int 
                              f"{old.get('long_side_3d')}; use another --out")
     with open(info_path, "w") as f:
         json.dump(info, f, indent=1)
-    jobs = [(r, out, long_side_2d, long_side_3d) for r in records]
+    jobs = [(r, out, long_side_2d, long_side_3d, int(max_voxels)) for r in records]
     results = []
     bar = None
     if progress:
@@ -139,9 +146,13 @@ def main(argv=None) -> None:
     ap.add_argument("--long-side-2d", type=int, default=224)
     ap.add_argument("--long-side-3d", type=int, default=112)
     ap.add_argument("--splits", nargs="*", default=None)
+    ap.add_argument("--max-image-voxels", type=int, default=DEFAULT_MAX_VOXELS,
+                    help="refuse files whose header claims more voxels (data.max_image_voxels)")
     a = ap.parse_args(argv)
+    if a.max_image_voxels < 1:
+        ap.error("--max-image-voxels must be >= 1")
     res = build_cache(a.manifest, a.out, workers=a.workers, long_side_2d=a.long_side_2d,
-                      long_side_3d=a.long_side_3d, splits=a.splits)
+                      long_side_3d=a.long_side_3d, splits=a.splits, max_voxels=a.max_image_voxels)
     print(f"cached {res['images']} images to {res['out']} ({res['bad']} unreadable, listed in "
           f"{os.path.join(res['out'], 'bad.jsonl')})")
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 
 import ml_collections
@@ -15,6 +16,7 @@ import numpy as np
 from mmv_jax.batch import PATCH
 from mmv_jax.data import packing
 from mmv_jax.data.manifest import Record, load_manifest
+from mmv_jax.data.readers import DEFAULT_MAX_VOXELS
 from mmv_jax.data.transforms import target_shape
 
 MODS = ("cxr", "ct")
@@ -58,6 +60,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.prefetch = 1               # batches computed ahead per process
     c.max_bad_fraction = 0.01    # stop when bad files / files tried exceeds this
     c.max_bad_retries = 32       # substitutes tried for one sample before giving up
+    # largest image a header may claim, in voxels (x samples per pixel), checked before anything
+    # is allocated; 2**30 admits a 512 x 512 x 4096 CT (readers.DEFAULT_MAX_VOXELS)
+    c.max_image_voxels = DEFAULT_MAX_VOXELS
     return c
 
 
@@ -132,6 +137,30 @@ def validate_config(cfg, process_count: int = 1) -> None:
         raise ValueError("config data.buckets.rows lists more shapes than max_shapes")
     if cfg.patch_dtype not in ("float32", "float16"):
         raise ValueError("config data.patch_dtype must be 'float32' or 'float16'")
+    # impossible values would otherwise surface later as a division by zero, an empty image or
+    # a run that stops at the first bad file (or never does)
+    for name in ("long_side_2d", "long_side_3d"):
+        if int(v[name]) < 1:
+            raise ValueError(f"config data.views.{name}={v[name]} must be >= 1")
+    flips = tuple(v.flips)
+    if not 1 <= len(flips) <= 3 or not all(0 <= f <= 1 for f in flips):
+        raise ValueError(f"config data.views.flips={flips} must hold 1 to 3 probabilities in [0, 1]")
+    width, level = (float(x) for x in cfg.ct_window)
+    if not (math.isfinite(width) and width > 0 and math.isfinite(level)):
+        raise ValueError(f"config data.ct_window={tuple(cfg.ct_window)} must be (width > 0, level), "
+                         "both finite")
+    if not 0 <= float(cfg.max_bad_fraction) <= 1:  # also refuses NaN
+        raise ValueError(f"config data.max_bad_fraction={cfg.max_bad_fraction} must be in [0, 1]")
+    if int(cfg.max_bad_retries) < 0:
+        raise ValueError(f"config data.max_bad_retries={cfg.max_bad_retries} must be >= 0")
+    if max_image_voxels(cfg) < 1:
+        raise ValueError(f"config data.max_image_voxels={max_image_voxels(cfg)} must be >= 1")
+
+
+def max_image_voxels(cfg) -> int:
+    """``cfg.max_image_voxels`` for ``load_image(..., max_voxels=)``; the readers' default for a
+    config written before the key existed (an older run's ``config.json``)."""
+    return int(cfg.get("max_image_voxels", DEFAULT_MAX_VOXELS))
 
 
 def num_samples_global(cfg, process_count: int = 1) -> int:

@@ -13,7 +13,8 @@ Fields of a record:
 - ``spacing``   optional ``[z, y, x]`` (or ``[y, x]``) mm, overrides the file's header.
 - ``hu_slope``, ``hu_intercept`` optional floats, override the file's rescale (CT-RATE).
 - ``orientation`` optional six DICOM ImageOrientationPatient cosines (CT-RATE NIfTI).
-- ``preprocessed`` optional bool: the file is an ``mmv-cache`` output, already resampled to the
+- ``preprocessed`` optional JSON bool (``true``/``false``; ``1``/``0`` accepted, anything else is
+                an error): the file is an ``mmv-cache`` output, already resampled to the
                 target size (the pipeline then skips the resize); ``shape`` optional ``[Z, H, W]``.
 
 Errors name the file and the line number.
@@ -21,6 +22,7 @@ Errors name the file and the line number.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field, asdict
 from typing import Iterable, Sequence
@@ -107,10 +109,14 @@ def parse_record(obj, root: str, where: str = "record") -> Record:
             return None
         if not isinstance(v, (list, tuple)) or len(v) not in lengths:
             raise _err(where, f"field {key!r} must be a list of {' or '.join(map(str, lengths))} numbers")
+        if any(isinstance(x, bool) for x in v):
+            raise _err(where, f"field {key!r} must hold numbers")
         try:
             out = tuple(float(x) for x in v)
         except (TypeError, ValueError):
             raise _err(where, f"field {key!r} must hold numbers") from None
+        if not all(math.isfinite(x) for x in out):  # json.loads accepts NaN and Infinity
+            raise _err(where, f"field {key!r} must hold finite numbers")
         return out
 
     spacing = floats("spacing", (2, 3))
@@ -118,9 +124,20 @@ def parse_record(obj, root: str, where: str = "record") -> Record:
         raise _err(where, "spacing must be positive")
     orientation = floats("orientation", (6,))
     shape = floats("shape", (3,))
+    if shape is not None and (min(shape) < 1 or any(s != int(s) for s in shape)):
+        raise _err(where, "field 'shape' must hold three positive integers")
     for key in ("hu_slope", "hu_intercept"):
-        if obj.get(key) is not None and not isinstance(obj[key], (int, float)):
-            raise _err(where, f"field {key!r} must be a number")
+        v = obj.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
+                              or not math.isfinite(v)):
+            raise _err(where, f"field {key!r} must be a finite number")
+    preprocessed = obj.get("preprocessed", False)
+    # strict: bool("false") is True, so a string here would silently skip the resize
+    if preprocessed is None:
+        preprocessed = False
+    elif preprocessed not in (True, False, 0, 1) or isinstance(preprocessed, float):
+        raise _err(where, "field 'preprocessed' must be true or false (a JSON boolean, or 1/0), "
+                          f"got a {type(preprocessed).__name__}")
     path = obj["path"]
     if not os.path.isabs(path):
         path = os.path.normpath(os.path.join(root, path))
@@ -129,7 +146,7 @@ def parse_record(obj, root: str, where: str = "record") -> Record:
                   labels=clean, spacing=spacing,
                   hu_slope=None if obj.get("hu_slope") is None else float(obj["hu_slope"]),
                   hu_intercept=None if obj.get("hu_intercept") is None else float(obj["hu_intercept"]),
-                  orientation=orientation, preprocessed=bool(obj.get("preprocessed", False)),
+                  orientation=orientation, preprocessed=bool(preprocessed),
                   shape=None if shape is None else tuple(int(s) for s in shape))
 
 

@@ -4,18 +4,33 @@
   ``long_side`` voxels (224 for 2D, 112 for 3D), voxels isotropic afterwards (anisotropic CT
   spacing taken into account; aspect ratio kept; no padding).
 - :func:`normalize`: X-ray min-max to [-1, 1]; CT window W=2500, L=250 (HU [-1000, 1500]) to [-1, 1].
+- :func:`load_preprocessed`: one manifest record -> its preprocessed image; every failure of that
+  one file, whatever raised it, is an :class:`~mmv_jax.data.readers.ImageReadError` naming it.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
+
+from mmv_jax.data.readers import ImageReadError, file_errors, load_image
 
 CT_WINDOW = (2500.0, 250.0)  # (width, level)
 
 
 def target_shape(shape, spacing, long_side: int) -> tuple[int, ...]:
-    """Output ``[Z, H, W]`` for :func:`resize_long_side` (Z stays 1 for a 2D image)."""
-    z, h, w = shape
+    """Output ``[Z, H, W]`` for :func:`resize_long_side` (Z stays 1 for a 2D image).
+
+    Raises ``ValueError`` for an empty shape, a spacing that is not finite and positive or a
+    ``long_side`` < 1 (a NaN spacing would otherwise give a garbage integer shape)."""
+    z, h, w = (int(v) for v in shape)
     dz, dy, dx = (float(s) for s in spacing)
+    if min(z, h, w) < 1:
+        raise ValueError("target_shape: every side of the image must be >= 1")
+    if not all(math.isfinite(s) and s > 0 for s in (dz, dy, dx)):
+        raise ValueError("target_shape: spacing must be finite and positive")
+    if int(long_side) < 1:
+        raise ValueError("target_shape: long_side must be >= 1")
     if z == 1:
         ext = np.array([h * dy, w * dx])
         out = np.maximum(1, np.round(ext * (long_side / ext.max()))).astype(int)
@@ -103,3 +118,30 @@ def preprocess(arr: np.ndarray, spacing, modality: str, *, long_side: int,
     if not resized:
         arr, _ = resize_long_side(arr, spacing, long_side)
     return normalize(arr, modality, window)
+
+
+def load_preprocessed(rec, *, long_side_2d: int, long_side_3d: int, window=CT_WINDOW,
+                      max_voxels: int | None = None) -> np.ndarray:
+    """One manifest record (:class:`~mmv_jax.data.manifest.Record`) -> its ``[Z, H, W]`` image
+    in [-1, 1]: read (``max_voxels`` bounds the header's claimed size, ``None``: the readers'
+    default), check that its dimensionality matches ``rec.modality``, resize (unless
+    ``rec.preprocessed``) and normalise.
+
+    Raises only :class:`~mmv_jax.data.readers.ImageReadError` (naming ``rec.path``, with a fixed
+    category reason) for anything that goes wrong with this one file -- decoder errors,
+    ``MemoryError``, arithmetic errors in the resize -- so that a caller skips the file by
+    catching that one type.
+    """
+    img = load_image(rec.path, **rec.read_kwargs(), max_voxels=max_voxels)
+    is_ct = rec.modality == "ct"
+    if is_ct and img.array.shape[0] == 1:
+        raise ImageReadError(rec.path, "manifest says ct but the image is 2D")
+    if not is_ct and img.array.shape[0] != 1:
+        raise ImageReadError(rec.path, "manifest says cxr but the image is 3D")
+    with file_errors(rec.path, "preprocessing"):
+        out = preprocess(img.array, img.spacing, rec.modality,
+                         long_side=long_side_3d if is_ct else long_side_2d,
+                         resized=rec.preprocessed, window=window)
+        if min(out.shape) < 1:
+            raise ImageReadError(rec.path, "empty image after preprocessing")
+        return out

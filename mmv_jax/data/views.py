@@ -29,6 +29,13 @@ def crop_shape(rng: np.random.Generator, dims: Sequence[int], scale: Sequence[fl
     dims = [int(x) for x in dims]
     d = len(dims)
     lo, hi = float(scale[0]), float(scale[1])
+    # checked here, not assumed: a zero side divides by zero below, a NaN scale cannot round
+    if d < 1 or min(dims) < 1:
+        raise ValueError("crop_shape: every image side must be >= 1")
+    if not 0 < lo <= hi <= 1:
+        raise ValueError("crop_shape: scale must satisfy 0 < lo <= hi <= 1")
+    if int(p) < 1:
+        raise ValueError("crop_shape: patch size must be >= 1")
     s = float(rng.uniform(lo, hi))
     g = [x / p for x in dims]
     gmax = [max(1, int(x // p)) for x in dims]
