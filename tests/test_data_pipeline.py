@@ -207,17 +207,32 @@ def test_bad_files_skipped_counted_and_limit(demo, tmp_path, caplog):
         b, s = next(it)
         assert len(np.unique(b.view_sample[b.view_sample >= 0])) == 6  # still full batches
         seen = int(s["bad_files"])
-    assert seen >= 3
+    assert seen == 3  # each bad file counted once, however often it is drawn
     warned = {r.getMessage().split()[3].rstrip(":") for r in caplog.records
               if r.getMessage().startswith("skipping bad file")}
     assert warned == bad_paths
     assert set(it.get_state()) == {"step", "bad_files", "tried"}  # no paths, no reasons
     # a strict limit stops with one message naming the bad files
-    it = P.make_train_iterator(_cfg(str(d / "manifest.jsonl"), max_bad_fraction=0.0), seed=0)
+    strict = _cfg(str(d / "manifest.jsonl"), max_bad_fraction=0.0, min_files_for_bad_fraction=1)
+    it = P.make_train_iterator(strict, seed=0)
     with pytest.raises(RuntimeError, match="too many bad files") as e:
         for _ in range(8):
             next(it)
     assert any(p in str(e.value) for p in bad_paths)
+
+
+def test_one_bad_file_never_stops_a_long_run(demo, tmp_path):
+    """1 bad file in 24: drawn again and again over many epochs, it counts once; with the
+    shipped limits (1% after at least 1,000 files) the run goes on."""
+    recs = [json.loads(l) for l in open(demo)]
+    shutil.copytree(os.path.dirname(demo), tmp_path / "d")
+    bad = next(r for r in recs if r["split"] == "train" and r["modality"] == "cxr")
+    (tmp_path / "d" / bad["path"]).write_bytes(b"not an image")
+    cfg = _cfg(str(tmp_path / "d" / "manifest.jsonl"), max_bad_fraction=P.default_config().max_bad_fraction)
+    it = P.make_train_iterator(cfg, seed=0)
+    for _ in range(60):  # 240 CXR draws over ~15 epochs of the train split
+        _, s = next(it)
+    assert int(s["bad_files"]) == 1 and int(it.get_state()["tried"]) >= 360
 
 
 def test_eval_iterator(demo):

@@ -60,6 +60,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.prefetch = 1               # batches computed ahead per process
     c.max_bad_fraction = 0.01    # stop when bad files / files tried exceeds this
     c.max_bad_retries = 32       # substitutes tried for one sample before giving up
+    c.min_files_for_bad_fraction = 1000  # the fraction is checked only after this many files
     # largest image a header may claim, in voxels (x samples per pixel), checked before anything
     # is allocated; 2**30 admits a 512 x 512 x 4096 CT (readers.DEFAULT_MAX_VOXELS)
     c.max_image_voxels = DEFAULT_MAX_VOXELS
@@ -151,6 +152,9 @@ def validate_config(cfg, process_count: int = 1) -> None:
                          "both finite")
     if not 0 <= float(cfg.max_bad_fraction) <= 1:  # also refuses NaN
         raise ValueError(f"config data.max_bad_fraction={cfg.max_bad_fraction} must be in [0, 1]")
+    if int(cfg.get("min_files_for_bad_fraction", 0)) < 0:
+        raise ValueError(f"config data.min_files_for_bad_fraction="
+                         f"{cfg.min_files_for_bad_fraction} must be >= 0")
     if int(cfg.max_bad_retries) < 0:
         raise ValueError(f"config data.max_bad_retries={cfg.max_bad_retries} must be >= 0")
     if max_image_voxels(cfg) < 1:

@@ -47,11 +47,11 @@ from mmv_jax.batch import View, pack_rows
 from mmv_jax.data import packing
 from mmv_jax.data.config import (  # noqa: F401  (re-exported: the public API lives here)
     KERNEL_BLOCK, MODS, _local_counts, _max_view_tokens, _records, _view_kwargs, bucket_rows,
-    bucket_shapes, default_config, demo_config, manifest_path, max_view_tokens,
+    bucket_shapes, default_config, demo_config, manifest_path, max_image_voxels, max_view_tokens,
     num_samples_global, num_views_per_sample, validate_config)
 from mmv_jax.data.manifest import Record, load_manifest
-from mmv_jax.data.readers import ImageReadError, load_image
-from mmv_jax.data.transforms import preprocess
+from mmv_jax.data.readers import ImageReadError, file_errors
+from mmv_jax.data.transforms import load_preprocessed
 from mmv_jax.data.views import sample_views, whole_view
 
 log = logging.getLogger(__name__)
@@ -59,22 +59,18 @@ log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------- per-sample work
 
-def prepare_views(rec: Record, rng: np.random.Generator, sample: int, cfg_views, ct_window
-                  ) -> list[View]:
-    """Reads one record and draws its views (raises ImageReadError for a bad file)."""
-    img = load_image(rec.path, **rec.read_kwargs())
-    is_ct = rec.modality == "ct"
-    if is_ct and img.array.shape[0] == 1:
-        raise ImageReadError(rec.path, "manifest says ct but the image is 2D")
-    if not is_ct and img.array.shape[0] != 1:
-        raise ImageReadError(rec.path, f"manifest says cxr but the image is 3D {img.array.shape}")
-    long_side = cfg_views["long_side_3d"] if is_ct else cfg_views["long_side_2d"]
-    image = preprocess(img.array, img.spacing, rec.modality, long_side=long_side,
-                       resized=rec.preprocessed, window=ct_window)
-    return sample_views(image, rng, sample=sample, modality=int(is_ct),
-                        n_global=cfg_views["n_global"], n_local=cfg_views["n_local"],
-                        global_scale=cfg_views["global_scale"], local_scale=cfg_views["local_scale"],
-                        flips=cfg_views["flips"])
+def prepare_views(rec: Record, rng: np.random.Generator, sample: int, cfg_views, ct_window,
+                  max_voxels: int | None = None) -> list[View]:
+    """Reads one record and draws its views. Any failure of this one file, whatever raised it,
+    is an ImageReadError naming it (a bad file to skip), never another exception."""
+    image = load_preprocessed(rec, long_side_2d=cfg_views["long_side_2d"],
+                              long_side_3d=cfg_views["long_side_3d"], window=ct_window,
+                              max_voxels=max_voxels)
+    with file_errors(rec.path, "view sampling"):
+        return sample_views(image, rng, sample=sample, modality=int(rec.modality == "ct"),
+                            n_global=cfg_views["n_global"], n_local=cfg_views["n_local"],
+                            global_scale=cfg_views["global_scale"],
+                            local_scale=cfg_views["local_scale"], flips=cfg_views["flips"])
 
 
 _ONE_BLAS_THREAD = []
@@ -115,7 +111,9 @@ class _TrainSource:
         self.patch_dim = packing.patch_dim_for(self.local[1] > 0)
         self.dtype = np.dtype(cfg.patch_dtype)
         self.retries = int(cfg.max_bad_retries)
+        self.max_voxels = max_image_voxels(cfg)
         self._perm: dict[tuple[int, int], np.ndarray] = {}
+        self._known_bad: set[str] = set()   # this worker's bad files, never drawn again
 
     def __len__(self):
         return sys.maxsize
@@ -146,12 +144,19 @@ class _TrainSource:
                 sample = offset + i + (self.local[0] if m == 1 else 0)
                 for attempt in range(self.retries + 1):
                     rec = self.records[m][self._index(m, q, attempt)]
+                    if rec.path in self._known_bad:
+                        # seen bad before: the next substitute, without reading or counting it
+                        # again (the same draw as after a fresh failure, so the batch does not
+                        # depend on which worker saw the file first)
+                        continue
                     rng = np.random.default_rng([self.seed, m, q, attempt])
                     tried += 1
                     try:
-                        views += prepare_views(rec, rng, sample, self.views, self.window)
+                        views += prepare_views(rec, rng, sample, self.views, self.window,
+                                               self.max_voxels)
                         break
                     except ImageReadError as e:
+                        self._known_bad.add(rec.path)
                         bad.append((e.path, e.reason))
                 else:
                     raise RuntimeError(
@@ -187,7 +192,7 @@ class _TrainIterator(grain.DatasetIterator):
     """
 
     def __init__(self, factory, *, rows: tuple[int, ...], seq_len: int, max_bad_fraction: float,
-                 samples_per_batch: int, gather=None):
+                 min_files: int, samples_per_batch: int, gather=None):
         super().__init__()
         self._factory = factory          # start step -> DatasetIterator over (batch, info)
         self._it = None
@@ -195,6 +200,7 @@ class _TrainIterator(grain.DatasetIterator):
         self._gather = gather or _single_process
         self._step = 0
         self._max_bad = float(max_bad_fraction)
+        self._min_files = int(min_files)
         self._samples = samples_per_batch
         self._bad = 0
         self._tried = 0
@@ -224,7 +230,7 @@ class _TrainIterator(grain.DatasetIterator):
         batch = packing.pad_rows(batch, rows)
         self._bad += int(n_bad)
         self._tried += int(tried)
-        if self._bad > self._max_bad * self._tried:
+        if self._tried >= self._min_files and self._bad > self._max_bad * self._tried:
             listing = "\n  ".join(f"{p}: {r}" for p, r in self._first_bad) or "(on other hosts)"
             raise RuntimeError(
                 f"too many bad files: {self._bad} of {self._tried} tried "
@@ -291,7 +297,9 @@ def make_train_dataset(cfg, *, seed: int, process_index: int = 0, process_count:
         return iter(_mp_prefetch(ds.to_iter_dataset(read), cfg))
 
     return _TrainDataset(factory, rows=src.rows, seq_len=src.seq_len, gather=gather,
-                         max_bad_fraction=float(cfg.max_bad_fraction), samples_per_batch=sum(src.local))
+                         max_bad_fraction=float(cfg.max_bad_fraction),
+                         min_files=int(cfg.get("min_files_for_bad_fraction", 0)),
+                         samples_per_batch=sum(src.local))
 
 
 def make_train_iterator(cfg, *, seed: int, process_index: int = 0, process_count: int = 1,
@@ -314,6 +322,7 @@ class _EvalSource:
         self.views = dict(long_side_2d=int(cfg.views.long_side_2d),
                           long_side_3d=int(cfg.views.long_side_3d))
         self.window = tuple(cfg.ct_window)
+        self.max_voxels = max_image_voxels(cfg)
         self.seq_len, self.slots, self.patch_dim, self.rows = seq_len, slots, patch_dim, rows
 
     def __len__(self):
@@ -323,14 +332,14 @@ class _EvalSource:
         views, ids = [], []
         for rec in self.records[b * self.bs:(b + 1) * self.bs]:
             try:
-                img = load_image(rec.path, **rec.read_kwargs())
+                image = load_preprocessed(rec, **self.views, window=self.window,
+                                          max_voxels=self.max_voxels)
+                with file_errors(rec.path, "view"):
+                    view = whole_view(image, sample=len(ids), modality=int(rec.modality == "ct"))
             except ImageReadError as e:
                 log.warning("skipping bad file %s: %s", e.path, e.reason)
                 continue
-            ls = self.views["long_side_3d" if rec.modality == "ct" else "long_side_2d"]
-            image = preprocess(img.array, img.spacing, rec.modality, long_side=ls,
-                               resized=rec.preprocessed, window=self.window)
-            views.append(whole_view(image, sample=len(ids), modality=int(rec.modality == "ct")))
+            views.append(view)
             ids.append(rec.id)
         rows = packing.ffd_rows([v.num_tokens for v in views], self.seq_len, self.slots)
         rows += [[] for _ in range(self.rows - len(rows))]
