@@ -47,8 +47,23 @@ def load_run_config(run_dir: str, config_path: str | None = None) -> ml_collecti
         return ml_collections.ConfigDict(json.load(f))
 
 
-def build_encoder(cfg, run_dir: str | None, mesh, *, random_init: bool = False):
-    """The encoder with params restored from ``run_dir`` (or a seeded random init), sharded."""
+def embed_config(cfg, modalities=("cxr", "ct")) -> ml_collections.ConfigDict:
+    """A copy of the run's config whose attention bound covers one whole image of each of
+    ``modalities``: a run's own bound is its largest training view, and a 2D-only (stage 1)
+    run's is a whole X-ray, shorter than a whole CT. A bound of 0 (dense attention) stays."""
+    cfg = cfg.copy_and_resolve_references()
+    if cfg.model.max_segment_len:
+        t2, t3 = pipeline.max_view_tokens(cfg.data)
+        cfg.model.max_segment_len = max(t2 if "cxr" in modalities else 0,
+                                        t3 if "ct" in modalities else 0, 1)
+    return cfg
+
+
+def build_encoder(cfg, run_dir: str | None, mesh, *, random_init: bool = False,
+                  modalities=("cxr", "ct")):
+    """The encoder with params restored from ``run_dir`` (or a seeded random init), sharded,
+    able to embed whole images of ``modalities`` (:func:`embed_config`)."""
+    cfg = embed_config(cfg, modalities)
     rules = shd.rules_dict(cfg.mesh.rules)
     abstract = nnx.eval_shape(lambda: st.build_model(cfg, seed=cfg.seed))
     graphdef, abstract_params = nnx.split(abstract, nnx.Param)
@@ -136,8 +151,9 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = load_run_config(args.checkpoint, args.config)
     mesh = shd.make_mesh((-1, 1, 1))
-    encoder = build_encoder(cfg, args.checkpoint, mesh, random_init=args.random_init)
     records = load_manifest(args.manifest, splits=args.split)
+    encoder = build_encoder(cfg, args.checkpoint, mesh, random_init=args.random_init,
+                            modalities={r.modality for r in records})
     arrays = embed(cfg, records, encoder, args.out, mesh, batch_size=args.batch_size)
     print(f"mmv-embed: {len(arrays['ids'])} embeddings -> {args.out}")
 
