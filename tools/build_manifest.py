@@ -80,11 +80,10 @@ import os
 import re
 import sys
 
-import numpy as np
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mmv_jax.data.manifest import load_manifest, write_manifest  # noqa: E402
+from mmv_jax.eval.probe import grouped_holdout  # noqa: E402
 
 # per-dataset column names of the five findings
 MIMIC_COLS = {"atelectasis": "Atelectasis", "cardiomegaly": "Cardiomegaly",
@@ -129,20 +128,6 @@ def _require(path: str, columns) -> None:
         raise SystemExit(f"{path}: missing column(s) {missing}")
 
 
-def grouped_split(records: list[dict], *, test_fraction: float = 0.2, seed: int = 0) -> dict:
-    """Seeded patient-grouped split: whole patients, in a seeded order, go to ``test`` until it
-    holds ``test_fraction`` of the records; the rest is ``train``. Returns ``{patient: split}``."""
-    per_patient: dict[str, int] = {}
-    for r in records:
-        per_patient[r["patient"]] = per_patient.get(r["patient"], 0) + 1
-    order = np.random.default_rng(seed).permutation(sorted(per_patient))
-    want, n_test, out = test_fraction * len(records), 0, {}
-    for p in order.tolist():
-        out[p] = "test" if n_test < want else "train"
-        n_test += per_patient[p] if out[p] == "test" else 0
-    return out
-
-
 # ---------------------------------------------------------------- MIMIC-CXR-JPG
 
 def _mimic_label(v) -> int:
@@ -183,9 +168,9 @@ def mimic_cxr(root: str, split_mode: str = "paper", seed: int = 0) -> list[dict]
                         dataset="mimic-cxr", split=names[sp], labels=labels_,
                         path=os.path.join(os.path.abspath(root), path)))
     if split_mode == "paper":
-        split_of_patient = grouped_split(out, seed=seed)
-        for r in out:
-            r["split"] = split_of_patient[r["patient"]]
+        test = grouped_holdout([r["patient"] for r in out], 0.2, seed)
+        for r, t in zip(out, test):
+            r["split"] = "test" if t else "train"
     return out
 
 

@@ -76,6 +76,15 @@ def build_encoder(cfg, run_dir: str | None, mesh, *, random_init: bool = False,
     return nnx.merge(graphdef, params).encoder
 
 
+def patient_groups(records) -> np.ndarray:
+    """``[N]`` int32: rows of one patient share a number (order of first appearance), so that
+    the probe's hold-outs never split a patient, without writing the patient id itself. A record
+    without a patient is its own group."""
+    index: dict = {}
+    return np.array([index.setdefault(r.patient or ("", r.id), len(index)) for r in records],
+                    np.int32)
+
+
 def _labels(rec) -> np.ndarray:
     return np.array([float(rec.labels[f]) if rec.labels.get(f) is not None else np.nan
                      for f in FINDINGS], np.float32)
@@ -128,7 +137,8 @@ def embed(cfg, records, encoder, out: str, mesh, *, batch_size: int = 16, progre
     arrays = dict(
         ids=np.array([r.id for r in kept]), embeddings=np.stack([vecs[r.id] for r in kept]),
         modality=np.array([r.modality for r in kept]), dataset=np.array([r.dataset for r in kept]),
-        split=np.array([r.split for r in kept]), labels=np.stack([_labels(r) for r in kept]))
+        split=np.array([r.split for r in kept]), labels=np.stack([_labels(r) for r in kept]),
+        group=patient_groups(kept))
     save_embeddings(out, **arrays)
     for f in glob.glob(os.path.join(partial, "*")):
         os.remove(f)
