@@ -290,7 +290,9 @@ def main(argv=None) -> int:
     ap.add_argument("--embeddings", required=True, help="embedding .npz from mmv-embed")
     ap.add_argument("--lp-data", default="ALL", choices=list(LP_DATA))
     ap.add_argument("--train-dataset", default=None,
-                    help="domain adaptation: train on this dataset's train split only")
+                    help="domain adaptation: train on this dataset's train split only (a "
+                         "dataset that is all test data, e.g. rad-chestct: a seeded 80%% of it) "
+                         "and test on its test rows")
     ap.add_argument("--policy", default="ignore", choices=list(POLICIES),
                     help="uncertain labels in training: ignore (exclude), zeros, ones")
     ap.add_argument("--test-datasets", nargs="*", default=None)
