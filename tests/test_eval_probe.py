@@ -184,6 +184,10 @@ def test_adaptation_splits_an_all_test_dataset_80_20():
     assert test["macro"]["auroc"] > 0.9
     split = probe.adaptation_split(d, "rad-chestct", seed=0)["split"]
     assert (split == probe.adaptation_split(d, "rad-chestct", seed=0)["split"]).all()
+    d["group"] = np.arange(len(d["ids"])) // 3                       # three scans per patient
+    split = probe.adaptation_split(d, "rad-chestct", seed=0)["split"]
+    rad = d["dataset"] == "rad-chestct"
+    assert not set(d["group"][rad & (split == "train")]) & set(d["group"][rad & (split == "test")])
     r_all = probe.run_probe(d, lp_data="ALL", n_boot=0, c_grid=FAST_C)
     assert r_all["test_sets"]["rad-chestct"]["n"] == n_rad           # all of it stays test
     assert r_all["config"]["n_train"] + r_all["config"]["n_val"] == 380   # mimic rows only

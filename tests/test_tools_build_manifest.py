@@ -156,9 +156,10 @@ def _fake_rad(root, n_vols=6):
             cells[RAD_HEADER.index("nodule*left_lung") - 1] = "1"
         rows.append([f"trn{i:05d}", *cells])
     _csv(root / "labels" / "imgtrn_Abnormality_and_Location_Labels.csv", RAD_HEADER, rows)
-    # another CSV of the release (not labels): recognised by its header and skipped
-    _csv(root / "labels" / "CT_Scan_Metadata_Complete.csv", ["NoteAcc_DEID", "Slices"],
-         [[f"trn{i:05d}", "400"] for i in range(1, n_vols + 1)])
+    # the scan metadata (not labels, recognised by its header): the patient of each volume;
+    # volumes 1 and 2 are one patient's, volume 6 is not listed
+    _csv(root / "CT_Scan_Metadata_Complete_35747.csv", ["NoteAcc_DEID", "MRN_DEID", "Slices"],
+         [[f"trn{i:05d}", f"AA{(i + 1) // 2 if i > 1 else 1:05d}", "400"] for i in range(1, n_vols)])
 
 
 def test_rad_chestct_is_the_external_test_set(tmp_path):
@@ -173,6 +174,9 @@ def test_rad_chestct_is_the_external_test_set(tmp_path):
         assert lab["lung_opacity"] == (1 if i == 2 else 0)
         assert set(lab) == set(FIVE)
     assert recs["radchest-trn00006"].labels == {}  # not in the label file
+    assert recs["radchest-trn00001"].patient == recs["radchest-trn00002"].patient == "radchest-AA00001"
+    assert recs["radchest-trn00003"].patient != recs["radchest-trn00001"].patient
+    assert recs["radchest-trn00006"].patient is None
 
     # no RAD-ChestCT volume enters pretraining: merged with MIMIC, the training records hold none
     _fake_mimic(tmp_path / "mimic", n_patients=10)

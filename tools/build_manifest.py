@@ -63,7 +63,9 @@ RAD-ChestCT (Zenodo 6406114)::
   those columns; every row whose volume exists gives labels (the label files list more volumes
   than the public release holds). ``--spacing`` gives the voxel size (verify against the release
   notes; the default assumes the 0.8 mm isotropic resampling described by the dataset's paper).
-  Patients are not identified in the public release.
+  patient = ``MRN_DEID`` (the de-identified MRN) from a CSV whose header has ``NoteAcc_DEID`` and
+  ``MRN_DEID`` (``CT_Scan_Metadata_Complete_35747.csv``), so the adaptation split keeps each
+  patient's scans together; without that file every volume is its own patient.
 
 No patient names, dates or other identifiers are read or written; ``patient`` is the dataset's
 own de-identified subject id.
@@ -249,12 +251,18 @@ def rad_chestct(root: str, spacing) -> list[dict]:
     if not vols:
         raise SystemExit(f"no .npz volumes under {root}")
     labels: dict[str, dict] = {}
+    patient: dict[str, str] = {}
     n_files = 0
     for csv_path in sorted(glob.glob(os.path.join(root, "**", "*.csv*"), recursive=True)):
         opener = gzip.open if csv_path.endswith(".gz") else open
         with opener(csv_path, "rt", newline="") as f:
             reader = csv.reader(f)
             header = next(reader, [])
+            if "NoteAcc_DEID" in header and "MRN_DEID" in header:  # the scan metadata
+                i, j = header.index("NoteAcc_DEID"), header.index("MRN_DEID")
+                patient.update((row[i], row[j]) for row in reader
+                               if len(row) > max(i, j) and row[i] in vols and row[j])
+                continue
             cols = _rad_columns(header)
             if not cols:
                 continue  # not a label file
@@ -276,9 +284,11 @@ def rad_chestct(root: str, spacing) -> list[dict]:
                          f"{', '.join(RAD_COLS.values())} or 'atelectasis*left_lung')")
     out = []
     for name, path in sorted(vols.items()):
-        out.append(dict(id=f"radchest-{name}", modality="ct", dataset="rad-chestct",
-                        split="test", path=os.path.abspath(path),
-                        spacing=list(spacing), labels=labels.get(name, {})))
+        rec = dict(id=f"radchest-{name}", modality="ct", dataset="rad-chestct", split="test",
+                   path=os.path.abspath(path), spacing=list(spacing), labels=labels.get(name, {}))
+        if name in patient:
+            rec["patient"] = f"radchest-{patient[name]}"
+        out.append(rec)
     return out
 
 
