@@ -43,17 +43,13 @@ def build_model(cfg, *, seed: int = 0) -> MultiMedVision:
                           proj_layers=m.proj_layers, proj_norm=m.proj_norm, rngs=nnx.Rngs(seed))
 
 
-def _path_names(path) -> list[str]:
-    names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
-    return [n for n in names if n != "value"]  # nnx.Variable's own attribute
-
-
 def _decay_mask(params):
     """Weight decay on weights only, decided by parameter name: never on biases (``bias``,
     ``qkv_bias``, ``proj_bias``) nor on a norm's parameters. Not by shape: ``qkv_bias`` is
     ``[3, H, Dh]`` and a multi-dimensional bias is still a bias."""
     def decay(path, _):
-        names = _path_names(path)
+        names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+        names = [n for n in names if n != "value"]  # nnx.Variable's own attribute
         leaf = names[-1] if names else ""
         is_bias = leaf == "bias" or leaf.endswith("_bias")
         return not (is_bias or leaf == "scale" or any("norm" in n for n in names))
