@@ -44,6 +44,7 @@ import numpy as np
 
 from mmv_jax.eval.io import FINDINGS, load_embeddings, save_embeddings  # noqa: F401 (re-export)
 from mmv_jax.eval.metrics import auroc, bootstrap_auroc, nan_to_none
+from mmv_jax.eval.reference import paper_test_set
 
 ABBREV = ("ATEL", "CARD", "CONS", "LO", "EFF")   # reference_results.csv column names
 VAL_SPLITS = ("val", "valid", "validate", "validation")
@@ -103,7 +104,6 @@ def select_rows(data: dict, *, lp_data: str = "ALL", train_dataset: str | None =
                 val_fraction: float = 0.2, seed: int = 0):
     """Indices ``(train, val, val_source)`` of the probe's training and validation rows;
     ``val_source`` is ``"split"`` or ``"holdout"`` (patient-grouped, see :func:`grouped_holdout`)."""
-    from mmv_jax.eval.reference import paper_test_set
     if lp_data not in LP_DATA:
         raise ValueError(f"lp_data must be one of {list(LP_DATA)}, got {lp_data!r}")
     keep = np.isin(_lower(data["modality"]), LP_DATA[lp_data])
@@ -117,8 +117,8 @@ def select_rows(data: dict, *, lp_data: str = "ALL", train_dataset: str | None =
     train = np.flatnonzero(keep & (split == "train"))
     val = np.flatnonzero(keep & np.isin(split, VAL_SPLITS))
     if train_dataset is None:
-        external = sorted({d for d in np.asarray(data["dataset"])[np.concatenate([train, val])].tolist()
-                           if paper_test_set(d) in EXTERNAL_TEST_SETS})
+        used = np.asarray(data["dataset"])[np.concatenate([train, val])]
+        external = sorted({d for d in used.tolist() if paper_test_set(d) in EXTERNAL_TEST_SETS})
         if external:
             raise ValueError(f"{', '.join(external)} rows are in split train/val, but "
                              f"{', '.join(external)} is an external test set and must not train "
