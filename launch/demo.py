@@ -2,7 +2,7 @@
 
 write the demo data set -> pretrain ViT-Ti/14 (configs/demo.py) -> embed every image with the
 trained and with a random-init encoder -> linear probes -> one table (finding x AUROC, trained vs
-random init), a loss-curve plot and PCA feature maps, and ``runs/demo/demo_report.json``.
+random init), a loss-curve plot and PCA feature maps (``mmv-analysis``), and ``runs/demo/demo_report.json``.
 
   python -m launch.demo [--workdir runs/demo] [--data data/demo] [--config.total_steps=N ...]
 """
@@ -22,40 +22,6 @@ from mmv_jax.hugepages import reexec_with_hugepages
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Demo config.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Run folder.")
 _DATA = flags.DEFINE_string("data", "data/demo", "Demo data folder (written when missing).")
-
-
-def _feature_maps(cfg, encoder, manifest, out_dir) -> list[str]:
-    """DINO-style PCA maps of the final-norm patch tokens for one CXR and one CT test image."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    from mmv_jax.data import pipeline
-    from mmv_jax.data.manifest import load_manifest
-    from mmv_jax.eval.analysis import save_feature_map_figure
-
-    paths = []
-    records = load_manifest(manifest, splits="test")
-    for modality in ("cxr", "ct"):
-        rec = next((r for r in records if r.modality == modality), None)
-        if rec is None:
-            continue
-        batch, _ = next(pipeline.make_eval_iterator(cfg.data, [rec], batch_size=1))
-        tokens = np.asarray(jax.jit(encoder.tokens)(jax.tree.map(jnp.asarray, batch)))[0]
-        seg = np.asarray(batch.segment_ids)[0]
-        coords = np.asarray(batch.coords)[0][seg == 1]
-        grid = tuple(len(np.unique(coords[:, a])) for a in range(3))
-        # the model's input, un-patchified: the view's patches back into an image
-        p = 14
-        patches = np.asarray(batch.patches)[0][seg == 1]
-        gz, gy, gx = grid
-        if modality == "cxr":
-            img = patches[:, : p * p].reshape(gy, gx, p, p).transpose(0, 2, 1, 3).reshape(gy * p, gx * p)
-        else:
-            img = patches.reshape(gz, gy, gx, p, p, p).transpose(0, 3, 1, 4, 2, 5).reshape(gz * p, gy * p, gx * p)
-        out = os.path.join(out_dir, f"pca_map_{modality}.png")
-        paths.append(save_feature_map_figure(img, tokens[seg == 1], grid, out, title=f"{modality} {rec.id}"))
-    return paths
 
 
 def _main(argv):
@@ -99,8 +65,10 @@ def _main(argv):
         report["auroc"][name] = {f: test_set["per_label"][f]["auroc"] for f in FINDINGS}
         report["auroc"][name]["macro"] = test_set["macro"]["auroc"]
         report["auroc"][name]["macro_ci"] = [test_set["macro"]["ci_low"], test_set["macro"]["ci_high"]]
-        if name == "trained":
-            figures = _feature_maps(cfg, enc, manifest, workdir)
+        if name == "trained":   # one PCA across two test images of each modality
+            fig = analysis.feature_map_figure(cfg, enc, records, os.path.join(workdir, "pca_maps.png"),
+                                              per_modality=2)
+            figures = [fig] if fig else []
     figures.append(analysis.plot_loss_curve(os.path.join(workdir, "metrics.jsonl"),
                                             os.path.join(workdir, "loss_curve.png")))
     report["seconds"] = time.time() - t0

@@ -90,10 +90,13 @@ def test_build_manifest_mimic_chexpert_ctrate(tmp_path):
          ["subject_id", "study_id", "Atelectasis", "Cardiomegaly", "Consolidation", "Edema",
           "Lung Opacity", "Pleural Effusion"],
          [["10000032", "500", "1.0", "", "-1.0", "1.0", "0.0", ""]])
-    bm.main(["mimic-cxr", "--root", str(m), "--out", str(tmp_path / "mimic.jsonl")])
+    bm.main(["mimic-cxr", "--root", str(m), "--out", str(tmp_path / "mimic.jsonl"),
+             "--split", "official"])
     recs = load_manifest(tmp_path / "mimic.jsonl")
     assert [r.id for r in recs] == ["mimic-d2", "mimic-d5"]  # PA preferred; lateral-only study dropped
-    assert recs[0].labels == {"atelectasis": 1, "consolidation": -1, "lung_opacity": 0}
+    assert recs[0].labels == {"atelectasis": 1, "cardiomegaly": 0, "consolidation": -1,
+                              "lung_opacity": 0, "pleural_effusion": 0}  # blank: not mentioned
+    assert recs[1].labels == {}  # no row in the label CSV
     assert recs[0].path.endswith("files/p10/p10000032/s500/d2.jpg") and recs[1].split == "val"
     assert recs[0].patient == "mimic-10000032"
 
@@ -145,7 +148,7 @@ def test_build_manifest_rad_chestct_and_npz_reader(tmp_path):
     bm.main(["rad-chestct", "--root", str(r), "--out", str(tmp_path / "rad.jsonl")])
     recs = {x.id: x for x in load_manifest(tmp_path / "rad.jsonl")}
     a, b = recs["radchest-trn00001"], recs["radchest-tst00002"]
-    assert a.split == "train" and b.split == "test" and a.spacing == (0.8, 0.8, 0.8)
+    assert a.split == b.split == "test" and a.spacing == (0.8, 0.8, 0.8)  # the external test set
     assert a.labels == {"atelectasis": 1, "lung_opacity": 0, "cardiomegaly": 0}
     assert b.labels["lung_opacity"] == 1
     img = load_image(a.path, **a.read_kwargs())

@@ -104,6 +104,65 @@ def test_analysis_cli(tmp_path):
     out = tmp_path / "a"
     assert analysis.main(["--embeddings", str(e), "--out", str(out), "--metrics", str(m),
                           "--bootstrap", "10", "--n-components", "4"]) == 0
-    for f in ("robustness.png", "pca_coef.png", "loss_curve.png"):
+    for f in ("robustness.png", "pca_shared.png", "pca_coef.png", "loss_curve.png"):
         assert png_ok(out / f)
     assert json.loads((out / "pca_probe.json").read_text())["3D-fit"]["n_fit"] == 200
+    shared = json.loads((out / "pca_shared.json").read_text())
+    assert shared["n_fit"] == 400 and set(shared["probes"]) == {"2D-fitted", "3D-fitted", "joint-fitted"}
+    assert "2D-fitted" in (out / "pca_shared.md").read_text()
+    assert analysis.main(["--out", str(out)]) == 2                       # nothing to analyse
+    assert analysis.main(["--checkpoint", str(tmp_path), "--out", str(out)]) == 2
+
+
+def test_shared_pca_basis_shows_the_2d_probe_cannot_read_ct(tmp_path):
+    """Fig. 2a: cardiomegaly lives in dim 1 for X-rays and dim 6 for CT. In one PCA basis fitted
+    on all training rows, the 2D-fitted probe predicts it in 2D only, the 3D-fitted in 3D only,
+    and they lean on different components; the joint-fitted probe reads both."""
+    d = make_data()
+    res = analysis.shared_pca_probe(d, n_components=10, c_grid=(1.0,))
+    assert res["n_fit"] == 400 and res["n_components"] == 10       # ALL training rows, one basis
+    assert res["findings"][0] == "cardiomegaly"
+    p = res["probes"]
+    assert list(p) == ["2D-fitted", "3D-fitted", "joint-fitted"]
+    card = {n: p[n]["per_modality"] for n in p}
+    assert list(card["2D-fitted"]["2D"])[0] == "cardiomegaly"
+    assert card["2D-fitted"]["2D"]["cardiomegaly"] > 0.9
+    assert card["2D-fitted"]["3D"]["cardiomegaly"] < 0.65
+    assert card["3D-fitted"]["3D"]["cardiomegaly"] > 0.9
+    assert card["3D-fitted"]["2D"]["cardiomegaly"] < 0.65
+    assert min(card["joint-fitted"][m]["cardiomegaly"] for m in ("2D", "3D")) > 0.85
+    top2d, top3d = p["2D-fitted"]["top_pcs"]["cardiomegaly"], p["3D-fitted"]["top_pcs"]["cardiomegaly"]
+    assert top2d[0] != top3d[0]
+    assert {top2d[0], top3d[0]} <= set(p["joint-fitted"]["top_pcs"]["cardiomegaly"][:2])
+    md = analysis.shared_pca_markdown(res)
+    assert "| 2D-fitted |" in md and "2D CARD" in md and "3D CARD" in md
+    assert png_ok(analysis.plot_shared_pca(res, tmp_path / "pca_shared.png"))
+
+
+def test_feature_maps_share_one_pca_across_images(tmp_path):
+    from mmv_jax.eval import feature_maps
+    rng = np.random.default_rng(2)
+    a, b = rng.normal(size=(12, 16)), rng.normal(size=(12, 16))
+    b[:, 0] += 20.0                          # image b sits far along one direction
+    ma, mb = feature_maps.pca_feature_maps([a, b], [(1, 3, 4), (1, 3, 4)])
+    assert ma.shape == mb.shape == (3, 4, 3)
+    # one PCA and one scaling across both: PC1 (red) separates the images, not pixels within one
+    assert ma[..., 0].max() < 0.5 < mb[..., 0].min()
+    assert png_ok(feature_maps.save_feature_maps_figure(
+        [rng.random((42, 56)), rng.random((14, 42, 56))], [a, b], [(1, 3, 4), (1, 3, 4)],
+        tmp_path / "maps.png"))
+
+
+def test_feature_map_figure_from_an_encoder(tmp_path):
+    """mmv-analysis's maps for a checkpoint: a (random-init) encoder on one X-ray and one CT."""
+    from helpers import tiny_config
+    from mmv_jax.data import pipeline, synthetic
+    from mmv_jax.data.manifest import load_manifest
+    from mmv_jax.eval import embed
+    from mmv_jax.train import sharding as shd
+    cfg = tiny_config(**{"model.depth": 1})
+    cfg.data = pipeline.demo_config()
+    records = load_manifest(synthetic.make_demo_dataset(str(tmp_path / "d"), n_cxr=1, n_ct=1))
+    enc = embed.build_encoder(cfg, None, shd.make_mesh((-1, 1, 1)), random_init=True)
+    out = analysis.feature_map_figure(cfg, enc, records, tmp_path / "pca_maps.png")
+    assert png_ok(out)

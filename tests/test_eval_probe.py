@@ -137,3 +137,57 @@ def test_cli_undefined_label_json_markdown_and_compare(tmp_path, capsys):
     assert {e["test_set"] for e in cmp_js} == {"mimic", "chexpert", "ct-rate"}
     assert capsys.readouterr().out
     assert probe.main(["--embeddings", str(tmp_path / "missing.npz")]) == 2
+
+
+def test_grouped_holdout_keeps_patients_whole():
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(100), rng.integers(1, 6, 100))
+    held = probe.grouped_holdout(groups, 0.2, seed=3)
+    assert not set(groups[held]) & set(groups[~held])
+    assert abs(held.sum() - 0.2 * groups.size) <= 5
+    assert (held == probe.grouped_holdout(groups, 0.2, seed=3)).all()
+    assert (held != probe.grouped_holdout(groups, 0.2, seed=4)).any()
+
+
+def test_validation_holdout_is_grouped_by_patient():
+    d = make_data(val=False)
+    d["group"] = np.arange(len(d["ids"])) // 4            # four rows per patient
+    tr, va, src = probe.select_rows(d, lp_data="ALL", seed=2)
+    assert src == "holdout" and va.size and tr.size
+    assert not set(d["group"][tr]) & set(d["group"][va])
+    assert not set(va) & set(np.flatnonzero(d["split"] == "test"))   # never the test split
+
+
+def test_external_test_sets_never_train_the_2d_3d_all_probes():
+    d = make_data()
+    d["dataset"] = np.where((d["dataset"] == "ct-rate") & (np.arange(len(d["ids"])) % 7 == 0),
+                            "rad-chestct", d["dataset"])             # rad-chestct rows in train
+    with pytest.raises(ValueError, match="rad-chestct is an external test set"):
+        probe.select_rows(d, lp_data="3D")
+    with pytest.raises(ValueError, match="external test set"):
+        probe.run_probe(d, lp_data="ALL", n_boot=0, c_grid=FAST_C)
+
+
+def test_adaptation_splits_an_all_test_dataset_80_20():
+    """RAD-ChestCT is all test data: the adaptation probe trains on a seeded 80% of it and is
+    tested on the other 20%; the 2D/3D/ALL probes never train on it."""
+    d = make_data()
+    ct_test = (d["dataset"] == "ct-rate") & (d["split"] == "test")
+    ct_train = (d["dataset"] == "ct-rate") & (d["split"] == "train")
+    d["dataset"] = np.where(ct_test | ct_train, "rad-chestct", d["dataset"])
+    d["split"] = np.where(ct_train, "test", d["split"])                # 370 volumes, all test
+    n_rad = int((d["dataset"] == "rad-chestct").sum())
+    res = probe.run_probe(d, train_dataset="rad-chestct", n_boot=20, c_grid=FAST_C)
+    cfg, test = res["config"], res["test_sets"]["rad-chestct"]
+    assert cfg["n_train"] + cfg["n_val"] + test["n"] == n_rad
+    assert test["n"] == pytest.approx(0.2 * n_rad, abs=1)
+    assert test["macro"]["auroc"] > 0.9
+    split = probe.adaptation_split(d, "rad-chestct", seed=0)["split"]
+    assert (split == probe.adaptation_split(d, "rad-chestct", seed=0)["split"]).all()
+    d["group"] = np.arange(len(d["ids"])) // 3                       # three scans per patient
+    split = probe.adaptation_split(d, "rad-chestct", seed=0)["split"]
+    rad = d["dataset"] == "rad-chestct"
+    assert not set(d["group"][rad & (split == "train")]) & set(d["group"][rad & (split == "test")])
+    r_all = probe.run_probe(d, lp_data="ALL", n_boot=0, c_grid=FAST_C)
+    assert r_all["test_sets"]["rad-chestct"]["n"] == n_rad           # all of it stays test
+    assert r_all["config"]["n_train"] + r_all["config"]["n_val"] == 380   # mimic rows only

@@ -86,3 +86,21 @@ def test_compare_domain_adaptation_and_names():
     for name, want in [("mimic_cxr", "MIMIC"), ("CheXpert", "CheXpert"), ("ct_rate", "CT-RATE"),
                        ("RAD-ChestCT", "RAD-ChestCT"), ("demo", None)]:
         assert reference.paper_test_set(name) == want
+
+
+def test_compare_prints_test_set_sizes_beside_the_papers():
+    rows = reference.load_reference()
+    res = fake_result(["mimic", "chexpert", "ct-rate", "rad-chestct", "demo"])
+    res["test_sets"]["chexpert"]["n"] = 668
+    comp = reference.compare(res, rows)
+    by = {e["test_set"]: e for e in comp}
+    assert [by[n]["n_paper"] for n in ("mimic", "chexpert", "ct-rate", "rad-chestct")] == \
+        [33537, 668, 3002, 3630]
+    assert by["chexpert"]["n_match"] is True and by["mimic"]["n_match"] is False
+    assert by["demo"]["n_paper"] is None and by["demo"]["n_match"] is None
+    md = reference.comparison_markdown(comp)
+    assert "| mimic (MIMIC) | 10 | 33,537 | MISMATCH |" in md
+    assert "| chexpert (CheXpert) | 668 | 668 | same |" in md
+    assert "| demo | 10 | n/a |  |" in md
+    adapted = reference.compare(fake_result(["rad-chestct"], train_dataset="rad-chestct"), rows)[0]
+    assert adapted["n_paper"] is None      # the paper states no size for its adaptation split

@@ -69,15 +69,15 @@ def test_batch_of_only_padding_gives_zeros():
     assert np.all(np.asarray(out) == 0) and np.all(np.asarray(grad) == 0)
 
 
-def test_band_skips_blocks_and_poisons_overlong_segments():
+def test_band_skips_blocks_and_overlong_segments_stay_correct():
     b, m, padded = band_geometry(4096, 256, 64)
     assert (b, m, padded) == (64, 4, 4096)  # 9 key blocks of 64 per query block, not 64
     assert band_geometry(256, None, 64) == (256, 0, 256)
-    seg = jnp.asarray(ROWS[:2])  # row 1 holds a 256-token segment
-    q = jnp.ones((2, 256, 1, 8))
-    out = segment_attention_xla(q, q, q, seg, max_segment_len=70, block=32)
-    assert np.isfinite(np.asarray(out[0])).all()
-    assert np.isnan(np.asarray(out[1])).all()
+    seg = jnp.asarray(ROWS[:2])  # row 1 holds a 256-token segment, over the promised 70
+    q, k, v = jax.random.normal(jax.random.PRNGKey(4), (3, 2, 256, 1, 8))
+    out = jax.jit(lambda q, k, v: segment_attention_xla(q, k, v, seg, max_segment_len=70,
+                                                        block=32))(q, k, v)
+    np.testing.assert_allclose(out, naive(q, k, v, np.asarray(seg)), atol=1e-5)
 
 
 def test_dispatcher():
@@ -121,7 +121,7 @@ SPARSE_ROWS = np.stack([
     layout([40, 40, 40, 40, 32], 192),                # a full row of segments at the bound
     layout([], 192),                                  # only padding
     np.array([1] * 10 + [2] * 10 + [1] * 10 + [0] * 5 + [3] * 20 + [2] * 5 + [0] * 132, np.int32),
-])  # the last row reuses ids 1 and 2 in separate runs (spans 30 and 45 > 40: poisoned w/ max_len)
+])  # the last row reuses ids 1 and 2 in separate runs (spans 30 and 45 > 40: over the bound)
 
 
 def test_sparse_pairs_match_dense():
@@ -133,19 +133,18 @@ def test_sparse_pairs_match_dense():
     @jax.jit
     def run(q, k, v):
         f = lambda q, k, v: segment_attention_xla(q, k, v, seg, max_segment_len=40, block=16)
-        loss = lambda q, k, v: jnp.sum(jnp.nan_to_num(f(q, k, v), nan=0.0) * w)
+        loss = lambda q, k, v: jnp.sum(f(q, k, v) * w)
         ref = lambda q, k, v: jnp.sum(dense_ref(q, k, v, seg) * w)
         return (f(q, k, v), jax.grad(loss, argnums=(0, 1, 2))(q, k, v),
                 jax.grad(ref, argnums=(0, 1, 2))(q, k, v))
 
     out, grads, g_ref = run(q, k, v)
     want = naive(q, k, v, SPARSE_ROWS)
-    np.testing.assert_allclose(out[:4], want[:4], atol=1e-5)
-    assert np.all(np.asarray(out[:4])[SPARSE_ROWS[:4] == 0] == 0)
-    assert np.isnan(np.asarray(out[4])).all()  # ids spanning more than max_segment_len
+    # row 4's ids span more than max_segment_len: the batch takes the unbounded pair list
+    np.testing.assert_allclose(out, want, atol=1e-5)
+    assert np.all(np.asarray(out)[SPARSE_ROWS == 0] == 0)
     for g, r in zip(grads, g_ref):
-        np.testing.assert_allclose(g[:4], r[:4], atol=1e-5)
-        assert np.all(np.asarray(g[4]) == 0)  # a poisoned row passes no gradient
+        np.testing.assert_allclose(g, r, atol=1e-5)
 
 
 def hull_pairs(row, b):

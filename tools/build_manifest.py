@@ -1,6 +1,6 @@
 """Builds JSONL manifests (mmv_jax/data/manifest.py) from the official releases' own files.
 
-    python tools/build_manifest.py mimic-cxr  --root DIR --out mimic.jsonl
+    python tools/build_manifest.py mimic-cxr  --root DIR --out mimic.jsonl [--split paper|official] [--seed 0]
     python tools/build_manifest.py chexpert   --root DIR --out chexpert_test.jsonl
     python tools/build_manifest.py ct-rate    --root DIR --out ctrate.jsonl
     python tools/build_manifest.py rad-chestct --root DIR --out radchest.jsonl [--spacing 0.8 0.8 0.8]
@@ -16,8 +16,13 @@ MIMIC-CXR-JPG 2.0.0/2.1.0 (PhysioNet)::
     DIR/files/p10/p10000032/s50414267/<dicom_id>.jpg
 
   One frontal image per study (PA preferred over AP, then the smallest dicom_id); labels are
-  per study, joined on (subject_id, study_id); splits train -> train, validate -> val,
-  test -> test; patient = subject_id.
+  per study, joined on (subject_id, study_id): 1 -> 1, 0 -> 0, -1 -> -1 (uncertain; the probe's
+  policy decides), blank -> 0 (the CheXpert labeller's "not mentioned" counts as negative); a
+  study without a row in the label CSV has no labels. patient = subject_id.
+  ``--split paper`` (default): the paper's internal split, a seeded patient-grouped 80/20 of
+  these studies into ``train`` / ``test`` (whole patients, in a seeded order, go to test until it
+  holds 20% of the studies). ``--split official``: the release's split (train -> train,
+  validate -> val, test -> test; its test set is ~2% of studies).
 
 CheXpert radiologist-labelled test set::
 
@@ -44,15 +49,23 @@ CT-RATE (Hugging Face ibrahimhamamci/CT-RATE, ``dataset/`` folder)::
 
 RAD-ChestCT (Zenodo 6406114)::
 
-    DIR/<any subfolders>/trn00001.npz, val..., tst...   one HU volume per file ([Z, H, W])
-    DIR/<labels>.csv                   first column the volume name; per-abnormality columns
-                                       (``atelectasis``, ``cardiomegaly``, ``consolidation``,
-                                       ``opacity``, ``pleural_effusion``) or abnormality*location
-                                       columns (``atelectasis*left_lung``: any location counts)
+    DIR/<any subfolders>/trn00001.npz, ...   one HU volume per file ([Z, H, W])
+    DIR/<labels>.csv                   first column the volume name (``NoteAcc_DEID``);
+                                       per-abnormality columns (``atelectasis``, ``cardiomegaly``,
+                                       ``consolidation``, ``opacity``, ``pleural_effusion``) or
+                                       abnormality*location columns (``atelectasis*left_lung``:
+                                       any location counts)
 
-  Split from the name prefix (trn/val/tst -> train/val/test). ``--spacing`` gives the voxel size
-  (verify against the release notes; the default assumes the 0.8 mm isotropic resampling
-  described by the dataset's paper). Patients are not identified in the public release.
+  The paper's external 3D test set: every volume is split ``test`` whatever its name (the public
+  release names them all ``trn...``), so none enters pretraining or the 2D/3D/ALL probes'
+  training rows. Table 2's domain adaptation splits these test rows 80/20 inside the probe
+  (``mmv-probe --train-dataset rad-chestct``). A CSV is a label file when its header has one of
+  those columns; every row whose volume exists gives labels (the label files list more volumes
+  than the public release holds). ``--spacing`` gives the voxel size (verify against the release
+  notes; the default assumes the 0.8 mm isotropic resampling described by the dataset's paper).
+  patient = ``MRN_DEID`` (the de-identified MRN) from a CSV whose header has ``NoteAcc_DEID`` and
+  ``MRN_DEID`` (``CT_Scan_Metadata_Complete_35747.csv``), so the adaptation split keeps each
+  patient's scans together; without that file every volume is its own patient.
 
 No patient names, dates or other identifiers are read or written; ``patient`` is the dataset's
 own de-identified subject id.
@@ -72,6 +85,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mmv_jax.data.manifest import load_manifest, write_manifest  # noqa: E402
+from mmv_jax.eval.probe import grouped_holdout  # noqa: E402
 
 # per-dataset column names of the five findings
 MIMIC_COLS = {"atelectasis": "Atelectasis", "cardiomegaly": "Cardiomegaly",
@@ -106,12 +120,31 @@ def _label(v) -> int | None:
     return 1 if x > 0 else (-1 if x < 0 else 0)
 
 
+def _require(path: str, columns) -> None:
+    """One clear error naming the file and the columns it lacks."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", newline="") as f:
+        header = next(csv.reader(f), [])
+    missing = [c for c in columns if c not in header]
+    if missing:
+        raise SystemExit(f"{path}: missing column(s) {missing}")
+
+
 # ---------------------------------------------------------------- MIMIC-CXR-JPG
 
-def mimic_cxr(root: str) -> list[dict]:
+def _mimic_label(v) -> int:
+    return 0 if v is None or str(v).strip() == "" else _label(v)
+
+
+def mimic_cxr(root: str, split_mode: str = "paper", seed: int = 0) -> list[dict]:
+    if split_mode not in ("paper", "official"):
+        raise SystemExit(f"--split must be paper or official, got {split_mode!r}")
     meta = _find(root, "mimic-cxr-2.0.0-metadata.csv")
     split = _find(root, "mimic-cxr-2.0.0-split.csv")
     labels = _find(root, "mimic-cxr-2.0.0-chexpert.csv")
+    _require(meta, ("dicom_id", "subject_id", "study_id", "ViewPosition"))
+    _require(split, ("dicom_id", "split"))
+    _require(labels, ("subject_id", "study_id", *MIMIC_COLS.values()))
     split_of = {r["dicom_id"]: r["split"] for r in _rows(split)}
     lab = {(r["subject_id"], r["study_id"]): r for r in _rows(labels)}
     best: dict[tuple, tuple] = {}
@@ -130,12 +163,16 @@ def mimic_cxr(root: str) -> list[dict]:
         sp = split_of.get(dicom_id)
         if sp not in names:
             continue
-        row = lab.get((subj, study), {})
-        labels_ = {k: v for k, c in MIMIC_COLS.items() if (v := _label(row.get(c))) is not None}
+        row = lab.get((subj, study))
+        labels_ = {k: _mimic_label(row.get(c)) for k, c in MIMIC_COLS.items()} if row else {}
         path = os.path.join("files", f"p{subj[:2]}", f"p{subj}", f"s{study}", f"{dicom_id}.jpg")
         out.append(dict(id=f"mimic-{dicom_id}", patient=f"mimic-{subj}", modality="cxr",
                         dataset="mimic-cxr", split=names[sp], labels=labels_,
                         path=os.path.join(os.path.abspath(root), path)))
+    if split_mode == "paper":
+        test = grouped_holdout([r["patient"] for r in out], 0.2, seed)
+        for r, t in zip(out, test):
+            r["split"] = "test" if t else "train"
     return out
 
 
@@ -203,29 +240,55 @@ def ct_rate(root: str) -> list[dict]:
 
 # ---------------------------------------------------------------- RAD-ChestCT
 
+def _rad_columns(header) -> dict:
+    """``{finding: [columns]}`` of a RAD-ChestCT label header (empty: not a label file)."""
+    cols = {k: [h for h in header[1:] if h == c or h.startswith(c + "*")] for k, c in RAD_COLS.items()}
+    return {k: v for k, v in cols.items() if v}
+
+
 def rad_chestct(root: str, spacing) -> list[dict]:
     vols = {os.path.basename(p)[:-4]: p for p in glob.glob(os.path.join(root, "**", "*.npz"), recursive=True)}
     if not vols:
         raise SystemExit(f"no .npz volumes under {root}")
     labels: dict[str, dict] = {}
-    for csv_path in glob.glob(os.path.join(root, "**", "*.csv*"), recursive=True):
-        rows = _rows(csv_path)
-        for r in rows:
-            key = next(iter(r.values()))
-            if key not in vols:
-                break  # not a label file keyed by volume name
-            lab = labels.setdefault(key, {})
-            for k, c in RAD_COLS.items():
-                vals = [v for col, v in r.items() if col == c or col.startswith(c + "*")]
-                vals = [x for x in (_label(v) for v in vals) if x is not None]
-                if vals:
-                    lab[k] = max(lab.get(k, 0), max(vals))
-    prefix = {"trn": "train", "val": "val", "tst": "test"}
+    patient: dict[str, str] = {}
+    n_files = 0
+    for csv_path in sorted(glob.glob(os.path.join(root, "**", "*.csv*"), recursive=True)):
+        opener = gzip.open if csv_path.endswith(".gz") else open
+        with opener(csv_path, "rt", newline="") as f:
+            reader = csv.reader(f)
+            header = next(reader, [])
+            if "NoteAcc_DEID" in header and "MRN_DEID" in header:  # the scan metadata
+                i, j = header.index("NoteAcc_DEID"), header.index("MRN_DEID")
+                patient.update((row[i], row[j]) for row in reader
+                               if len(row) > max(i, j) and row[i] in vols and row[j])
+                continue
+            cols = _rad_columns(header)
+            if not cols:
+                continue  # not a label file
+            n_files += 1
+            index = {h: i for i, h in enumerate(header)}
+            for row in reader:
+                key = row[0].strip() if row else ""
+                key = key[:-4] if key.endswith(".npz") else key
+                if key not in vols:
+                    continue  # the label files list volumes the public release does not hold
+                lab = labels.setdefault(key, {})
+                for k, names in cols.items():
+                    vals = [x for x in (_label(row[index[c]]) for c in names
+                                        if index[c] < len(row)) if x is not None]
+                    if vals:
+                        lab[k] = max(lab.get(k, 0), max(vals))
+    if not n_files:
+        raise SystemExit(f"no RAD-ChestCT label CSV under {root} (a header with columns like "
+                         f"{', '.join(RAD_COLS.values())} or 'atelectasis*left_lung')")
     out = []
     for name, path in sorted(vols.items()):
-        out.append(dict(id=f"radchest-{name}", modality="ct", dataset="rad-chestct",
-                        split=prefix.get(name[:3], "test"), path=os.path.abspath(path),
-                        spacing=list(spacing), labels=labels.get(name, {})))
+        rec = dict(id=f"radchest-{name}", modality="ct", dataset="rad-chestct", split="test",
+                   path=os.path.abspath(path), spacing=list(spacing), labels=labels.get(name, {}))
+        if name in patient:
+            rec["patient"] = f"radchest-{patient[name]}"
+        out.append(rec)
     return out
 
 
@@ -237,6 +300,10 @@ def main(argv=None) -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--spacing", type=float, nargs=3, default=(0.8, 0.8, 0.8),
                     help="RAD-ChestCT voxel size z y x (mm)")
+    ap.add_argument("--split", default="paper", choices=["paper", "official"],
+                    help="MIMIC-CXR: paper = seeded patient-grouped 80/20 train/test; "
+                         "official = the release's train/validate/test")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the paper split")
     a = ap.parse_args(argv)
     if a.dataset == "merge":
         recs = [r for p in a.inputs for r in load_manifest(p)]
@@ -244,15 +311,29 @@ def main(argv=None) -> None:
     else:
         if not a.root:
             ap.error("--root is required")
-        fn = {"mimic-cxr": mimic_cxr, "chexpert": chexpert, "ct-rate": ct_rate,
-              "rad-chestct": lambda r: rad_chestct(r, a.spacing)}[a.dataset]
+        fn = {"mimic-cxr": lambda r: mimic_cxr(r, a.split, a.seed), "chexpert": chexpert,
+              "ct-rate": ct_rate, "rad-chestct": lambda r: rad_chestct(r, a.spacing)}[a.dataset]
         recs = fn(a.root)
         write_manifest(a.out, recs)
         load_manifest(a.out)  # validate what was written
+    print(json.dumps(summary(load_manifest(a.out), a.out)))
+
+
+def summary(records, out: str) -> dict:
+    """Records and patients per split, and how many patients sit in more than one split
+    (counts only: no identifier is printed)."""
     counts: dict = {}
-    for r in load_manifest(a.out):
+    splits_of: dict = {}
+    for r in records:
         counts[r.split] = counts.get(r.split, 0) + 1
-    print(json.dumps({"out": a.out, "records": sum(counts.values()), "splits": counts}))
+        if r.patient:
+            splits_of.setdefault(r.patient, set()).add(r.split)
+    patients: dict = {}
+    for sp in splits_of.values():
+        for s in sp:
+            patients[s] = patients.get(s, 0) + 1
+    return {"out": out, "records": sum(counts.values()), "splits": counts,
+            "patients": patients, "patients_in_several_splits": sum(len(s) > 1 for s in splits_of.values())}
 
 
 if __name__ == "__main__":

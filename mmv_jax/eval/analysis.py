@@ -1,15 +1,22 @@
-"""Representation analyses and figures (matplotlib, Agg canvas; no global backend change).
+"""Representation analyses and figures (``mmv-analysis``; matplotlib, Agg canvas).
 
 - :func:`robustness_grid`: modality robustness — LP trained on 2D / 3D / ALL, macro AUROC on
   every test set (the paper's Table 3 lower half).
-- :func:`pca_probe` / :func:`pca_analysis`: logistic regression on PCA-projected features, the
-  PCA fitted on 2D-only, 3D-only or all training features ("2D-fit", "3D-fit", "joint-fit");
-  reports test AUROCs and ``|coef|`` per PC for each finding (which PCs carry each finding).
-- :func:`pca_feature_map` / :func:`save_feature_map_figure`: DINO-style maps — the first three
-  PCs of one image's patch tokens as RGB.
+- :func:`shared_pca_probe` (Fig. 2a): one PCA basis fitted on ALL training embeddings; logistic
+  regression probes in that basis trained on the 2D, 3D or ALL training rows ("2D-fitted",
+  "3D-fitted", "joint-fitted"); per-modality test AUROC (cardiomegaly first) and the top
+  components each probe uses — e.g. whether the 2D-fitted probe can predict cardiomegaly in CT.
+- :func:`pca_probe` / :func:`pca_analysis` (an extra): the PCA itself fitted on 2D-only,
+  3D-only or all training features, the probe always on ALL.
+- DINO-style PCA maps of patch features: :mod:`mmv_jax.eval.feature_maps`.
 - :func:`plot_loss_curve`: loss / pred_loss / sigreg_loss against step from ``metrics.jsonl``.
 
-    python -m mmv_jax.eval.analysis --embeddings E.npz --out DIR [--metrics W/metrics.jsonl]
+    mmv-analysis --embeddings E.npz --out DIR [--metrics RUN/metrics.jsonl]
+    mmv-analysis --checkpoint RUN --manifest M.jsonl --out DIR [--embeddings E.npz] [--maps 3]
+
+With ``--checkpoint`` (a run folder of ``mmv-train``) the embeddings are computed when not given
+(``DIR/embeddings.npz``), the loss curve is read from ``RUN/metrics.jsonl``, and ``--maps`` test
+images per modality get PCA maps, one PCA across all of them (``DIR/pca_maps.png``).
 """
 from __future__ import annotations
 
@@ -21,29 +28,17 @@ import sys
 
 import numpy as np
 
+from mmv_jax.eval.feature_maps import (figure as _figure, pca_feature_map,  # noqa: F401
+                                       save as _save, save_feature_map_figure)
 from mmv_jax.eval.io import FINDINGS, load_embeddings
 from mmv_jax.eval.metrics import nan_to_none
 from mmv_jax.eval.probe import (ABBREV, C_GRID, LP_DATA, _lower, evaluate_probe, fit_probe, fmt,
                                 run_probe, select_rows)
 
-__all__ = ["robustness_grid", "robustness_markdown", "plot_robustness_grid", "pca_probe",
-           "pca_analysis", "plot_pca_coefficients", "pca_feature_map",
-           "save_feature_map_figure", "plot_loss_curve", "main"]
-
-
-def _figure(w, h):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    fig = Figure(figsize=(w, h))
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig, out_png):
-    os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
-    return str(out_png)
+__all__ = ["robustness_grid", "robustness_markdown", "plot_robustness_grid", "shared_pca_probe",
+           "shared_pca_markdown", "plot_shared_pca", "pca_probe", "pca_analysis",
+           "plot_pca_coefficients", "pca_feature_map", "save_feature_map_figure",
+           "plot_loss_curve", "main"]
 
 
 # --- modality robustness ---------------------------------------------------------------------
@@ -99,6 +94,109 @@ def plot_robustness_grid(grid, out_png) -> str:
 
 # --- logistic regression on PCA-projected features --------------------------------------------
 
+# --- Fig. 2a: one PCA basis, probes trained on 2D / 3D / ALL rows ------------------------------
+
+PROBE_FITS = {"2D-fitted": "2D", "3D-fitted": "3D", "joint-fitted": "ALL"}
+FIG_FINDINGS = ("cardiomegaly",) + tuple(f for f in FINDINGS if f != "cardiomegaly")
+MODALITY_NAMES = {"cxr": "2D", "ct": "3D"}
+
+
+def _abs_coef(probe, k):
+    """``|coef|`` per finding (rows in FINDINGS order) x component; NaN row: no probe."""
+    coef = np.full((len(FINDINGS), k), np.nan)
+    for i, m in enumerate(probe.models):
+        if m is not None:
+            coef[i] = np.abs(m.coef_[0])
+    return coef
+
+
+def _top(coef, n=3):
+    return {f: ([int(j) for j in np.argsort(-coef[i])[:n]] if not np.isnan(coef[i]).any() else [])
+            for i, f in enumerate(FINDINGS)}
+
+
+def shared_pca_probe(data, *, n_components=16, policy="ignore", n_boot=0, seed=0,
+                     c_grid=C_GRID) -> dict:
+    """The paper's Fig. 2a analysis. One PCA basis, fitted on the ALL training rows (both
+    modalities); probes on the first ``n_components`` components trained on the 2D, 3D and ALL
+    training rows (those with rows). Returns ``{"n_components", "n_fit",
+    "explained_variance_ratio", "findings" (cardiomegaly first), "probes": {"2D-fitted" |
+    "3D-fitted" | "joint-fitted": {"lp_data", "abs_coef" [L, k] (FINDINGS rows), "top_pcs",
+    "per_modality": {"2D" | "3D": {finding: auroc}}, "test_sets"}}}`` — per-modality AUROC pools
+    every test row of that modality."""
+    from sklearn.decomposition import PCA
+    x = np.asarray(data["embeddings"], np.float64)
+    fit_rows = np.flatnonzero(_lower(data["split"]) == "train")
+    if fit_rows.size == 0:
+        raise ValueError("no training rows to fit the PCA on")
+    k = int(min(n_components, fit_rows.size, x.shape[1]))
+    pca = PCA(n_components=k, random_state=seed).fit(x[fit_rows])
+    proj = dict(data, embeddings=pca.transform(x).astype(np.float32))
+    by_modality = dict(proj, dataset=np.array([MODALITY_NAMES.get(m, m)
+                                               for m in _lower(data["modality"])]))
+    mods = set(_lower(data["modality"]).tolist())
+    probes = {}
+    for name, lp in PROBE_FITS.items():
+        if not set(LP_DATA[lp]) & mods:
+            continue
+        train, val, _ = select_rows(proj, lp_data=lp, seed=seed)
+        probe = fit_probe(proj["embeddings"][train], proj["labels"][train],
+                          proj["embeddings"][val], proj["labels"][val], policy=policy,
+                          c_grid=c_grid, seed=seed)
+        coef = _abs_coef(probe, k)
+        per_mod = evaluate_probe(probe, by_modality, n_boot=0, seed=seed)
+        probes[name] = {
+            "lp_data": lp, "n_train": int(train.size), "abs_coef": coef.tolist(),
+            "top_pcs": {f: _top(coef)[f] for f in FIG_FINDINGS},
+            "per_modality": {m: {f: r["per_label"][f]["auroc"] for f in FIG_FINDINGS}
+                             for m, r in per_mod.items()},
+            "test_sets": evaluate_probe(probe, proj, n_boot=n_boot, seed=seed)}
+    return {"n_components": k, "n_fit": int(fit_rows.size),
+            "explained_variance_ratio": pca.explained_variance_ratio_.tolist(),
+            "findings": list(FIG_FINDINGS), "probes": probes}
+
+
+def shared_pca_markdown(result) -> str:
+    """Per probe: test AUROC on each modality (cardiomegaly first) and its top components."""
+    mods = sorted({m for p in result["probes"].values() for m in p["per_modality"]})
+    abbrev = dict(zip(FINDINGS, ABBREV))
+    cols = [f"{m} {abbrev[f]}" for f in result["findings"] for m in mods]
+    lines = [f"One PCA basis ({result['n_components']} components) fitted on all "
+             f"{result['n_fit']} training embeddings; test AUROC per modality.", "",
+             "| Probe | " + " | ".join(cols) + " | top PCs (CARD) |",
+             "|---|" + "---:|" * len(cols) + "---|"]
+    for name, p in result["probes"].items():
+        cells = [fmt(p["per_modality"].get(m, {}).get(f)) for f in result["findings"] for m in mods]
+        lines.append(f"| {name} | " + " | ".join(cells) + " | "
+                     + ", ".join(f"PC{j + 1}" for j in p["top_pcs"]["cardiomegaly"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_shared_pca(result, out_png) -> str:
+    """Per probe: |coef| over the shared components (findings x PCs, cardiomegaly first row,
+    each row divided by its maximum), titled with the cardiomegaly AUROC on each modality."""
+    probes = result["probes"]
+    order = [FINDINGS.index(f) for f in result["findings"]]
+    abbrev = [ABBREV[i] for i in order]
+    fig = _figure(4.5 * len(probes), 3.2)
+    for i, (name, p) in enumerate(probes.items()):
+        ax = fig.add_subplot(1, len(probes), i + 1)
+        c = np.array(p["abs_coef"], float)[order]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            c = c / np.nanmax(np.where(np.isnan(c), 0.0, c), axis=1, keepdims=True)
+        im = ax.imshow(c, aspect="auto", cmap="magma", vmin=0.0, vmax=1.0)
+        ax.set_yticks(range(len(abbrev)), abbrev)
+        ax.set_xticks(range(c.shape[1]), [str(j + 1) for j in range(c.shape[1])], fontsize=6)
+        ax.set_xlabel("shared principal component")
+        card = ", ".join(f"{m} {fmt(v.get('cardiomegaly'), 2)}"
+                         for m, v in sorted(p["per_modality"].items()))
+        ax.set_title(f"{name}\nCARD AUROC: {card}", fontsize=9)
+        fig.colorbar(im, ax=ax)
+    return _save(fig, out_png)
+
+
+# --- extra: the PCA itself fitted per modality, the probe on ALL -----------------------------
+
 def pca_probe(data, *, fit_on="ALL", n_components=16, lp_data="ALL", policy="ignore",
               n_boot=0, seed=0, c_grid=C_GRID) -> dict:
     """PCA fitted on the training rows of modality ``fit_on`` ("2D"/"3D"/"ALL"), applied to all
@@ -121,12 +219,8 @@ def pca_probe(data, *, fit_on="ALL", n_components=16, lp_data="ALL", policy="ign
     probe = fit_probe(proj["embeddings"][train], proj["labels"][train],
                       proj["embeddings"][val], proj["labels"][val], policy=policy,
                       c_grid=c_grid, seed=seed)
-    coef = np.full((len(FINDINGS), k), np.nan)
-    for i, m in enumerate(probe.models):
-        if m is not None:
-            coef[i] = np.abs(m.coef_[0])
-    top = {f: ([int(j) for j in np.argsort(-coef[i])[:3]] if not np.isnan(coef[i]).any()
-               else []) for i, f in enumerate(FINDINGS)}
+    coef = _abs_coef(probe, k)
+    top = _top(coef)
     tests = evaluate_probe(probe, proj, n_boot=n_boot, seed=seed)
     return {"fit_on": fit_on, "n_components": k, "n_fit": int(fit_rows.size),
             "explained_variance_ratio": pca.explained_variance_ratio_.tolist(),
@@ -157,49 +251,6 @@ def plot_pca_coefficients(analysis, out_png) -> str:
         ax.set_xlabel("principal component")
         ax.set_title(f"{name}: |coef| / row max")
         fig.colorbar(im, ax=ax)
-    return _save(fig, out_png)
-
-
-# --- DINO-style PCA feature maps ----------------------------------------------------------------
-
-def pca_feature_map(patch_tokens, grid, slice_index=None):
-    """``patch_tokens [n, d]`` of one image in patch order (z slowest), ``grid (gz, gy, gx)`` ->
-    RGB ``[gy, gx, 3]`` float32 in [0, 1]: the first three PCs of the tokens (PCA over all the
-    image's tokens), each min-max scaled over the whole image; for 3D (gz > 1) the depth slice
-    ``slice_index`` (default the middle one, ``gz // 2``). PC signs are fixed so that each
-    component's largest-magnitude loading is positive (deterministic output)."""
-    gz, gy, gx = (int(g) for g in grid)
-    t = np.asarray(patch_tokens, np.float64)
-    if t.ndim != 2 or t.shape[0] != gz * gy * gx:
-        raise ValueError(f"patch_tokens must be [gz*gy*gx={gz * gy * gx}, d], got {t.shape}")
-    tc = t - t.mean(0)
-    _, _, vt = np.linalg.svd(tc, full_matrices=False)
-    vt = vt[:3]
-    vt = vt * np.sign(vt[np.arange(vt.shape[0]), np.abs(vt).argmax(1)])[:, None]
-    pcs = np.zeros((t.shape[0], 3))
-    pcs[:, :vt.shape[0]] = tc @ vt.T
-    lo, hi = pcs.min(0), pcs.max(0)
-    rgb = (pcs - lo) / np.where(hi - lo > 1e-12, hi - lo, 1.0)
-    z = gz // 2 if slice_index is None else int(slice_index)
-    return rgb.reshape(gz, gy, gx, 3)[z].astype(np.float32)
-
-
-def save_feature_map_figure(image, patch_tokens, grid, out_png, title=None) -> str:
-    """PNG of the input (``[H, W]`` or ``[Z, H, W]``, middle slice for 3D) beside its PCA map."""
-    img = np.asarray(image, np.float32)
-    if img.ndim == 3:
-        img = img[img.shape[0] // 2]
-    rgb = pca_feature_map(patch_tokens, grid)
-    fig = _figure(8, 4)
-    a, b = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
-    a.imshow(img, cmap="gray")
-    a.set_title("input" + ("" if np.asarray(image).ndim == 2 else " (mid slice)"))
-    b.imshow(rgb, interpolation="nearest", extent=(0, img.shape[1], img.shape[0], 0))
-    b.set_title("PCA of patch features (PC1-3 = RGB)")
-    for ax in (a, b):
-        ax.axis("off")
-    if title:
-        fig.suptitle(title)
     return _save(fig, out_png)
 
 
@@ -237,35 +288,93 @@ def plot_loss_curve(metrics_jsonl_path, out_png) -> str:
     return _save(fig, out_png)
 
 
+def _write(out, name, obj=None, text=None):
+    with open(os.path.join(out, name), "w") as f:
+        if obj is not None:
+            json.dump(nan_to_none(obj), f, indent=2)
+        else:
+            f.write(text)
+
+
+def feature_map_figure(cfg, encoder, records, out_png, per_modality=3) -> str | None:
+    """PCA maps of ``per_modality`` test images of each modality (test split first, else any),
+    one PCA across all of them; ``None`` when there is no image."""
+    from mmv_jax.eval.feature_maps import patch_tokens, save_feature_maps_figure
+    chosen = []
+    for mod in ("cxr", "ct"):
+        pool = [r for r in records if r.modality == mod]
+        pool = [r for r in pool if r.split == "test"] or pool
+        chosen += pool[:per_modality]
+    if not chosen:
+        return None
+    got = patch_tokens(cfg, encoder, chosen)
+    return save_feature_maps_figure([g[0] for g in got], [g[1] for g in got],
+                                    [g[2] for g in got], out_png,
+                                    titles=[f"{MODALITY_NAMES[r.modality]} test image {i + 1}"
+                                            for i, r in enumerate(chosen)])
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="mmv-analysis", description="robustness grid, PCA probes")
-    ap.add_argument("--embeddings", required=True)
+    ap = argparse.ArgumentParser(prog="mmv-analysis", description=__doc__.split("\n")[0])
+    ap.add_argument("--embeddings", default=None, help="embedding .npz (mmv-embed)")
+    ap.add_argument("--checkpoint", default=None, help="run folder (mmv-train): embeds and maps")
+    ap.add_argument("--manifest", default=None, help="manifest to embed / map (with --checkpoint)")
+    ap.add_argument("--config", default=None, help="config file (default: the run's config.json)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--metrics", default=None, help="metrics.jsonl for the loss curve")
+    ap.add_argument("--maps", type=int, default=3, help="test images per modality in the PCA maps")
     ap.add_argument("--n-components", type=int, default=16)
     ap.add_argument("--bootstrap", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    figures = []
     try:
+        if args.checkpoint and not args.manifest:
+            raise ValueError("--checkpoint needs --manifest (the images to embed and map)")
+        if not (args.embeddings or args.checkpoint):
+            raise ValueError("give --embeddings, or --checkpoint and --manifest")
+        metrics = args.metrics
+        if args.checkpoint:
+            from mmv_jax.data.manifest import load_manifest
+            from mmv_jax.eval import embed
+            from mmv_jax.train import sharding as shd
+            cfg = embed.load_run_config(args.checkpoint, args.config)
+            records = load_manifest(args.manifest)
+            mesh = shd.make_mesh((-1, 1, 1))
+            encoder = embed.build_encoder(cfg, args.checkpoint, mesh,
+                                          modalities={r.modality for r in records})
+            if not args.embeddings:
+                args.embeddings = os.path.join(args.out, "embeddings.npz")
+                embed.embed(cfg, records, encoder, args.embeddings, mesh)
+            if args.maps > 0:
+                fig = feature_map_figure(cfg, encoder, records,
+                                         os.path.join(args.out, "pca_maps.png"), args.maps)
+                figures += [fig] if fig else []
+            run_metrics = os.path.join(args.checkpoint, "metrics.jsonl")
+            metrics = metrics or (run_metrics if os.path.exists(run_metrics) else None)
         data = load_embeddings(args.embeddings)
         grid = robustness_grid(data, n_boot=args.bootstrap, seed=args.seed)
-        pcs = pca_analysis(data, n_components=args.n_components, seed=args.seed)
+        shared = shared_pca_probe(data, n_components=args.n_components, seed=args.seed)
+        extra = pca_analysis(data, n_components=args.n_components, seed=args.seed)
     except ValueError as e:
         print(f"mmv-analysis: error: {e}", file=sys.stderr)
         return 2
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "robustness.json"), "w") as f:
-        json.dump(nan_to_none(grid), f, indent=2)
     md = robustness_markdown(grid)
-    with open(os.path.join(args.out, "robustness.md"), "w") as f:
-        f.write(md)
-    plot_robustness_grid(grid, os.path.join(args.out, "robustness.png"))
-    with open(os.path.join(args.out, "pca_probe.json"), "w") as f:
-        json.dump(nan_to_none(pcs), f, indent=2)
-    plot_pca_coefficients(pcs, os.path.join(args.out, "pca_coef.png"))
-    if args.metrics:
-        plot_loss_curve(args.metrics, os.path.join(args.out, "loss_curve.png"))
+    _write(args.out, "robustness.json", grid)
+    _write(args.out, "robustness.md", text=md)
+    figures.append(plot_robustness_grid(grid, os.path.join(args.out, "robustness.png")))
+    smd = shared_pca_markdown(shared)
+    _write(args.out, "pca_shared.json", shared)
+    _write(args.out, "pca_shared.md", text=smd)
+    figures.append(plot_shared_pca(shared, os.path.join(args.out, "pca_shared.png")))
+    _write(args.out, "pca_probe.json", extra)
+    figures.append(plot_pca_coefficients(extra, os.path.join(args.out, "pca_coef.png")))
+    if metrics:
+        figures.append(plot_loss_curve(metrics, os.path.join(args.out, "loss_curve.png")))
     print(md)
+    print(smd)
+    print("figures: " + ", ".join(figures))
     return 0
 
 

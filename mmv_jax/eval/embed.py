@@ -48,8 +48,23 @@ def load_run_config(run_dir: str, config_path: str | None = None) -> ml_collecti
         return ml_collections.ConfigDict(json.load(f))
 
 
-def build_encoder(cfg, run_dir: str | None, mesh, *, random_init: bool = False):
-    """The encoder with params restored from ``run_dir`` (or a seeded random init), sharded."""
+def embed_config(cfg, modalities=("cxr", "ct")) -> ml_collections.ConfigDict:
+    """A copy of the run's config whose attention bound covers one whole image of each of
+    ``modalities``: a run's own bound is its largest training view, and a 2D-only (stage 1)
+    run's is a whole X-ray, shorter than a whole CT. A bound of 0 (dense attention) stays."""
+    cfg = cfg.copy_and_resolve_references()
+    if cfg.model.max_segment_len:
+        t2, t3 = pipeline.max_view_tokens(cfg.data)
+        cfg.model.max_segment_len = max(t2 if "cxr" in modalities else 0,
+                                        t3 if "ct" in modalities else 0, 1)
+    return cfg
+
+
+def build_encoder(cfg, run_dir: str | None, mesh, *, random_init: bool = False,
+                  modalities=("cxr", "ct")):
+    """The encoder with params restored from ``run_dir`` (or a seeded random init), sharded,
+    able to embed whole images of ``modalities`` (:func:`embed_config`)."""
+    cfg = embed_config(cfg, modalities)
     rules = shd.rules_dict(cfg.mesh.rules)
     abstract = nnx.eval_shape(lambda: st.build_model(cfg, seed=cfg.seed))
     graphdef, abstract_params = nnx.split(abstract, nnx.Param)
@@ -60,6 +75,15 @@ def build_encoder(cfg, run_dir: str | None, mesh, *, random_init: bool = False):
     else:
         params = checkpoint.load_params(run_dir, checkpoint.abstract_of(abstract_params, p_shard))
     return nnx.merge(graphdef, params).encoder
+
+
+def patient_groups(records) -> np.ndarray:
+    """``[N]`` int32: rows of one patient share a number (order of first appearance), so that
+    the probe's hold-outs never split a patient, without writing the patient id itself. A record
+    without a patient is its own group."""
+    index: dict = {}
+    return np.array([index.setdefault(r.patient or ("", r.id), len(index)) for r in records],
+                    np.int32)
 
 
 def _labels(rec) -> np.ndarray:
@@ -127,7 +151,8 @@ def embed(cfg, records, encoder, out: str, mesh, *, batch_size: int = 16, progre
     arrays = dict(
         ids=np.array([r.id for r in kept]), embeddings=np.stack([vecs[r.id] for r in kept]),
         modality=np.array([r.modality for r in kept]), dataset=np.array([r.dataset for r in kept]),
-        split=np.array([r.split for r in kept]), labels=np.stack([_labels(r) for r in kept]))
+        split=np.array([r.split for r in kept]), labels=np.stack([_labels(r) for r in kept]),
+        group=patient_groups(kept))
     if proc == 0:
         save_embeddings(out, **arrays)
         for f in glob.glob(os.path.join(partial, "*")):
@@ -152,8 +177,9 @@ def main(argv=None):
     distributed.initialize()  # several processes: MMV_COORDINATOR etc., SLURM or a TPU slice
     cfg = load_run_config(args.checkpoint, args.config)
     mesh = shd.make_mesh((-1, 1, 1))
-    encoder = build_encoder(cfg, args.checkpoint, mesh, random_init=args.random_init)
     records = load_manifest(args.manifest, splits=args.split)
+    encoder = build_encoder(cfg, args.checkpoint, mesh, random_init=args.random_init,
+                            modalities={r.modality for r in records})
     arrays = embed(cfg, records, encoder, args.out, mesh, batch_size=args.batch_size)
     if jax.process_index() == 0:
         print(f"mmv-embed: {len(arrays['ids'])} embeddings -> {args.out}")

@@ -10,6 +10,11 @@ Arrays (N rows, one per image):
 - ``labels``     ``[N, 5]`` float32, columns in :data:`FINDINGS` order; 1 positive, 0 negative,
   -1 uncertain, NaN missing.
 
+Optional:
+
+- ``group``      ``[N]`` int, the patient: rows of one patient share a value (a number, never the
+  patient's id), so hold-outs are split by patient. Without it every row is its own group.
+
 Extra arrays are kept as they are. Strings are stored as fixed-width unicode (never pickled
 objects), so ``np.load(..., allow_pickle=False)`` reads the file.
 """
@@ -48,6 +53,8 @@ def validate(arrays: dict, source: str = "embeddings") -> dict:
     for k in STRING_FIELDS:
         if out[k].shape != (n,):
             raise ValueError(f"{source}: {k} must be [N={n}], got {out[k].shape}")
+    if "group" in arrays and np.asarray(arrays["group"]).shape != (n,):
+        raise ValueError(f"{source}: group must be [N={n}], got {np.asarray(arrays['group']).shape}")
     bad = sorted(set(out["modality"].tolist()) - set(MODALITIES))
     if bad:
         raise ValueError(f"{source}: modality must be one of {MODALITIES}, found {bad}")

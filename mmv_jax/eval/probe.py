@@ -1,15 +1,19 @@
 """Linear probing on frozen embeddings (``mmv-probe``).
 
-One logistic-regression probe per finding (scikit-learn, L2), on standardised features
-(mean/std of the probe's training rows). The inverse regularisation ``C`` is chosen per finding
-on a validation split — rows whose split is ``val``/``valid``/``validate``/``validation`` — or,
-when the file has none for the chosen rows, on a seeded 20% hold-out of the training rows. The
-final probe is the one fitted on the training rows with the chosen C.
+One logistic-regression probe per finding (scikit-learn, L2 on the weights only: lbfgs leaves
+the intercept unpenalised), on standardised features (mean/std of the probe's training rows).
+The inverse regularisation ``C`` is chosen per finding on a validation split — rows whose split
+is ``val``/``valid``/``validate``/``validation`` — or, when the file has none for the chosen
+rows, on a seeded hold-out of 20% of the training rows, whole patients at a time (the ``group``
+array of the embedding file; rows without one are their own group). The test split never
+chooses anything. The final probe is the one fitted on the training rows with the chosen C.
 
 Training rows: ``split == "train"`` with the modality given by ``lp_data`` ("2D" = cxr,
 "3D" = ct, "ALL" = both), from every dataset, or only from ``train_dataset`` (domain
-adaptation: e.g. ``--train-dataset rad-chestct`` trains on RAD-ChestCT's own train split and
-tests on its test split).
+adaptation). The external test sets (CheXpert, RAD-ChestCT) never train the 2D/3D/ALL probes: a
+file whose training rows hold one is refused. Domain adaptation on a dataset without a train
+split (RAD-ChestCT: every volume is test data) splits its test rows by a seeded, patient-grouped
+80/20 (:func:`adaptation_split`): the probe trains on the 80% and is tested on the 20%.
 
 Labels (1 positive, 0 negative, -1 uncertain, NaN missing), per finding:
 - training/validation, ``policy="ignore"`` (default): uncertain and missing rows are excluded;
@@ -40,6 +44,7 @@ import numpy as np
 
 from mmv_jax.eval.io import FINDINGS, load_embeddings, save_embeddings  # noqa: F401 (re-export)
 from mmv_jax.eval.metrics import auroc, bootstrap_auroc, nan_to_none
+from mmv_jax.eval.reference import paper_test_set
 
 ABBREV = ("ATEL", "CARD", "CONS", "LO", "EFF")   # reference_results.csv column names
 VAL_SPLITS = ("val", "valid", "validate", "validation")
@@ -47,19 +52,58 @@ LP_DATA = {"2D": ("cxr",), "3D": ("ct",), "ALL": ("cxr", "ct")}
 POLICIES = ("ignore", "zeros", "ones")
 C_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 
-__all__ = ["FINDINGS", "ABBREV", "load_embeddings", "save_embeddings", "select_rows",
-           "probe_targets", "LinearProbe", "fit_probe", "evaluate_probe", "run_probe",
-           "results_markdown", "main"]
+EXTERNAL_TEST_SETS = ("CheXpert", "RAD-ChestCT")   # the paper's external tests (reference names)
+
+__all__ = ["FINDINGS", "ABBREV", "load_embeddings", "save_embeddings", "grouped_holdout",
+           "adaptation_split", "select_rows", "probe_targets", "LinearProbe", "fit_probe",
+           "evaluate_probe", "run_probe", "results_markdown", "main"]
 
 
 def _lower(a):
     return np.char.lower(np.asarray(a).astype(str))
 
 
+def grouped_holdout(groups, fraction: float = 0.2, seed: int = 0) -> np.ndarray:
+    """Boolean mask ``[n]`` of a seeded hold-out of whole groups (patients): groups, in a
+    seeded order, are held out until they hold ``fraction`` of the rows. No group is split."""
+    groups = np.asarray(groups)
+    uniq, inverse, counts = np.unique(groups, return_inverse=True, return_counts=True)
+    order = np.random.default_rng(seed).permutation(uniq.size)
+    held_sizes = np.cumsum(counts[order]) - counts[order]    # rows held before each group
+    held = np.zeros(uniq.size, bool)
+    held[order] = held_sizes < fraction * groups.size
+    return held[inverse.ravel()]
+
+
+def _groups(data: dict) -> np.ndarray:
+    """Patient group per row: the file's ``group`` array, else every row its own group."""
+    if "group" in data:
+        return np.asarray(data["group"]).astype(str)
+    return np.asarray(data["ids"]).astype(str)
+
+
+def adaptation_split(data: dict, dataset: str, *, test_fraction: float = 0.2,
+                     seed: int = 0) -> dict:
+    """``data`` with ``dataset``'s test rows split for domain adaptation (Table 2): a seeded,
+    patient-grouped ``1 - test_fraction`` of them become ``train``, the rest stay ``test``.
+    A dataset with its own train rows is returned unchanged."""
+    ds = _lower(data["dataset"]) == dataset.lower()
+    split = _lower(data["split"])
+    if (ds & (split == "train")).any():
+        return data
+    rows = np.flatnonzero(ds & (split == "test"))
+    if rows.size == 0:
+        return data
+    test = grouped_holdout(_groups(data)[rows], test_fraction, seed)
+    new = np.asarray(data["split"]).astype(str).astype(object)
+    new[rows[~test]] = "train"
+    return dict(data, split=new.astype(str))
+
+
 def select_rows(data: dict, *, lp_data: str = "ALL", train_dataset: str | None = None,
                 val_fraction: float = 0.2, seed: int = 0):
     """Indices ``(train, val, val_source)`` of the probe's training and validation rows;
-    ``val_source`` is ``"split"`` or ``"holdout"``."""
+    ``val_source`` is ``"split"`` or ``"holdout"`` (patient-grouped, see :func:`grouped_holdout`)."""
     if lp_data not in LP_DATA:
         raise ValueError(f"lp_data must be one of {list(LP_DATA)}, got {lp_data!r}")
     keep = np.isin(_lower(data["modality"]), LP_DATA[lp_data])
@@ -72,15 +116,25 @@ def select_rows(data: dict, *, lp_data: str = "ALL", train_dataset: str | None =
     split = _lower(data["split"])
     train = np.flatnonzero(keep & (split == "train"))
     val = np.flatnonzero(keep & np.isin(split, VAL_SPLITS))
+    if train_dataset is None:
+        used = np.asarray(data["dataset"])[np.concatenate([train, val])]
+        external = sorted({d for d in used.tolist() if paper_test_set(d) in EXTERNAL_TEST_SETS})
+        if external:
+            raise ValueError(f"{', '.join(external)} rows are in split train/val, but "
+                             f"{', '.join(external)} is an external test set and must not train "
+                             f"the {lp_data} probe; rebuild its manifest with "
+                             "tools/build_manifest.py (every volume split test)")
     if train.size == 0:
         raise ValueError(f"no training rows (split 'train', lp_data {lp_data}"
                          f"{', dataset ' + train_dataset if train_dataset else ''})")
     if val.size:
         return train, val, "split"
-    rng = np.random.default_rng(seed)
-    perm = rng.permutation(train)
-    n_val = max(1, int(round(val_fraction * train.size))) if train.size > 1 else 0
-    return np.sort(perm[n_val:]), np.sort(perm[:n_val]), "holdout"
+    if train.size < 2:
+        return train, val, "holdout"
+    held = grouped_holdout(_groups(data)[train], val_fraction, seed)
+    if held.all():  # one patient only: hold out nothing rather than everything
+        held[:] = False
+    return train[~held], train[held], "holdout"
 
 
 def probe_targets(labels, policy: str = "ignore"):
@@ -188,6 +242,8 @@ def run_probe(data: dict, *, lp_data: str = "ALL", train_dataset: str | None = N
     """Select rows, fit, evaluate. With ``train_dataset`` only that dataset's test split is
     evaluated (unless ``test_datasets`` says otherwise). Returns a JSON-ready dict (NaN kept;
     use :func:`mmv_jax.eval.metrics.nan_to_none` before ``json.dump``)."""
+    if train_dataset is not None:
+        data = adaptation_split(data, train_dataset, seed=seed)
     train, val, val_source = select_rows(data, lp_data=lp_data, train_dataset=train_dataset,
                                          seed=seed)
     x, lab = data["embeddings"], data["labels"]
@@ -234,7 +290,9 @@ def main(argv=None) -> int:
     ap.add_argument("--embeddings", required=True, help="embedding .npz from mmv-embed")
     ap.add_argument("--lp-data", default="ALL", choices=list(LP_DATA))
     ap.add_argument("--train-dataset", default=None,
-                    help="domain adaptation: train on this dataset's train split only")
+                    help="domain adaptation: train on this dataset's train split only (a "
+                         "dataset that is all test data, e.g. rad-chestct: a seeded 80%% of it) "
+                         "and test on its test rows")
     ap.add_argument("--policy", default="ignore", choices=list(POLICIES),
                     help="uncertain labels in training: ignore (exclude), zeros, ones")
     ap.add_argument("--test-datasets", nargs="*", default=None)

@@ -32,7 +32,10 @@ _ALIASES = {
     "RAD-ChestCT": ("radchestct",),
 }
 
-__all__ = ["load_reference", "reference_path", "paper_test_set", "paper_rows", "compare",
+# the paper's test-set sizes (images / volumes), to put beside ours
+PAPER_TEST_SIZES = {"MIMIC": 33_537, "CheXpert": 668, "CT-RATE": 3_002, "RAD-ChestCT": 3_630}
+
+__all__ = ["PAPER_TEST_SIZES", "load_reference", "reference_path", "paper_test_set", "paper_rows", "compare",
            "comparison_markdown", "paper_table_markdown"]
 
 
@@ -92,8 +95,10 @@ def compare(result: dict, rows, *, stage: int = 3) -> list[dict]:
     """One entry per test set of ``result`` (from :func:`mmv_jax.eval.probe.run_probe`):
     ``{"test_set", "paper_test_set", "lp_data", "stage", "ours": {ABBREV..., "macro",
     "macro_ci_low", "macro_ci_high", "n"}, "paper": [{"table", "raw", "delta": {ABBREV...,
-    "macro"}, "inside_ci": bool | None}], "note"}``. ``delta`` = ours - paper (None where either
-    is missing); ``inside_ci`` = our macro within the paper's macro CI (None: no paper CI)."""
+    "macro"}, "inside_ci": bool | None}], "n_paper", "n_match", "note"}``. ``delta`` = ours -
+    paper (None where either is missing); ``inside_ci`` = our macro within the paper's macro CI
+    (None: no paper CI); ``n_paper`` the paper's test-set size (None where it states none, e.g.
+    the adapted RAD-ChestCT split) and ``n_match`` whether ours equals it."""
     cfg = result["config"]
     train_ds = cfg.get("train_dataset")
     out = []
@@ -106,8 +111,10 @@ def compare(result: dict, rows, *, stage: int = 3) -> list[dict]:
         ours = {a: r["per_label"][f]["auroc"] for a, f in zip(ABBREV, FINDINGS)}
         ours.update(macro=r["macro"]["auroc"], macro_ci_low=r["macro"]["ci_low"],
                     macro_ci_high=r["macro"]["ci_high"], n=r["n"])
+        n_paper = PAPER_TEST_SIZES.get(ts)
         entry = {"test_set": name, "paper_test_set": ts, "lp_data": lp, "stage": stage,
-                 "ours": ours, "paper": [], "note": ""}
+                 "ours": ours, "paper": [], "n_paper": n_paper,
+                 "n_match": None if n_paper is None else r["n"] == n_paper, "note": ""}
         for p in (paper_rows(rows, ts, lp, stage) if ts else []):
             delta = {a: (ours[a] - p["values"][a]
                          if _isnum(ours[a]) and p["values"][a] is not None else None)
@@ -163,6 +170,14 @@ def comparison_markdown(comparison: list[dict]) -> str:
             lines.append(f"| {label} | Δ vs Table {p['table']} | | | "
                          + " | ".join(_f(d[a], sign=True) for a in ABBREV)
                          + f" | {_f(d['macro'], sign=True)} | | |")
+    lines += ["", "Test-set sizes (a different size means a different test set):", "",
+              "| Test set | n ours | n paper | |", "|---|---:|---:|---|"]
+    for e in comparison:
+        label = e["test_set"] + (f" ({e['paper_test_set']})" if e["paper_test_set"] else "")
+        n_paper = e.get("n_paper")
+        mark = {True: "same", False: "MISMATCH", None: ""}[e.get("n_match")]
+        lines.append(f"| {label} | {e['ours']['n']:,} | "
+                     f"{'n/a' if n_paper is None else f'{n_paper:,}'} | {mark} |")
     return "\n".join(lines) + "\n"
 
 

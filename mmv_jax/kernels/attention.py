@@ -6,9 +6,11 @@ the same non-zero segment id; padding query rows return zeros. ``impl="auto"`` p
 ``jax.default_backend()``: ``pallas_tpu`` on TPU, ``triton_gpu`` on CUDA GPUs, ``xla`` elsewhere.
 An impl that cannot honour a request raises ``ValueError``; there is no silent fallback.
 
-``max_segment_len`` (optional, an addition to the contract) bounds every segment's length: the
-XLA reference and the Pallas kernel then visit only the key blocks a segment can reach (a
-longer segment poisons its row with NaN rather than being truncated). The kernels also skip
+``max_segment_len`` (optional, an addition to the contract) is a promise that no segment is
+longer: the XLA reference and the Pallas kernel then visit only the key blocks a segment can
+reach. The promise is checked at run time and every impl gives correct attention when the data
+break it (XLA and Pallas switch to their unbounded computation with ``lax.cond``; Triton needs
+no bound), so an over-long segment costs time, never a wrong value or a NaN. The kernels also skip
 blocks by their per-block segment ranges. Mosaic and Triton kernels are not auto-partitioned:
 under a mesh, call them inside ``shard_map`` (the encoder does).
 """

@@ -16,8 +16,9 @@ the body runs only for pairs whose ranges overlap, so compute and HBM traffic fo
 sum(len_i^2), not S^2. The dK/dV kernel does the same with q- and k-roles swapped. One program
 handles all H heads of its block (the mask is head-independent): grid (B, blocks, steps).
 Pass `max_segment_len` (the packer's largest view): the inner axis then has
-`span_bound(...)` steps instead of S / block, so even the idle grid steps stop growing with S^2;
-a row whose spans exceed the bound gets NaN output (loud, never silently wrong).
+`span_bound(...)` steps instead of S / block, so even the idle grid steps stop growing with S^2.
+The bound is checked at run time: a batch whose spans exceed it runs the unbounded grid instead
+(`lax.cond`; correct attention, at the cost of no bound), as the XLA reference does.
 
 Constraints (ValueError otherwise): S a multiple of BLOCK (128) — the packer's bucket lengths
 must be multiples of `SEQ_MULTIPLE`; head dim D <= 128 and a multiple of 8, or a multiple of
@@ -406,14 +407,20 @@ def segment_attention_pallas(q, k, v, segment_ids, *, interpret=False,
   `max_segment_len` (static; the packer's largest view) bounds how many blocks a block's
   segments reach, so the grid walks only that many steps per block instead of S / block — pass
   it: without it the grid is quadratic in S (idle steps issue no DMA and no compute, but each
-  still costs a grid step). A row that breaks the bound gets NaN output (never a silently wrong
-  one).
+  still costs a grid step). A batch that breaks the bound runs the unbounded grid (the same
+  values, more grid steps).
   """
   check_supported(q, k, v, segment_ids, block_q=block_q, block_k=block_k)
   if max_segment_len is not None and int(max_segment_len) < 1:
     raise ValueError(f"pallas_tpu: max_segment_len must be >= 1 or None, got {max_segment_len}")
   t = lambda x: jnp.swapaxes(x, 1, 2)
-  o = _attention_bhsd(t(q), t(k), t(v), segment_ids.astype(jnp.int32), int(block_q),
-                      int(block_k), None if max_segment_len is None else int(max_segment_len),
-                      bool(interpret))
-  return t(o)
+  seg = segment_ids.astype(jnp.int32)
+  bq, bk, interp = int(block_q), int(block_k), bool(interpret)
+  run = lambda bound: lambda *a: _attention_bhsd(*a, bq, bk, bound, interp)
+  args = (t(q), t(k), t(v), seg)
+  bound = None if max_segment_len is None else int(max_segment_len)
+  steps = _steps(seg, bq, bk, bound)
+  if bound is None or steps == _steps(seg, bq, bk, None):
+    return t(run(None)(*args))
+  fits = _span_ok(_metadata(seg, bq, bk), *steps)
+  return t(lax.cond(fits, run(bound), run(None), *args))

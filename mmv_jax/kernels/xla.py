@@ -16,9 +16,11 @@ probabilities in the backward pass (flash style).
 Static shapes with exact results for every layout: the pair list has room for the whole band
 of key blocks ``i - m .. i + m`` of every query block (``m = ceil((L - 1) / b)`` for
 ``max_segment_len`` L; the whole row without it), which holds the hull of any row whose ids span
-at most L tokens, and the loops run over the live pairs only (a run-time trip count). A segment
-id spanning more than ``max_segment_len`` tokens poisons its row's output with NaN (loud: the
-train step's non-finite check reports it) rather than being silently truncated.
+at most L tokens, and the loops run over the live pairs only (a run-time trip count). The bound
+is a promise about the data that the data may break (a whole CT embedded by a 2D-only run):
+:func:`segment_attention_xla` checks it at run time and takes the unbounded pair list when any
+id spans more than L tokens (``lax.cond``: correct attention, at the cost of no bound), as the
+Pallas kernel does; the Triton kernel needs no bound.
 """
 from __future__ import annotations
 
@@ -278,10 +280,19 @@ def segment_attention_xla(q, k, v, segment_ids, *, max_segment_len: int | None =
     """``softmax(q k^T / sqrt(D) + mask) v`` restricted to equal non-zero segment ids.
 
     q, k, v ``[B, S, H, D]``; segment_ids ``[B, S]``. Padding queries return 0, never NaN,
-    in forward and backward. Softmax in fp32. A row holding an id that spans more than
-    ``max_segment_len`` tokens returns NaN (and no gradient).
+    in forward and backward. Softmax in fp32. ``max_segment_len`` bounds the key blocks visited
+    while every id spans at most that many tokens; otherwise the whole batch takes the
+    unbounded computation (the same values, more work).
     """
-    return _attention(q, k, v, segment_ids, max_segment_len, block)
+    s = q.shape[1]
+    b = min(block, s)
+    if max_segment_len is None or halo_blocks(s, max_segment_len, b) == math.ceil(s / b) - 1:
+        return _attention(q, k, v, segment_ids, None, block)
+    first, last = _id_spans(segment_ids.astype(jnp.int32))
+    span = jnp.max(jnp.where(segment_ids > 0, last - first + 1, 0))
+    run = lambda bound: lambda *a: _attention(*a, bound, block)
+    return lax.cond(span <= max_segment_len, run(max_segment_len), run(None),
+                    q, k, v, segment_ids)
 
 
 def _windows(x, m: int, b: int, fill):

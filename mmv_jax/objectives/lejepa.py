@@ -14,10 +14,10 @@ Conventions (METHOD.md, Balestriero & LeCun 2025, and the LeJEPA minimal referen
   N samples of each view index and averaged over views and directions.
 - ``prediction_loss``: ``mu_s`` = mean of sample s's global-view embeddings;
   ``L_pred = mean_s (1/V_s) sum_v ||mu_s - z_v||^2`` over all V_s views of s (globals
-  included). METHOD.md writes the squared L2 norm summed over the embedding dimension
-  (``pred_reduce="sum"``, the default); the LeJEPA minimal code uses
-  ``(centers - proj).square().mean()``, i.e. averages over D as well (``pred_reduce="mean"``,
-  which equals ``"sum"`` divided by D).
+  included), with the squared distance either summed over the embedding dimension
+  (``pred_reduce="sum"``, this function's default) or averaged over it as the LeJEPA reference
+  code does (``(centers - proj).square().mean()``: ``pred_reduce="mean"``, ``"sum"`` divided by
+  D). The run configs use ``"mean"``, the weighting lam = 0.025 was tuned with.
 - ``lejepa_loss = (1 - lam) * L_pred + lam * SIGReg``, lam = 0.025.
 """
 from __future__ import annotations

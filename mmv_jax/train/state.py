@@ -44,8 +44,16 @@ def build_model(cfg, *, seed: int = 0) -> MultiMedVision:
 
 
 def _decay_mask(params):
-    """Weight decay on matrices only: not on norms and biases."""
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
+    """Weight decay on weights only, decided by parameter name: never on biases (``bias``,
+    ``qkv_bias``, ``proj_bias``) nor on a norm's parameters. Not by shape: ``qkv_bias`` is
+    ``[3, H, Dh]`` and a multi-dimensional bias is still a bias."""
+    def decay(path, _):
+        names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+        names = [n for n in names if n != "value"]  # nnx.Variable's own attribute
+        leaf = names[-1] if names else ""
+        is_bias = leaf == "bias" or leaf.endswith("_bias")
+        return not (is_bias or leaf == "scale" or any("norm" in n for n in names))
+    return jax.tree_util.tree_map_with_path(decay, params)
 
 
 def make_optimizer(cfg) -> optax.GradientTransformation:
