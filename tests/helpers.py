@@ -37,3 +37,20 @@ def tiny_config(**overrides):
             node = node[p]
         node[last] = v
     return c
+
+
+# Identifier-like text that tests write into DICOM tags a reader parses; it must never reach a
+# message, a log or a file.
+MRN = "MRN-TEST-12345"
+
+
+def put_raw_tag(ds, keyword, text):
+    """Stores ``text`` as the raw bytes of ``keyword`` (pydicom would refuse it as a value: this
+    is how identifier text in the wrong tag looks in a real file)."""
+    from pydicom.datadict import dictionary_VR, tag_for_keyword
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+    tag = Tag(tag_for_keyword(keyword))
+    raw = text.encode()
+    raw += b" " * (len(raw) % 2)
+    ds._dict[tag] = RawDataElement(tag, dictionary_VR(tag), len(raw), raw, 0, False, True)

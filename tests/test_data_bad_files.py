@@ -14,18 +14,13 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
-from pydicom.datadict import dictionary_VR, tag_for_keyword
-from pydicom.dataelem import RawDataElement
-from pydicom.tag import Tag
 
+from helpers import MRN, put_raw_tag
 from mmv_jax.data import config as data_config
 from mmv_jax.data import readers, transforms
 from mmv_jax.data.manifest import ManifestError, load_manifest, parse_record
 from mmv_jax.data.readers import DEFAULT_MAX_VOXELS, ImageReadError, file_errors, load_image
 from mmv_jax.data.views import crop_shape
-
-MRN = "MRN-TEST-12345"
-
 
 def _f(name):
     p = get_testdata_file(name)
@@ -34,20 +29,11 @@ def _f(name):
     return p
 
 
-def _put_raw(ds, keyword, text):
-    """Stores ``text`` as the raw bytes of ``keyword`` (pydicom would refuse it as a value: this
-    is how identifier text in the wrong tag looks in a real file)."""
-    tag = Tag(tag_for_keyword(keyword))
-    raw = text.encode()
-    raw += b" " * (len(raw) % 2)
-    ds._dict[tag] = RawDataElement(tag, dictionary_VR(tag), len(raw), raw, 0, False, True)
-
-
 def _ct(tmp_path, name, **raw):
     ds = pydicom.dcmread(_f("CT_small.dcm"))
     del ds.SpacingBetweenSlices  # so that SliceThickness is the slice spacing read
     for k, v in raw.items():
-        _put_raw(ds, k, v)
+        put_raw_tag(ds, k, v)
     p = tmp_path / name
     ds.save_as(p)
     return p
@@ -312,7 +298,7 @@ def _identifier_files(tmp_path):
     series.mkdir()
     for z in range(2):
         s = pydicom.dcmread(_f("CT_small.dcm"))
-        _put_raw(s, "ImagePositionPatient", f"0\\0\\{MRN}")
+        put_raw_tag(s, "ImagePositionPatient", f"0\\0\\{MRN}")
         s.save_as(series / f"s{z}.dcm")
     files["ImagePositionPatient"] = series
     return files

@@ -10,6 +10,7 @@ import time
 import pytest
 
 from conftest import ROOT, env, train_cmd
+from helpers import MRN, put_raw_tag
 
 COMMON = ("--config.log_every_steps=1", "--config.checkpoint_every_steps=2", "--config.keep_checkpoints=2")
 
@@ -22,12 +23,43 @@ def _steps(work):
     return sorted(int(d) for d in os.listdir(work / "checkpoints") if d.isdigit())
 
 
+def _with_identifier_files(demo_manifest, out):
+    """The demo data plus train CT files whose parsed tags hold identifier text."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+    shutil.copytree(os.path.dirname(demo_manifest), out)
+    lines = open(out / "manifest.jsonl").read().splitlines()
+    for i, tag in enumerate(("RescaleSlope", "PixelSpacing", "SliceThickness")):
+        ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+        put_raw_tag(ds, tag, MRN)
+        ds.save_as(out / f"ident{i}.dcm")
+        lines.append(json.dumps(dict(id=f"ident{i}", path=f"ident{i}.dcm", modality="ct",
+                                     dataset="demo", split="train")))
+    (out / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    return str(out / "manifest.jsonl")
+
+
 @pytest.fixture(scope="module")
 def healthy(tmp_path_factory, demo_manifest):
-    work = tmp_path_factory.mktemp("lost") / "healthy"
-    r = _run(train_cmd(work, demo_manifest, "--config.total_steps=6", *COMMON))
+    """6 healthy steps on data with identifier text in parsed tags of three train files: the
+    run skips them and no identifier reaches its log or any file of the run folder."""
+    root = tmp_path_factory.mktemp("lost")
+    manifest = _with_identifier_files(demo_manifest, root / "data")
+    work = root / "healthy"
+    r = _run(train_cmd(work, manifest, "--config.total_steps=12", *COMMON,
+                       "--config.checkpoint_every_steps=6", "--config.keep_checkpoints=3"))
     assert r.returncode == 0, r.stderr[-3000:]
-    assert _steps(work) == [4, 6]
+    assert "skipping bad file" in r.stderr and "ident" in r.stderr
+    assert MRN not in r.stderr + r.stdout
+    for d, _, files in os.walk(work):
+        for f in files:
+            assert MRN.encode() not in open(os.path.join(d, f), "rb").read(), f
+    rows = [json.loads(l) for l in open(work / "metrics.jsonl")]
+    assert rows[-1]["bad_files"] >= 1
+    # the rest of this module works from its first 6 steps
+    shutil.rmtree(work / "checkpoints" / "12")
+    (work / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows[:6]))
+    assert _steps(work) == [6]
     return work
 
 
@@ -41,7 +73,7 @@ def test_divergence_keeps_the_healthy_checkpoints(healthy, demo_manifest, tmp_pa
                        "--config.max_nonfinite_steps=4"))
     assert r.returncode != 0 and "consecutive non-finite steps" in r.stderr, r.stderr[-3000:]
     assert "Traceback" not in r.stderr
-    assert _steps(work) == [4, 6]
+    assert _steps(work) == [6]
     # a rerun with a sane learning rate resumes from the last healthy state and stays finite
     r = _run(train_cmd(work, demo_manifest, "--config.total_steps=8", *COMMON,
                        "--config.allow_config_change=True"))
@@ -64,19 +96,19 @@ def _flip_a_bit(folder):
 def test_damaged_checkpoints_fall_back_to_the_newest_intact(healthy, demo_manifest, tmp_path):
     work = tmp_path / "bad"
     shutil.copytree(healthy, work)
-    r = _run(train_cmd(work, demo_manifest, "--config.total_steps=8", *COMMON,
-                       "--config.keep_checkpoints=4"))  # 4, 6, 8 kept
-    assert r.returncode == 0, r.stderr[-3000:]
-    _flip_a_bit(work / "checkpoints" / "8" / "state")
-    os.remove(work / "checkpoints" / "6" / "state" / "_METADATA")
     r = _run(train_cmd(work, demo_manifest, "--config.total_steps=10", *COMMON,
+                       "--config.keep_checkpoints=4"))  # 6, 8, 10 kept
+    assert r.returncode == 0, r.stderr[-3000:]
+    _flip_a_bit(work / "checkpoints" / "10" / "state")
+    os.remove(work / "checkpoints" / "8" / "state" / "_METADATA")
+    r = _run(train_cmd(work, demo_manifest, "--config.total_steps=12", *COMMON,
                        "--config.keep_checkpoints=4"))
     assert r.returncode == 0, r.stderr[-3000:]
+    assert f"checkpoint {work / 'checkpoints' / '10'}" in r.stderr
     assert f"checkpoint {work / 'checkpoints' / '8'}" in r.stderr
-    assert f"checkpoint {work / 'checkpoints' / '6'}" in r.stderr
-    assert "at step 4" in r.stderr
+    assert "at step 6" in r.stderr
     names = set(os.listdir(work / "checkpoints"))
-    assert {"6.corrupt", "8.corrupt"} <= names and {"6", "8", "10"} <= names
+    assert {"8.corrupt", "10.corrupt"} <= names and {"8", "10", "12"} <= names
 
 
 def test_a_second_trainer_on_a_busy_workdir_is_refused(healthy, demo_manifest, tmp_path):
