@@ -54,3 +54,26 @@ def put_raw_tag(ds, keyword, text):
     raw = text.encode()
     raw += b" " * (len(raw) % 2)
     ds._dict[tag] = RawDataElement(tag, dictionary_VR(tag), len(raw), raw, 0, False, True)
+
+
+def write_csv(path, header, rows, gz=False):
+    """A CSV (``gz``: ``path.gz``) with ``header`` and ``rows``, as the public releases ship them."""
+    import csv
+    import gzip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    opener = gzip.open if gz else open
+    with opener(str(path) + (".gz" if gz else ""), "wt", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+
+
+def load_build_manifest():
+    """``tools/build_manifest.py`` as a module (tools/ is not a package)."""
+    import importlib.util
+    import os
+    spec = importlib.util.spec_from_file_location(
+        "build_manifest", os.path.join(os.path.dirname(__file__), "..", "tools", "build_manifest.py"))
+    bm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bm)
+    return bm

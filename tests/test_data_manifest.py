@@ -3,6 +3,7 @@ import json
 
 import pytest
 
+from helpers import load_build_manifest, write_csv
 from mmv_jax.data.manifest import ManifestError, load_manifest, write_manifest
 
 
@@ -60,33 +61,17 @@ def test_duplicate_id_and_patient_across_splits(tmp_path):
         load_manifest(m)
 
 
-def _csv(path, header, rows, gz=False):
-    import csv
-    import gzip
-    path.parent.mkdir(parents=True, exist_ok=True)
-    opener = gzip.open if gz else open
-    with opener(str(path) + (".gz" if gz else ""), "wt", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
-
-
 def test_build_manifest_mimic_chexpert_ctrate(tmp_path):
-    import importlib.util
-    import os
-    spec = importlib.util.spec_from_file_location(
-        "build_manifest", os.path.join(os.path.dirname(__file__), "..", "tools", "build_manifest.py"))
-    bm = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bm)
+    bm = load_build_manifest()
     m = tmp_path / "mimic"
-    _csv(m / "mimic-cxr-2.0.0-metadata.csv", ["dicom_id", "subject_id", "study_id", "ViewPosition"],
+    write_csv(m / "mimic-cxr-2.0.0-metadata.csv", ["dicom_id", "subject_id", "study_id", "ViewPosition"],
          [["d1", "10000032", "500", "AP"], ["d2", "10000032", "500", "PA"],
           ["d3", "10000032", "500", "LATERAL"], ["d4", "11000001", "501", "LL"],
           ["d5", "12000002", "502", "AP"]], gz=True)
-    _csv(m / "mimic-cxr-2.0.0-split.csv", ["dicom_id", "study_id", "subject_id", "split"],
+    write_csv(m / "mimic-cxr-2.0.0-split.csv", ["dicom_id", "study_id", "subject_id", "split"],
          [["d1", "500", "10000032", "train"], ["d2", "500", "10000032", "train"],
           ["d4", "501", "11000001", "test"], ["d5", "502", "12000002", "validate"]])
-    _csv(m / "mimic-cxr-2.0.0-chexpert.csv",
+    write_csv(m / "mimic-cxr-2.0.0-chexpert.csv",
          ["subject_id", "study_id", "Atelectasis", "Cardiomegaly", "Consolidation", "Edema",
           "Lung Opacity", "Pleural Effusion"],
          [["10000032", "500", "1.0", "", "-1.0", "1.0", "0.0", ""]])
@@ -101,12 +86,12 @@ def test_build_manifest_mimic_chexpert_ctrate(tmp_path):
     assert recs[0].patient == "mimic-10000032"
 
     c = tmp_path / "ctrate"
-    _csv(c / "metadata" / "train_metadata.csv",
+    write_csv(c / "metadata" / "train_metadata.csv",
          ["VolumeName", "RescaleSlope", "RescaleIntercept", "XYSpacing", "ZSpacing",
           "ImageOrientationPatient"],
          [["train_1_a_1.nii.gz", "1", "-1024", "[0.75, 0.75]", "1.5", "[1, 0, 0, 0, 1, 0]"],
           ["train_1_a_2.nii.gz", "1", "-8192", "[0.7, 0.7]", "1.0", ""]])
-    _csv(c / "multi_abnormality_labels" / "train_predicted_labels.csv",
+    write_csv(c / "multi_abnormality_labels" / "train_predicted_labels.csv",
          ["VolumeName", "Atelectasis", "Cardiomegaly", "Consolidation", "Lung opacity",
           "Pleural effusion", "Emphysema"],
          [["train_1_a_1.nii.gz", "1", "0", "0", "1", "0", "1"]])
@@ -118,7 +103,7 @@ def test_build_manifest_mimic_chexpert_ctrate(tmp_path):
     assert recs[0].labels["atelectasis"] == 1 and recs[0].patient == recs[1].patient
 
     x = tmp_path / "chexpert"
-    _csv(x / "test_labels.csv", ["Path", "Atelectasis", "Cardiomegaly", "Lung Opacity"],
+    write_csv(x / "test_labels.csv", ["Path", "Atelectasis", "Cardiomegaly", "Lung Opacity"],
          [["test/patient64741/study1/view1_frontal.jpg", "0", "1", "1"]])
     bm.main(["chexpert", "--root", str(x), "--out", str(tmp_path / "cx.jsonl")])
     recs = load_manifest(tmp_path / "cx.jsonl")
@@ -130,19 +115,14 @@ def test_build_manifest_mimic_chexpert_ctrate(tmp_path):
 
 
 def test_build_manifest_rad_chestct_and_npz_reader(tmp_path):
-    import importlib.util
-    import os
     import numpy as np
     from mmv_jax.data.readers import load_image
-    spec = importlib.util.spec_from_file_location(
-        "build_manifest", os.path.join(os.path.dirname(__file__), "..", "tools", "build_manifest.py"))
-    bm = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bm)
+    bm = load_build_manifest()
     r = tmp_path / "rad"
     (r / "vols").mkdir(parents=True)
     np.savez_compressed(r / "vols" / "trn00001.npz", ct=np.full((20, 16, 16), -1000, np.int16))
     np.savez_compressed(r / "vols" / "tst00002.npz", ct=np.zeros((20, 16, 16), np.int16))
-    _csv(r / "labels.csv", ["NoteAcc_DEID", "atelectasis*left_lung", "atelectasis*right_lung",
+    write_csv(r / "labels.csv", ["NoteAcc_DEID", "atelectasis*left_lung", "atelectasis*right_lung",
                             "opacity*left_lung", "cardiomegaly*heart"],
          [["trn00001", "0", "1", "0", "0"], ["tst00002", "0", "0", "1", "1"]])
     bm.main(["rad-chestct", "--root", str(r), "--out", str(tmp_path / "rad.jsonl")])

@@ -1,15 +1,13 @@
 """tools/build_manifest.py on small fake release trees whose CSVs carry the releases' own headers:
 MIMIC-CXR labels (blank = 0) and the paper's patient-grouped 80/20 split; RAD-ChestCT as the
 external test set (every volume test, labels from every listed volume that exists)."""
-import csv
-import gzip
-import importlib.util
 import json
 import os
 
 import numpy as np
 import pytest
 
+from helpers import load_build_manifest, write_csv
 from mmv_jax.data import pipeline
 from mmv_jax.data.manifest import load_manifest
 
@@ -25,23 +23,6 @@ MIMIC_CHEXPERT = ["subject_id", "study_id", "Atelectasis", "Cardiomegaly", "Cons
 FIVE = {"atelectasis": "Atelectasis", "cardiomegaly": "Cardiomegaly",
         "consolidation": "Consolidation", "lung_opacity": "Lung Opacity",
         "pleural_effusion": "Pleural Effusion"}
-
-
-def _bm():
-    spec = importlib.util.spec_from_file_location(
-        "build_manifest", os.path.join(os.path.dirname(__file__), "..", "tools", "build_manifest.py"))
-    bm = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bm)
-    return bm
-
-
-def _csv(path, header, rows, gz=False):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    opener = gzip.open if gz else open
-    with opener(str(path) + (".gz" if gz else ""), "wt", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
 
 
 def _fake_mimic(root, n_patients=60, seed=0):
@@ -78,14 +59,14 @@ def _fake_mimic(root, n_patients=60, seed=0):
                     k: {"1.0": 1, "0.0": 0, "-1.0": -1, "": 0}[cells[MIMIC_CHEXPERT.index(c) - 2]]
                     for k, c in FIVE.items()}
                 want[study] = (frontal, labels, subj, sp)
-    _csv(root / "mimic-cxr-2.0.0-metadata.csv", MIMIC_META, meta, gz=True)
-    _csv(root / "mimic-cxr-2.0.0-split.csv", MIMIC_SPLIT, split, gz=True)
-    _csv(root / "mimic-cxr-2.0.0-chexpert.csv", MIMIC_CHEXPERT, chex, gz=True)
+    write_csv(root / "mimic-cxr-2.0.0-metadata.csv", MIMIC_META, meta, gz=True)
+    write_csv(root / "mimic-cxr-2.0.0-split.csv", MIMIC_SPLIT, split, gz=True)
+    write_csv(root / "mimic-cxr-2.0.0-chexpert.csv", MIMIC_CHEXPERT, chex, gz=True)
     return want
 
 
 def test_mimic_labels_and_paper_split(tmp_path, capsys):
-    bm = _bm()
+    bm = load_build_manifest()
     want = _fake_mimic(tmp_path / "mimic")
     out = tmp_path / "mimic.jsonl"
     bm.main(["mimic-cxr", "--root", str(tmp_path / "mimic"), "--out", str(out)])
@@ -128,10 +109,10 @@ def test_mimic_labels_and_paper_split(tmp_path, capsys):
 
 
 def test_mimic_missing_label_column_names_the_file(tmp_path):
-    bm = _bm()
+    bm = load_build_manifest()
     root = tmp_path / "mimic"
     _fake_mimic(root, n_patients=3)
-    _csv(root / "mimic-cxr-2.0.0-chexpert.csv", [c for c in MIMIC_CHEXPERT if c != "Cardiomegaly"],
+    write_csv(root / "mimic-cxr-2.0.0-chexpert.csv", [c for c in MIMIC_CHEXPERT if c != "Cardiomegaly"],
          [], gz=True)
     with pytest.raises(SystemExit, match=r"mimic-cxr-2.0.0-chexpert.csv.gz: missing column\(s\) \['Cardiomegaly'\]"):
         bm.main(["mimic-cxr", "--root", str(root), "--out", str(tmp_path / "m.jsonl")])
@@ -155,15 +136,15 @@ def _fake_rad(root, n_vols=6):
             cells[RAD_HEADER.index("opacity*right_lung") - 1] = "1"
             cells[RAD_HEADER.index("nodule*left_lung") - 1] = "1"
         rows.append([f"trn{i:05d}", *cells])
-    _csv(root / "labels" / "imgtrn_Abnormality_and_Location_Labels.csv", RAD_HEADER, rows)
+    write_csv(root / "labels" / "imgtrn_Abnormality_and_Location_Labels.csv", RAD_HEADER, rows)
     # the scan metadata (not labels, recognised by its header): the patient of each volume;
     # volumes 1 and 2 are one patient's, volume 6 is not listed
-    _csv(root / "CT_Scan_Metadata_Complete_35747.csv", ["NoteAcc_DEID", "MRN_DEID", "Slices"],
+    write_csv(root / "CT_Scan_Metadata_Complete_35747.csv", ["NoteAcc_DEID", "MRN_DEID", "Slices"],
          [[f"trn{i:05d}", f"AA{(i + 1) // 2 if i > 1 else 1:05d}", "400"] for i in range(1, n_vols)])
 
 
 def test_rad_chestct_is_the_external_test_set(tmp_path):
-    bm = _bm()
+    bm = load_build_manifest()
     _fake_rad(tmp_path / "rad")
     bm.main(["rad-chestct", "--root", str(tmp_path / "rad"), "--out", str(tmp_path / "rad.jsonl")])
     recs = {r.id: r for r in load_manifest(tmp_path / "rad.jsonl")}
@@ -188,7 +169,7 @@ def test_rad_chestct_is_the_external_test_set(tmp_path):
 
 
 def test_rad_chestct_without_label_file_is_an_error(tmp_path):
-    bm = _bm()
+    bm = load_build_manifest()
     _fake_rad(tmp_path / "rad")
     os.remove(tmp_path / "rad" / "labels" / "imgtrn_Abnormality_and_Location_Labels.csv")
     with pytest.raises(SystemExit, match="no RAD-ChestCT label CSV"):

@@ -158,6 +158,7 @@ def _train(cfg, workdir, platform, lock) -> dict:
         done = [r for r in metrics.read_metrics(workdir / "metrics.jsonl")] if proc == 0 and \
             (workdir / "metrics.jsonl").exists() else []
         log.info("run already finished at step %d (config.total_steps=%d)", start, cfg.total_steps)
+        it.close()
         ckpt.close()
         writer.close()
         return dict(done[-1], already_finished=True) if done else {"already_finished": True}
@@ -212,7 +213,8 @@ def _train(cfg, workdir, platform, lock) -> dict:
                 else:
                     ckpt.save(step, state, it.get_state(), force=stop)
             if stop:
-                log.warning("preemption (SIGTERM): checkpoint written at step %d, exiting", step)
+                log.warning("preemption (SIGTERM): %s at step %d, exiting", "no checkpoint written (a run of "
+                            "non-finite steps)" if nonfinite else "checkpoint written", step)
                 last = dict(last, step=step, preempted=True)
                 break
     finally:

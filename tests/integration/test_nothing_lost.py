@@ -75,10 +75,12 @@ def test_divergence_keeps_the_healthy_checkpoints(healthy, demo_manifest, tmp_pa
     assert "Traceback" not in r.stderr
     assert _steps(work) == [6]
     # a rerun with a sane learning rate resumes from the last healthy state and stays finite
-    r = _run(train_cmd(work, demo_manifest, "--config.total_steps=8", *COMMON,
+    # (the run folder given as a file:// URI: the path layer that also serves gs:// folders)
+    r = _run(train_cmd(f"file://{work}", demo_manifest, "--config.total_steps=8", *COMMON,
                        "--config.allow_config_change=True"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "at step 6" in r.stderr
+    assert not os.path.exists(os.path.join(ROOT, "file:"))  # never joined to the cwd
     rows = [json.loads(l) for l in open(work / "metrics.jsonl")]
     assert [x["step"] for x in rows] == list(range(1, 9))
     assert all(map(lambda x: x == x and abs(x) < 1e6, (x["loss"] for x in rows)))
