@@ -21,7 +21,7 @@ import numpy as np
 from mmv_jax.batch import PackedBatch, View, pack_rows
 from mmv_jax.data import packing
 from mmv_jax.data.manifest import Record
-from mmv_jax.data.readers import ImageReadError, file_errors
+from mmv_jax.data.readers import ImageReadError, file_errors, load_image
 from mmv_jax.data.transforms import CT_WINDOW, load_preprocessed, preprocess
 from mmv_jax.data.views import whole_view
 
@@ -77,10 +77,11 @@ def prepare(item, prep: Preprocessing, *, spacing=None, modality: str | None = N
         raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
     if isinstance(item, (str, os.PathLike)):
         path = os.path.abspath(os.fspath(item))
-        if modality is None:  # from the file itself: a 2D image is an X-ray, a volume a CT
-            from mmv_jax.data.readers import load_image
+        if modality is None:
+            # read once; the modality from the image itself (2D: an X-ray, 3D: a CT), then the
+            # array route below (the same preprocess as load_preprocessed)
             img = load_image(path, spacing=spacing, max_voxels=prep.max_voxels)
-            modality = "ct" if img.array.shape[0] > 1 else "cxr"
+            return prepare(img.array, prep, spacing=img.spacing, name=path)
         rec = Record(id=path, path=path, modality=modality, dataset="api", split="api",
                      spacing=None if spacing is None else tuple(float(s) for s in spacing))
         image = load_preprocessed(rec, long_side_2d=prep.long_side_2d,

@@ -85,6 +85,10 @@ def test_embed_equals_mmv_embed(run, mmv_embed, encoder):
     # batches of 2 (other packing, a 2D-only batch) and one image alone give the same numbers
     z2 = encoder.embed([r.path for r in records], spacing=[r.spacing for r in records], batch_size=2)
     np.testing.assert_allclose(z2, want, atol=1e-5, rtol=0)
+    # the modality given (the manifest's route: load_preprocessed) or read from the image
+    z3 = encoder.embed([r.path for r in records], spacing=[r.spacing for r in records],
+                       modality=[r.modality for r in records])
+    np.testing.assert_allclose(z3, want, atol=1e-5, rtol=0)
     one = encoder.embed(records[4].path)
     np.testing.assert_allclose(one[0], want[4], atol=1e-5, rtol=0)
 
