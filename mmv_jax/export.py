@@ -79,11 +79,27 @@ def load_jax_params(path: str, step: int | None = None, what: str = "--in") -> d
                                       f"{sorted(steps) or 'none'})")
             with warnings.catch_warnings():  # "sharding info not provided": host arrays wanted
                 warnings.simplefilter("ignore", UserWarning)
-                restored = mgr.restore(s, args=ocp.args.Composite(state=ocp.args.PyTreeRestore()))
+                restored = mgr.restore(s, args=ocp.args.Composite(
+                    state=_params_only(os.path.join(directory, str(s), "state"))))
         finally:
             mgr.close()
         return _strip_value(restored["state"]["params"])
     raise ConversionError(f"{what} {path!r}: no Orbax checkpoint found there (nor in its checkpoints/)")
+
+
+def _params_only(state_dir: str):
+    """Restore args reading only the params, as numpy (the optimizer state, twice their size,
+    stays on disk); the whole state where the saved metadata is not the expected layout."""
+    import jax
+    import orbax.checkpoint as ocp
+    try:
+        meta = ocp.PyTreeCheckpointer().metadata(state_dir)
+        tree = getattr(meta, "item_metadata", meta)
+        item = {"params": getattr(tree, "tree", tree)["params"]}
+    except (OSError, KeyError, TypeError, AttributeError, ValueError):
+        return ocp.args.PyTreeRestore()
+    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+    return ocp.args.PyTreeRestore(item=item, restore_args=args, partial_restore=True)
 
 
 def _strip_value(tree):

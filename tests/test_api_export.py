@@ -131,6 +131,9 @@ def test_step_and_checkpoint_folder(run):
     a, b = by_step.embed(paths), by_folder.embed(paths)
     np.testing.assert_array_equal(a, b)
     assert np.abs(a - mmv_jax.load_encoder(workdir).embed(paths)).max() > 1e-3  # step 7 differs
+    # only the params are read (the optimizer state stays on disk)
+    args = export._params_only(os.path.join(workdir, "checkpoints", "7", "state"))
+    assert args.partial_restore and set(args.item) == {"params"}
     with pytest.raises(export.ConversionError, match="no step 5"):
         mmv_jax.load_encoder(workdir, step=5)
     with pytest.raises(FileNotFoundError, match="nope"):
@@ -207,3 +210,22 @@ def test_import_is_light():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        env={**os.environ, "PYTHONPATH": _ROOT})
     assert r.returncode == 0, r.stderr
+
+
+def test_export_that_does_not_match_its_config_is_refused(run, tmp_path):
+    workdir, _, _ = run
+    out = tmp_path / "export"
+    assert export.main(["--checkpoint", workdir, "--step", "3", "--out", str(out)]) == 0
+    conf = json.loads((out / "config.json").read_text())
+    conf["model"]["depth"] = 3          # the weights hold 2 blocks
+    (out / "config.json").write_text(json.dumps(conf))
+    with pytest.raises(export.ExportError, match="blocks.2.attn.qkv.weight"):
+        mmv_jax.load_encoder(str(out))
+    pytest.importorskip("torch")
+    from mmv_jax.torch import load_encoder as load_torch
+    with pytest.raises(export.ExportError, match="does not match config.json"):
+        load_torch(str(out))
+    conf["format_version"] = 99
+    (out / "config.json").write_text(json.dumps(conf))
+    with pytest.raises(export.ExportError, match="upgrade mmv_jax"):
+        load_torch(str(out))

@@ -29,5 +29,12 @@ __all__ = sorted(_WHERE)
 def __getattr__(name):
     # lazy, so that ``mmv_jax.torch.names`` (used by the JAX-side export) imports without torch
     if name in _WHERE:
-        return getattr(importlib.import_module(f"mmv_jax.torch.{_WHERE[name]}"), name)
+        try:
+            module = importlib.import_module(f"mmv_jax.torch.{_WHERE[name]}")
+        except ModuleNotFoundError as e:
+            if e.name != "torch":
+                raise
+            raise ImportError(f"mmv_jax.torch.{name} needs PyTorch: pip install 'mmv_jax[torch]' "
+                              "(or pip install torch)") from None
+        return getattr(module, name)
     raise AttributeError(f"module 'mmv_jax.torch' has no attribute {name!r}")

@@ -64,7 +64,7 @@ class TorchEncoder(MultiMedVisionTorch):
         """One or a list of ``[H, W]`` X-rays / ``[Z, H, W]`` CT (HU) tensors, arrays or paths
         (``spacing``/``modality`` as for ``mmv_jax.Encoder.embed``) -> ``[N, D]`` float32."""
         prepared = im.prepare_all(images, self.preprocessing, spacing=spacing, modality=modality)
-        out = []
+        out = [np.zeros((0, self.width), np.float32)]
         for start in range(0, len(prepared), int(batch_size)):
             chunk = prepared[start:start + int(batch_size)]
             batch, tb = self._packed(chunk)
