@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test venv venv-test bench clean
+.PHONY: demo test venv venv-test venv-gpu venv-tpu bench clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +21,15 @@ $(VENV)/.installed-test: pyproject.toml | $(VENV)/bin/python
 	$(PY) -m pip install -q --no-deps "jax-cuda12-plugin==$$($(PY) -c 'import jaxlib; print(jaxlib.__version__)')"
 	touch $(VENV)/.installed $@
 
+# Accelerator extras for cluster launches (launch/slurm_gpu.sbatch, launch/tpu_pod.sh).
+$(VENV)/.installed-gpu $(VENV)/.installed-tpu: $(VENV)/.installed-%: pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install -q -e '.[$*]'
+	touch $(VENV)/.installed $@
+
 venv: $(VENV)/.installed
 venv-test: $(VENV)/.installed-test
+venv-gpu: $(VENV)/.installed-gpu
+venv-tpu: $(VENV)/.installed-tpu
 
 test: venv-test
 	JAX_PLATFORMS=cpu $(PY) -m pytest -q

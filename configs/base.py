@@ -20,6 +20,7 @@ def get_config():
     c.peak_flops_per_device = 0.0  # 0: vendor table for accelerators, measured on CPU
     c.allow_config_change = False  # resume with changed model/loss/optim/global batch (workdir.py)
     c.require_platform = ""       # "" any; "cpu" / "gpu" / "tpu": fail fast when JAX runs elsewhere
+    c.lock_stale_s = 600.0        # another host's workdir lock unrefreshed this long is stale
 
     c.model = ml_collections.ConfigDict()
     c.model.variant = "B/14"

@@ -12,5 +12,7 @@ fi
 tpu=$1 zone=$2 config=$3 workdir=$4
 shift 4
 repo=${MMV_REPO:-$(cd "$(dirname "$0")/.." && pwd)}
-cmd="cd $repo && make venv >/dev/null && .venv/bin/python -m launch.train --config $config --workdir $workdir $*"
+# `make venv-tpu` installs the `tpu` extra (libtpu) on every worker; require_platform=tpu makes
+# a worker whose TPU runtime did not load fail at once instead of training on its CPU.
+cmd="cd $repo && make venv-tpu >/dev/null && .venv/bin/python -m launch.train --config $config --workdir $workdir --config.require_platform=tpu $*"
 exec gcloud compute tpus tpu-vm ssh "$tpu" --zone "$zone" --worker=all --command "$cmd"

@@ -26,7 +26,9 @@ def _main(argv):
     del argv
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every file at INFO
     logging.getLogger("mmv_jax").setLevel(logging.INFO)
+    from mmv_jax.train.checkpoint import CheckpointError
     from mmv_jax.train.loop import train_and_evaluate
+    from mmv_jax.train.workdir import WorkdirBusy
 
     import jax
     workdir = paths.resolve(_WORKDIR.value)  # a URI stays a URI (gs://...)
@@ -44,6 +46,8 @@ def _main(argv):
               file=sys.stderr, flush=True)
         logging.shutdown()
         os._exit(1)
+    except (WorkdirBusy, CheckpointError) as e:
+        sys.exit(f"mmv-train: {e}")
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         if "config" not in str(e):  # not a user-facing error: keep the traceback
             raise

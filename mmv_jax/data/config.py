@@ -13,6 +13,7 @@ import os
 import ml_collections
 import numpy as np
 
+from mmv_jax import paths
 from mmv_jax.batch import PATCH
 from mmv_jax.data import packing
 from mmv_jax.data.manifest import Record, load_manifest
@@ -181,18 +182,17 @@ def manifest_path(cfg) -> str:
     """``cfg.cache_dir/manifest.jsonl`` when a cache is configured (its long sides must match the
     config's), else ``cfg.manifest``."""
     if cfg.cache_dir:
-        info_path = os.path.join(cfg.cache_dir, "cache_info.json")
-        if not os.path.exists(info_path):
+        info_path = paths.resolve(cfg.cache_dir) / "cache_info.json"
+        if not info_path.exists():
             raise ValueError(f"config data.cache_dir={cfg.cache_dir}: no cache_info.json there; "
                              f"build the cache with `mmv-cache --manifest M --out DIR`")
-        with open(info_path) as f:
-            info = json.load(f)
+        info = json.loads(info_path.read_text())
         want = (int(cfg.views.long_side_2d), int(cfg.views.long_side_3d))
         have = (info.get("long_side_2d"), info.get("long_side_3d"))
         if tuple(have) != want:
             raise ValueError(f"cache {cfg.cache_dir} was built with long sides {have}, the config "
                              f"asks for {want}; rebuild it with --long-side-2d/--long-side-3d")
-        return os.path.join(cfg.cache_dir, "manifest.jsonl")
+        return str(paths.resolve(cfg.cache_dir) / "manifest.jsonl")
     if not cfg.manifest:
         raise ValueError("config data.manifest is empty: point it at a JSONL manifest "
                          "(e.g. the output of `mmv-demo-data --out DIR`: DIR/manifest.jsonl)")
@@ -208,7 +208,7 @@ def _train_records(path: str, splits: tuple, mtime: float) -> tuple[tuple[Record
 def _records(cfg):
     path = manifest_path(cfg)
     splits = tuple(cfg.train_splits)
-    mtime = os.path.getmtime(path) if os.path.exists(path) else 0.0
+    mtime = os.path.getmtime(path) if not paths.is_uri(path) and os.path.exists(path) else 0.0
     return _train_records(path, splits, mtime)
 
 

@@ -24,8 +24,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import posixpath
 from dataclasses import dataclass, field, asdict
 from typing import Iterable, Sequence
+
+from mmv_jax import paths
 
 LABELS = ("atelectasis", "cardiomegaly", "consolidation", "lung_opacity", "pleural_effusion")
 MODALITIES = ("cxr", "ct")
@@ -139,7 +142,9 @@ def parse_record(obj, root: str, where: str = "record") -> Record:
         raise _err(where, "field 'preprocessed' must be true or false (a JSON boolean, or 1/0), "
                           f"got a {type(preprocessed).__name__}")
     path = obj["path"]
-    if not os.path.isabs(path):
+    if paths.is_uri(root) and not paths.is_uri(path):
+        path = posixpath.join(root, path)
+    elif not os.path.isabs(path) and not paths.is_uri(path):
         path = os.path.normpath(os.path.join(root, path))
     return Record(id=obj["id"], path=path, modality=obj["modality"], dataset=obj["dataset"],
                   split=obj["split"], patient=None if patient is None else str(patient),
@@ -157,14 +162,15 @@ def load_manifest(path, *, splits: Sequence[str] | str | None = None,
     Raises :class:`ManifestError` naming the line for a malformed record, a duplicate id, or
     (``check_patients``) a patient that appears in two splits of the same dataset.
     """
+    resolved = paths.resolve(path)
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not resolved.is_file():
         raise ManifestError(f"{path}: manifest not found")
-    root = os.path.dirname(os.path.abspath(path))
+    root = str(resolved.parent)
     records: list[Record] = []
     seen: dict[str, int] = {}
     patient_split: dict[tuple, tuple] = {}
-    with open(path) as f:
+    with resolved.open() as f:
         for lineno, line in enumerate(f, 1):
             line = line.strip()
             if not line or line.startswith("#"):

@@ -12,7 +12,7 @@ Public API (what the training and evaluation code calls):
   ``gather`` (``[k]`` -> ``[P, k]``, an all-gather) lets them agree on one bucket per step.
   ``stats`` holds numpy scalars over ALL processes: ``packing_efficiency``, ``real_tokens``,
   ``capacity_tokens``, ``rows``, ``bad_files`` (cumulative), ``bad_in_batch``; and ``samples``
-  (this process's), ``step``.
+  (this process's), ``step``, ``agree_s`` (seconds spent agreeing with the other processes).
 - :func:`make_eval_iterator` ``(cfg, manifest_path_or_records, *, split=None, batch_size, ...)``
   yielding ``(batch, ids)``: one deterministic whole-image view per image (``view_index`` 0,
   global, ``view_sample`` = position in ``ids``).
@@ -39,6 +39,7 @@ import logging
 import math
 import os
 import sys
+import time
 
 import grain
 import numpy as np
@@ -224,7 +225,9 @@ class _TrainIterator(grain.DatasetIterator):
                 self._first_bad.append((path, reason))
         local = np.array([info["rows_needed"], info["real_tokens"], len(bad), info["tried"]],
                          np.int64)
+        t0 = time.perf_counter()
         table = np.asarray(self._gather(local), np.int64).reshape(-1, local.size)
+        agree_s = time.perf_counter() - t0
         need, real, n_bad, tried = table.max(0)[0], *table.sum(0)[1:]
         rows = packing.bucket_for(int(need), self._rows)  # the same on every process
         batch = packing.pad_rows(batch, rows)
@@ -240,7 +243,8 @@ class _TrainIterator(grain.DatasetIterator):
         stats = dict(packing_efficiency=np.float32(real / capacity), real_tokens=np.int64(real),
                      capacity_tokens=np.int64(capacity), rows=np.int64(rows * len(table)),
                      bad_files=np.int64(self._bad), bad_in_batch=np.int64(n_bad),
-                     samples=np.int64(self._samples), step=np.int64(info["step"]))
+                     samples=np.int64(self._samples), step=np.int64(info["step"]),
+                     agree_s=np.float32(agree_s))
         return batch, stats
 
     def get_state(self) -> dict:

@@ -79,6 +79,21 @@ class _Sigterm:
         signal.signal(signal.SIGTERM, self._old)
 
 
+def _diverged(ckpt, cfg, step: int, streak_start: int) -> str:
+    """Stops a diverged run: drops any checkpoint of the state that led into the non-finite
+    streak (the step before it), so a rerun resumes from the last healthy one."""
+    dropped = [s for s in ckpt.all_steps() if s >= streak_start - 1]
+    for s in dropped:
+        ckpt.delete(s)
+    healthy = ckpt.latest_step()
+    removed = f"Removed checkpoint(s) {dropped} of the diverging state. " if dropped else ""
+    resume = (f"A rerun resumes from the healthy checkpoint at step {healthy}." if healthy is not None
+              else "No healthy checkpoint is left; a rerun starts afresh.")
+    return (f"{cfg.max_nonfinite_steps} consecutive non-finite steps from step {streak_start} "
+            f"(config.max_nonfinite_steps); stopping at step {step}. {removed}{resume} Lower "
+            f"config.optim.lr (rerun with --config.allow_config_change=True) or check the data.")
+
+
 def _eta(seconds: float) -> str:
     m, s = divmod(int(seconds), 60)
     h, m = divmod(m, 60)
@@ -90,6 +105,27 @@ def train_and_evaluate(cfg, workdir) -> dict:
     distributed.initialize(cfg.distributed)
     platform = distributed.check_platform(cfg.require_platform)
     workdir = paths.resolve(workdir)
+    lock = _acquire_lock(cfg, workdir)
+    try:
+        return _train(cfg, workdir, platform, lock)
+    finally:
+        lock.release()
+
+
+def _acquire_lock(cfg, workdir) -> wd.Lock:
+    """Process 0 takes the run folder's lock; every process learns whether it could."""
+    lock = wd.Lock(workdir, stale_s=cfg.lock_stale_s)
+    busy = None
+    try:
+        lock.acquire()
+    except wd.WorkdirBusy as e:
+        busy = e
+    if distributed.host_allgather(np.array([busy is not None])).any():
+        raise busy or wd.WorkdirBusy(f"{workdir} is in use by another trainer (see process 0's log)")
+    return lock
+
+
+def _train(cfg, workdir, platform, lock) -> dict:
     mesh = shd.make_mesh(cfg.mesh.shape)
     rules = shd.rules_dict(cfg.mesh.rules)
     proc, nproc = jax.process_index(), jax.process_count()
@@ -105,12 +141,10 @@ def train_and_evaluate(cfg, workdir) -> dict:
                                       gather=distributed.host_allgather if nproc > 1 else None)
     ckpt = checkpoint.Checkpointer(workdir / "checkpoints", keep=cfg.keep_checkpoints,
                                    async_save=cfg.async_checkpointing)
-    start = ckpt.latest_step()
-    wd.check_and_record_config(cfg, workdir, resuming=start is not None)
+    wd.check_and_record_config(cfg, workdir, resuming=ckpt.latest_step() is not None)
+    start, restored, data_state = ckpt.restore_latest_intact(checkpoint.abstract_of(state, state_sh))
     if start is not None:
-        state, data_state = ckpt.restore(start, checkpoint.abstract_of(state, state_sh))
-        if data_state is None or int(data_state["step"]) != start:
-            raise RuntimeError(f"checkpoint {ckpt.directory}/{start} has no data state for step {start}")
+        state = restored
         it.set_state(data_state)
         log.info("resumed from %s at step %d", ckpt.directory, start)
     else:
@@ -134,6 +168,7 @@ def train_and_evaluate(cfg, workdir) -> dict:
     preempted = sigterm or distributed.preemption_requested
     window = {"tokens": 0.0, "flops": 0.0, "time": 0.0, "steps": 0}
     last = {}
+    streak_start = None
     try:
         for step in range(start + 1, cfg.total_steps + 1):
             host_batch, stats = next(it)
@@ -147,8 +182,11 @@ def train_and_evaluate(cfg, workdir) -> dict:
                 window["tokens"] += float(stats["real_tokens"])
                 window["flops"] += metrics.batch_flops(host_batch, enc.width, enc.depth, enc.mlp_ratio) * nproc
             nonfinite = int(state.nonfinite)
-            if not bool(m["finite"]):
+            if nonfinite:
+                streak_start = streak_start or step
                 log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", step, nonfinite)
+            else:
+                streak_start = None
             if step % cfg.log_every_steps == 0 or step == cfg.total_steps:
                 last = {k: float(v) for k, v in jax.device_get(m).items() if k != "finite"}
                 rate = window["tokens"] / window["time"] if window["time"] else 0.0
@@ -157,19 +195,22 @@ def train_and_evaluate(cfg, workdir) -> dict:
                     mfu=window["flops"] / window["time"] / peak if window["time"] else 0.0,
                     packing_efficiency=float(stats["packing_efficiency"]),
                     bad_files=int(stats["bad_files"]), compiles=step_fn.compiles,
-                    step_s=dt, rows=int(stats["rows"]))
+                    step_s=dt, rows=int(stats["rows"]), bucket_agree_s=float(stats["agree_s"]))
                 writer.write(step, last)
+                lock.refresh()
                 if proc == 0:
                     eta = (cfg.total_steps - step) * window["time"] / max(window["steps"], 1)
                     print(f"step {step}/{cfg.total_steps}  loss {last['loss']:.4f}  "
                           f"tokens/s {rate:,.0f}  mfu {last['mfu']:.3f}  eta {_eta(eta)}", flush=True)
                 window = dict.fromkeys(window, 0.0)
             if nonfinite >= cfg.max_nonfinite_steps:
-                raise RuntimeError(f"{nonfinite} consecutive non-finite steps (config.max_nonfinite_steps="
-                                   f"{cfg.max_nonfinite_steps}); stopping at step {step}")
+                raise RuntimeError(_diverged(ckpt, cfg, step, streak_start))
             stop = preempted(step)
             if step % cfg.checkpoint_every_steps == 0 or step == cfg.total_steps or stop:
-                ckpt.save(step, state, it.get_state(), force=stop)
+                if nonfinite:  # never replace healthy checkpoints with a diverging state
+                    log.warning("step %d: no checkpoint during a run of non-finite steps", step)
+                else:
+                    ckpt.save(step, state, it.get_state(), force=stop)
             if stop:
                 log.warning("preemption (SIGTERM): checkpoint written at step %d, exiting", step)
                 last = dict(last, step=step, preempted=True)

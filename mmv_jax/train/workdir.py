@@ -1,5 +1,6 @@
-"""The run folder's records: ``config.json`` (the config the checkpoints were trained with) and
-``run_info.json`` (one entry per start: topology, versions, commit, command line).
+"""The run folder's records: ``config.json`` (the config the checkpoints were trained with),
+``run_info.json`` (one entry per start: topology, versions, commit, command line) and
+``lock.json`` (one trainer per run folder).
 
 A resume whose config changes the math of the run (model, loss, optimizer, seed, global batch)
 is refused, naming the keys, unless ``config.allow_config_change=True``; the schedule of logs and
@@ -11,6 +12,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -113,3 +115,81 @@ def record_start(workdir, start_step: int, platform: str) -> dict:
         starts = json.loads(path.read_text())["starts"] if path.exists() else []
         paths.write_text_atomic(path, json.dumps({"starts": starts + [info]}, indent=1))
     return info
+
+
+class WorkdirBusy(RuntimeError):
+    """Another live trainer holds the run folder."""
+
+
+class Lock:
+    """``workdir/lock.json`` (host, pid, start time, last refresh, SLURM job id), held by process 0
+    for the whole run so that two trainers never write one run folder. A lock whose holder is
+    gone is taken over with a message: same host and the pid is dead, the same SLURM job
+    (requeued), or (another host) not refreshed for ``stale_s`` seconds; the loop refreshes it at
+    every logged step."""
+
+    def __init__(self, workdir, *, stale_s: float = 600.0):
+        self.path = paths.resolve(workdir) / "lock.json"
+        self.stale_s = float(stale_s)
+        self.held = False
+
+    def _mine(self) -> dict:
+        return dict(host=socket.gethostname(), pid=os.getpid(), started=self._started,
+                    refreshed=time.time(), slurm_job=os.environ.get("SLURM_JOB_ID"))
+
+    def _stale(self, other: dict) -> str | None:
+        if other.get("host") == socket.gethostname():
+            try:
+                os.kill(int(other["pid"]), 0)
+            except ProcessLookupError:
+                return "its process is gone"
+            except PermissionError:
+                return None
+            return None
+        if other.get("slurm_job") and other["slurm_job"] == os.environ.get("SLURM_JOB_ID"):
+            return "it belongs to this SLURM job (requeued)"
+        age = time.time() - float(other.get("refreshed", 0))
+        return f"it was last refreshed {age:.0f} s ago" if age > self.stale_s else None
+
+    def acquire(self) -> None:
+        if jax.process_index() != 0:
+            return
+        self._started = time.time()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(self._mine())
+        if not paths.is_uri(self.path):
+            try:  # atomic create: of two trainers starting at once, one wins
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                with os.fdopen(fd, "w") as f:
+                    f.write(text)
+                self.held = True
+                return
+            except FileExistsError:
+                pass
+        if self.path.exists():
+            try:
+                other = json.loads(self.path.read_text())
+            except (ValueError, OSError):
+                other = {}
+            why = self._stale(other) if other else "it is unreadable"
+            if why is None:
+                raise WorkdirBusy(
+                    f"{self.path.parent} is in use by another trainer (host {other.get('host')}, "
+                    f"pid {other.get('pid')}, started {time.ctime(float(other.get('started', 0)))}); "
+                    f"use another --workdir, or stop that trainer first")
+            log.warning("taking over the stale lock %s (%s)", self.path, why)
+        paths.write_text_atomic(self.path, text)
+        self.held = True
+
+    def refresh(self) -> None:
+        if self.held:
+            paths.write_text_atomic(self.path, json.dumps(self._mine()))
+
+    def release(self) -> None:
+        if self.held:
+            try:
+                if json.loads(self.path.read_text()).get("pid") == os.getpid():
+                    self.path.unlink()
+            except (ValueError, OSError):
+                pass
+            self.held = False

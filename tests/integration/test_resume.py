@@ -75,9 +75,11 @@ def test_sigterm_checkpoints_then_exits(tmp_path, demo_manifest):
 
 
 def test_unfinished_checkpoint_is_ignored(tmp_path, demo_manifest):
-    """A save that died half-way (Orbax's temporary folder) must not be restored."""
+    """A save that died half-way (Orbax's temporary folder) must not be restored. The workdir
+    is given as a file:// URI (the path layer that also serves gs:// workdirs)."""
     work = tmp_path / "crash"
-    r = _run(train_cmd(work, demo_manifest, "--config.total_steps=3", "--config.checkpoint_every_steps=3"))
+    r = _run(train_cmd(f"file://{work}", demo_manifest, "--config.total_steps=3",
+                       "--config.checkpoint_every_steps=3"))
     assert r.returncode == 0, r.stderr[-3000:]
     ckpts = work / "checkpoints"
     # simulate a crash while writing step 6: a partial copy under Orbax's temporary name
@@ -86,10 +88,13 @@ def test_unfinished_checkpoint_is_ignored(tmp_path, demo_manifest):
     for root, _, files in os.walk(tmp):
         for f in files:
             open(os.path.join(root, f), "wb").close()  # truncated files
-    r = _run(train_cmd(work, demo_manifest, "--config.total_steps=4", "--config.checkpoint_every_steps=3"))
+    r = _run(train_cmd(f"file://{work}", demo_manifest, "--config.total_steps=4",
+                       "--config.checkpoint_every_steps=3"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "at step 3" in r.stderr
     assert (ckpts / "4").is_dir()
+    assert {"metrics.jsonl", "config.json", "run_info.json", "tb"} <= set(os.listdir(work))
+    assert not os.path.exists(os.path.join(ROOT, "file:"))  # never joined to the cwd
 
 
 def test_bad_config_fails_before_compile(tmp_path, demo_manifest):
