@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import sys
@@ -28,6 +29,8 @@ import numpy as np
 
 from mmv_jax.batch import ALPHA, PATCH
 from mmv_jax.torch.names import ConversionError, flatten, jax_to_torch, torch_to_jax
+
+log = logging.getLogger(__name__)
 
 FORMAT = "mmv_jax-encoder"
 FORMAT_VERSION = 1
@@ -77,14 +80,38 @@ def load_jax_params(path: str, step: int | None = None, what: str = "--in") -> d
             if s not in steps:
                 raise ConversionError(f"{what} {path!r}: no step {s} (steps there: "
                                       f"{sorted(steps) or 'none'})")
+            items = {"state": _params_only(os.path.join(directory, str(s), "state"))}
+            if os.path.isdir(os.path.join(directory, str(s), "checksums")):
+                items["checksums"] = ocp.args.JsonRestore()
             with warnings.catch_warnings():  # "sharding info not provided": host arrays wanted
                 warnings.simplefilter("ignore", UserWarning)
-                restored = mgr.restore(s, args=ocp.args.Composite(
-                    state=_params_only(os.path.join(directory, str(s), "state"))))
+                try:
+                    restored = mgr.restore(s, args=ocp.args.Composite(**items))
+                except Exception as e:  # damaged files: name the checkpoint, not a traceback
+                    raise ConversionError(f"{what} {path!r}: checkpoint step {s} cannot be read "
+                                          f"({type(e).__name__})") from None
         finally:
             mgr.close()
-        return _strip_value(restored["state"]["params"])
+        params = _strip_value(restored["state"]["params"])
+        if "checksums" in restored:
+            _verify(params, restored["checksums"], f"{what} {path!r}: checkpoint step {s}")
+        return params
     raise ConversionError(f"{what} {path!r}: no Orbax checkpoint found there (nor in its checkpoints/)")
+
+
+def _verify(params: dict, saved: dict, where: str) -> None:
+    """Checks ``params`` against the checksums the trainer saved beside them
+    (:func:`mmv_jax.train.checkpoint.checksums`, keyed by the TrainState's leaf paths)."""
+    from mmv_jax.train.checkpoint import checksums
+    got = {".params" + k[len("['params']"):] + ".value": v
+           for k, v in checksums({"params": params}).items()}
+    common = [k for k in got if k in saved]
+    bad = [k for k in common if got[k] != saved[k]]
+    if bad:
+        raise ConversionError(f"{where} is corrupted: {len(bad)} arrays differ from their "
+                              f"checksums (first: {bad[0]}); use another step")
+    if not common and any(k.startswith(".params") for k in saved):
+        log.warning("%s: params checksums not comparable (layout changed); not verified", where)
 
 
 def _params_only(state_dir: str):

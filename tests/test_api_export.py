@@ -140,6 +140,21 @@ def test_step_and_checkpoint_folder(run):
         mmv_jax.load_encoder(os.path.join(workdir, "nope"))
 
 
+def test_corrupted_checkpoint_is_refused(run, tmp_path):
+    """A flipped bit in the saved params fails the trainer's checksums: refused by step."""
+    import shutil
+    workdir, _, _ = run
+    copy = tmp_path / "run"
+    shutil.copytree(workdir, copy)
+    saved = json.loads((copy / "checkpoints" / "3" / "checksums" / "metadata").read_text())
+    key = next(k for k in saved if k.endswith("['norm']['scale'].value"))
+    saved[key] ^= 1      # as if the array had changed on disk
+    (copy / "checkpoints" / "3" / "checksums" / "metadata").write_text(json.dumps(saved))
+    with pytest.raises(export.ConversionError, match=r"step 3 is corrupted: 1 arrays .*norm"):
+        mmv_jax.load_encoder(str(copy), step=3)
+    mmv_jax.load_encoder(str(copy))     # step 7 is intact
+
+
 def test_export_round_trips_jax_and_torch(run, encoder, tmp_path, capsys):
     workdir, _, records = run
     out = str(tmp_path / "export")
