@@ -15,7 +15,7 @@ import jax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import convert_torch as ct  # noqa: E402
-import torch_reference as tr  # noqa: E402
+import mmv_jax.torch as tr  # noqa: E402
 from mmv_jax.model.encoder import encoder_config  # noqa: E402
 from mmv_jax.model.heads import MultiMedVision  # noqa: E402
 

@@ -59,7 +59,10 @@ def test_monochrome1_inverted_bone_bright():
     raw = ds.pixel_array.astype(np.float32)
     r = load_image(path)
     assert r.modality == "cxr" and r.array.shape == (1,) + raw.shape
-    np.testing.assert_array_equal(r.array[0], (2 ** ds.BitsStored - 1) - raw)
+    # the file's window (a CR from an archive) first, then the inversion
+    from pydicom.pixels import apply_voi_lut
+    voi = apply_voi_lut(ds.pixel_array, ds).astype(np.float32)
+    np.testing.assert_allclose(r.array[0], voi.max() + voi.min() - voi, rtol=1e-6)
     # bone (the spine, image centre column band) brighter than the lung fields beside it
     h, w = raw.shape
     centre = r.array[0, h // 3: 2 * h // 3, w // 2 - w // 40: w // 2 + w // 40].mean()
@@ -246,3 +249,109 @@ def test_coronal_dicom_series_reoriented(tmp_path):
     np.testing.assert_array_equal(r.array, expect)
     px = float(ds.PixelSpacing[0])
     assert r.spacing == pytest.approx((px, 3.0, float(ds.PixelSpacing[1])))
+
+
+# ---------------------------------------------------------------- modality LUT and VOI LUT / window
+
+def _cxr_dicom(path, px, **tags):
+    """A single-frame DX written with pydicom; ``tags`` set on the dataset (window, VOI LUT ...)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "DX"
+    ds.PatientName, ds.PatientID = "Secret^Person", "SECRET-ID-123"
+    ds.Rows, ds.Columns = px.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    for k, v in tags.items():
+        setattr(ds, k, v)
+    ds.PixelData = px.astype("<u2").tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return str(path)
+
+
+def _ramp():
+    return np.tile(np.linspace(0, 4095, 64).round().astype(np.uint16), (48, 1))
+
+
+def test_window_applied_to_xray(tmp_path):
+    px = _ramp()
+    plain = load_image(_cxr_dicom(tmp_path / "plain.dcm", px))
+    np.testing.assert_array_equal(plain.array[0], px.astype(np.float32))   # no window: raw
+    path = _cxr_dicom(tmp_path / "win.dcm", px, WindowCenter="1000", WindowWidth="800")
+    r = load_image(path)
+    ds = pydicom.dcmread(path)
+    from pydicom.pixels import apply_voi_lut
+    np.testing.assert_allclose(r.array[0], apply_voi_lut(px, ds).astype(np.float32))
+    # LINEAR window 600..1400 onto the 12-bit range: saturated outside, a ramp inside
+    row = r.array[0, 0]
+    assert row[px[0] <= 590].max() == 0 and row[px[0] >= 1410].min() == 4095
+    inside = (px[0] > 610) & (px[0] < 1390)
+    assert inside.sum() >= 10 and np.all(np.diff(row[inside]) > 0)
+    # MONOCHROME1: the window first, then the inversion (bright = dense)
+    m1 = load_image(_cxr_dicom(tmp_path / "m1.dcm", px, WindowCenter="1000", WindowWidth="800",
+                               PhotometricInterpretation="MONOCHROME1"))
+    np.testing.assert_allclose(m1.array[0], row.max() + row.min() - r.array[0])
+
+
+def test_voi_lut_sequence_applied(tmp_path):
+    """pydicom-data's vlut_04.dcm (VOI LUT Sequence) and one written here."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    src = _f("vlut_04.dcm")
+    ds = pydicom.dcmread(src)
+    want = apply_voi_lut(apply_modality_lut(ds.pixel_array, ds), ds).astype(np.float32)
+    r = load_image(src)
+    assert r.modality == "cxr"
+    np.testing.assert_array_equal(r.array[0], want)
+    assert not np.array_equal(r.array[0], ds.pixel_array.astype(np.float32))
+
+    from pydicom.dataset import Dataset
+    item = Dataset()
+    item.LUTDescriptor = [4096, 0, 16]
+    lut = (np.sqrt(np.arange(4096) / 4095) * 65535).round().astype(np.uint16)  # a gamma curve
+    item.add_new(0x00283006, "US", lut.tolist())   # LUTData; US (its VR is ambiguous: US or OW)
+    px = _ramp()
+    # the VOI LUT Sequence wins over a window in the same file (pydicom's prefer_lut)
+    path = _cxr_dicom(tmp_path / "lut.dcm", px, VOILUTSequence=[item], WindowCenter="100",
+                      WindowWidth="10")
+    np.testing.assert_array_equal(load_image(path).array[0], lut[px].astype(np.float32))
+
+
+def test_modality_lut_sequence_applied():
+    from pydicom.pixels import apply_modality_lut
+    src = _f("mlut_18.dcm")
+    ds = pydicom.dcmread(src)
+    assert ds.get("ModalityLUTSequence")
+    r = load_image(src)
+    np.testing.assert_array_equal(r.array[0], apply_modality_lut(ds.pixel_array, ds).astype(np.float32))
+
+
+def test_bad_window_named_by_category_not_value(tmp_path):
+    path = _cxr_dicom(tmp_path / "bad.dcm", _ramp(), WindowCenter="1000", WindowWidth="0")
+    with pytest.raises(ImageReadError) as e:
+        load_image(path)
+    assert e.value.reason.startswith("VOI LUT failed") and str(path) in str(e.value)
+    # identifier text in the wrong tag (pydicom refuses to write it: patch the file's bytes)
+    path = _cxr_dicom(tmp_path / "bad2.dcm", _ramp(), WindowCenter="1000", WindowWidth="800.0000000001")
+    data = open(path, "rb").read()
+    assert data.count(b"800.0000000001") == 1
+    open(path, "wb").write(data.replace(b"800.0000000001", b"SECRET-ID-123 "))
+    with pytest.raises(ImageReadError) as e:
+        load_image(path)
+    assert "SECRET" not in str(e.value) and "Secret" not in str(e.value)
+
+
+def test_ct_ignores_window():
+    """A CT keeps its HU: windows are display settings; the CT window is the config's."""
+    path = _f("693_J2KR.dcm")
+    ds = pydicom.dcmread(path)
+    assert "WindowCenter" in ds
+    expect = ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    np.testing.assert_array_equal(load_image(path).array[0], expect)

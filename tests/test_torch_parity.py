@@ -1,4 +1,4 @@
-"""PyTorch reference (tools/torch_reference) vs mmv_jax, fp32 on CPU, same weights, same packed
+"""PyTorch model (mmv_jax.torch) vs mmv_jax, fp32 on CPU, same weights, same packed
 mixed 2D/3D batch: per-view embeddings, LeJEPA loss and SIGReg (same directions), gradients."""
 import os
 import sys
@@ -15,7 +15,7 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import convert_torch as ct  # noqa: E402
-import torch_reference as tr  # noqa: E402
+import mmv_jax.torch as tr  # noqa: E402
 from helpers import synthetic_batch  # noqa: E402
 from mmv_jax.model.encoder import encoder_config  # noqa: E402
 from mmv_jax.model.heads import MultiMedVision  # noqa: E402

@@ -1,11 +1,11 @@
 """``bench.py torch``: the same ViT-S/14 train step (forward, backward, AdamW) on the same packed
-row of the paper's mix, PyTorch (tools/torch_reference) vs mmv_jax, on this machine in one run.
+row of the paper's mix, PyTorch (mmv_jax.torch) vs mmv_jax, on this machine in one run.
 
 JAX side: the real train step (``mmv_jax.train.step.jit_train_step`` over a full TrainState:
 LeJEPA loss, global-norm clipping, AdamW with the weight-decay mask), fp32, XLA attention with
 block skipping bounded by the largest view. PyTorch side: the same model, loss (same projector,
 256 SIGReg directions), clipping and AdamW, starting from the JAX initial params (converted by
-tools/convert_torch.py; the step-0 losses of both sides, with the same directions, are reported
+``mmv_jax.torch.names``; the step-0 losses of both sides, with the same directions, are reported
 and agree), with both natural CPU attention paths: SDPA once per
 segment (``varlen``) and SDPA with a dense block mask (``mask``); the faster one counts.
 
@@ -81,15 +81,15 @@ def _jax_stepper(step, state, dev_batch):
 
 def _torch_stepper(cfg, params, batch, num_samples, num_views, impl, first_dirs, seed=0):
     """Same for PyTorch; ``params``: the JAX initial params (pure dict), loaded through
-    tools/convert_torch.py; step 0 uses the JAX step's step-0 SIGReg directions."""
+    ``mmv_jax.torch.names``; step 0 uses the JAX step's step-0 SIGReg directions."""
     import torch
-    import convert_torch
-    import torch_reference as tr
+    import mmv_jax.torch as tr
+    from mmv_jax.torch.names import jax_to_torch
     m = cfg.model
     model = tr.MultiMedVisionTorch.from_variant(m.variant, proj_hidden=m.proj_hidden,
                                                 proj_dim=m.proj_dim, proj_layers=m.proj_layers,
                                                 proj_norm=m.get("proj_norm", "layer"))
-    model.load_state_dict({k: torch.tensor(v) for k, v in convert_torch.jax_to_torch(params).items()},
+    model.load_state_dict({k: torch.tensor(v) for k, v in jax_to_torch(params).items()},
                           strict=True)
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]

@@ -7,7 +7,7 @@
 ``torch2jax`` writes an Orbax CheckpointManager folder (item ``state`` = TrainState at step 0,
 fresh optimizer) that ``--config.init_from=DIR`` accepts. ``jax2torch`` reads a run folder (its
 ``checkpoints``), a CheckpointManager folder, and writes the timm-style state_dict that
-``tools/torch_reference`` loads (``.safetensors`` preferred; ``.pt`` = ``torch.save``).
+``mmv_jax.torch`` loads (``.safetensors`` preferred; ``.pt`` = ``torch.save``).
 
 Checkpoints are untrusted input: ``.pt`` / ``.ckpt`` load with ``torch.load(weights_only=True)``
 (no pickled code runs). A Lightning checkpoint's nested ``state_dict`` is used and its key prefix
@@ -28,16 +28,17 @@ import ast
 import importlib.util
 import os
 import sys
-import warnings
 from collections import OrderedDict
 
 import numpy as np
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:  # run as a script from a checkout that is not pip-installed
+    sys.path.insert(0, _ROOT)
 
-
-from torch_names import (  # noqa: E402,F401  (re-exported: the tests use them)
+from mmv_jax.torch.names import (  # noqa: E402,F401  (re-exported: the tests use them)
     ConversionError, Entry, _linear_w, _qkv_w, _qkv_b, _proj_w, _patch_w, _ident, _entry, flatten, unflatten, name_map, _module_order, jax_to_torch, torch_to_jax, _matches)
+from mmv_jax.export import load_jax_params  # noqa: E402,F401  (re-exported: the tests use it)
 
 # --------------------------------------------------------------------------- PyTorch files
 
@@ -185,41 +186,6 @@ def fresh_params(cfg, created=None) -> dict:
     from flax import nnx
     _, state, _ = created or _single_device_state(cfg)
     return jax.tree.map(np.asarray, nnx.to_pure_dict(state.params))
-
-
-def load_jax_params(path: str, step: int | None = None) -> dict:
-    """Params pure dict (numpy) of a run folder, its ``checkpoints``, or a CheckpointManager
-    folder, as saved (no config needed)."""
-    import orbax.checkpoint as ocp
-    path = os.path.abspath(path)
-    for directory in (os.path.join(path, "checkpoints"), path):
-        if not os.path.isdir(directory):
-            continue
-        mgr = ocp.CheckpointManager(directory)
-        try:
-            s = mgr.latest_step() if step is None else step
-            if s is None:
-                continue
-            with warnings.catch_warnings():  # "sharding info not provided": host arrays wanted
-                warnings.simplefilter("ignore", UserWarning)
-                restored = mgr.restore(s, args=ocp.args.Composite(state=ocp.args.PyTreeRestore()))
-        finally:
-            mgr.close()
-        params = restored["state"]["params"]
-        return _strip_value(params)
-    raise ConversionError(f"--in {path!r}: no Orbax checkpoint found there (nor in its checkpoints/)")
-
-
-def _strip_value(tree):
-    """Orbax stores nnx Params as ``{..., name: {"value": array}}``; list indices as strings."""
-    if isinstance(tree, dict):
-        if set(tree) == {"value"} and not isinstance(tree["value"], dict):
-            return np.asarray(tree["value"])
-        return {(int(k) if isinstance(k, str) and k.isdigit() else k): _strip_value(v)
-                for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return {i: _strip_value(v) for i, v in enumerate(tree)}
-    return np.asarray(tree)
 
 
 # --------------------------------------------------------------------------- CLI

@@ -3,7 +3,9 @@
 Contract (ARCHITECTURE.md): ``load_image(path) -> ImageRecord(array, spacing, modality, source)``.
 
 - ``array``: float32 ``[Z, H, W]``; ``Z == 1`` for a 2D image. CT in Hounsfield units (rescale
-  slope/intercept applied); X-ray with MONOCHROME1 inverted so that bone is bright.
+  slope/intercept applied); X-ray with MONOCHROME1 inverted so that bone is bright. DICOM: the
+  modality LUT (Modality LUT Sequence, else rescale), then for a single-frame X-ray the file's
+  first VOI LUT or window (VOI LUT Sequence preferred, else WindowCenter/Width) when present.
 - ``spacing``: ``(z, y, x)`` millimetres per voxel (``1.0`` where the file carries none).
 - ``modality``: ``"cxr"`` (2D radiograph) or ``"ct"`` (3D volume).
 - ``source``: the format read (``"dicom"``, ``"dicom-series"``, ``"png"``, ``"jpg"``, ``"nifti"``, ``"npy"``, ``"npz"``).
@@ -283,8 +285,12 @@ def _dicom_frames(ds, path: str) -> int:
     return int(v[0])
 
 
-def _dicom_pixels(ds, path: str, hu_slope, hu_intercept, max_voxels: int, frames: int = 1
-                  ) -> np.ndarray:
+def _dicom_pixels(ds, path: str, hu_slope, hu_intercept, max_voxels: int, frames: int = 1,
+                  xray: bool = False) -> np.ndarray:
+    """Stored pixels -> the modality's units: the modality LUT (a Modality LUT Sequence, else
+    rescale slope/intercept, unless the manifest overrides them); for an X-ray (``xray``) then
+    the first VOI LUT or window when the file has one (radiographs from hospital archives often
+    store raw detector values that only the VOI makes readable); MONOCHROME1 inverted last."""
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise ImageReadError(path, "no pixel data")
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2") or "MONOCHROME2"
@@ -313,10 +319,26 @@ def _dicom_pixels(ds, path: str, hu_slope, hu_intercept, max_voxels: int, frames
         from pydicom.pixels import apply_color_lut
         arr = apply_color_lut(arr, ds).astype(np.float32) @ np.array([0.299, 0.587, 0.114],
                                                                        np.float32)
-    arr = arr.astype(np.float32)
-    rescaled = hu_slope is not None or hu_intercept is not None or slope != 1 or inter != 0
-    if rescaled:
-        arr = arr * np.float32(slope) + np.float32(inter)
+    mono = spp == 1 and photometric in ("MONOCHROME1", "MONOCHROME2")
+    if mono and hu_slope is None and hu_intercept is None and _has_item(ds, path, "ModalityLUTSequence"):
+        with file_errors(path, "modality LUT"):
+            from pydicom.pixels import apply_modality_lut
+            arr = apply_modality_lut(arr, ds)   # a lookup table: integer input, not floats
+        rescaled = True
+    else:
+        arr = arr.astype(np.float32)
+        rescaled = hu_slope is not None or hu_intercept is not None or slope != 1 or inter != 0
+        if rescaled:
+            arr = arr * np.float32(slope) + np.float32(inter)
+    if xray and mono and (_has_item(ds, path, "VOILUTSequence")
+                          or ("WindowCenter" in ds and "WindowWidth" in ds)):
+        with file_errors(path, "VOI LUT"):
+            from pydicom.pixels import apply_voi_lut
+            if _has_item(ds, path, "VOILUTSequence") and np.all(np.mod(arr, 1) == 0):
+                arr = arr.astype(np.int64)       # the LUT indexes integer values
+            arr = apply_voi_lut(arr, ds, index=0)
+        rescaled = True   # the VOI's output range is not the stored bits' range
+    arr = np.asarray(arr, np.float32)
     if photometric == "MONOCHROME1":
         bits = int((_numbers(ds, path, "BitsStored") or (0,))[0])
         signed = int((_numbers(ds, path, "PixelRepresentation") or (0,))[0])
@@ -325,6 +347,14 @@ def _dicom_pixels(ds, path: str, hu_slope, hu_intercept, max_voxels: int, frames
         else:
             arr = arr.max() + arr.min() - arr
     return arr
+
+
+def _has_item(ds, path: str, keyword: str) -> bool:
+    """A sequence ``keyword`` with at least one item (an empty one counts as absent)."""
+    try:
+        return bool(ds.get(keyword))
+    except Exception:
+        raise ImageReadError(path, f"unreadable {keyword}") from None
 
 
 def _dicom_modality(ds, nframes: int) -> str:
@@ -341,7 +371,8 @@ def _read_dicom_file(path, hu_slope, hu_intercept, max_voxels):
     with file_errors(path, "DICOM parsing"):
         ds = pydicom.dcmread(path)
     frames = _dicom_frames(ds, path)
-    arr = _dicom_pixels(ds, path, hu_slope, hu_intercept, max_voxels, frames)
+    arr = _dicom_pixels(ds, path, hu_slope, hu_intercept, max_voxels, frames,
+                        xray=frames == 1 and _dicom_modality(ds, frames) == "cxr")
     if arr.size != frames * arr.shape[-1] * arr.shape[-2]:
         raise ImageReadError(path, "pixel data does not match NumberOfFrames")
     arr = arr.reshape((frames,) + arr.shape[-2:])

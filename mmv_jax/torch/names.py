@@ -1,5 +1,7 @@
 """The name map between mmv_jax params and the timm-style PyTorch state_dict, and the tensor
-layout conversions both ways (used by ``tools/convert_torch.py``; see its docstring)."""
+layout conversions both ways (numpy only: no torch, no JAX). Used by the export folder
+(:mod:`mmv_jax.export`), :mod:`mmv_jax.torch` and ``tools/convert_torch.py`` (layouts in its
+docstring)."""
 from __future__ import annotations
 
 import fnmatch
@@ -84,7 +86,7 @@ def _entry(path: tuple) -> Entry:
         if p[1] == "out":
             return Entry(f"projector.out.{dense_leaf[last]}", p, *lin)
     raise ConversionError(f"no PyTorch name for JAX parameter {'/'.join(map(str, p))} "
-                          "(tools/convert_torch.py's name map needs updating)")
+                          "(mmv_jax/torch/names.py's name map needs updating)")
 
 
 def flatten(tree: dict, prefix: tuple = ()) -> "OrderedDict[tuple, object]":
