@@ -17,6 +17,7 @@ import os
 import numpy as np
 
 from mmv_jax import images as im
+from mmv_jax.data import packing
 
 __all__ = ["Encoder", "load_encoder"]
 
@@ -55,7 +56,7 @@ class Encoder:
         from mmv_jax.model.axes import axis_rules
         from mmv_jax.train import sharding as shd
         rows, s, slots, pd = pipeline.eval_batch_shape(self._data, batch_size, has_3d)
-        batch = im.pack(views, rows=rows, seq_len=s, slots=slots, patch_dim=pd)
+        batch = packing.pack_into(views, rows, s, slots, pd)
         with axis_rules(self.mesh, self._rules):
             out = fn(self._state, shd.global_batch(batch, self._batch_sh))
         return batch, np.asarray(out, np.float32)

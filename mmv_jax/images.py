@@ -7,7 +7,7 @@ inferior -> superior). Each becomes exactly what ``mmv-embed`` feeds the encoder
 preprocessing (:func:`mmv_jax.data.transforms.load_preprocessed` for files,
 :func:`~mmv_jax.data.transforms.preprocess` for arrays) and one whole-image view
 (:func:`mmv_jax.data.views.whole_view`), packed by the eval packer's functions
-(:func:`mmv_jax.data.packing.ffd_rows`, :func:`mmv_jax.batch.pack_rows`).
+(:func:`mmv_jax.data.packing.pack_into`).
 """
 from __future__ import annotations
 
@@ -18,8 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-from mmv_jax.batch import PackedBatch, View, pack_rows
-from mmv_jax.data import packing
+from mmv_jax.batch import PackedBatch, View
 from mmv_jax.data.manifest import Record
 from mmv_jax.data.readers import ImageReadError, file_errors, load_image
 from mmv_jax.data.transforms import CT_WINDOW, load_preprocessed, preprocess
@@ -140,17 +139,6 @@ def views_of(prepared: Sequence[Prepared]) -> list[View]:
         with file_errors(p.name, "view"):
             out.append(whole_view(p.image, sample=i, modality=int(p.modality == "ct")))
     return out
-
-
-def pack(views: Sequence[View], *, rows: int, seq_len: int, slots: int,
-         patch_dim: int) -> PackedBatch:
-    """The eval packer (as ``pipeline.make_eval_iterator`` packs a batch): first-fit-decreasing
-    rows, padded to ``rows``."""
-    assignment = packing.ffd_rows([v.num_tokens for v in views], seq_len, slots)
-    if len(assignment) > rows:
-        raise ValueError(f"{len(views)} views need {len(assignment)} rows, the batch has {rows}")
-    assignment += [[] for _ in range(rows - len(assignment))]
-    return pack_rows([[views[i] for i in r] for r in assignment], seq_len, slots, patch_dim)
 
 
 def gather(batch: PackedBatch, per_view: np.ndarray, n: int) -> np.ndarray:

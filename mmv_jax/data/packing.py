@@ -85,6 +85,14 @@ def pad_rows(batch: PackedBatch, rows: int) -> PackedBatch:
     return PackedBatch(*(np.concatenate([x, e.astype(x.dtype)]) for x, e in zip(batch, empty)))
 
 
+def pack_into(views: Sequence[View], rows: int, seq_len: int, slots: int, patch_dim: int
+              ) -> PackedBatch:
+    """Packs ``views`` into exactly ``rows`` rows (first-fit decreasing, then empty rows); raises
+    ``ValueError`` when they need more. Evaluation batches, whose shape is fixed in advance."""
+    batch, _ = pack_compact(views, seq_len, slots, patch_dim)
+    return pad_rows(batch, rows)
+
+
 def pack_batch(views: Sequence[View], row_buckets: Sequence[int], seq_len: int, slots: int,
                patch_dim: int) -> tuple[PackedBatch, dict]:
     """Packs ``views`` into the smallest bucket of ``row_buckets`` rows that holds them (one

@@ -44,7 +44,7 @@ import time
 import grain
 import numpy as np
 
-from mmv_jax.batch import View, pack_rows
+from mmv_jax.batch import View
 from mmv_jax.data import packing
 from mmv_jax.data.config import (  # noqa: F401  (re-exported: the public API lives here)
     KERNEL_BLOCK, MODS, _local_counts, _max_view_tokens, _records, _view_kwargs, bucket_rows,
@@ -345,11 +345,7 @@ class _EvalSource:
                 continue
             views.append(view)
             ids.append(rec.id)
-        rows = packing.ffd_rows([v.num_tokens for v in views], self.seq_len, self.slots)
-        rows += [[] for _ in range(self.rows - len(rows))]
-        batch = pack_rows([[views[i] for i in r] for r in rows], self.seq_len, self.slots,
-                          self.patch_dim)
-        return batch, ids
+        return packing.pack_into(views, self.rows, self.seq_len, self.slots, self.patch_dim), ids
 
 
 def eval_batch_shape(cfg, batch_size: int, has_3d: bool) -> tuple[int, int, int, int]:

@@ -19,12 +19,12 @@ import os
 import sys
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from mmv_jax import images
 from mmv_jax.data import pipeline
 from mmv_jax.data.manifest import load_manifest
 from mmv_jax.eval.io import FINDINGS, save_embeddings
@@ -128,10 +128,7 @@ def embed(cfg, records, encoder, out: str, mesh, *, batch_size: int = 16, progre
                 emb = np.asarray(multihost_utils.global_array_to_host_local_array(
                     emb, mesh, batch_sh.view_sample.spec)) if nproc > 1 else np.asarray(emb)
                 if ids:
-                    vs = np.asarray(batch.view_sample)
-                    rows, slots = np.nonzero(vs >= 0)
-                    vecs = np.zeros((len(ids), emb.shape[-1]), np.float32)
-                    vecs[vs[rows, slots]] = emb[rows, slots]
+                    vecs = images.gather(batch, emb, len(ids))
                     name = f"chunk_p{proc:03d}_{n_chunks:06d}"
                     tmp = os.path.join(partial, name + ".tmp.npz")
                     np.savez(tmp, ids=np.asarray(ids, dtype=str), embeddings=vecs)

@@ -53,9 +53,8 @@ class TorchEncoder(MultiMedVisionTorch):
     def _packed(self, prepared):
         views = im.views_of(prepared)
         seq_len = max(v.num_tokens for v in views)   # any row length is exact here (varlen)
-        rows = len(packing.ffd_rows([v.num_tokens for v in views], seq_len, len(views)))
-        batch = im.pack(views, rows=rows, seq_len=seq_len, slots=len(views),
-                        patch_dim=packing.patch_dim_for(any(p.modality == "ct" for p in prepared)))
+        batch, _ = packing.pack_compact(
+            views, seq_len, len(views), packing.patch_dim_for(any(p.modality == "ct" for p in prepared)))
         dev = next(self.parameters()).device
         return batch, type(batch)(*(torch.from_numpy(np.ascontiguousarray(x)).to(dev) for x in batch))
 
