@@ -150,6 +150,8 @@ def embed(cfg, records, encoder, out: str, mesh, *, batch_size: int = 16, progre
         modality=np.array([r.modality for r in kept]), dataset=np.array([r.dataset for r in kept]),
         split=np.array([r.split for r in kept]), labels=np.stack([_labels(r) for r in kept]),
         group=patient_groups(kept))
+    if nproc > 1:  # every process has read every chunk before process 0 removes them
+        multihost_utils.sync_global_devices("mmv-embed: chunks read")
     if proc == 0:
         save_embeddings(out, **arrays)
         for f in glob.glob(os.path.join(partial, "*")):
