@@ -18,6 +18,7 @@ def get_config():
     c.init_from = ""              # workdir/checkpoint of another run: params only, fresh optimizer
     c.max_nonfinite_steps = 20    # stop after this many skipped (non-finite) updates in a row
     c.peak_flops_per_device = 0.0  # 0: vendor table for accelerators, measured on CPU
+    c.prefetch_to_device = 2      # batches already copied to the devices ahead of the step
     c.allow_config_change = False  # resume with changed model/loss/optim/global batch (workdir.py)
     c.require_platform = ""       # "" any; "cpu" / "gpu" / "tpu": fail fast when JAX runs elsewhere
     c.lock_stale_s = 600.0        # another host's workdir lock unrefreshed this long is stale
@@ -74,4 +75,6 @@ def get_config():
     c.distributed.shutdown_timeout_s = 300
 
     c.data = pipeline.default_config()
+    c.data.patch_dtype = "bfloat16"  # what the bf16 model computes with: half the bytes, same numbers
+    c.data.worker_count = -1         # Grain worker processes sized from the host (data.config.workers)
     return c

@@ -7,10 +7,12 @@ Segments are contiguous runs of tokens.
 
 Fields (numpy on the host, jax arrays on device; a NamedTuple is a pytree without importing JAX):
 
-- ``patches``        ``[R, S, P*P*P]`` float — flattened ``(pz, py, px)`` C-order patch cubes. A 2D
-                     view is a depth-1 pseudo-volume: only its first ``P*P`` entries (depth slice 0)
-                     are non-zero. A bucket that holds only 2D views may carry ``[R, S, P*P]`` (depth
-                     slice 0 alone); the encoder embeds both layouts identically.
+- ``patches``        ``[R, S, P*P*P]`` or ``[R, S, P*P]`` — flattened ``(pz, py, px)`` C-order patch
+                     cubes. A 2D view is a depth-1 pseudo-volume: only its first ``P*P`` entries
+                     (depth slice 0) are non-zero, so rows that hold only 2D views carry depth slice 0
+                     alone (``P*P`` wide); the encoder embeds both layouts identically. The dtype is
+                     the wire dtype: float32, bfloat16, float16, or uint8 (``[-1, 1]`` quantised to
+                     255 levels, :func:`to_wire`; the encoder maps it back on the device).
 - ``segment_ids``    ``[R, S]`` int32, 0 = padding, ``j + 1`` = view slot ``j``.
 - ``coords``         ``[R, S, 3]`` float32 ``(z, y, x)`` normalised grid coordinates (:func:`grid_coords`).
 - ``view_sample``    ``[R, V]`` int32 index of the view's sample in the global batch, -1 = empty slot.
@@ -18,6 +20,12 @@ Fields (numpy on the host, jax arrays on device; a NamedTuple is a pytree withou
 - ``view_modality``  ``[R, V]`` int32, 0 = 2D, 1 = 3D.
 - ``view_index``     ``[R, V]`` int32 index of the view within its sample (globals first:
                      ``0 .. V_g - 1``, then locals), -1 = empty slot.
+
+A training step feeds a *tuple* of PackedBatches, one group per modality present (2D rows, then
+3D rows), each with its own row count: 2D tokens then travel at ``P*P`` values instead of
+``P*P*P`` (93% zeros). The groups share the model's weights and are joined only at the
+per-view outputs (``[R, V, ...]``), so no activation moves between devices. Evaluation and the
+Python API feed one PackedBatch (2D and 3D views may share it, 2D ones zero-padded to ``P**3``).
 """
 from __future__ import annotations
 
@@ -37,6 +45,60 @@ class PackedBatch(NamedTuple):
     view_is_global: Any
     view_modality: Any
     view_index: Any
+
+
+FIELD_DTYPES = dict(segment_ids=np.int32, coords=np.float32, view_sample=np.int32,
+                    view_is_global=np.bool_, view_modality=np.int32, view_index=np.int32)
+WIRE_DTYPES = ("float32", "bfloat16", "float16", "uint8")
+
+
+def wire_dtype(name: str) -> np.dtype:
+    """The numpy dtype of a wire-dtype name (bfloat16 comes from ``ml_dtypes``, a JAX dependency
+    that needs no JAX import)."""
+    if name not in WIRE_DTYPES:
+        raise ValueError(f"wire dtype must be one of {WIRE_DTYPES}, got {name!r}")
+    if name == "bfloat16":
+        import ml_dtypes
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def to_wire(patches: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """float patches in ``[-1, 1]`` -> the wire dtype (uint8: ``round((x + 1) * 127.5)``)."""
+    if dtype == np.uint8:
+        return np.rint((np.clip(patches, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
+    return patches.astype(dtype, copy=False)
+
+
+def spec(rows: int, seq_len: int, slots: int, patch_dim: int, dtype="float32",
+         sharding=None) -> PackedBatch:
+    """The ``jax.ShapeDtypeStruct`` tree of one bucket (AOT compiles, abstract evaluation)."""
+    import jax
+    shapes = shape_of(rows, seq_len, slots, patch_dim)
+    dtypes = dict(FIELD_DTYPES, patches=wire_dtype(dtype) if isinstance(dtype, str) else np.dtype(dtype))
+    return PackedBatch(**{f: jax.ShapeDtypeStruct(shapes[f], dtypes[f], sharding=sharding)
+                          for f in PackedBatch._fields})
+
+
+def shape_of(rows: int, seq_len: int, slots: int, patch_dim: int) -> dict:
+    """Field name -> shape of one bucket."""
+    r, s, v = rows, seq_len, slots
+    return dict(patches=(r, s, patch_dim), segment_ids=(r, s), coords=(r, s, 3),
+                view_sample=(r, v), view_is_global=(r, v), view_modality=(r, v), view_index=(r, v))
+
+
+def groups(batch) -> tuple[PackedBatch, ...]:
+    """A train batch (tuple of row groups) or one PackedBatch -> a tuple of PackedBatches."""
+    return (batch,) if isinstance(batch, PackedBatch) else tuple(batch)
+
+
+def real_tokens(batch) -> int:
+    return int(sum(int((np.asarray(g.segment_ids) > 0).sum()) for g in groups(batch)))
+
+
+def nbytes(batch) -> int:
+    """Bytes of a host batch (what crosses to the devices)."""
+    return int(sum(np.asarray(x).nbytes for g in groups(batch) for x in g))
 
 
 class View(NamedTuple):
@@ -66,86 +128,7 @@ def grid_coords(grid: Sequence[int], alpha: float = ALPHA) -> np.ndarray:
     return np.stack([m.reshape(-1) for m in mesh], axis=-1).astype(np.float32)
 
 
-def empty_batch(rows: int, seq_len: int, slots: int, patch_dim: int) -> PackedBatch:
-    return PackedBatch(
-        patches=np.zeros((rows, seq_len, patch_dim), np.float32),
-        segment_ids=np.zeros((rows, seq_len), np.int32),
-        coords=np.zeros((rows, seq_len, 3), np.float32),
-        view_sample=np.full((rows, slots), -1, np.int32),
-        view_is_global=np.zeros((rows, slots), bool),
-        view_modality=np.zeros((rows, slots), np.int32),
-        view_index=np.full((rows, slots), -1, np.int32),
-    )
-
-
-def pack_rows(rows: Sequence[Sequence[View]], seq_len: int, slots: int,
-              patch_dim: int | None = None) -> PackedBatch:
-    """Writes views already assigned to rows (``rows[r]`` = the views of row ``r``, in order)
-    into one bucket of shape ``[len(rows), seq_len]`` with ``slots`` view slots a row.
-
-    ``patch_dim`` defaults to ``P**3`` unless every view is a 2D view with ``P*P`` entries.
-    Raises ``ValueError`` when a row does not fit.
-    """
-    views = [v for row in rows for v in row]
-    if patch_dim is None:
-        dims = {v.patches.shape[1] for v in views}
-        patch_dim = PATCH * PATCH if dims == {PATCH * PATCH} else PATCH ** 3
-    batch = empty_batch(len(rows), seq_len, slots, patch_dim)
-    for r, row in enumerate(rows):
-        if len(row) > slots:
-            raise ValueError(f"row {r} holds {len(row)} views but the bucket has {slots} slots")
-        need = sum(v.num_tokens for v in row)
-        if need > seq_len:
-            raise ValueError(f"row {r} needs {need} tokens but the bucket holds {seq_len}")
-        pos = 0
-        for j, v in enumerate(row):
-            n = v.num_tokens
-            width = v.patches.shape[1]
-            if width > patch_dim:
-                raise ValueError(f"view of sample {v.sample} has patch width {width} > {patch_dim}")
-            batch.patches[r, pos:pos + n, :width] = v.patches
-            batch.segment_ids[r, pos:pos + n] = j + 1
-            batch.coords[r, pos:pos + n] = v.coords
-            batch.view_sample[r, j] = v.sample
-            batch.view_is_global[r, j] = v.is_global
-            batch.view_modality[r, j] = v.modality
-            batch.view_index[r, j] = v.index
-            pos += n
-    return batch
-
-
-def first_fit_rows(sizes: Sequence[int], seq_len: int, slots: int) -> list[list[int]]:
-    """First-fit decreasing assignment of items (token counts) to rows of ``seq_len`` tokens and
-    at most ``slots`` items; returns the item indices of each row. Raises on an item > seq_len."""
-    order = sorted(range(len(sizes)), key=lambda i: -sizes[i])
-    rows: list[list[int]] = []
-    free: list[int] = []
-    for i in order:
-        if sizes[i] > seq_len:
-            raise ValueError(f"a view of {sizes[i]} tokens exceeds the row length {seq_len}")
-        for r, f in enumerate(free):
-            if sizes[i] <= f and len(rows[r]) < slots:
-                rows[r].append(i)
-                free[r] -= sizes[i]
-                break
-        else:
-            rows.append([i])
-            free.append(seq_len - sizes[i])
-    return rows
-
-
-def pack_views(views: Sequence[View], rows: int, seq_len: int, slots: int,
-               patch_dim: int | None = None) -> PackedBatch:
-    """Packs views into exactly ``rows`` rows (first-fit decreasing); raises if they do not fit."""
-    assignment = first_fit_rows([v.num_tokens for v in views], seq_len, slots)
-    if len(assignment) > rows:
-        raise ValueError(f"{len(views)} views need {len(assignment)} rows of {seq_len} tokens; "
-                         f"the bucket has {rows}")
-    assignment += [[] for _ in range(rows - len(assignment))]
-    return pack_rows([[views[i] for i in row] for row in assignment], seq_len, slots, patch_dim)
-
-
-def packing_efficiency(batch: PackedBatch) -> float:
-    """Real tokens over token capacity."""
-    seg = np.asarray(batch.segment_ids)
-    return float((seg > 0).sum()) / float(seg.size)
+def packing_efficiency(batch) -> float:
+    """Real tokens over token capacity (a PackedBatch or a train batch's groups)."""
+    cap = sum(int(np.asarray(g.segment_ids).size) for g in groups(batch))
+    return real_tokens(batch) / cap

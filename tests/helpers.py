@@ -1,7 +1,8 @@
 """Small builders shared by the train tests."""
 import numpy as np
 
-from mmv_jax.batch import pack_views
+from mmv_jax.batch import PATCH, PackedBatch, groups
+from mmv_jax.data.packing import pack_into as pack_views
 from mmv_jax.data.patches import make_view
 
 
@@ -17,6 +18,24 @@ def synthetic_batch(num_samples=4, n_global=2, n_local=2, rows=2, seq_len=128, s
             views.append(make_view(rng.uniform(-1, 1, shape).astype(np.float32),
                                    sample=s + sample_offset, is_global=i < n_global, index=i))
     return pack_views(views, rows, seq_len, slots)
+
+
+def join_groups(batch) -> PackedBatch:
+    """A train batch's row groups as one PackedBatch (rows in order, patches float32 zero-padded
+    to ``P**3``): the old one-group layout, for checks on the content."""
+    parts = groups(batch)
+    pad = lambda p: np.pad(np.asarray(p, np.float32), [(0, 0), (0, 0), (0, PATCH ** 3 - p.shape[-1])])
+    return PackedBatch(*(np.concatenate([pad(f) if name == "patches" else np.asarray(f)
+                                         for f in fields])
+                         for name, fields in zip(PackedBatch._fields, zip(*parts))))
+
+
+def same_batch(a, b) -> bool:
+    """Bit-identical batches (one PackedBatch or row groups)."""
+    ga, gb = groups(a), groups(b)
+    return len(ga) == len(gb) and all(
+        x.shape == y.shape and x.dtype == y.dtype and np.array_equal(x, y)
+        for pa, pb in zip(ga, gb) for x, y in zip(pa, pb))
 
 
 def tiny_config(**overrides):

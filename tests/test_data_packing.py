@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from mmv_jax.batch import PATCH, View, first_fit_rows
+from mmv_jax.batch import PATCH, View
 from mmv_jax.data.packing import BucketError, choose_rows, ffd_rows, pack_batch
 
 
@@ -18,10 +18,25 @@ def _views(rng, n_samples, p2d=True):
     return views
 
 
+def _first_fit_decreasing(sizes, seq_len, slots):
+    """The textbook loop, as the oracle for the vectorised packer."""
+    rows, free = [], []
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        r = next((r for r, f in enumerate(free) if sizes[i] <= f and len(rows[r]) < slots), None)
+        if r is None:
+            rows.append([])
+            free.append(seq_len)
+            r = len(rows) - 1
+        rows[r].append(i)
+        free[r] -= sizes[i]
+    return rows
+
+
 def test_ffd_matches_reference():
     rng = np.random.default_rng(0)
     sizes = list(rng.integers(1, 300, 400))
-    assert ffd_rows(sizes, 1024, 32) == first_fit_rows(sizes, 1024, 32)
+    assert ffd_rows(sizes, 1024, 32) == _first_fit_decreasing(sizes, 1024, 32)
+    assert ffd_rows(sizes, 1024, 3) == _first_fit_decreasing(sizes, 1024, 3)
 
 
 def test_pack_no_split_all_tokens_and_shapes():

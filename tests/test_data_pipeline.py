@@ -13,6 +13,8 @@ from mmv_jax.data import pipeline as P
 from mmv_jax.data.manifest import LABELS, load_manifest
 from mmv_jax.data.synthetic import make_demo_dataset
 
+from helpers import join_groups, same_batch
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -31,8 +33,7 @@ def _cfg(manifest, **kw):
     return cfg
 
 
-def _same(a, b):
-    return all(np.array_equal(x, y) for x, y in zip(a, b))
+_same = same_batch
 
 
 def test_demo_dataset(demo):
@@ -57,9 +58,13 @@ def test_mixing_ratio_shapes_and_stats(demo):
     nv = P.num_views_per_sample(cfg)
     assert P.num_samples_global(cfg) == 6 and nv == 10
     for _ in range(4):
-        b, s = next(it)
-        assert (b.patches.shape[0], b.patches.shape[1], b.view_sample.shape[1],
-                b.patches.shape[2]) in shapes
+        groups, s = next(it)
+        assert tuple((g.patches.shape[0], g.patches.shape[1], g.view_sample.shape[1],
+                      g.patches.shape[2]) for g in groups) in shapes
+        # the 2D group holds the X-ray views only, P*P wide; the 3D group the CT views
+        assert [g.patches.shape[2] for g in groups] == [14 * 14, 14 ** 3]
+        assert [set(np.unique(g.view_modality[g.view_sample >= 0])) for g in groups] == [{0}, {1}]
+        b = join_groups(groups)
         vs, vm = b.view_sample, b.view_modality
         used = vs >= 0
         samples = np.unique(vs[used])
@@ -75,8 +80,8 @@ def test_mixing_ratio_shapes_and_stats(demo):
 
 def test_sharding_gives_global_indices_and_partitions_stream(demo):
     cfg = _cfg(demo)
-    full, _ = next(P.make_train_iterator(cfg, seed=3))
-    parts = [next(P.make_train_iterator(cfg, seed=3, process_index=p, process_count=2))[0]
+    full = join_groups(next(P.make_train_iterator(cfg, seed=3))[0])
+    parts = [join_groups(next(P.make_train_iterator(cfg, seed=3, process_index=p, process_count=2))[0])
              for p in range(2)]
     for p, b in enumerate(parts):
         got = np.unique(b.view_sample[b.view_sample >= 0])
@@ -164,7 +169,7 @@ it = P.make_train_iterator(cfg, seed=5)
 mgr = ocp.CheckpointManager(sys.argv[2], item_names=("data",))
 mgr.restore(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(it)))
 b, s = next(it)
-print("HASH", hashlib.sha1(b"".join(np.ascontiguousarray(x).tobytes() for x in b)).hexdigest(), int(s["step"]))
+print("HASH", hashlib.sha1(b"".join(np.ascontiguousarray(x).tobytes() for g in b for x in g)).hexdigest(), int(s["step"]))
 """
 
 
@@ -179,7 +184,7 @@ def test_orbax_checkpoint_restore_in_new_process(demo, tmp_path):
     mgr.save(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
     mgr.wait_until_finished()
     b, _ = next(it)
-    want = hashlib.sha1(b"".join(np.ascontiguousarray(x).tobytes() for x in b)).hexdigest()
+    want = hashlib.sha1(b"".join(np.ascontiguousarray(x).tobytes() for g in b for x in g)).hexdigest()
     out = subprocess.run([sys.executable, "-c", _RESTORE, demo, str(tmp_path / "ckpt")],
                          capture_output=True, text=True, cwd=REPO, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -205,6 +210,7 @@ def test_bad_files_skipped_counted_and_limit(demo, tmp_path, caplog):
     seen = 0
     for _ in range(8):
         b, s = next(it)
+        b = join_groups(b)
         assert len(np.unique(b.view_sample[b.view_sample >= 0])) == 6  # still full batches
         seen = int(s["bad_files"])
     assert seen == 3  # each bad file counted once, however often it is drawn
@@ -259,12 +265,16 @@ def test_config_validation(demo):
     with pytest.raises(ValueError, match="multiple of 128"):
         P.bucket_shapes(cfg)
     cfg = _cfg(demo)
-    cfg.buckets.rows = (1,)
+    cfg.buckets.rows_3d = (1,)
     with pytest.raises(ValueError, match="largest bucket"):
         next(P.make_train_iterator(cfg, seed=0))
     cfg = _cfg(demo)
     cfg.rows_multiple_of = 4
-    assert all(r % 4 == 0 for r, *_ in P.bucket_shapes(cfg))
+    assert all(r % 4 == 0 for shape in P.bucket_shapes(cfg) for r, *_ in shape)
+    cfg = _cfg(demo)
+    cfg.patch_dtype = "int8"
+    with pytest.raises(ValueError, match="patch_dtype"):
+        P.bucket_shapes(cfg)
 
 
 def test_cache_roundtrip(demo, tmp_path):
@@ -282,7 +292,7 @@ def test_cache_roundtrip(demo, tmp_path):
     assert max(ct.shape) == cfg.views.long_side_3d
     cached = _cfg("", cache_dir=str(tmp_path / "c"))
     it = P.make_train_iterator(cached, seed=0)
-    b, s = next(it)
+    b = join_groups(next(it)[0])
     assert len(np.unique(b.view_sample[b.view_sample >= 0])) == 6
     bad = _cfg("", cache_dir=str(tmp_path / "c"))
     bad.views.long_side_2d = 224
@@ -299,9 +309,10 @@ def test_static_facts_of_default_configs():
     mix = P.default_config()
     mix.cxr_per_batch, mix.ct_per_batch = 192, 64
     got = P.bucket_shapes(mix)
-    assert 1 <= len(got) <= 4 and all(s[1:] == (2048, 128, 14 ** 3) for s in got)
-    s1 = P.bucket_shapes(P.default_config())  # stage 1: 2D only, P*P wide patches
-    assert all(pd == 14 * 14 for *_, pd in s1)
+    assert 1 <= len(got) <= 4
+    assert all(g2[1:] == (2048, 128, 14 ** 2) and g3[1:] == (2048, 128, 14 ** 3) for g2, g3 in got)
+    s1 = P.bucket_shapes(P.default_config())  # stage 1: one 2D group, P*P wide patches
+    assert all(len(s) == 1 and s[0][3] == 14 * 14 for s in s1)
     assert P.num_samples_global(mix, 4) == 256
     with pytest.raises(ValueError, match="divisible"):
         P.num_samples_global(mix, 5)
@@ -348,18 +359,18 @@ def _run_processes(cfg, n_proc, steps, seed=5, state=None):
 
 def test_processes_agree_on_one_bucket_when_local_needs_differ(demo):
     # two buckets a process can need (2 or 4 rows of 256 tokens for 2 CXR + 1 CT)
-    cfg = _cfg(demo, rows_multiple_of=2)
-    cfg.buckets.rows = (2, 4)
+    cfg = _cfg(demo, rows_multiple_of=1)
+    cfg.buckets.rows_2d = (1, 2)
+    cfg.buckets.rows_3d = (1, 2)
     out, states, tables = _run_processes(cfg, 2, 8)
-    needs = np.stack([t[:, 0] for t in tables])       # [step, process] rows needed
+    needs = np.stack([t[:, :2] for t in tables])      # [step, process, group] rows needed
     assert (needs[:, 0] != needs[:, 1]).any(), "data too uniform to test the agreement"
-    assert any(len({P.packing.bucket_for(n, (2, 4)) for n in row}) == 2 for row in needs)
     for step in range(8):
-        shapes = {tuple(b.segment_ids.shape) for b, _ in (out[0][step], out[1][step])}
+        shapes = {tuple(g.segment_ids.shape for g in b) for b, _ in (out[0][step], out[1][step])}
         assert len(shapes) == 1, (step, shapes)
         s0, s1 = out[0][step][1], out[1][step][1]
         assert s0["real_tokens"] == s1["real_tokens"] == sum(
-            int((b.segment_ids > 0).sum()) for b, _ in (out[0][step], out[1][step]))
+            int((g.segment_ids > 0).sum()) for b, _ in (out[0][step], out[1][step]) for g in b)
     assert states[0] == states[1]
 
 
@@ -374,5 +385,5 @@ def test_state_is_topology_free(demo):
     state = one.get_state()                           # and from 1 back into 2
     out, _, _ = _run_processes(cfg, 2, 1, state=state)
     tokens = lambda bs: sorted(np.round(np.concatenate(
-        [b.patches[b.segment_ids > 0].sum(-1) for b in bs]), 3).tolist())
+        [b.patches[b.segment_ids > 0].sum(-1) for b in map(join_groups, bs)]), 3).tolist())
     assert tokens([o[0][0] for o in out]) == tokens([ref_batches[4]])

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from mmv_jax.batch import pack_rows, pack_views
+from mmv_jax.data.packing import pack_into as pack_views, pack_rows
 from mmv_jax.data.patches import make_view
 from mmv_jax.model.encoder import Encoder, encoder_config, param_count
 from mmv_jax.model.heads import MultiMedVision

@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from mmv_jax.batch import PATCH, View, first_fit_rows, pack_rows, pack_views, packing_efficiency
+from mmv_jax.batch import PATCH, View, packing_efficiency
+from mmv_jax.data.packing import ffd_rows as first_fit_rows, pack_into as pack_views, pack_rows
 from mmv_jax.data.patches import make_view, patchify
 
 P = PATCH

@@ -99,3 +99,61 @@ def test_remat_cuts_compiled_memory_on_cpu():
         state, step = _setup(cfg)
         temp[remat] = step.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
     assert temp[True] < 0.75 * temp[False], temp
+
+
+def _views(seed=0):
+    from mmv_jax.data.patches import make_view
+    rng = np.random.default_rng(seed)
+    views = []
+    for s in range(4):
+        for i in range(4):
+            g = 2 if i < 2 else 1
+            shape = (14 * g, 14 * g, 14) if s % 2 else (1, 14 * (g + 1), 14 * g)
+            views.append(make_view(rng.uniform(-1, 1, shape).astype(np.float32), sample=s,
+                                   is_global=i < 2, index=i))
+    return views
+
+
+def test_row_groups_give_the_same_loss_and_gradients_as_one_batch():
+    """The wire format (2D rows P*P wide and 3D rows P**3 wide, in two groups) changes nothing:
+    the same views packed the old way (one batch, every token P**3 wide) give the same loss
+    and gradients in fp32."""
+    from flax import nnx
+    from mmv_jax.data import packing
+    from mmv_jax.train.step import loss_fn
+    cfg = tiny_config(**{"model.depth": 2})
+    views = _views()
+    one = packing.pack_into(views, 4, 128, 12, 14 ** 3)
+    grouped, need = packing.pack_groups(views, ("2d", "3d"), 128, 12)
+    assert [g.patches.shape[-1] for g in grouped] == [14 * 14, 14 ** 3] and need.tolist() == [1, 1]
+    grouped = tuple(packing.pad_rows(g, r) for g, r in zip(grouped, (2, 3)))  # with padding rows
+    graphdef, params = nnx.split(st.build_model(cfg), nnx.Param)
+    f = jax.jit(jax.value_and_grad(
+        lambda p, b: loss_fn(p, graphdef, b, jax.random.PRNGKey(1), num_samples=4, num_views=4,
+                             lam=0.1, num_slices=32)[0]))
+    l1, g1 = f(params, jax.tree.map(jnp.asarray, one))
+    l2, g2 = f(params, jax.tree.map(jnp.asarray, grouped))
+    assert float(l1) == pytest.approx(float(l2), rel=1e-5)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+def test_wire_dtypes():
+    """bfloat16 patches change nothing for a bf16 model (it casts them first); uint8 patches
+    are the [-1, 1] values in 255 levels, mapped back on the device."""
+    from mmv_jax.batch import to_wire, wire_dtype
+    from mmv_jax.model.encoder import Encoder, encoder_config
+    from flax import nnx
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, (2, 128, 14 ** 3)).astype(np.float32)
+    q = to_wire(x, wire_dtype("uint8"))
+    assert q.dtype == np.uint8 and np.abs(q / 127.5 - 1 - x).max() <= 1 / 255 + 1e-6  # half a level
+    for dtype, wire in (("bfloat16", "bfloat16"), ("float32", "uint8")):
+        enc = Encoder(encoder_config("Ti/14", depth=1, dtype=dtype, max_segment_len=None),
+                      rngs=nnx.Rngs(0))
+        w = to_wire(x, wire_dtype(wire))
+        ref = x if wire == "bfloat16" else (w.astype(np.float32) / 127.5 - 1)
+        a = np.asarray(enc.embed_patches(jnp.asarray(w)), np.float32)
+        b = np.asarray(enc.embed_patches(jnp.asarray(ref)), np.float32)
+        assert w.nbytes == x.nbytes // (2 if wire == "bfloat16" else 4)
+        np.testing.assert_array_equal(a, b)

@@ -32,11 +32,9 @@ flags.mark_flag_as_required("config")
 
 
 def compile_for_topology(cfg, topology: str, num_slices: int = 1) -> dict:
-    import jax
-    import jax.numpy as jnp
     from jax.experimental import topologies
 
-    from mmv_jax.batch import PackedBatch
+    from mmv_jax.batch import spec
     from mmv_jax.data import pipeline
     from mmv_jax.train import sharding as shd
     from mmv_jax.train.step import setup
@@ -57,17 +55,11 @@ def compile_for_topology(cfg, topology: str, num_slices: int = 1) -> dict:
     hbm = next((b for k, b in sorted(HBM_BYTES.items(), key=lambda kv: -len(kv[0]))
                 if k in topology.split(":")[0].lower()), 0)
     results = []
-    for rows, seq, slots, pdim in pipeline.bucket_shapes(cfg.data, num_hosts):
-        g = rows * num_hosts
-        sds = lambda shape, dt, s: jax.ShapeDtypeStruct(shape, dt, sharding=s)
-        batch = PackedBatch(
-            patches=sds((g, seq, pdim), jnp.float32, batch_sh.patches),
-            segment_ids=sds((g, seq), jnp.int32, batch_sh.segment_ids),
-            coords=sds((g, seq, 3), jnp.float32, batch_sh.coords),
-            view_sample=sds((g, slots), jnp.int32, batch_sh.view_sample),
-            view_is_global=sds((g, slots), jnp.bool_, batch_sh.view_is_global),
-            view_modality=sds((g, slots), jnp.int32, batch_sh.view_modality),
-            view_index=sds((g, slots), jnp.int32, batch_sh.view_index))
+    for shape in pipeline.bucket_shapes(cfg.data, num_hosts):
+        batch = tuple(spec(rows * num_hosts, seq, slots, pdim, cfg.data.patch_dtype, batch_sh)
+                      for rows, seq, slots, pdim in shape)
+        g = sum(b.segment_ids.shape[0] for b in batch)
+        seq = shape[0][1]
         compiled = step.lower(state, batch).compile()
         mem = compiled.memory_analysis()
         total = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes

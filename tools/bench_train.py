@@ -48,7 +48,7 @@ def step_bench(cfg, host_batch, *, num_samples: int, num_views: int, steps: int 
     enc = st.encoder_config_from(cfg)
     flops = metrics.batch_flops(host_batch, enc.width, enc.depth, enc.mlp_ratio)
     tokens = int((np.asarray(host_batch.segment_ids) > 0).sum())
-    peak = metrics.peak_flops_per_device(cfg.peak_flops_per_device) * jax.device_count()
+    peak = metrics.peak_flops(cfg.peak_flops_per_device, cfg.model.dtype)
     return {"step_s": step_s, "tokens_per_s": tokens / step_s, "mfu": flops / step_s / peak,
             "compile_s": compile_s, "temp_bytes": temp, "loss": float(m["loss"]),
             "peak_flops": peak, "real_tokens": tokens, "seq_len": int(host_batch.segment_ids.shape[1]),

@@ -6,7 +6,8 @@ import time
 
 import numpy as np
 
-from mmv_jax.batch import PATCH, View, first_fit_rows, grid_coords, pack_rows
+from mmv_jax.batch import PATCH, View, grid_coords
+from mmv_jax.data.packing import ffd_rows, pack_rows
 from mmv_jax.train.metrics import encoder_flops, measure_matmul_peak  # noqa: F401  (re-exported)
 
 
@@ -57,6 +58,6 @@ def paper_mix_row(seq_len: int, seed: int = 0, ratio_3d: float = 0.25, slots: in
             break
         views += new
         sample += 1
-    rows = first_fit_rows([v.num_tokens for v in views], seq_len, slots)
+    rows = ffd_rows([v.num_tokens for v in views], seq_len, slots)
     assert len(rows) == 1
     return pack_rows([[views[i] for i in rows[0]]], seq_len, slots), views

@@ -6,6 +6,7 @@ Re-exported by :mod:`mmv_jax.data.pipeline`; see its docstring for the iterators
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import math
 import os
@@ -14,7 +15,7 @@ import ml_collections
 import numpy as np
 
 from mmv_jax import paths
-from mmv_jax.batch import PATCH
+from mmv_jax.batch import PATCH, WIRE_DTYPES
 from mmv_jax.data import packing
 from mmv_jax.data.manifest import Record, load_manifest
 from mmv_jax.data.readers import DEFAULT_MAX_VOXELS
@@ -44,8 +45,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.ct_window = (2500.0, 250.0)  # (width, level) HU
     c.buckets = ml_collections.ConfigDict(dict(
         seq_len=2048,            # tokens per row; multiple of 128 (attention kernel block)
-        rows=(),                 # row counts; () = chosen automatically (see packing.auto_bucket_rows)
-        max_shapes=4,            # at most this many row counts when automatic
+        rows_2d=(),              # row counts of the 2D row group; () = automatic (bucket_rows)
+        rows_3d=(),              # the same for the 3D (CT) row group
+        max_shapes=4,            # at most this many step shapes (2D x 3D buckets) when automatic
         slots=128,               # view slots per row
         # shapes [Z, H, W] after resizing that the automatic choice assumes when the manifest
         # carries no `shape` fields (MIMIC-CXR portrait radiographs; CT-RATE chest CT)
@@ -54,8 +56,11 @@ def default_config() -> ml_collections.ConfigDict:
         auto_batches=48,
     ))
     c.rows_multiple_of = 1       # rows per process divisible by this (the local device count)
-    c.patch_dtype = "float32"    # or "float16" to halve host memory of mixed (P^3-wide) batches
-    c.worker_count = 0           # Grain worker processes (0: in the main process); part of the run config
+    # patch values on the wire (host memory, host-to-device copies): float32 | bfloat16 |
+    # float16 | uint8 ([-1, 1] in 255 levels, mapped back on the device). bfloat16 changes
+    # nothing where the model computes in bf16 (it casts the patches first).
+    c.patch_dtype = "float32"
+    c.worker_count = 0           # Grain worker processes (0: in the main process; -1: from the host, see workers())
     c.worker_buffer_size = 1     # batches buffered per worker process
     c.read_threads = 1           # threads per process computing batches ahead (0: synchronous)
     c.prefetch = 1               # batches computed ahead per process
@@ -131,14 +136,15 @@ def validate_config(cfg, process_count: int = 1) -> None:
     if int(cfg.buckets.slots) < 1:
         raise ValueError("config data.buckets.slots must be >= 1")
     m = int(cfg.rows_multiple_of)
-    for r in cfg.buckets.rows:
-        if r <= 0 or r % m:
-            raise ValueError(f"config data.buckets.rows={tuple(cfg.buckets.rows)}: every row "
-                             f"count must be a positive multiple of rows_multiple_of={m}")
-    if len(cfg.buckets.rows) > 0 and len(cfg.buckets.rows) > max(4, cfg.buckets.max_shapes):
-        raise ValueError("config data.buckets.rows lists more shapes than max_shapes")
-    if cfg.patch_dtype not in ("float32", "float16"):
-        raise ValueError("config data.patch_dtype must be 'float32' or 'float16'")
+    for g in GROUPS:
+        rows = tuple(cfg.buckets.get(f"rows_{g}", ()))
+        if any(r <= 0 or r % m for r in rows):
+            raise ValueError(f"config data.buckets.rows_{g}={rows}: every row count must be a "
+                             f"positive multiple of rows_multiple_of={m}")
+    if int(cfg.buckets.max_shapes) < 1:
+        raise ValueError("config data.buckets.max_shapes must be >= 1")
+    if cfg.patch_dtype not in WIRE_DTYPES:
+        raise ValueError(f"config data.patch_dtype={cfg.patch_dtype!r} must be one of {WIRE_DTYPES}")
     # impossible values would otherwise surface later as a division by zero, an empty image or
     # a run that stops at the first bad file (or never does)
     for name in ("long_side_2d", "long_side_3d"):
@@ -156,10 +162,24 @@ def validate_config(cfg, process_count: int = 1) -> None:
     if int(cfg.get("min_files_for_bad_fraction", 0)) < 0:
         raise ValueError(f"config data.min_files_for_bad_fraction="
                          f"{cfg.min_files_for_bad_fraction} must be >= 0")
+    if int(cfg.worker_count) < -1:
+        raise ValueError(f"config data.worker_count={cfg.worker_count} must be >= 0, or -1 (auto)")
     if int(cfg.max_bad_retries) < 0:
         raise ValueError(f"config data.max_bad_retries={cfg.max_bad_retries} must be >= 0")
     if max_image_voxels(cfg) < 1:
         raise ValueError(f"config data.max_image_voxels={max_image_voxels(cfg)} must be >= 1")
+
+
+def workers(cfg, local_devices: int = 1) -> int:
+    """``cfg.worker_count``, or for -1 one worker per CPU core this process may use, less one
+    core for the training loop and one per local accelerator (their host threads), at least 1
+    and at most 16 (each worker buffers whole batches in shared memory). A batch does not
+    depend on it."""
+    n = int(cfg.worker_count)
+    if n >= 0:
+        return n
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(16, cpus - 1 - int(local_devices)))
 
 
 def max_image_voxels(cfg) -> int:
@@ -227,57 +247,87 @@ def _view_kwargs(cfg) -> dict:
                 global_scale=tuple(v.global_scale), local_scale=tuple(v.local_scale))
 
 
+GROUPS = ("2d", "3d")  # the row groups of a train batch, one per modality (MODS order)
+
+
+def groups_of(cfg, process_count: int = 1) -> tuple[str, ...]:
+    """The row groups a train batch holds: ``"2d"`` when X-rays are drawn, ``"3d"`` for CT."""
+    return tuple(g for g, n in zip(GROUPS, _local_counts(cfg, process_count)) if n)
+
+
+def _expected_padding(needed: np.ndarray, rows: tuple[int, ...]) -> float:
+    return float(np.mean([min(r for r in rows if r >= n) - n for n in needed]))
+
+
 @functools.lru_cache(maxsize=32)
-def _auto_rows(key: str) -> tuple[int, ...]:
+def _auto_rows(key: str) -> dict[str, tuple[int, ...]]:
     k = json.loads(key)
     rng = np.random.default_rng(0)
-    shapes_counts = []
-    for shapes, count in k["mods"]:
-        if count == 0:
-            continue
-        # empirical: one random record shape per sample slot, redrawn for each batch
-        shapes_counts.append(([tuple(s) for s in shapes], count))
-    needed = []
     from mmv_jax.data.views import view_tokens
+    needed = {g: [] for g, _, count in k["mods"] if count}
     for _ in range(k["n_batches"]):
-        sizes = []
-        for shapes, count in shapes_counts:
+        for g, shapes, count in k["mods"]:
+            if not count:
+                continue
+            # empirical: one random record shape per sample slot, redrawn for each batch
+            sizes = []
             for i in rng.integers(0, len(shapes), count):
-                sizes += view_tokens(rng, shapes[i], **k["view_kwargs"])
-        needed.append(packing.rows_needed(sizes, k["seq_len"], k["slots"]))
-    return packing.choose_rows(needed, k["max_shapes"], k["multiple_of"])
+                sizes += view_tokens(rng, tuple(shapes[i]), **k["view_kwargs"])
+            needed[g].append(packing.rows_needed(sizes, k["seq_len"], k["slots"]))
+    names = list(needed)
+    best = None
+    # every split of the shape budget between the groups (a step's shape is one bucket per group)
+    for ks in itertools.product(range(1, k["max_shapes"] + 1), repeat=len(names)):
+        if math.prod(ks) > k["max_shapes"]:
+            continue
+        rows = {g: packing.choose_rows(needed[g], kg, k["multiple_of"]) for g, kg in zip(names, ks)}
+        pad = sum(_expected_padding(np.asarray(needed[g]), rows[g]) for g in names)
+        if best is None or pad < best[0]:
+            best = (pad, rows)
+    return best[1]
 
 
-def bucket_rows(cfg, process_count: int = 1, shapes: dict | None = None) -> tuple[int, ...]:
-    """The row counts the train iterator may emit (configured, or chosen automatically from the
+def bucket_rows(cfg, process_count: int = 1, shapes: dict | None = None) -> dict[str, tuple[int, ...]]:
+    """Group (``"2d"``, ``"3d"``) -> the row counts the train iterator may emit for it on one
+    process (``data.buckets.rows_2d`` / ``rows_3d`` when set, else chosen automatically from the
     manifest's ``shape`` fields when present, else from ``nominal_*_shape``; ``shapes`` =
-    ``{"cxr": [[Z, H, W], ...], "ct": [...]}`` overrides both, for benchmarks and planning)."""
+    ``{"cxr": [[Z, H, W], ...], "ct": [...]}`` overrides both, for benchmarks and planning).
+    Automatic buckets split ``max_shapes`` between the groups: at most that many distinct steps."""
     validate_config(cfg, process_count)
-    if len(cfg.buckets.rows):
-        return tuple(sorted(int(r) for r in cfg.buckets.rows))
-    n_cxr, n_ct = _local_counts(cfg, process_count)
+    counts = dict(zip(GROUPS, _local_counts(cfg, process_count)))
     nominal = {"cxr": tuple(cfg.buckets.nominal_cxr_shape), "ct": tuple(cfg.buckets.nominal_ct_shape)}
-    mods = []
     try:
         recs = _records(cfg) if shapes is None else ((), ())
     except (ValueError, OSError):
         recs = ((), ())
-    for m, n, rs in zip(MODS, (n_cxr, n_ct), recs):
+    out, mods = {}, []
+    for g, m, rs in zip(GROUPS, MODS, recs):
+        if not counts[g]:
+            continue
+        fixed = tuple(cfg.buckets.get(f"rows_{g}", ()))
+        if fixed:
+            out[g] = tuple(sorted(int(r) for r in fixed))
+            continue
         if shapes is not None and shapes.get(m):
             found = [tuple(int(v) for v in x) for x in shapes[m]]
         else:
             found = [x for x in (_resized_shape(r, cfg) for r in rs[:: max(1, len(rs) // 2000)]) if x]
-        mods.append((found if found else [nominal[m]], n))  # empirical, with multiplicity
-    key = json.dumps(dict(mods=mods, seq_len=int(cfg.buckets.seq_len), slots=int(cfg.buckets.slots),
-                          max_shapes=int(cfg.buckets.max_shapes), multiple_of=int(cfg.rows_multiple_of),
-                          view_kwargs=_view_kwargs(cfg), n_batches=int(cfg.buckets.auto_batches)),
-                     sort_keys=True)
-    return _auto_rows(key)
+        mods.append((g, found if found else [nominal[m]], counts[g]))  # empirical, with multiplicity
+    if mods:
+        budget = int(cfg.buckets.max_shapes) // math.prod(len(r) for r in out.values()) if out else \
+            int(cfg.buckets.max_shapes)
+        key = json.dumps(dict(mods=mods, seq_len=int(cfg.buckets.seq_len), slots=int(cfg.buckets.slots),
+                              max_shapes=max(1, budget), multiple_of=int(cfg.rows_multiple_of),
+                              view_kwargs=_view_kwargs(cfg), n_batches=int(cfg.buckets.auto_batches)),
+                         sort_keys=True)
+        out.update(_auto_rows(key))
+    return {g: out[g] for g in GROUPS if g in out}
 
 
-def bucket_shapes(cfg, process_count: int = 1) -> list[tuple[int, int, int, int]]:
-    """Every ``(rows, seq_len, slots, patch_dim)`` the train iterator may emit on one process."""
-    _, n_ct = _local_counts(cfg, process_count)
-    pd = packing.patch_dim_for(n_ct > 0)
+def bucket_shapes(cfg, process_count: int = 1) -> list[tuple[tuple[int, int, int, int], ...]]:
+    """Every train step shape on one process: a tuple of ``(rows, seq_len, slots, patch_dim)``,
+    one per row group (2D rows ``P*P`` wide, 3D rows ``P**3``)."""
     s, v = int(cfg.buckets.seq_len), int(cfg.buckets.slots)
-    return [(r, s, v, pd) for r in bucket_rows(cfg, process_count)]
+    per_group = [[(r, s, v, packing.patch_dim_for(g == "3d")) for r in rows]
+                 for g, rows in bucket_rows(cfg, process_count).items()]
+    return list(itertools.product(*per_group))

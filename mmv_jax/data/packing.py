@@ -1,12 +1,13 @@
-"""Packer (numpy only): all views of a batch -> one :class:`~mmv_jax.batch.PackedBatch` whose
-shape comes from a small fixed set of buckets ``(rows, seq_len, slots)``.
+"""The packer (numpy only; the one place views become rows): views -> a
+:class:`~mmv_jax.batch.PackedBatch` whose shape comes from a small fixed set of buckets
+``(rows, seq_len, slots)``.
 
 Views are assigned to rows by first-fit decreasing (a view never straddles two rows); the
 batch takes the smallest configured row count that holds them. With several processes the row
-count is agreed across them first (the largest need), so every process feeds the same shape. Buckets share one ``seq_len``
-(a multiple of 128, the attention kernels' block size). :func:`auto_bucket_rows` picks the row
-counts from the view-size distribution (Monte Carlo over the view sampler on nominal image
-shapes) so that the expected padding is minimal with at most ``max_shapes`` shapes.
+count is agreed across them first (the largest need), so every process feeds the same shape.
+Buckets share one ``seq_len`` (a multiple of 128, the attention kernels' block size).
+:func:`choose_rows` picks the row counts from a sample of row needs (``data.config.bucket_rows``
+draws it from the view sampler) so that the expected padding is minimal.
 """
 from __future__ import annotations
 
@@ -15,16 +16,62 @@ from typing import Sequence
 
 import numpy as np
 
-from mmv_jax.batch import PATCH, PackedBatch, View, empty_batch, pack_rows
+from mmv_jax.batch import FIELD_DTYPES, PATCH, PackedBatch, View, shape_of, to_wire
 
 
 class BucketError(ValueError):
     """A batch that fits no configured bucket (a configuration error)."""
 
 
+def empty_batch(rows: int, seq_len: int, slots: int, patch_dim: int, dtype=np.float32) -> PackedBatch:
+    shapes = shape_of(rows, seq_len, slots, patch_dim)
+    dtypes = dict(FIELD_DTYPES, patches=dtype)
+    fill = dict(view_sample=-1, view_index=-1)
+    return PackedBatch(**{f: np.full(shapes[f], fill.get(f, 0), dtypes[f]) for f in PackedBatch._fields})
+
+
+def pack_rows(rows: Sequence[Sequence[View]], seq_len: int, slots: int,
+              patch_dim: int | None = None, dtype=np.float32) -> PackedBatch:
+    """Writes views already assigned to rows (``rows[r]`` = the views of row ``r``, in order)
+    into one bucket of shape ``[len(rows), seq_len]`` with ``slots`` view slots a row, patches in
+    the wire ``dtype`` (:func:`mmv_jax.batch.to_wire`).
+
+    ``patch_dim`` defaults to ``P**3`` unless every view is a 2D view with ``P*P`` entries.
+    Raises ``ValueError`` when a row does not fit.
+    """
+    dtype = np.dtype(dtype)
+    if patch_dim is None:
+        dims = {v.patches.shape[1] for row in rows for v in row}
+        patch_dim = PATCH * PATCH if dims == {PATCH * PATCH} else PATCH ** 3
+    batch = empty_batch(len(rows), seq_len, slots, patch_dim, dtype)
+    for r, row in enumerate(rows):
+        if len(row) > slots:
+            raise ValueError(f"row {r} holds {len(row)} views but the bucket has {slots} slots")
+        need = sum(v.num_tokens for v in row)
+        if need > seq_len:
+            raise ValueError(f"row {r} needs {need} tokens but the bucket holds {seq_len}")
+        pos = 0
+        for j, v in enumerate(row):
+            patches = v.patches
+            if v.modality == 0 and patch_dim == PATCH * PATCH:
+                patches = patches[:, :patch_dim]   # a 2D view: depth slice 0 holds all of it
+            n, width = patches.shape
+            if width > patch_dim:
+                raise ValueError(f"view of sample {v.sample} has patch width {width} > {patch_dim}")
+            batch.patches[r, pos:pos + n, :width] = to_wire(patches, dtype)
+            batch.segment_ids[r, pos:pos + n] = j + 1
+            batch.coords[r, pos:pos + n] = v.coords
+            batch.view_sample[r, j] = v.sample
+            batch.view_is_global[r, j] = v.is_global
+            batch.view_modality[r, j] = v.modality
+            batch.view_index[r, j] = v.index
+            pos += n
+    return batch
+
+
 def ffd_rows(sizes: Sequence[int], seq_len: int, slots: int) -> list[list[int]]:
-    """First-fit decreasing (same result as :func:`mmv_jax.batch.first_fit_rows`, vectorised
-    row search). Returns the item indices of each row."""
+    """First-fit decreasing: items (token counts) into rows of ``seq_len`` tokens and at most
+    ``slots`` items (vectorised row search). Returns the item indices of each row."""
     sizes = np.asarray(sizes, np.int64)
     if sizes.size and sizes.max() > seq_len:
         raise BucketError(f"a view of {int(sizes.max())} tokens exceeds the row length {seq_len}")
@@ -47,8 +94,8 @@ def ffd_rows(sizes: Sequence[int], seq_len: int, slots: int) -> list[list[int]]:
     return rows
 
 
-def pack_compact(views: Sequence[View], seq_len: int, slots: int, patch_dim: int
-                 ) -> tuple[PackedBatch, dict]:
+def pack_compact(views: Sequence[View], seq_len: int, slots: int, patch_dim: int | None = None,
+                 dtype=np.float32) -> tuple[PackedBatch, dict]:
     """Packs ``views`` into as few rows as first-fit decreasing needs (no bucket padding yet).
 
     Returns ``(batch, info)`` with ``info`` = ``real_tokens`` and ``rows_needed`` (numpy scalars).
@@ -57,8 +104,23 @@ def pack_compact(views: Sequence[View], seq_len: int, slots: int, patch_dim: int
     """
     sizes = [v.num_tokens for v in views]
     assign = ffd_rows(sizes, seq_len, slots)
-    batch = pack_rows([[views[i] for i in row] for row in assign], seq_len, slots, patch_dim)
+    batch = pack_rows([[views[i] for i in row] for row in assign], seq_len, slots, patch_dim, dtype)
     return batch, dict(real_tokens=np.int64(sum(sizes)), rows_needed=np.int64(len(assign)))
+
+
+def pack_groups(views: Sequence[View], groups: Sequence[str], seq_len: int, slots: int,
+                dtype=np.float32) -> tuple[tuple[PackedBatch, ...], np.ndarray]:
+    """A train batch: the ``"2d"`` views packed into ``P*P``-wide rows and the ``"3d"`` ones into
+    ``P**3``-wide rows (one compact group each, in ``groups`` order). Returns the groups and the
+    rows each needs (``[len(groups)]``)."""
+    out, need = [], []
+    for g in groups:
+        mod = {"2d": 0, "3d": 1}[g]
+        batch, info = pack_compact([v for v in views if v.modality == mod], seq_len, slots,
+                                   patch_dim_for(mod == 1), dtype)
+        out.append(batch)
+        need.append(int(info["rows_needed"]))
+    return tuple(out), np.asarray(need, np.int64)
 
 
 def bucket_for(rows_needed: int, row_buckets: Sequence[int]) -> int:
@@ -81,12 +143,12 @@ def pad_rows(batch: PackedBatch, rows: int) -> PackedBatch:
     if extra == 0:
         return batch
     empty = empty_batch(extra, batch.segment_ids.shape[1], batch.view_sample.shape[1],
-                        batch.patches.shape[2])
-    return PackedBatch(*(np.concatenate([x, e.astype(x.dtype)]) for x, e in zip(batch, empty)))
+                        batch.patches.shape[2], batch.patches.dtype)
+    return PackedBatch(*(np.concatenate([x, e]) for x, e in zip(batch, empty)))
 
 
-def pack_into(views: Sequence[View], rows: int, seq_len: int, slots: int, patch_dim: int
-              ) -> PackedBatch:
+def pack_into(views: Sequence[View], rows: int, seq_len: int, slots: int,
+              patch_dim: int | None = None) -> PackedBatch:
     """Packs ``views`` into exactly ``rows`` rows (first-fit decreasing, then empty rows); raises
     ``ValueError`` when they need more. Evaluation batches, whose shape is fixed in advance."""
     batch, _ = pack_compact(views, seq_len, slots, patch_dim)
@@ -151,23 +213,6 @@ def choose_rows(needed: Sequence[int], max_shapes: int, multiple_of: int = 1,
         out.append(cands[j])
         j, c = prev[j][c], c - 1
     return tuple(sorted(out))
-
-
-def auto_bucket_rows(shapes_counts: Sequence[tuple[tuple[int, int, int], int]], *, seq_len: int,
-                     slots: int, max_shapes: int, multiple_of: int, view_kwargs: dict,
-                     n_batches: int = 48, seed: int = 0) -> tuple[int, ...]:
-    """Samples ``n_batches`` batches of view sizes for ``shapes_counts`` = ``[(nominal [Z, H, W],
-    samples per batch), ...]`` and returns :func:`choose_rows` of the rows each needs."""
-    from mmv_jax.data.views import view_tokens
-    rng = np.random.default_rng([seed, 7919])
-    needed = []
-    for _ in range(n_batches):
-        sizes = []
-        for shape, count in shapes_counts:
-            for _ in range(count):
-                sizes += view_tokens(rng, shape, **view_kwargs)
-        needed.append(rows_needed(sizes, seq_len, slots))
-    return choose_rows(needed, max_shapes, multiple_of)
 
 
 def patch_dim_for(has_3d: bool, p: int = PATCH) -> int:

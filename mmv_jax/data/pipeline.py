@@ -6,13 +6,16 @@ Public API (what the training and evaluation code calls):
   (embedded as ``config.data``).
 - :func:`make_train_iterator` ``(cfg, *, seed, process_index=0, process_count=1, gather=None)``
   -> a Grain ``DatasetIterator`` (``get_state()``/``set_state()``: a small JSON dict, the same on
-  every process) yielding ``(batch: PackedBatch, stats: dict)``. ``batch`` holds this process's
-  rows (numpy); its ``view_sample`` holds GLOBAL sample indices ``process_index * local_samples
-  + i`` (local order: this process's CXR samples, then its CT samples). With several processes,
-  ``gather`` (``[k]`` -> ``[P, k]``, an all-gather) lets them agree on one bucket per step.
-  ``stats`` holds numpy scalars over ALL processes: ``packing_efficiency``, ``real_tokens``,
-  ``capacity_tokens``, ``rows``, ``bad_files`` (cumulative), ``bad_in_batch``; and ``samples``
-  (this process's), ``step``, ``agree_s`` (seconds spent agreeing with the other processes).
+  every process) yielding ``(batch, stats)``. ``batch`` is a tuple of PackedBatches, one row
+  group per modality drawn (2D rows ``P*P`` wide, then 3D rows ``P**3`` wide; patches in
+  ``patch_dtype``), this process's rows (numpy); its ``view_sample`` holds GLOBAL sample indices
+  ``process_index * local_samples + i`` (local order: this process's CXR samples, then its CT
+  samples). With several processes, ``gather`` (``[k]`` -> ``[P, k]``, an all-gather) lets them
+  agree on one bucket per group and step. ``stats`` (host-only) holds numpy scalars over ALL
+  processes: ``packing_efficiency``, ``real_tokens``, ``capacity_tokens``, ``rows``,
+  ``wire_bytes``, ``bad_files`` (cumulative), ``bad_in_batch``; and ``samples`` (this
+  process's), ``step``, ``agree_s`` (seconds spent agreeing with the other processes),
+  ``build_s`` (seconds one worker spent building this process's batch).
 - :func:`make_eval_iterator` ``(cfg, manifest_path_or_records, *, split=None, batch_size, ...)``
   yielding ``(batch, ids)``: one deterministic whole-image view per image (``view_index`` 0,
   global, ``view_sample`` = position in ``ids``).
@@ -44,12 +47,12 @@ import time
 import grain
 import numpy as np
 
-from mmv_jax.batch import View
+from mmv_jax.batch import View, nbytes, wire_dtype
 from mmv_jax.data import packing
 from mmv_jax.data.config import (  # noqa: F401  (re-exported: the public API lives here)
-    KERNEL_BLOCK, MODS, _local_counts, _max_view_tokens, _records, _view_kwargs, bucket_rows,
-    bucket_shapes, default_config, demo_config, manifest_path, max_image_voxels, max_view_tokens,
-    num_samples_global, num_views_per_sample, validate_config)
+    GROUPS, KERNEL_BLOCK, MODS, _local_counts, _max_view_tokens, _records, _view_kwargs, bucket_rows,
+    bucket_shapes, default_config, demo_config, groups_of, manifest_path, max_image_voxels, max_view_tokens,
+    num_samples_global, num_views_per_sample, validate_config, workers)
 from mmv_jax.data.manifest import Record, load_manifest
 from mmv_jax.data.readers import ImageReadError, file_errors
 from mmv_jax.data.transforms import load_preprocessed
@@ -108,9 +111,9 @@ class _TrainSource:
                           long_side_3d=int(cfg.views.long_side_3d), flips=tuple(cfg.views.flips))
         self.window = tuple(cfg.ct_window)
         self.rows = bucket_rows(cfg, process_count)
+        self.groups = tuple(self.rows)
         self.seq_len, self.slots = int(cfg.buckets.seq_len), int(cfg.buckets.slots)
-        self.patch_dim = packing.patch_dim_for(self.local[1] > 0)
-        self.dtype = np.dtype(cfg.patch_dtype)
+        self.dtype = wire_dtype(cfg.patch_dtype)
         self.retries = int(cfg.max_bad_retries)
         self.max_voxels = max_image_voxels(cfg)
         self._perm: dict[tuple[int, int], np.ndarray] = {}
@@ -133,6 +136,7 @@ class _TrainSource:
 
     def __getitem__(self, step: int):
         use_one_blas_thread()
+        t0 = time.perf_counter()
         step = int(step)
         views: list[View] = []
         bad: list[tuple[str, str]] = []
@@ -163,10 +167,9 @@ class _TrainSource:
                     raise RuntimeError(
                         f"{self.retries + 1} files in a row failed to load for one {MODS[m]} sample; "
                         f"first bad: {bad[:5]}")
-        batch, info = packing.pack_compact(views, self.seq_len, self.slots, self.patch_dim)
-        if self.dtype != np.float32:
-            batch = batch._replace(patches=batch.patches.astype(self.dtype))
-        info.update(step=np.int64(step), tried=np.int64(tried),
+        batch, need = packing.pack_groups(views, self.groups, self.seq_len, self.slots, self.dtype)
+        info = dict(rows_needed=need, real_tokens=np.int64(sum(v.num_tokens for v in views)),
+                    step=np.int64(step), tried=np.int64(tried), build_s=time.perf_counter() - t0,
                     bad_paths=json.dumps(bad))  # a string: cheap to ship between processes
         return batch, info
 
@@ -192,9 +195,12 @@ class _TrainIterator(grain.DatasetIterator):
     The pipeline starts lazily, on the first ``next``.
     """
 
-    def __init__(self, factory, *, rows: tuple[int, ...], seq_len: int, max_bad_fraction: float,
-                 min_files: int, samples_per_batch: int, gather=None):
+    def __init__(self, factory, *, rows: dict[str, tuple[int, ...]], seq_len: int, max_bad_fraction: float,
+                 min_files: int, samples_per_batch: int, gather=None, cached: bool = True,
+                 workers: int = 0):
         super().__init__()
+        self._cached, self._workers = cached, workers
+        self._build_s: list[float] = []
         self._factory = factory          # start step -> DatasetIterator over (batch, info)
         self._it = None
         self._rows, self._seq_len = rows, seq_len
@@ -216,6 +222,7 @@ class _TrainIterator(grain.DatasetIterator):
             raise RuntimeError(f"data pipeline out of order: got step {int(info['step'])}, "
                                f"expected {self._step}")
         self._step += 1
+        self._note_build_time(float(info["build_s"]))
         bad = json.loads(info["bad_paths"])
         for path, reason in bad:
             if path not in self._logged:
@@ -223,14 +230,17 @@ class _TrainIterator(grain.DatasetIterator):
                 log.warning("skipping bad file %s: %s", path, reason)
             if len(self._first_bad) < 10:
                 self._first_bad.append((path, reason))
-        local = np.array([info["rows_needed"], info["real_tokens"], len(bad), info["tried"]],
+        ng = len(self._rows)
+        local = np.array([*info["rows_needed"], info["real_tokens"], len(bad), info["tried"]],
                          np.int64)
         t0 = time.perf_counter()
         table = np.asarray(self._gather(local), np.int64).reshape(-1, local.size)
         agree_s = time.perf_counter() - t0
-        need, real, n_bad, tried = table.max(0)[0], *table.sum(0)[1:]
-        rows = packing.bucket_for(int(need), self._rows)  # the same on every process
-        batch = packing.pad_rows(batch, rows)
+        need = table[:, :ng].max(0)
+        real, n_bad, tried = table[:, ng:].sum(0)
+        # the same on every process: each group pads to the bucket of the largest need
+        rows = [packing.bucket_for(int(n), r) for n, r in zip(need, self._rows.values())]
+        batch = tuple(packing.pad_rows(b, r) for b, r in zip(batch, rows))
         self._bad += int(n_bad)
         self._tried += int(tried)
         if self._tried >= self._min_files and self._bad > self._max_bad * self._tried:
@@ -239,13 +249,31 @@ class _TrainIterator(grain.DatasetIterator):
                 f"too many bad files: {self._bad} of {self._tried} tried "
                 f"({self._bad / self._tried:.1%} > data.max_bad_fraction="
                 f"{self._max_bad:g}). First bad files on this host:\n  {listing}")
-        capacity = rows * self._seq_len * len(table)
+        capacity = sum(rows) * self._seq_len * len(table)
         stats = dict(packing_efficiency=np.float32(real / capacity), real_tokens=np.int64(real),
-                     capacity_tokens=np.int64(capacity), rows=np.int64(rows * len(table)),
+                     capacity_tokens=np.int64(capacity), rows=np.int64(sum(rows) * len(table)),
+                     wire_bytes=np.int64(nbytes(batch) * len(table)),
                      bad_files=np.int64(self._bad), bad_in_batch=np.int64(n_bad),
                      samples=np.int64(self._samples), step=np.int64(info["step"]),
-                     agree_s=np.float32(agree_s))
+                     agree_s=np.float32(agree_s), build_s=np.float32(info["build_s"]))
         return batch, stats
+
+    def _note_build_time(self, seconds: float) -> None:
+        """Once, after a few batches: what one batch costs to build on one worker, and, when
+        reading original files, that a preprocessed cache is the faster path."""
+        if len(self._build_s) >= 8:
+            return
+        self._build_s.append(seconds)
+        if len(self._build_s) < 8:
+            return
+        per_batch = float(np.median(self._build_s[2:]))   # the first ones warm caches up
+        per_sample = per_batch / max(self._samples, 1)
+        log.info("building one batch takes %.2f s on one worker (%.1f ms per sample); %d worker "
+                 "process(es)", per_batch, 1e3 * per_sample, self._workers)
+        if not self._cached:
+            log.warning("reading original files costs %.1f ms per sample to decode and resize; "
+                        "`mmv-cache --manifest M --out DIR` does that once, then train with "
+                        "--config.data.cache_dir=DIR", 1e3 * per_sample)
 
     def get_state(self) -> dict:
         return {"step": self._step, "bad_files": self._bad, "tried": self._tried}
@@ -277,13 +305,14 @@ class _TrainDataset(grain.IterDataset):
 def _mp_prefetch(ds: grain.IterDataset, cfg) -> grain.IterDataset:
     """``mp_prefetch`` with ``cfg.worker_count`` processes (none for 0). Grain reads absl flags
     inside; an entry point that has not parsed them gets the defaults (grain issue 1355)."""
-    if int(cfg.worker_count) <= 0:
+    n = workers(cfg)
+    if n <= 0:
         return ds
     from absl import flags
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
     return ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=int(cfg.worker_count), per_worker_buffer_size=int(cfg.worker_buffer_size)))
+        num_workers=n, per_worker_buffer_size=int(cfg.worker_buffer_size)))
 
 
 def make_train_dataset(cfg, *, seed: int, process_index: int = 0, process_count: int = 1,
@@ -301,6 +330,8 @@ def make_train_dataset(cfg, *, seed: int, process_index: int = 0, process_count:
         return iter(_mp_prefetch(ds.to_iter_dataset(read), cfg))
 
     return _TrainDataset(factory, rows=src.rows, seq_len=src.seq_len, gather=gather,
+                         cached=bool(cfg.cache_dir) or all(r.preprocessed for rs in src.records for r in rs),
+                         workers=workers(cfg),
                          max_bad_fraction=float(cfg.max_bad_fraction),
                          min_files=int(cfg.get("min_files_for_bad_fraction", 0)),
                          samples_per_batch=sum(src.local))

@@ -237,6 +237,8 @@ class Encoder(nnx.Module):
         elif patches.shape[-1] != p3:
             raise ValueError(f"patches must have {p3} (P^3) or {p2} (P^2, 2D only) entries, "
                              f"got {patches.shape[-1]}")
+        if patches.dtype == jnp.uint8:  # the uint8 wire format: [-1, 1] in 255 levels
+            patches = patches.astype(jnp.float32) / 127.5 - 1.0
         x = matmul(patches.astype(dt), kernel.astype(dt)) + self.patch_embed.bias[...].astype(dt)
         return constrain(x, ("batch", "seq", "embed"))
 

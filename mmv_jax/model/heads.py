@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mmv_jax.batch import PackedBatch
+from mmv_jax.batch import PackedBatch, groups
 from mmv_jax.model.encoder import Dense, Encoder, EncoderConfig, LayerNorm, param
 
 
@@ -55,7 +55,8 @@ class Projector(nnx.Module):
 
 
 class MultiMedVision(nnx.Module):
-    """``model(batch)`` -> ``(embeddings [R, V, d], projections [R, V, k])``, both fp32."""
+    """``model(batch)`` -> ``(embeddings [R, V, d], projections [R, V, k])``, both fp32 (``R``:
+    the rows of all groups, in order)."""
 
     def __init__(self, cfg: EncoderConfig, *, proj_hidden: int = 2048, proj_dim: int = 128,
                  proj_layers: int = 3, proj_norm: str = "batch", rngs: nnx.Rngs):
@@ -63,6 +64,10 @@ class MultiMedVision(nnx.Module):
         self.projector = Projector(cfg.width, proj_hidden, proj_dim, proj_layers, norm=proj_norm,
                                    rngs=rngs)
 
-    def __call__(self, batch: PackedBatch):
-        emb = self.encoder(batch)
-        return emb, self.projector(emb, batch.view_sample >= 0)
+    def __call__(self, batch: PackedBatch | tuple[PackedBatch, ...]):
+        """One PackedBatch, or a train batch's row groups: each group runs through the encoder
+        on its own (its rows stay on their devices) and the per-view outputs are joined."""
+        parts = groups(batch)
+        emb = jnp.concatenate([self.encoder(g) for g in parts])
+        mask = jnp.concatenate([g.view_sample >= 0 for g in parts])
+        return emb, self.projector(emb, mask)

@@ -95,13 +95,45 @@ def devices_by_process() -> list[dict]:
 
 
 def host_allgather(local: np.ndarray) -> np.ndarray:
-    """``[k]`` integers on each process -> ``[P, k]`` on every process (one small collective;
-    values must fit in int32)."""
+    """``[k]`` integers on each process -> ``[P, k]`` on every process, through the devices (one
+    small collective; values must fit in int32). It waits for the work already queued on the
+    devices: for set-up, not for the per-step path (:class:`KVAllgather`)."""
     local = np.asarray(local, np.int32)
     if jax.process_count() == 1:
         return local[None]
     from jax.experimental import multihost_utils
     return np.asarray(multihost_utils.process_allgather(local)).reshape(jax.process_count(), -1)
+
+
+class KVAllgather:
+    """``[k]`` integers on each process -> ``[P, k]`` on every process, through the coordination
+    service's key-value store: host to host, no device work, so it neither waits for the step
+    running on the devices nor needs ordering against the step's collectives. The per-step
+    bucket agreement of the train iterator.
+
+    Every process must call it the same number of times (round ``n`` uses keys ``<prefix>/n/p``).
+    After round ``n`` every process has entered it, so all have read round ``n - 1``: each
+    process then deletes its own key of that round, keeping the store small."""
+
+    def __init__(self, prefix: str = "mmv_jax/agree", timeout_s: float = 3600.0):
+        from jax._src import distributed as jax_distributed  # the client of jax.distributed
+        self._client = jax_distributed.global_state.client
+        if self._client is None:
+            raise RuntimeError("KVAllgather needs jax.distributed to be initialised")
+        self._prefix, self._timeout_ms = prefix, int(timeout_s * 1000)
+        self._round = 0
+        self._proc, self._nproc = jax.process_index(), jax.process_count()
+
+    def __call__(self, local) -> np.ndarray:
+        n, c = self._round, self._client
+        c.key_value_set(f"{self._prefix}/{n}/{self._proc}",
+                        ",".join(str(int(v)) for v in np.asarray(local).ravel()))
+        rows = [c.blocking_key_value_get(f"{self._prefix}/{n}/{p}", self._timeout_ms)
+                for p in range(self._nproc)]
+        if n:
+            c.key_value_delete(f"{self._prefix}/{n - 1}/{self._proc}")
+        self._round += 1
+        return np.array([[int(v) for v in r.split(",")] for r in rows], np.int64)
 
 
 def preemption_requested(step: int) -> bool:

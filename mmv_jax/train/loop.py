@@ -9,6 +9,8 @@ several processes all of them save the same step, then exit). ``workdir`` may be
 """
 from __future__ import annotations
 
+import collections
+import contextlib
 import logging
 import math
 import signal
@@ -20,6 +22,7 @@ import numpy as np
 from mmv_jax import paths
 from mmv_jax.data import pipeline
 from mmv_jax.train import checkpoint, distributed, metrics, sharding as shd, state as st, workdir as wd
+from mmv_jax.train.feed import DeviceFeed
 from mmv_jax.train.step import setup
 
 log = logging.getLogger(__name__)
@@ -33,7 +36,7 @@ def _require(ok: bool, key: str, what: str, value) -> None:
 def validate(cfg) -> None:
     """Fails before any compile, naming the config key."""
     for key in ("total_steps", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
-                "max_nonfinite_steps"):
+                "max_nonfinite_steps", "prefetch_to_device"):
         _require(int(cfg[key]) > 0, key, "positive", cfg[key])
     o = cfg.optim
     finite = lambda x: isinstance(x, (int, float)) and math.isfinite(x)
@@ -94,6 +97,29 @@ def _diverged(ckpt, cfg, step: int, streak_start: int) -> str:
             f"config.optim.lr (rerun with --config.allow_config_change=True) or check the data.")
 
 
+class _Window:
+    """What happened since the last metrics row (wall clock, so data waits count)."""
+
+    def __init__(self):
+        self.t0 = time.perf_counter()
+        self.steps, self.tokens, self.flops, self.data_wait_s = 0, 0, 0.0, 0.0
+
+    def add(self, stats, flops: float):
+        self.steps += 1
+        self.tokens += int(stats["real_tokens"])
+        self.flops += flops
+
+    def row(self, peak: float, compile_s: float | None) -> dict:
+        wall = time.perf_counter() - self.t0
+        out = dict(time=time.time(), window_steps=self.steps, window_tokens=self.tokens,
+                   window_s=wall, tokens_per_s=self.tokens / wall if wall else 0.0,
+                   step_s=wall / self.steps if self.steps else 0.0, data_wait_s=self.data_wait_s,
+                   mfu=self.flops / wall / peak if wall else 0.0)
+        if compile_s is not None:
+            out["compile_s"] = compile_s
+        return out
+
+
 def _eta(seconds: float) -> str:
     m, s = divmod(int(seconds), 60)
     h, m = divmod(m, 60)
@@ -137,8 +163,9 @@ def _train(cfg, workdir, platform, lock) -> dict:
     log.info("%s: %d x %s in %d process(es); mesh %s", platform, jax.device_count(),
              jax.devices()[0].device_kind, nproc, dict(mesh.shape))
     log.debug("parameter shardings:\n%s", shd.describe(state_sh.params))
+    cfg.data.worker_count = pipeline.workers(cfg.data, jax.local_device_count())
     it = pipeline.make_train_iterator(cfg.data, seed=cfg.seed, process_index=proc, process_count=nproc,
-                                      gather=distributed.host_allgather if nproc > 1 else None)
+                                      gather=distributed.KVAllgather() if nproc > 1 else None)
     ckpt = checkpoint.Checkpointer(workdir / "checkpoints", keep=cfg.keep_checkpoints,
                                    async_save=cfg.async_checkpointing)
     wd.check_and_record_config(cfg, workdir, resuming=ckpt.latest_step() is not None)
@@ -164,54 +191,68 @@ def _train(cfg, workdir, platform, lock) -> dict:
         return dict(done[-1], already_finished=True) if done else {"already_finished": True}
 
     enc = st.encoder_config_from(cfg)
-    peak = metrics.peak_flops_per_device(cfg.peak_flops_per_device) * jax.device_count()
+    peak = metrics.peak_flops(cfg.peak_flops_per_device, cfg.model.dtype)
     sigterm = _Sigterm() if nproc == 1 else None
     preempted = sigterm or distributed.preemption_requested
-    window = {"tokens": 0.0, "flops": 0.0, "time": 0.0, "steps": 0}
-    last = {}
-    streak_start = None
+    feed = DeviceFeed(it, batch_sh, depth=int(cfg.prefetch_to_device), limit=cfg.total_steps - start)
+    window = _Window()
+    in_flight: collections.deque = collections.deque()
+    last, compile_s, first_row = {}, None, True
     try:
         for step in range(start + 1, cfg.total_steps + 1):
-            host_batch, stats = next(it)
-            t0 = time.perf_counter()
-            state, m = step_fn(state, shd.global_batch(host_batch, batch_sh))
-            jax.block_until_ready(state.step)
-            dt = time.perf_counter() - t0
-            if step > start + 1:  # the first step of a process includes its compile
-                window["time"] += dt
-                window["steps"] += 1
-                window["tokens"] += float(stats["real_tokens"])
-                window["flops"] += metrics.batch_flops(host_batch, enc.width, enc.depth, enc.mlp_ratio) * nproc
-            nonfinite = int(state.nonfinite)
-            if nonfinite:
-                streak_start = streak_start or step
-                log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", step, nonfinite)
-            else:
-                streak_start = None
-            if step % cfg.log_every_steps == 0 or step == cfg.total_steps:
+            batch, host_batch, stats, data_state = feed.get()
+            log_step = step % cfg.log_every_steps == 0 or step == cfg.total_steps
+            stop = preempted(step)
+            save = step % cfg.checkpoint_every_steps == 0 or step == cfg.total_steps or stop
+            # Between log and checkpoint steps nothing comes back from the devices: the step is
+            # dispatched and the loop goes on to draw the next batch while it runs.
+            with contextlib.nullcontext() if log_step or save or compile_s is None else \
+                    jax.transfer_guard_device_to_host("disallow"):
+                t_dispatch = time.perf_counter()
+                state, m = step_fn(state, batch)
+                in_flight.append(m["loss"])
+                if compile_s is None:  # the first step of a process includes its compile
+                    jax.block_until_ready(m["loss"])
+                    compile_s = time.perf_counter() - t_dispatch
+                    feed.take_wait()
+                    window = _Window()
+                    in_flight.clear()
+                else:
+                    window.add(stats, metrics.batch_flops(host_batch, enc.width, enc.depth,
+                                                          enc.mlp_ratio) * nproc)
+                feed.fill()
+                while len(in_flight) > feed.depth:  # back-pressure: a wait, not a transfer
+                    jax.block_until_ready(in_flight.popleft())
+            if not (log_step or save):
+                continue
+            nonfinite = int(state.nonfinite)   # the length of the current non-finite run
+            if log_step:
+                window.data_wait_s += feed.take_wait()
                 last = {k: float(v) for k, v in jax.device_get(m).items() if k != "finite"}
-                rate = window["tokens"] / window["time"] if window["time"] else 0.0
-                last.update(
-                    tokens_per_s=rate,
-                    mfu=window["flops"] / window["time"] / peak if window["time"] else 0.0,
-                    packing_efficiency=float(stats["packing_efficiency"]),
-                    bad_files=int(stats["bad_files"]), compiles=step_fn.compiles,
-                    step_s=dt, rows=int(stats["rows"]), bucket_agree_s=float(stats["agree_s"]))
+                last.update(window.row(peak, compile_s if first_row else None))
+                first_row = False
+                last.update(packing_efficiency=float(stats["packing_efficiency"]),
+                            bad_files=int(stats["bad_files"]), compiles=step_fn.compiles,
+                            rows=int(stats["rows"]), bucket_agree_s=float(stats["agree_s"]),
+                            wire_bytes=int(stats["wire_bytes"]), nonfinite_run=nonfinite)
                 writer.write(step, last)
                 lock.refresh()
+                if nonfinite:
+                    log.warning("step %d: non-finite loss or gradient in the last %d step(s), "
+                                "updates skipped", step, nonfinite)
                 if proc == 0:
-                    eta = (cfg.total_steps - step) * window["time"] / max(window["steps"], 1)
+                    eta = (cfg.total_steps - step) * last["step_s"]
                     print(f"step {step}/{cfg.total_steps}  loss {last['loss']:.4f}  "
-                          f"tokens/s {rate:,.0f}  mfu {last['mfu']:.3f}  eta {_eta(eta)}", flush=True)
-                window = dict.fromkeys(window, 0.0)
+                          f"tokens/s {last['tokens_per_s']:,.0f}  mfu {last['mfu']:.3f}  "
+                          f"data wait {last['data_wait_s']:.1f}s  eta {_eta(eta)}", flush=True)
+                window = _Window()
             if nonfinite >= cfg.max_nonfinite_steps:
-                raise RuntimeError(_diverged(ckpt, cfg, step, streak_start))
-            stop = preempted(step)
-            if step % cfg.checkpoint_every_steps == 0 or step == cfg.total_steps or stop:
+                raise RuntimeError(_diverged(ckpt, cfg, step, step - nonfinite + 1))
+            if save:
                 if nonfinite:  # never replace healthy checkpoints with a diverging state
                     log.warning("step %d: no checkpoint during a run of non-finite steps", step)
                 else:
-                    ckpt.save(step, state, it.get_state(), force=stop)
+                    ckpt.save(step, state, data_state, force=stop)
             if stop:
                 log.warning("preemption (SIGTERM): %s at step %d, exiting", "no checkpoint written (a run of "
                             "non-finite steps)" if nonfinite else "checkpoint written", step)

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 
 from mmv_jax import paths
-from mmv_jax.batch import PATCH
+from mmv_jax.batch import PATCH, groups
 
 log = logging.getLogger(__name__)
 
@@ -36,21 +36,30 @@ def compile_count() -> int:
     return _compiles[0]
 
 
-def peak_flops_per_device(override: float = 0.0) -> float:
-    """Config override, else the vendor table for the device kind, else a measured fp32 matmul."""
+def peak_flops(override: float = 0.0, dtype: str = "bfloat16") -> float:
+    """The MFU denominator for all devices together, FLOP/s: ``override`` per device (config),
+    else the vendor's dense bf16 figure per accelerator (``dtype`` float32 on an accelerator
+    is still scored against it: what the hardware could do), else on CPU one measured matmul
+    in ``dtype`` per process: host "devices" forced with
+    ``--xla_force_host_platform_device_count`` share the same cores, so they are not summed."""
+    devices = jax.devices()
     if override > 0:
-        return float(override)
-    kind = jax.devices()[0].device_kind
+        return float(override) * len(devices)
+    if devices[0].platform == "cpu":
+        return measure_matmul_peak(dtype=dtype) * jax.process_count()
+    kind = devices[0].device_kind
     for name, flops in PEAK_FLOPS.items():
         if name.lower() in kind.lower():
-            return flops
-    return measure_matmul_peak()
+            return flops * len(devices)
+    log.warning("no peak FLOP/s known for %r; MFU is reported against 1 PFLOP/s per device "
+                "(set config.peak_flops_per_device)", kind)
+    return 1e15 * len(devices)
 
 
-def measure_matmul_peak(n: int = 2048, reps: int = 5) -> float:
-    """Best fp32 matmul FLOP/s of one device through XLA (the MFU denominator on CPU)."""
+def measure_matmul_peak(n: int = 2048, reps: int = 5, dtype: str = "float32") -> float:
+    """Best ``dtype`` matmul FLOP/s of one device through XLA (the MFU denominator on CPU)."""
     import jax.numpy as jnp
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.dtype(dtype))
     f = jax.jit(lambda a: a @ a)
     f(a).block_until_ready()
     best = np.inf
@@ -75,16 +84,18 @@ def encoder_flops(width: int, depth: int, mlp_ratio: int, seg_lengths, modalitie
 
 
 def batch_flops(batch, width: int, depth: int, mlp_ratio: int) -> float:
-    """Useful FLOPs of one training step (forward + backward = 3x forward) on a host batch."""
-    seg = np.asarray(batch.segment_ids)
-    mod = np.asarray(batch.view_modality)
-    slots = mod.shape[1]
+    """Useful FLOPs of one training step (forward + backward = 3x forward) on a host batch (one
+    PackedBatch or a train batch's row groups)."""
     lengths, modalities = [], []
-    for r in range(seg.shape[0]):
-        counts = np.bincount(seg[r], minlength=slots + 1)[1:]
-        keep = counts > 0
-        lengths.append(counts[keep])
-        modalities.append(mod[r][keep])
+    for group in groups(batch):
+        seg = np.asarray(group.segment_ids)
+        mod = np.asarray(group.view_modality)
+        slots = mod.shape[1]
+        for r in range(seg.shape[0]):
+            counts = np.bincount(seg[r], minlength=slots + 1)[1:]
+            keep = counts > 0
+            lengths.append(counts[keep])
+            modalities.append(mod[r][keep])
     return 3.0 * encoder_flops(width, depth, mlp_ratio, np.concatenate(lengths),
                                np.concatenate(modalities))
 

@@ -95,10 +95,10 @@ def opt_state_shardings(tx: optax.GradientTransformation, abstract_params, p_sha
                                  transform_non_params=lambda _: replicated)
 
 
-def batch_shardings(mesh: Mesh, rules: dict) -> PackedBatch:
-    """Rows of every PackedBatch field are sharded like the logical ``batch`` axis."""
-    rows = NamedSharding(mesh, logical_to_spec(("batch",), rules))
-    return PackedBatch(*([rows] * len(PackedBatch._fields)))
+def batch_shardings(mesh: Mesh, rules: dict) -> NamedSharding:
+    """The sharding of every field of every row group of a batch (a pytree prefix for jit):
+    rows split like the logical ``batch`` axis."""
+    return NamedSharding(mesh, logical_to_spec(("batch",), rules))
 
 
 def rows_per_process_multiple(mesh: Mesh, rules: dict, process_count: int) -> int:
@@ -112,10 +112,11 @@ def rows_per_process_multiple(mesh: Mesh, rules: dict, process_count: int) -> in
     return shards // process_count
 
 
-def global_batch(local: PackedBatch, shardings: PackedBatch) -> PackedBatch:
-    """This process's rows -> global jax arrays (rows concatenated over processes)."""
-    return PackedBatch(*(jax.make_array_from_process_local_data(s, np.asarray(x))
-                         for x, s in zip(local, shardings)))
+def global_batch(local, sharding: NamedSharding):
+    """This process's rows (a PackedBatch or a tuple of row groups, numpy) -> global jax arrays
+    (rows concatenated over processes)."""
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
+                        local)
 
 
 def describe(p_shardings) -> str:

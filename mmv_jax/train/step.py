@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from mmv_jax.batch import PackedBatch
+from mmv_jax.batch import PackedBatch, groups
 from mmv_jax.model.axes import axis_rules
 from mmv_jax.model.encoder import remat_compiler_options
 from mmv_jax.objectives.lejepa import lejepa_loss
@@ -23,7 +23,9 @@ def loss_fn(params, graphdef, batch: PackedBatch, key, *, num_samples: int, num_
             lam: float, num_slices: int, pred_reduce: str = "sum"):
     model = nnx.merge(graphdef, params)
     _, proj = model(batch)
-    return lejepa_loss(proj, batch.view_sample, batch.view_is_global, batch.view_index,
+    views = [jnp.concatenate([getattr(g, f) for g in groups(batch)])
+             for f in ("view_sample", "view_is_global", "view_index")]
+    return lejepa_loss(proj, *views,
                        num_samples=num_samples, num_views=num_views, key=key, lam=lam,
                        num_slices=num_slices, pred_reduce=pred_reduce)
 

@@ -6,11 +6,11 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# A small, fast variant of configs/demo.py: one block, 6 samples a step, one bucket shape.
+# A small, fast variant of configs/demo.py: one block, 6 samples a step, one step shape.
 FAST = [
     "--config.model.depth=1", "--config.model.proj_hidden=64", "--config.model.proj_dim=16",
     "--config.data.cxr_per_batch=4", "--config.data.ct_per_batch=2",
-    "--config.data.buckets.rows=(8,)", "--config.loss.num_slices=32",
+    "--config.data.buckets.rows_2d=(4,)", "--config.data.buckets.rows_3d=(4,)", "--config.loss.num_slices=32",
     "--config.optim.warmup_steps=2", "--config.async_checkpointing=False",
 ]
 

@@ -16,11 +16,11 @@ import pytest
 from conftest import FAST, ROOT, env
 
 KEYS = ("loss", "pred_loss", "sigreg_loss", "grad_norm", "lr")
-# 4 CXR + 4 CT a step and buckets of 4 or 8 rows: on this data the two processes' local
+# 4 CXR + 4 CT a step and 3D buckets of 2, 4 or 8 rows: on this data the two processes' local
 # packing needs different buckets at some steps (asserted below), which crashed before the
 # processes agreed on one bucket per step.
 MH = [*FAST, "--config.data.cxr_per_batch=4", "--config.data.ct_per_batch=4",
-      "--config.data.buckets.rows=(4,8)", "--config.total_steps=6",
+      "--config.data.buckets.rows_2d=(2,4)", "--config.data.buckets.rows_3d=(2,4,8)", "--config.total_steps=6",
       "--config.log_every_steps=1", "--config.checkpoint_every_steps=2"]
 
 
@@ -87,7 +87,9 @@ def _wait_for(workdir, step, procs, timeout=240):
 def reference(tmp_path_factory, demo_manifest):
     """One process, four devices: the metrics every topology must reproduce."""
     work = tmp_path_factory.mktemp("mh") / "ref"
-    _finish(_train(work, demo_manifest, 1, 4), work)
+    # rows a multiple of the 4 local devices
+    _finish(_train(work, demo_manifest, 1, 4, "--config.data.buckets.rows_2d=(4,)",
+                   "--config.data.buckets.rows_3d=(4,8)"), work)
     return _metrics(work)
 
 
@@ -96,10 +98,12 @@ def _local_buckets_differ(manifest, steps):
     from mmv_jax.data import packing, pipeline
     cfg = demo.get_config().data
     cfg.manifest, cfg.cxr_per_batch, cfg.ct_per_batch, cfg.rows_multiple_of = manifest, 4, 4, 2
-    cfg.buckets.rows = (4, 8)
+    cfg.buckets.rows_2d, cfg.buckets.rows_3d = (2, 4), (2, 4, 8)
     srcs = [pipeline._TrainSource(cfg, 0, p, 2) for p in range(2)]
     return [s for s in range(steps)
-            if len({packing.bucket_for(int(src[s][1]["rows_needed"]), (4, 8)) for src in srcs}) > 1]
+            if len({tuple(packing.bucket_for(int(n), r) for n, r in zip(src[s][1]["rows_needed"],
+                                                                         ((2, 4), (2, 4, 8))))
+                    for src in srcs}) > 1]
 
 
 @pytest.fixture(scope="module")
