@@ -29,6 +29,7 @@ Python API feed one PackedBatch (2D and 3D views may share it, 2D ones zero-padd
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple, Sequence
 
 import numpy as np
@@ -122,10 +123,18 @@ def axis_coords(g: int, alpha: float = ALPHA) -> np.ndarray:
 
 
 def grid_coords(grid: Sequence[int], alpha: float = ALPHA) -> np.ndarray:
-    """Per-token ``(z, y, x)`` coordinates ``[gz*gy*gx, 3]`` in patch order (z slowest)."""
-    axes = [axis_coords(int(g), alpha) for g in grid]
+    """Per-token ``(z, y, x)`` coordinates ``[gz*gy*gx, 3]`` in patch order (z slowest); one
+    shared read-only array per grid (a batch draws thousands of views from a few dozen grids)."""
+    return _grid_coords(tuple(int(g) for g in grid), float(alpha))
+
+
+@functools.lru_cache(maxsize=4096)
+def _grid_coords(grid: tuple[int, ...], alpha: float) -> np.ndarray:
+    axes = [axis_coords(g, alpha) for g in grid]
     mesh = np.meshgrid(*axes, indexing="ij")
-    return np.stack([m.reshape(-1) for m in mesh], axis=-1).astype(np.float32)
+    out = np.stack([m.reshape(-1) for m in mesh], axis=-1).astype(np.float32)
+    out.flags.writeable = False
+    return out
 
 
 def packing_efficiency(batch) -> float:

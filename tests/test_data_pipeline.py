@@ -265,7 +265,7 @@ def test_config_validation(demo):
     with pytest.raises(ValueError, match="multiple of 128"):
         P.bucket_shapes(cfg)
     cfg = _cfg(demo)
-    cfg.buckets.rows_3d = (1,)
+    cfg.buckets.rows_2d, cfg.buckets.rows_3d = (8,), (1,)
     with pytest.raises(ValueError, match="largest bucket"):
         next(P.make_train_iterator(cfg, seed=0))
     cfg = _cfg(demo)

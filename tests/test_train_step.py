@@ -156,4 +156,5 @@ def test_wire_dtypes():
         a = np.asarray(enc.embed_patches(jnp.asarray(w)), np.float32)
         b = np.asarray(enc.embed_patches(jnp.asarray(ref)), np.float32)
         assert w.nbytes == x.nbytes // (2 if wire == "bfloat16" else 4)
-        np.testing.assert_array_equal(a, b)
+        # bf16: bit-identical; uint8: the device's division vs numpy's, to the last bit or so
+        np.testing.assert_allclose(a, b, rtol=0, atol=0 if wire == "bfloat16" else 1e-5)

@@ -11,12 +11,19 @@ Measures, on one core (one worker process = the sequential per-sample work a Gra
   the paper's mix (192 CXR + 64 CT, seq_len 2048, automatic buckets), with view sizes drawn by the
   same sampler as training on MIMIC-CXR-JPG / CT-RATE-like shapes after resizing; the same for
   stage 1 (256 CXR) under ``stage1_*``;
-- ``pack_seconds_per_batch_{stage1,mix}``: first-fit decreasing + writing one batch (steady
-  state; ``pack_seconds_first_batch_*`` includes the first touch of the memory), and the size of
-  its ``patches`` array (``*_batch_gb``: mixed batches are P^3 = 2744 wide).
+- ``pack_seconds_per_batch_{stage1,mix}``: first-fit decreasing + writing one batch in the
+  stage configs' wire format (steady state; ``pack_seconds_first_batch_*`` includes the first
+  touch of the memory), and its size (``*_batch_gb``);
+- ``wire_bytes_per_real_token_mix``: bytes shipped to the devices per real token on the mix
+  (row groups padded to their buckets, bfloat16 patches as the stage configs ship them), and the
+  same for float32 and uint8 patches and for the one-group float32 layout the row groups
+  replaced (``_one_group_float32``, without its bucket padding: a lower bound);
+- ``tokens_per_s_per_worker_mix``: the whole batch build of one worker from the cache (read,
+  views, pack in the wire format) on the mix, real tokens/s (``batch_build_s_mix`` a batch).
 
-Targets (issue 3): packing efficiency >= 0.97, <= 4 shapes, from the cache >= 200 CXR and >= 20 CT
-samples/s per worker.
+Targets: packing efficiency >= 0.97, <= 4 shapes, from the cache >= 200 CXR and >= 20 CT
+samples/s per worker (issue 3); <= 2,500 wire bytes per real token and >= 150,000 tokens/s per
+worker on the mix (issue 17).
 """
 from __future__ import annotations
 
@@ -87,23 +94,87 @@ def _per_sample_rate(records, cfg, reps: int = 1) -> float:
     return n / (time.perf_counter() - t)
 
 
+def _mix_config(manifest: str = "", dtype: str = "bfloat16"):
+    """The paper's stage-3 step: 192 CXR + 64 CT, with the stage configs' wire dtype."""
+    mix = P.default_config()
+    mix.manifest, mix.cxr_per_batch, mix.ct_per_batch = manifest, 192, 64
+    mix.buckets.nominal_cxr_shape = (1, 224, 186)
+    mix.patch_dtype = dtype
+    return mix
+
+
+def _batch_build(manifest: str, steps: int) -> dict:
+    """The whole train-batch build of one worker from the cache (read, views, pack into the wire
+    format), as a Grain worker runs it: ``_TrainSource[step]``, one process."""
+    src = P._TrainSource(_mix_config(manifest), seed=0, process_index=0, process_count=1)
+    src[0]  # warm: permutations, page faults
+    t, tokens, nbytes = time.perf_counter(), 0, 0
+    for step in range(1, steps + 1):
+        batch, info = src[step]
+        tokens += int(info["real_tokens"])
+    dt = time.perf_counter() - t
+    return {"tokens_per_s_per_worker_mix": round(tokens / dt), "batch_build_s_mix": round(dt / steps, 3)}
+
+
+def _wire_bytes(cxr_shapes, ct_shapes, batches: int = 8) -> dict:
+    """Bytes that cross to the devices per real token on the paper's mix, as the train
+    iterator ships a step (row groups padded to their buckets), by wire dtype; and the
+    one-group float32 layout (every token P**3 wide) it replaced."""
+    from mmv_jax.batch import View, nbytes, wire_dtype
+    rng = np.random.default_rng(3)
+    out: dict = {}
+    for name in ("bfloat16", "float32", "uint8", "one_group_float32"):
+        mix = _mix_config(dtype="float32" if name == "one_group_float32" else name)
+        groups, buckets = P.bucket_rows(mix, shapes={"cxr": cxr_shapes, "ct": ct_shapes})
+        s, slots = int(mix.buckets.seq_len), int(mix.buckets.slots)
+        total_bytes = total_tokens = 0
+        for _ in range(batches):
+            views = []
+            for smp in range(256):
+                is_ct = smp >= 192
+                shapes = ct_shapes if is_ct else cxr_shapes
+                shape = shapes[int(rng.integers(len(shapes)))]
+                width = PATCH ** 3 if is_ct else PATCH * PATCH
+                for idx, n in enumerate(view_tokens(rng, shape, **P._view_kwargs(mix))):
+                    views.append(View(np.zeros((n, width), np.float32), np.zeros((n, 3), np.float32),
+                                      smp, idx < 2, int(is_ct), idx))
+            if name == "one_group_float32":
+                batch, _ = packing.pack_compact(views, s, slots, PATCH ** 3)  # (no bucket padding)
+            else:
+                parts, need = packing.pack_groups(views, groups, s, slots, wire_dtype(name))
+                rows = packing.bucket_for(tuple(int(n) for n in need), buckets)
+                batch = tuple(packing.pad_rows(g, r) for g, r in zip(parts, rows))
+            total_bytes += nbytes(batch)
+            total_tokens += sum(v.num_tokens for v in views)
+        key = "wire_bytes_per_real_token_mix" + ("" if name == "bfloat16" else f"_{name}")
+        out[key] = round(total_bytes / total_tokens)
+    return out
+
+
 def _packing_sim(cfg, n_batches: int, cxr_shapes, ct_shapes, seed: int = 0) -> dict:
-    rows = P.bucket_rows(cfg, shapes={"cxr": cxr_shapes, "ct": ct_shapes})
+    """Packing efficiency and step shapes over ``n_batches`` simulated steps (token counts only):
+    each modality's views fill their own row group; the step takes the cheapest bucket."""
+    groups, buckets = P.bucket_rows(cfg, shapes={"cxr": cxr_shapes, "ct": ct_shapes})
     s, slots = int(cfg.buckets.seq_len), int(cfg.buckets.slots)
     vk = P._view_kwargs(cfg)
     rng = np.random.default_rng(seed + 1)
     eff, shapes = [], set()
+    draws = {"2d": (cxr_shapes, cfg.cxr_per_batch), "3d": (ct_shapes, cfg.ct_per_batch)}
     for _ in range(n_batches):
-        sizes = []
-        for shapes_m, count in ((cxr_shapes, cfg.cxr_per_batch), (ct_shapes, cfg.ct_per_batch)):
+        need, real = [], 0
+        for g in groups:
+            shapes_m, count = draws[g]
+            sizes = []
             for j in rng.integers(0, len(shapes_m), int(count)):
                 sizes += view_tokens(rng, shapes_m[j], **vk)
-        need = packing.rows_needed(sizes, s, slots)
-        r = min(x for x in rows if x >= need)
-        shapes.add(r)
-        eff.append(sum(sizes) / (r * s))
+            need.append(packing.rows_needed(sizes, s, slots))
+            real += sum(sizes)
+        shape = packing.bucket_for(tuple(need), buckets)
+        shapes.add(shape)
+        eff.append(real / (sum(shape) * s))
     return dict(packing_efficiency=float(np.mean(eff)), packing_efficiency_min=float(np.min(eff)),
-                distinct_shapes=len(shapes), bucket_rows=list(rows), seq_len=s)
+                distinct_shapes=len(shapes), buckets=[list(b) for b in buckets],
+                groups=list(groups), seq_len=s)
 
 
 def run(argv) -> dict:
@@ -112,6 +183,7 @@ def run(argv) -> dict:
     ap.add_argument("--n-cxr", type=int, default=6)
     ap.add_argument("--n-ct", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3, help="passes over the cached files")
+    ap.add_argument("--build-steps", type=int, default=3, help="mix batches built from the cache")
     a = ap.parse_args(argv)
     out: dict = {}
     cfg = P.default_config()
@@ -137,25 +209,25 @@ def run(argv) -> dict:
             _per_sample_rate(c_cxr * max(1, 40 // len(c_cxr)), cfg, a.reps), 1)
         out["ct_samples_per_s_per_worker"] = round(
             _per_sample_rate(c_ct * max(1, 12 // len(c_ct)), cfg, a.reps), 1)
+        out.update(_batch_build(os.path.join(tmp, "cache", "manifest.jsonl"), a.build_steps))
     # packing on the paper's mix (view sizes from MIMIC-CXR-JPG / CT-RATE-like resized shapes)
     prng = np.random.default_rng(0)
     cxr_shapes = [(1, 224, int(224 * prng.uniform(0.78, 0.9))) for _ in range(64)] + \
                  [(1, int(224 * prng.uniform(0.8, 0.95)), 224) for _ in range(8)] + [(1, 224, 224)] * 8
     ct_shapes = [(int(112 * prng.uniform(0.7, 1.0)), 112, 112) for _ in range(64)]
-    mix = P.default_config()
-    mix.cxr_per_batch, mix.ct_per_batch = 192, 64
-    mix.buckets.nominal_cxr_shape = (1, 224, 186)
+    mix = _mix_config()
+    out.update(_wire_bytes(cxr_shapes, ct_shapes))
     t = time.perf_counter()
     out.update(_packing_sim(mix, a.batches, cxr_shapes, ct_shapes))
-    s1 = P.default_config()
+    s1 = _mix_config()
     s1.cxr_per_batch, s1.ct_per_batch = 256, 0
     out.update({f"stage1_{k}": v for k, v in
                 _packing_sim(s1, max(1, a.batches // 4), cxr_shapes, ct_shapes).items()})
     out["packing_sim_s"] = round(time.perf_counter() - t, 1)
     # packer speed (steady state: the first call of a process also pays the page faults)
     rng = np.random.default_rng(0)
-    from mmv_jax.batch import View
-    for name, cfg_, pd in (("stage1", s1, PATCH * PATCH), ("mix", mix, PATCH ** 3)):
+    from mmv_jax.batch import View, nbytes, wire_dtype
+    for name, cfg_ in (("stage1", s1), ("mix", mix)):
         views = []
         n_cxr = int(cfg_.cxr_per_batch)
         for smp in range(n_cxr + int(cfg_.ct_per_batch)):
@@ -165,19 +237,20 @@ def run(argv) -> dict:
             for idx, n in enumerate(view_tokens(rng, shape, **P._view_kwargs(cfg_))):
                 views.append(View(np.ones((n, width), np.float32), np.zeros((n, 3), np.float32),
                                   smp, idx < 2, int(is_ct), idx))
-        rows = P.bucket_rows(cfg_, shapes={"cxr": cxr_shapes, "ct": ct_shapes})
+        groups, _ = P.bucket_rows(cfg_, shapes={"cxr": cxr_shapes, "ct": ct_shapes})
         times = []
         for _ in range(3):
             t = time.perf_counter()
-            b, _ = packing.pack_batch(views, rows, int(cfg_.buckets.seq_len),
-                                      int(cfg_.buckets.slots), pd)
+            b, _ = packing.pack_groups(views, groups, int(cfg_.buckets.seq_len),
+                                       int(cfg_.buckets.slots), wire_dtype(cfg_.patch_dtype))
             times.append(time.perf_counter() - t)
-            out[f"{name}_batch_gb"] = round(b.patches.nbytes / 1e9, 3)
+            out[f"{name}_batch_gb"] = round(nbytes(b) / 1e9, 3)
             del b
         out[f"pack_seconds_per_batch_{name}"] = round(float(np.median(times[1:])), 3)
         out[f"pack_seconds_first_batch_{name}"] = round(times[0], 3)
     out["targets"] = dict(packing_efficiency=0.97, distinct_shapes=4,
-                          cxr_samples_per_s_per_worker=200, ct_samples_per_s_per_worker=20)
+                          cxr_samples_per_s_per_worker=200, ct_samples_per_s_per_worker=20,
+                          wire_bytes_per_real_token_mix=2500, tokens_per_s_per_worker_mix=150_000)
     return out
 
 

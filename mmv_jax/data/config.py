@@ -255,79 +255,68 @@ def groups_of(cfg, process_count: int = 1) -> tuple[str, ...]:
     return tuple(g for g, n in zip(GROUPS, _local_counts(cfg, process_count)) if n)
 
 
-def _expected_padding(needed: np.ndarray, rows: tuple[int, ...]) -> float:
-    return float(np.mean([min(r for r in rows if r >= n) - n for n in needed]))
-
-
 @functools.lru_cache(maxsize=32)
-def _auto_rows(key: str) -> dict[str, tuple[int, ...]]:
+def _auto_buckets(key: str) -> tuple[tuple[int, ...], ...]:
     k = json.loads(key)
     rng = np.random.default_rng(0)
     from mmv_jax.data.views import view_tokens
-    needed = {g: [] for g, _, count in k["mods"] if count}
+    needed = []
     for _ in range(k["n_batches"]):
-        for g, shapes, count in k["mods"]:
-            if not count:
-                continue
+        row = []
+        for shapes, count in k["mods"]:
             # empirical: one random record shape per sample slot, redrawn for each batch
             sizes = []
             for i in rng.integers(0, len(shapes), count):
                 sizes += view_tokens(rng, tuple(shapes[i]), **k["view_kwargs"])
-            needed[g].append(packing.rows_needed(sizes, k["seq_len"], k["slots"]))
-    names = list(needed)
-    best = None
-    # every split of the shape budget between the groups (a step's shape is one bucket per group)
-    for ks in itertools.product(range(1, k["max_shapes"] + 1), repeat=len(names)):
-        if math.prod(ks) > k["max_shapes"]:
-            continue
-        rows = {g: packing.choose_rows(needed[g], kg, k["multiple_of"]) for g, kg in zip(names, ks)}
-        pad = sum(_expected_padding(np.asarray(needed[g]), rows[g]) for g in names)
-        if best is None or pad < best[0]:
-            best = (pad, rows)
-    return best[1]
+            row.append(packing.rows_needed(sizes, k["seq_len"], k["slots"]))
+        needed.append(row)
+    return packing.choose_buckets(needed, k["max_shapes"], k["multiple_of"])
 
 
-def bucket_rows(cfg, process_count: int = 1, shapes: dict | None = None) -> dict[str, tuple[int, ...]]:
-    """Group (``"2d"``, ``"3d"``) -> the row counts the train iterator may emit for it on one
-    process (``data.buckets.rows_2d`` / ``rows_3d`` when set, else chosen automatically from the
-    manifest's ``shape`` fields when present, else from ``nominal_*_shape``; ``shapes`` =
-    ``{"cxr": [[Z, H, W], ...], "ct": [...]}`` overrides both, for benchmarks and planning).
-    Automatic buckets split ``max_shapes`` between the groups: at most that many distinct steps."""
+def bucket_rows(cfg, process_count: int = 1, shapes: dict | None = None
+                ) -> tuple[tuple[str, ...], tuple[tuple[int, ...], ...]]:
+    """``(groups, buckets)``: the row groups of a train batch (``"2d"``, ``"3d"``, those drawn)
+    and the step shapes the train iterator may emit on one process, each a row count per group.
+
+    ``data.buckets.rows_2d`` / ``rows_3d`` when set give every combination of their counts;
+    otherwise at most ``max_shapes`` shapes are chosen jointly (``packing.choose_buckets``)
+    from view sizes drawn for the manifest's ``shape`` fields when present, else for
+    ``nominal_*_shape`` (``shapes`` = ``{"cxr": [[Z, H, W], ...], "ct": [...]}`` overrides
+    both, for benchmarks and planning)."""
     validate_config(cfg, process_count)
+    groups = groups_of(cfg, process_count)
     counts = dict(zip(GROUPS, _local_counts(cfg, process_count)))
+    fixed = [tuple(sorted(int(r) for r in cfg.buckets.get(f"rows_{g}", ()))) for g in groups]
+    if all(fixed):
+        return groups, tuple(sorted(itertools.product(*fixed), key=sum))
+    if any(fixed):
+        raise ValueError(f"config data.buckets: set rows_2d and rows_3d for every group drawn "
+                         f"({', '.join(groups)}), or neither")
     nominal = {"cxr": tuple(cfg.buckets.nominal_cxr_shape), "ct": tuple(cfg.buckets.nominal_ct_shape)}
     try:
         recs = _records(cfg) if shapes is None else ((), ())
     except (ValueError, OSError):
         recs = ((), ())
-    out, mods = {}, []
+    mods = []
     for g, m, rs in zip(GROUPS, MODS, recs):
-        if not counts[g]:
-            continue
-        fixed = tuple(cfg.buckets.get(f"rows_{g}", ()))
-        if fixed:
-            out[g] = tuple(sorted(int(r) for r in fixed))
+        if g not in groups:
             continue
         if shapes is not None and shapes.get(m):
             found = [tuple(int(v) for v in x) for x in shapes[m]]
         else:
             found = [x for x in (_resized_shape(r, cfg) for r in rs[:: max(1, len(rs) // 2000)]) if x]
-        mods.append((g, found if found else [nominal[m]], counts[g]))  # empirical, with multiplicity
-    if mods:
-        budget = int(cfg.buckets.max_shapes) // math.prod(len(r) for r in out.values()) if out else \
-            int(cfg.buckets.max_shapes)
-        key = json.dumps(dict(mods=mods, seq_len=int(cfg.buckets.seq_len), slots=int(cfg.buckets.slots),
-                              max_shapes=max(1, budget), multiple_of=int(cfg.rows_multiple_of),
-                              view_kwargs=_view_kwargs(cfg), n_batches=int(cfg.buckets.auto_batches)),
-                         sort_keys=True)
-        out.update(_auto_rows(key))
-    return {g: out[g] for g in GROUPS if g in out}
+        mods.append((found if found else [nominal[m]], counts[g]))  # empirical, with multiplicity
+    key = json.dumps(dict(mods=mods, seq_len=int(cfg.buckets.seq_len), slots=int(cfg.buckets.slots),
+                          max_shapes=int(cfg.buckets.max_shapes), multiple_of=int(cfg.rows_multiple_of),
+                          view_kwargs=_view_kwargs(cfg), n_batches=int(cfg.buckets.auto_batches)),
+                     sort_keys=True)
+    return groups, _auto_buckets(key)
 
 
 def bucket_shapes(cfg, process_count: int = 1) -> list[tuple[tuple[int, int, int, int], ...]]:
     """Every train step shape on one process: a tuple of ``(rows, seq_len, slots, patch_dim)``,
     one per row group (2D rows ``P*P`` wide, 3D rows ``P**3``)."""
     s, v = int(cfg.buckets.seq_len), int(cfg.buckets.slots)
-    per_group = [[(r, s, v, packing.patch_dim_for(g == "3d")) for r in rows]
-                 for g, rows in bucket_rows(cfg, process_count).items()]
-    return list(itertools.product(*per_group))
+    groups, buckets = bucket_rows(cfg, process_count)
+    return [tuple((r, s, v, packing.patch_dim_for(g == "3d")) for g, r in zip(groups, rows))
+            for rows in buckets]

@@ -11,7 +11,7 @@ draws it from the view sampler) so that the expected padding is minimal.
 """
 from __future__ import annotations
 
-import math
+import itertools
 from typing import Sequence
 
 import numpy as np
@@ -23,11 +23,16 @@ class BucketError(ValueError):
     """A batch that fits no configured bucket (a configuration error)."""
 
 
-def empty_batch(rows: int, seq_len: int, slots: int, patch_dim: int, dtype=np.float32) -> PackedBatch:
+def empty_batch(rows: int, seq_len: int, slots: int, patch_dim: int, dtype=np.float32, *,
+                zero_patches: bool = True) -> PackedBatch:
+    """A bucket with no views. ``zero_patches=False`` leaves the patches uninitialised for a
+    writer that fills every entry (zeroing half a gigabyte first costs as much as the copy)."""
     shapes = shape_of(rows, seq_len, slots, patch_dim)
     dtypes = dict(FIELD_DTYPES, patches=dtype)
     fill = dict(view_sample=-1, view_index=-1)
-    return PackedBatch(**{f: np.full(shapes[f], fill.get(f, 0), dtypes[f]) for f in PackedBatch._fields})
+    out = {f: np.full(shapes[f], fill.get(f, 0), dtypes[f]) for f in PackedBatch._fields if f != "patches"}
+    out["patches"] = (np.zeros if zero_patches else np.empty)(shapes["patches"], dtype)
+    return PackedBatch(**out)
 
 
 def pack_rows(rows: Sequence[Sequence[View]], seq_len: int, slots: int,
@@ -43,7 +48,8 @@ def pack_rows(rows: Sequence[Sequence[View]], seq_len: int, slots: int,
     if patch_dim is None:
         dims = {v.patches.shape[1] for row in rows for v in row}
         patch_dim = PATCH * PATCH if dims == {PATCH * PATCH} else PATCH ** 3
-    batch = empty_batch(len(rows), seq_len, slots, patch_dim, dtype)
+    batch = empty_batch(len(rows), seq_len, slots, patch_dim, dtype, zero_patches=False)
+    zero = np.zeros((), dtype)
     for r, row in enumerate(rows):
         if len(row) > slots:
             raise ValueError(f"row {r} holds {len(row)} views but the bucket has {slots} slots")
@@ -58,7 +64,9 @@ def pack_rows(rows: Sequence[Sequence[View]], seq_len: int, slots: int,
             n, width = patches.shape
             if width > patch_dim:
                 raise ValueError(f"view of sample {v.sample} has patch width {width} > {patch_dim}")
-            batch.patches[r, pos:pos + n, :width] = to_wire(patches, dtype)
+            # a float wire dtype casts during the copy, without a temporary
+            batch.patches[r, pos:pos + n, :width] = to_wire(patches, dtype) if dtype == np.uint8 else patches
+            batch.patches[r, pos:pos + n, width:] = zero
             batch.segment_ids[r, pos:pos + n] = j + 1
             batch.coords[r, pos:pos + n] = v.coords
             batch.view_sample[r, j] = v.sample
@@ -66,6 +74,7 @@ def pack_rows(rows: Sequence[Sequence[View]], seq_len: int, slots: int,
             batch.view_modality[r, j] = v.modality
             batch.view_index[r, j] = v.index
             pos += n
+        batch.patches[r, pos:] = zero   # padding tokens
     return batch
 
 
@@ -123,15 +132,20 @@ def pack_groups(views: Sequence[View], groups: Sequence[str], seq_len: int, slot
     return tuple(out), np.asarray(need, np.int64)
 
 
-def bucket_for(rows_needed: int, row_buckets: Sequence[int]) -> int:
-    """The smallest of ``row_buckets`` that holds ``rows_needed`` rows; :class:`BucketError` if
-    none does."""
-    fits = [r for r in sorted(row_buckets) if r >= rows_needed]
+def bucket_for(rows_needed, buckets):
+    """The cheapest step shape that holds ``rows_needed``: ints -> the smallest of ``buckets``
+    that is at least as large; tuples (one count per row group) -> the tuple of ``buckets``
+    with the fewest rows in all that covers every group. :class:`BucketError` if none does."""
+    scalar = np.ndim(rows_needed) == 0
+    need = np.atleast_1d(np.asarray(rows_needed, np.int64))
+    fits = [b for b in sorted(buckets, key=lambda b: int(np.sum(b)))
+            if (np.atleast_1d(np.asarray(b)) >= need).all()]
     if not fits:
         raise BucketError(
-            f"a batch needs {rows_needed} rows but the largest bucket has {max(row_buckets)} "
-            f"rows; raise data.buckets.rows (or seq_len), or set data.buckets.rows=() to size "
-            f"them automatically from data.buckets.nominal_*_shape")
+            f"a batch needs {need.tolist() if not scalar else int(need[0])} rows but the largest "
+            f"bucket has {max(buckets, key=lambda b: int(np.sum(b)))}; raise "
+            f"data.buckets.rows_2d / rows_3d (or seq_len), or set them to () to size them "
+            f"automatically from data.buckets.nominal_*_shape")
     return fits[0]
 
 
@@ -155,64 +169,35 @@ def pack_into(views: Sequence[View], rows: int, seq_len: int, slots: int,
     return pad_rows(batch, rows)
 
 
-def pack_batch(views: Sequence[View], row_buckets: Sequence[int], seq_len: int, slots: int,
-               patch_dim: int) -> tuple[PackedBatch, dict]:
-    """Packs ``views`` into the smallest bucket of ``row_buckets`` rows that holds them (one
-    process: :func:`pack_compact`, :func:`bucket_for`, :func:`pad_rows`).
-
-    Returns ``(batch, info)`` with ``info`` = ``packing_efficiency`` (real tokens / capacity),
-    ``real_tokens``, ``rows``, ``rows_needed``. Raises :class:`BucketError` when even the largest
-    bucket is too small.
-    """
-    batch, info = pack_compact(views, seq_len, slots, patch_dim)
-    rows = bucket_for(int(info["rows_needed"]), row_buckets)
-    real = int(info["real_tokens"])
-    info.update(packing_efficiency=np.float32(real / (rows * seq_len)), rows=np.int64(rows))
-    return pad_rows(batch, rows), info
-
-
 def rows_needed(sizes: Sequence[int], seq_len: int, slots: int) -> int:
     return len(ffd_rows(sizes, seq_len, slots))
 
 
-def choose_rows(needed: Sequence[int], max_shapes: int, multiple_of: int = 1,
-                margin_sigma: float = 6.0) -> tuple[int, ...]:
-    """Row counts (at most ``max_shapes``, multiples of ``multiple_of``) minimising the expected
-    padding rows for the sampled ``needed`` distribution; the largest covers the sample maximum
-    and ``mean + margin_sigma * std`` (+1 row), so real batches practically always fit."""
-    needed = np.asarray(needed, np.int64)
+def choose_buckets(needed, max_shapes: int, multiple_of: int = 1, margin_sigma: float = 6.0
+                   ) -> tuple[tuple[int, ...], ...]:
+    """Step shapes for row groups: ``needed`` ``[N, G]`` sampled rows needed per group ->
+    at most ``max_shapes`` tuples of ``G`` row counts (multiples of ``multiple_of``) minimising
+    the expected padding rows when each step takes the cheapest tuple covering its needs
+    (:func:`bucket_for`). One tuple is always the safety shape: per group the sample maximum
+    and ``mean + margin_sigma * std`` (+1 row), so real batches practically always fit; the
+    others are chosen among the sampled needs (a joint choice: with two groups their shapes
+    need not form a grid)."""
+    needed = np.asarray(needed, np.int64).reshape(len(needed), -1)
     m = max(1, int(multiple_of))
-    up = lambda x: int(math.ceil(x / m) * m)
-    top = up(max(needed.max(), needed.mean() + margin_sigma * needed.std()) + 1)
-    cands = sorted({up(v) for v in needed} | {top})
-    cands = [c for c in cands if c <= top]
-    k = min(max_shapes, len(cands))
-    # DP over sorted candidates: cost of covering needed values with chosen thresholds.
-    vals, counts = np.unique(needed, return_counts=True)
-
-    def cost(lo_excl, hi):  # padding for needed values in (lo_excl, hi] served by hi
-        sel = (vals > lo_excl) & (vals <= hi)
-        return float(((hi - vals[sel]) * counts[sel]).sum())
-
-    n = len(cands)
-    INF = float("inf")
-    # best[j][c]: min cost with c thresholds, the largest being cands[j], covering vals <= cands[j]
-    best = [[INF] * (k + 1) for _ in range(n)]
-    prev = [[-1] * (k + 1) for _ in range(n)]
-    for j in range(n):
-        best[j][1] = cost(-1, cands[j])
-        for c in range(2, k + 1):
-            for i in range(j):
-                v = best[i][c - 1] + cost(cands[i], cands[j])
-                if v < best[j][c]:
-                    best[j][c], prev[j][c] = v, i
-    j = n - 1
-    c = min(range(1, k + 1), key=lambda c: best[j][c])
-    out = []
-    while j >= 0 and c >= 1:
-        out.append(cands[j])
-        j, c = prev[j][c], c - 1
-    return tuple(sorted(out))
+    up = lambda x: (np.ceil(np.asarray(x) / m) * m).astype(np.int64)
+    top = tuple(int(v) for v in up(np.maximum(needed.max(0), needed.mean(0) + margin_sigma * needed.std(0)) + 1))
+    cands = sorted({tuple(int(v) for v in up(n)) for n in needed} - {top})
+    # cost[c, i]: padding rows when sample i takes candidate c (inf where c does not cover it)
+    table = np.asarray(cands + [top], np.int64).reshape(-1, needed.shape[1])
+    covers = (table[:, None, :] >= needed[None]).all(-1)
+    cost = np.where(covers, table.sum(1)[:, None] - needed.sum(1)[None], np.inf)
+    best, pick = cost[-1].mean(), ()
+    for k in range(1, min(max_shapes - 1, len(cands)) + 1):
+        for combo in itertools.combinations(range(len(cands)), k):
+            c = np.minimum(cost[list(combo)].min(0), cost[-1]).mean()
+            if c < best - 1e-9:
+                best, pick = c, combo
+    return tuple(sorted([cands[i] for i in pick] + [top], key=sum))
 
 
 def patch_dim_for(has_3d: bool, p: int = PATCH) -> int:

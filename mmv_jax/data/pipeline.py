@@ -110,8 +110,7 @@ class _TrainSource:
         self.views = dict(_view_kwargs(cfg), long_side_2d=int(cfg.views.long_side_2d),
                           long_side_3d=int(cfg.views.long_side_3d), flips=tuple(cfg.views.flips))
         self.window = tuple(cfg.ct_window)
-        self.rows = bucket_rows(cfg, process_count)
-        self.groups = tuple(self.rows)
+        self.groups, self.rows = bucket_rows(cfg, process_count)
         self.seq_len, self.slots = int(cfg.buckets.seq_len), int(cfg.buckets.slots)
         self.dtype = wire_dtype(cfg.patch_dtype)
         self.retries = int(cfg.max_bad_retries)
@@ -195,7 +194,7 @@ class _TrainIterator(grain.DatasetIterator):
     The pipeline starts lazily, on the first ``next``.
     """
 
-    def __init__(self, factory, *, rows: dict[str, tuple[int, ...]], seq_len: int, max_bad_fraction: float,
+    def __init__(self, factory, *, rows: tuple[tuple[int, ...], ...], seq_len: int, max_bad_fraction: float,
                  min_files: int, samples_per_batch: int, gather=None, cached: bool = True,
                  workers: int = 0):
         super().__init__()
@@ -230,7 +229,7 @@ class _TrainIterator(grain.DatasetIterator):
                 log.warning("skipping bad file %s: %s", path, reason)
             if len(self._first_bad) < 10:
                 self._first_bad.append((path, reason))
-        ng = len(self._rows)
+        ng = len(self._rows[0])
         local = np.array([*info["rows_needed"], info["real_tokens"], len(bad), info["tried"]],
                          np.int64)
         t0 = time.perf_counter()
@@ -238,8 +237,8 @@ class _TrainIterator(grain.DatasetIterator):
         agree_s = time.perf_counter() - t0
         need = table[:, :ng].max(0)
         real, n_bad, tried = table[:, ng:].sum(0)
-        # the same on every process: each group pads to the bucket of the largest need
-        rows = [packing.bucket_for(int(n), r) for n, r in zip(need, self._rows.values())]
+        # the same on every process: the cheapest step shape holding every group's largest need
+        rows = packing.bucket_for(tuple(int(n) for n in need), self._rows)
         batch = tuple(packing.pad_rows(b, r) for b, r in zip(batch, rows))
         self._bad += int(n_bad)
         self._tried += int(tried)

@@ -101,8 +101,7 @@ def _local_buckets_differ(manifest, steps):
     cfg.buckets.rows_2d, cfg.buckets.rows_3d = (2, 4), (2, 4, 8)
     srcs = [pipeline._TrainSource(cfg, 0, p, 2) for p in range(2)]
     return [s for s in range(steps)
-            if len({tuple(packing.bucket_for(int(n), r) for n, r in zip(src[s][1]["rows_needed"],
-                                                                         ((2, 4), (2, 4, 8))))
+            if len({packing.bucket_for(tuple(src[s][1]["rows_needed"]), pipeline.bucket_rows(cfg, 2)[1])
                     for src in srcs}) > 1]
 
 
