@@ -1,4 +1,5 @@
-"""Pallas TPU segment attention: interpret mode vs references (CPU), and a real TPU compile.
+"""Pallas TPU segment attention: interpret mode vs the dense reference (CPU), and a real TPU
+compile, dispatched by impl="auto" from the TPU mesh's platform.
 
 The interpret-mode tests use small shapes (S <= 512, block 128): the Pallas interpreter is slow.
 The compile test builds the real Mosaic kernels for a TPU topology from CPU (needs libtpu,
@@ -11,15 +12,14 @@ import subprocess
 import sys
 import textwrap
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-jax = pytest.importorskip("jax")
-jnp = jax.numpy
-
-from mmv_jax.kernels import blocks  # noqa: E402
-from mmv_jax.kernels import pallas_tpu  # noqa: E402
-from mmv_jax.kernels.pallas_tpu import segment_attention_pallas  # noqa: E402
+from mmv_jax.kernels import pallas_tpu
+from mmv_jax.kernels.pallas_tpu import segment_attention_pallas
+from mmv_jax.kernels.reference import segment_attention_reference
 
 S, H, D = 384, 2, 64
 
@@ -54,39 +54,9 @@ def _layouts(s=S):
     return rows
 
 
-def _naive(q, k, v, seg):
-    """Per-segment loop in float64 numpy: softmax(q k^T / sqrt(D)) v inside each segment."""
-    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-    out = np.zeros_like(q)
-    for b in range(q.shape[0]):
-        for sid in np.unique(seg[b][seg[b] != 0]):
-            idx = np.nonzero(seg[b] == sid)[0]
-            s = np.einsum("qhd,khd->hqk", q[b, idx], k[b, idx]) / np.sqrt(q.shape[-1])
-            p = np.exp(s - s.max(-1, keepdims=True))
-            p /= p.sum(-1, keepdims=True)
-            out[b, idx] = np.einsum("hqk,khd->qhd", p, v[b, idx])
-    return out
-
-
-def _dense_ref(q, k, v, seg):
-    """Dense masked attention in fp32 JAX (differentiable reference)."""
-    qf, kf, vf = (x.astype(jnp.float32) for x in (q, k, v))
-    s = jnp.einsum("bqhd,bkhd->bhqk", qf, kf) / np.sqrt(q.shape[-1])
-    m = ((seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] != 0))[:, None]
-    s = jnp.where(m, s, -1e30)
-    p = jnp.where(m, jnp.exp(s - s.max(-1, keepdims=True)), 0.0)
-    l = p.sum(-1, keepdims=True)
-    p = p / jnp.where(l > 0, l, 1.0)
-    return jnp.einsum("bhqk,bkhd->bqhd", p, vf)
-
-
 def _reference(q, k, v, seg):
-    try:
-        from mmv_jax.kernels.xla import segment_attention_xla
-    except ImportError:
-        return _dense_ref(q, k, v, seg)
-    qf, kf, vf = (x.astype(jnp.float32) for x in (q, k, v))
-    return segment_attention_xla(qf, kf, vf, seg)
+    """The dense definition in fp32 (and fp32 out, so bf16 kernels are compared to fp32 math)."""
+    return segment_attention_reference(*(x.astype(jnp.float32) for x in (q, k, v)), seg)
 
 
 def _inputs(dtype, seg, h=H, d=D, seed=0):
@@ -115,7 +85,6 @@ def test_forward_and_grad_fp32():
     seg = _layouts()
     (q, k, v), segj = _inputs(jnp.float32, seg)
     out = segment_attention_pallas(q, k, v, segj, interpret=True)
-    np.testing.assert_allclose(np.asarray(out), _naive(q, k, v, seg), atol=1e-5, rtol=0)
     np.testing.assert_allclose(np.asarray(out), np.asarray(_reference(q, k, v, segj)), atol=1e-5,
                                rtol=0)
     assert not np.asarray(out)[seg == 0].any()          # padding query rows are exactly zero
@@ -132,7 +101,7 @@ def test_forward_and_grad_bf16():
     (q, k, v), segj = _inputs(jnp.bfloat16, seg, seed=1)
     out = segment_attention_pallas(q, k, v, segj, interpret=True)
     assert out.dtype == jnp.bfloat16
-    assert _rel(out, _naive(q, k, v, seg)) <= 2e-2
+    assert _rel(out, _reference(q, k, v, segj)) <= 2e-2
     g = jax.grad(_loss(_kernel(), segj, D), argnums=(0, 1, 2))(q, k, v)
     g_ref = jax.grad(_loss(_reference, segj, D), argnums=(0, 1, 2))(
         *(x.astype(jnp.float32) for x in (q, k, v)))
@@ -145,9 +114,9 @@ def test_rectangular_blocks_and_other_head_dim():
     seg = _layouts(512)[[0, 3]]
     (q, k, v), segj = _inputs(jnp.float32, seg, h=1, d=32, seed=2)
     kern = _kernel(block_q=128, block_k=256)
-    np.testing.assert_allclose(np.asarray(kern(q, k, v, segj)), _naive(q, k, v, seg), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(kern(q, k, v, segj)), _reference(q, k, v, segj), atol=1e-5)
     g = jax.grad(_loss(kern, segj, 32), argnums=(0, 1, 2))(q, k, v)
-    g_ref = jax.grad(_loss(_dense_ref, segj, 32), argnums=(0, 1, 2))(q, k, v)
+    g_ref = jax.grad(_loss(_reference, segj, 32), argnums=(0, 1, 2))(q, k, v)
     for a, b in zip(g, g_ref):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0)
 
@@ -164,7 +133,7 @@ def test_skipped_blocks_are_never_read():
     qp, kp, vp = q + nan_block1, k + nan_block1, v + nan_block1
     out = segment_attention_pallas(qp, kp, vp, segj, interpret=True)
     assert np.isfinite(np.asarray(out)).all()
-    np.testing.assert_allclose(np.asarray(out), _naive(q, k, v, seg), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(out), _reference(q, k, v, segj), atol=1e-5)
     g = jax.grad(_loss(_kernel(), segj, D), argnums=(0, 1, 2))(qp, kp, vp)
     for a in g:
         a = np.asarray(a)
@@ -192,9 +161,9 @@ def test_max_segment_len_bounds_the_grid():
     seg[1, 300:420] = 0
     (q, k, v), segj = _inputs(jnp.float32, seg, h=1, seed=6)
     kern = _kernel(max_segment_len=L)
-    np.testing.assert_allclose(np.asarray(kern(q, k, v, segj)), _naive(q, k, v, seg), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(kern(q, k, v, segj)), _reference(q, k, v, segj), atol=1e-5)
     g = jax.grad(_loss(kern, segj, D), argnums=(0, 1, 2))(q, k, v)
-    g_ref = jax.grad(_loss(_dense_ref, segj, D), argnums=(0, 1, 2))(q, k, v)
+    g_ref = jax.grad(_loss(_reference, segj, D), argnums=(0, 1, 2))(q, k, v)
     for a, b in zip(g, g_ref):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0)
 
@@ -206,29 +175,13 @@ def test_max_segment_len_violation_stays_correct():
     seg[1] = _short_segments_row(768, np.random.default_rng(8), 60)
     (q, k, v), segj = _inputs(jnp.float32, seg, h=1, seed=7)
     kern = _kernel(max_segment_len=60)
-    np.testing.assert_allclose(np.asarray(kern(q, k, v, segj)), _naive(q, k, v, seg), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(kern(q, k, v, segj)), _reference(q, k, v, segj), atol=1e-5)
     g = jax.grad(_loss(kern, segj, D), argnums=(0, 1, 2))(q, k, v)
-    g_ref = jax.grad(_loss(_dense_ref, segj, D), argnums=(0, 1, 2))(q, k, v)
+    g_ref = jax.grad(_loss(_reference, segj, D), argnums=(0, 1, 2))(q, k, v)
     for a, b in zip(g, g_ref):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="max_segment_len"):
         segment_attention_pallas(q, k, v, segj, interpret=True, max_segment_len=0)
-
-
-def test_metadata_matches_numpy_helper():
-    seg = _layouts(512)
-    meta = pallas_tpu._metadata(jnp.asarray(seg), 128, 128)
-    qlo, qhi, klo, khi, kstart, kend, qstart, qend = (np.asarray(m).reshape(len(seg), -1)
-                                                      for m in meta)
-    for r, row in enumerate(seg):
-        lo, hi = blocks.block_ranges(row, 128)
-        np.testing.assert_array_equal(qlo[r], lo)
-        np.testing.assert_array_equal(khi[r], hi)
-        st, en = blocks.kv_block_spans(row, 128, 128)
-        np.testing.assert_array_equal(kstart[r], st)
-        np.testing.assert_array_equal(kend[r], en)
-        np.testing.assert_array_equal(qstart[r], st)     # overlap is symmetric for equal blocks
-        np.testing.assert_array_equal(qend[r], en)
 
 
 @pytest.mark.parametrize("kwargs,shape,dtype,match", [
@@ -248,21 +201,19 @@ _COMPILE_SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp
     from jax.experimental import topologies
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from mmv_jax.kernels.pallas_tpu import segment_attention_pallas
+    from mmv_jax.kernels.attention import resolve_platform, segment_attention
 
     topo = topologies.get_topology_desc("v5e:2x2", "tpu")
     n = len(topo.devices)
     mesh = topologies.make_mesh(topo, (n,), ("data",))
+    platform = resolve_platform(mesh)  # "tpu" on this CPU host: impl="auto" picks the kernel
+    assert platform == "tpu", platform
     spec = P("data")
-    if hasattr(jax, "shard_map"):
-        smap = lambda f: jax.shard_map(f, mesh=mesh, in_specs=(spec,) * 4, out_specs=spec,
-                                       check_vma=False)
-    else:
-        from jax.experimental.shard_map import shard_map
-        smap = lambda f: shard_map(f, mesh=mesh, in_specs=(spec,) * 4, out_specs=spec,
-                                   check_rep=False)
+    smap = lambda f: jax.shard_map(f, mesh=mesh, in_specs=(spec,) * 4, out_specs=spec,
+                                   check_vma=False)
     for S, H, L in ((4096, 6, None), (4096, 12, 512), (8192, 6, 512), (8192, 12, 512)):
-        attn = smap(lambda q, k, v, s: segment_attention_pallas(q, k, v, s, max_segment_len=L))
+        attn = smap(lambda q, k, v, s: segment_attention(q, k, v, s, platform=platform,
+                                                         max_segment_len=L))
         loss = lambda q, k, v, s: jnp.sum(attn(q, k, v, s).astype(jnp.float32))
         step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
         sds = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=NamedSharding(mesh, spec))

@@ -1,4 +1,4 @@
-"""Attention-kernel block skipping on realistic packed layouts (numpy only, no device).
+"""Attention-kernel block skipping on realistic packed layouts (no timing: counts only).
 
 ``python tools/bench.py kernels [--seq-lens 4096 8192 16384] [--batches 4] [--seed 0]``
 
@@ -18,7 +18,7 @@ import sys
 
 import numpy as np
 
-from mmv_jax.kernels import blocks
+from benchlib import skipped_fraction, useful_fraction
 
 PATCH_PX = 14
 SIDE_2D_PX = 224          # 16 x 16 patches
@@ -107,10 +107,10 @@ def layout_stats(seg: np.ndarray) -> dict:
         "rows": int(seg.shape[0]),
         "packing_efficiency": float((seg != 0).mean()),
         "segments_per_row": float(np.mean([len(np.unique(r[r != 0])) for r in seg])),
-        "useful_fraction": blocks.useful_flops_fraction(seg),
+        "useful_fraction": useful_fraction(seg),
     }
     for name, (bq, bk) in KERNEL_BLOCKS.items():
-        stats[f"skipped_{name}"] = blocks.skipped_fraction(seg, bq, bk)
+        stats[f"skipped_{name}"] = skipped_fraction(seg, bq, bk)
     return stats
 
 

@@ -6,18 +6,19 @@
 
 Section `kernels`:
   1. environment: jax/jaxlib/plugin versions, devices, triton / jax-triton and what is missing;
-  2. checks the Triton kernel (`impl="triton_gpu"`) against the XLA reference on packed rows —
-     forward and gradients, bf16 (relative L2 <= 2e-2) and fp32 (max abs <= 1e-4);
-  3. times the kernel vs the XLA reference (banded by the row's longest segment) vs dense masked
-     attention, forward and forward+backward, on packed rows of 4096-32768 tokens holding 1, 8
+  2. checks the Triton kernel (`impl="triton_gpu"`) against the dense reference
+     (`kernels/reference.py`, fp32) on packed rows — forward and gradients, bf16 (relative
+     L2 <= 2e-2) and fp32 (max abs <= 1e-4);
+  3. times the kernel vs the XLA path (bounded by the row's longest segment) vs the dense
+     reference, forward and forward+backward, on packed rows of 4096-32768 tokens holding 1, 8
      and 64 equal segments and one realistic packed layout (tools/bench_kernels.py), and prints a
      table: ms, TFLOP/s on useful work (4 * H * D * sum(len^2) forward, 2.5x that backward),
      TFLOP/s on the blocks the kernel computes, and the fraction of blocks skipped.
 Section `train`: a few steps of the real sharded train step (ViT-S/14 and B/14, bf16 compute,
 the kernel under test) on packed rows of the paper's mix: step time, tokens/s, MFU, compile time.
 Section `e2e` (not in the default set): the launcher on the demo data, real Grain pipeline, then
-a resume from its checkpoint (`--e2e-*` options). On an H200 (16 cores) 16 steps of S/14 at
-32 CXR + 8 CT per step took 98 s, 48 s of it the first step (compile, loader start).
+a resume from its checkpoint (`--e2e-*` options); it takes minutes, half of them in the first
+step (compile, loader start), hence `--e2e-timeout`.
 Sections are functions in SECTIONS (`name -> fn(args) -> ok`).
 Exit status 0 when every check passed, 1 otherwise, 2 when something needed is missing.
 """
@@ -25,10 +26,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import math
 import os
 import shutil
-import statistics
 import sys
 import time
 import traceback
@@ -79,22 +78,10 @@ def environment(args) -> dict:
 
 # ----------------------------------------------------------------------------- attention variants
 
-def dense_attention(q, k, v, seg):
-    """Plain dense masked attention: S^2 logits, input-dtype matmuls, fp32 softmax."""
-    import jax.numpy as jnp
-    s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-    s = s / math.sqrt(q.shape[-1])
-    m = ((seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] != 0))[:, None]
-    s = jnp.where(m, s, -1e30)
-    p = jnp.where(m, jnp.exp(s - s.max(-1, keepdims=True)), 0.0)
-    p = p / jnp.maximum(p.sum(-1, keepdims=True), 1e-30)
-    return jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), v,
-                      preferred_element_type=jnp.float32).astype(q.dtype)
-
-
 def _impls(args, max_len):
     """name -> fn(q, k, v, seg), in table order. The 'kernel' slot is the XLA path on dry runs."""
     from mmv_jax.kernels.attention import segment_attention
+    from mmv_jax.kernels.reference import segment_attention_reference
     out = {}
     kernel_impl = "xla" if args.dry_run else args.impl
     if args.kernel_ok and kernel_impl == "pallas_tpu":   # pass the static span bound
@@ -105,7 +92,7 @@ def _impls(args, max_len):
         out["kernel"] = lambda q, k, v, s: segment_attention(q, k, v, s, impl=kernel_impl)
     out["xla"] = lambda q, k, v, s: segment_attention(q, k, v, s, impl="xla",
                                                       max_segment_len=max_len)
-    out["dense"] = dense_attention
+    out["dense"] = segment_attention_reference
     return out
 
 
@@ -130,6 +117,7 @@ def check_correctness(args) -> bool:
     import jax
     import jax.numpy as jnp
     from mmv_jax.kernels.attention import segment_attention
+    from mmv_jax.kernels.reference import segment_attention_reference
     ok_all = True
     s = args.check_seq
     seg = np.concatenate([lay for _, lay in layouts(s, [1, 5])])
@@ -147,9 +135,9 @@ def check_correctness(args) -> bool:
                 return lambda q, k, v: jnp.sum(fn(q, k, v, segj).astype(jnp.float32) * w)
 
             cand = lambda q, k, v, sg: segment_attention(q, k, v, sg, impl=kernel_impl)
-            ref = lambda q, k, v, sg: segment_attention(
-                q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), sg, impl="xla")
-            label = f"{kernel_impl} vs xla  D={d} {jnp.dtype(dtype).name:8s}"
+            ref = lambda q, k, v, sg: segment_attention_reference(
+                q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), sg)
+            label = f"{kernel_impl} vs reference  D={d} {jnp.dtype(dtype).name:8s}"
             try:
                 with jax.default_matmul_precision("highest"):
                     want = [jax.jit(ref)(q, k, v, segj)] + list(
@@ -180,22 +168,10 @@ def check_correctness(args) -> bool:
 
 # ----------------------------------------------------------------------------- timing
 
-def _time(fn, argv, repeats):
-    import jax
-    out = fn(*argv)
-    jax.block_until_ready(out)
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*argv))
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
-
-
 def time_kernels(args) -> list[dict]:
     import jax
     import jax.numpy as jnp
-    from mmv_jax.kernels import blocks
+    from benchlib import block_counts, time_fn, useful_fraction
     rng = np.random.default_rng(1)
     h, d = args.heads, args.head_dim
     dtype = jnp.dtype(args.dtype)
@@ -207,10 +183,9 @@ def time_kernels(args) -> list[dict]:
     for s in args.seq_lens:
         for name, seg in layouts(s, args.segments):
             segj = jnp.asarray(seg)
-            useful = float(sum((np.unique(r[r != 0], return_counts=True)[1].astype(np.float64) ** 2).sum()
-                               for r in seg))
-            computed, _ = blocks.block_counts(seg, block_q, block_k)
-            skipped = blocks.skipped_fraction(seg, block_q, block_k)
+            useful = useful_fraction(seg) * seg.size * s       # sum of len^2 over the segments
+            computed, total = block_counts(seg, block_q, block_k)
+            skipped = 1.0 - computed / total
             fl_useful = 4.0 * h * d * useful
             fl_blocks = 4.0 * h * d * computed * block_q * block_k
             q, k, v = (jnp.asarray(rng.standard_normal((1, s, h, d)), jnp.float32).astype(dtype)
@@ -226,7 +201,7 @@ def time_kernels(args) -> list[dict]:
                             jnp.float32)), argnums=(0, 1, 2)))
                     rec = dict(seq_len=s, layout=name, skipped=skipped, impl=impl, pass_=pas)
                     try:
-                        t = _time(f, (q, k, v), args.repeats)
+                        t = time_fn(lambda f=f: jax.block_until_ready(f(q, k, v)), args.repeats)
                         rec.update(ms=1e3 * t, tflops_useful=mult * fl_useful / t / 1e12,
                                    tflops_blocks=mult * fl_blocks / t / 1e12)
                         print(f"  {s:>6} {name:>10} {skipped:>6.3f} {impl:>7} {pas:>8} {1e3 * t:>9.3f} "
@@ -253,7 +228,7 @@ def section_kernels(args) -> bool:
         args.kernel_ok = False
     ok = True
     if args.kernel_ok:
-        print(f"== correctness ({'xla (dry run)' if args.dry_run else args.impl} vs XLA reference)")
+        print(f"== correctness ({'xla (dry run)' if args.dry_run else args.impl} vs the dense reference)")
         ok = check_correctness(args)
     else:
         print(f"== correctness: SKIPPED ({args.impl} unavailable)")

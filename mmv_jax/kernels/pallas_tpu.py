@@ -8,9 +8,9 @@ Softmax scale 1/sqrt(D). Forward and backward are Pallas kernels tied by `jax.cu
 matmuls take the input dtype (bf16 or fp32) and accumulate in fp32.
 
 Block skipping. Packed rows hold contiguous segments, so a (q-block, k-block) pair whose
-segment-id ranges do not overlap is fully masked. Per-block ranges (min/max non-zero id,
-`block_segment_ranges`, equal to `kernels.blocks.block_ranges`) and, per q-block, the first/last
-overlapping k-block are computed in JAX and scalar-prefetched into SMEM. The inner grid axis
+segment-id ranges do not overlap is fully masked. Per-block ranges (min/max non-zero id) and,
+per q-block, the first/last overlapping k-block (`kernels.blocks.block_metadata`) are computed
+in JAX and scalar-prefetched into SMEM. The inner grid axis
 walks that span: its index map clamps into the span (a repeated block index issues no DMA) and
 the body runs only for pairs whose ranges overlap, so compute and HBM traffic follow
 sum(len_i^2), not S^2. The dK/dV kernel does the same with q- and k-roles swapped. One program
@@ -18,12 +18,12 @@ handles all H heads of its block (the mask is head-independent): grid (B, blocks
 Pass `max_segment_len` (the packer's largest view): the inner axis then has
 `span_bound(...)` steps instead of S / block, so even the idle grid steps stop growing with S^2.
 The bound is checked at run time: a batch whose spans exceed it runs the unbounded grid instead
-(`lax.cond`; correct attention, at the cost of no bound), as the XLA reference does.
+(`lax.cond`; correct attention, at the cost of no bound), as the XLA path does.
 
-Constraints (ValueError otherwise): S a multiple of BLOCK (128) — the packer's bucket lengths
-must be multiples of `SEQ_MULTIPLE`; head dim D <= 128 and a multiple of 8, or a multiple of
-128; dtype float32 or bfloat16. Mosaic kernels are not auto-partitioned: call this inside
-`jax.shard_map` with the batch sharded (each device runs the kernel on its rows).
+Constraints (ValueError otherwise): S a multiple of block_q and block_k (default 128: the
+packer's bucket lengths are multiples of `SEQ_MULTIPLE`); head dim D <= 128 and a multiple of 8,
+or a multiple of 128; dtype float32 or bfloat16. Mosaic kernels are not auto-partitioned: call
+this inside `jax.shard_map` with the batch sharded (each device runs the kernel on its rows).
 Modelled on jax's splash attention (SegmentIds, lane-replicated row statistics, separate dQ
 and dK/dV backward kernels); the block skipping here is data-dependent instead of a static mask.
 """
@@ -38,20 +38,16 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-BLOCK = 128            # default q and k block sizes (tokens)
-BLOCK_Q = BLOCK
-BLOCK_K = BLOCK
-SEQ_MULTIPLE = BLOCK   # packer bucket lengths must be multiples of this
+from mmv_jax.kernels.blocks import SEQ_MULTIPLE, block_metadata, check_qkv
+
+BLOCK_Q = SEQ_MULTIPLE  # default q and k block sizes (tokens)
+BLOCK_K = SEQ_MULTIPLE
 NUM_LANES = 128
-from mmv_jax.kernels.block_meta import (  # noqa: E402,F401  (block_overlap_mask: tests)
-    block_metadata as _metadata, block_overlap_mask, block_segment_ranges)
-from mmv_jax.kernels.blocks import check_qkv  # noqa: E402
 
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 _MASK_VALUE = -1e30    # finite: masked logits never make inf - inf
 
-_SQUEEZED = pl.Squeezed() if hasattr(pl, "Squeezed") else None
-_CompilerParams = getattr(pltpu, "CompilerParams", None) or getattr(pltpu, "TPUCompilerParams")
+_SQUEEZED = pl.Squeezed()
 _TRANS_B = (((1,), (1,)), ((), ()))
 
 
@@ -71,7 +67,7 @@ def check_supported(q, k, v, segment_ids, *, block_q: int = BLOCK_Q, block_k: in
             f"or a multiple of {NUM_LANES}")
 
 
-# ----------------------------------------------------------------------------- block metadata
+# ----------------------------------------------------------------------------- grid steps
 
 def _clamp_step(start, end, j):
     """Block index visited at step j of a span [start, end]: stays put past the end (no DMA)."""
@@ -238,7 +234,7 @@ def _forward(q, k, v, segment_ids, meta, *, block_q, block_k, ksteps, interpret)
         grid_spec=grid_spec,
         out_shape=[jax.ShapeDtypeStruct((b, h, s, d), q.dtype),
                    jax.ShapeDtypeStruct((b, h, s, NUM_LANES), jnp.float32)],
-        compiler_params=_CompilerParams(**_PARAMS),
+        compiler_params=pltpu.CompilerParams(**_PARAMS),
         interpret=interpret,
         name="segment_attention_fwd",
     )(*meta, q, k, v, qseg, kseg)
@@ -333,7 +329,7 @@ def _backward(q, k, v, segment_ids, meta, o, lse, do, *, block_q, block_k, kstep
             out_specs=sp["q"],
             scratch_shapes=[pltpu.VMEM((h, block_q, d), jnp.float32)]),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        compiler_params=_CompilerParams(**_PARAMS),
+        compiler_params=pltpu.CompilerParams(**_PARAMS),
         interpret=interpret,
         name="segment_attention_dq",
     )(*meta, q, k, v, qseg, kseg, lse, di, do)
@@ -350,7 +346,7 @@ def _backward(q, k, v, segment_ids, meta, o, lse, do, *, block_q, block_k, kstep
             scratch_shapes=[pltpu.VMEM((h, block_k, d), jnp.float32),
                             pltpu.VMEM((h, block_k, d), jnp.float32)]),
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        compiler_params=_CompilerParams(**_PARAMS),
+        compiler_params=pltpu.CompilerParams(**_PARAMS),
         interpret=interpret,
         name="segment_attention_dkv",
     )(*meta, q, k, v, qseg, kseg, lse, di, do)
@@ -378,7 +374,7 @@ def _attention_bhsd(q, k, v, segment_ids, block_q, block_k, max_segment_len, int
 
 
 def _attention_fwd(q, k, v, segment_ids, block_q, block_k, max_segment_len, interpret):
-    meta = _metadata(segment_ids, block_q, block_k)
+    meta = block_metadata(segment_ids, block_q, block_k)
     ksteps, qsteps = _steps(segment_ids, block_q, block_k, max_segment_len)
     o, lse = _forward(q, k, v, segment_ids, meta, block_q=block_q, block_k=block_k,
                       ksteps=ksteps, interpret=interpret)
@@ -389,7 +385,7 @@ def _attention_fwd(q, k, v, segment_ids, block_q, block_k, max_segment_len, inte
 
 def _attention_bwd(block_q, block_k, max_segment_len, interpret, res, do):
     q, k, v, segment_ids, o, lse = res
-    meta = _metadata(segment_ids, block_q, block_k)
+    meta = block_metadata(segment_ids, block_q, block_k)
     ksteps, qsteps = _steps(segment_ids, block_q, block_k, max_segment_len)
     dq, dk, dv = _backward(q, k, v, segment_ids, meta, o, lse, do, block_q=block_q,
                            block_k=block_k, ksteps=ksteps, qsteps=qsteps, interpret=interpret)
@@ -422,5 +418,5 @@ def segment_attention_pallas(q, k, v, segment_ids, *, interpret=False,
     steps = _steps(seg, bq, bk, bound)
     if bound is None or steps == _steps(seg, bq, bk, None):
         return t(run(None)(*args))
-    fits = _span_ok(_metadata(seg, bq, bk), *steps)
+    fits = _span_ok(block_metadata(seg, bq, bk), *steps)
     return t(lax.cond(fits, run(bound), run(None), *args))

@@ -7,7 +7,7 @@ launched through jax-triton's `triton_call` and tied by `jax.custom_vjp`. Inputs
 fp32; fp32 accumulation (fp32 matmuls in IEEE precision, not TF32). Head dim 64 or 128.
 
 Block skipping: per-block segment-id ranges give, per q-block (per k-block for dK/dV), the
-span of blocks whose ranges overlap (`block_metadata`, equal to `kernels.blocks`); each program
+span of blocks whose ranges overlap (`kernels.blocks.block_metadata`); each program
 loops over its span only, so the work follows sum(len_i^2), not S^2. For the packer's rows
 (contiguous segments, ids increasing along the row) the span is exactly the set of overlapping
 blocks; for other rows blocks inside the span are computed fully masked (still correct). The
@@ -31,6 +31,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from mmv_jax.kernels.blocks import SEQ_MULTIPLE, block_metadata, check_qkv
+
 try:
     import triton
     import triton.language as tl
@@ -45,10 +47,7 @@ BLOCK_M = 128        # forward q-block
 BLOCK_N = 64         # forward k-block
 BLOCK_M_BWD = 64     # backward q-block
 BLOCK_N_BWD = 64     # backward k-block
-SEQ_MULTIPLE = 128   # packer bucket lengths must be multiples of this
 HEAD_DIMS = (64, 128)
-from mmv_jax.kernels.block_meta import block_metadata, block_segment_ranges  # noqa: E402,F401
-from mmv_jax.kernels.blocks import check_qkv  # noqa: E402
 
 SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 NUM_STAGES = 2
@@ -57,8 +56,6 @@ NUM_STAGES = 2
 def num_warps(head_dim: int) -> int:
     """4 warps for D=64; 8 for D=128 (the fp32 accumulators would spill with 4)."""
     return 4 if head_dim <= 64 else 8
-
-
 
 
 def check_supported(q, k, v, segment_ids):
@@ -75,6 +72,15 @@ def check_supported(q, k, v, segment_ids):
 # ----------------------------------------------------------------------------- kernels
 
 if triton is not None:
+
+    @triton.jit
+    def _dot(a, b, IEEE: tl.constexpr):
+        """a @ b accumulated in fp32; fp32 inputs multiply in IEEE precision, not TF32 (the
+        precision fp32 callers ask for). The branch is resolved at compile time."""
+        if IEEE:
+            return tl.dot(a, b, input_precision="ieee")
+        else:
+            return tl.dot(a, b)
 
     @triton.jit
     def _fwd_kernel(Q, K, V, SEG, KSTART, KEND, O, LSE,
@@ -104,10 +110,7 @@ if triton is not None:
             k = tl.load(K + base + offs_n[:, None] * row_stride + offs_d[None, :])
             v = tl.load(V + base + offs_n[:, None] * row_stride + offs_d[None, :])
             kseg = tl.load(SEG + b * SEQ + offs_n)
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
+            s = _dot(q, tl.trans(k), IEEE)
             s = s * SM_SCALE
             mask = (qseg[:, None] == kseg[None, :]) & (qseg[:, None] != 0)
             s = tl.where(mask, s, -1e30)
@@ -115,10 +118,7 @@ if triton is not None:
             p = tl.where(mask, tl.exp(s - m_new[:, None]), 0.0)
             alpha = tl.exp(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
-            if IEEE:
-                pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(v.dtype), v)
+            pv = _dot(p.to(v.dtype), v, IEEE)
             acc = acc * alpha[:, None] + pv
             m_i = m_new
         has = l_i > 0.0
@@ -158,19 +158,12 @@ if triton is not None:
             k = tl.load(K + base + offs_n[:, None] * row_stride + offs_d[None, :])
             v = tl.load(V + base + offs_n[:, None] * row_stride + offs_d[None, :])
             kseg = tl.load(SEG + b * SEQ + offs_n)
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
-                dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
-                dp = tl.dot(do, tl.trans(v))
+            s = _dot(q, tl.trans(k), IEEE)
+            dp = _dot(do, tl.trans(v), IEEE)
             mask = (qseg[:, None] == kseg[None, :]) & (qseg[:, None] != 0)
             p = tl.where(mask, tl.exp(s * SM_SCALE - lse[:, None]), 0.0)
             ds = p * (dp - delta[:, None])
-            if IEEE:
-                dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
-            else:
-                dq += tl.dot(ds.to(k.dtype), k)
+            dq += _dot(ds.to(k.dtype), k, IEEE)
         dq = dq * SM_SCALE
         tl.store(DQ + q_ptrs, dq.to(DQ.dtype.element_ty))
 
@@ -206,21 +199,13 @@ if triton is not None:
             qseg = tl.load(SEG + b * SEQ + offs_m)
             lse = tl.load(LSE + pid_bh * SEQ + offs_m)
             delta = tl.load(DELTA + pid_bh * SEQ + offs_m)
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
-                dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
-                dp = tl.dot(do, tl.trans(v))
+            s = _dot(q, tl.trans(k), IEEE)
+            dp = _dot(do, tl.trans(v), IEEE)
             mask = (qseg[:, None] == kseg[None, :]) & (qseg[:, None] != 0)
             p = tl.where(mask, tl.exp(s * SM_SCALE - lse[:, None]), 0.0)          # [BM, BN]
             ds = p * (dp - delta[:, None])
-            if IEEE:
-                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision="ieee")
-                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee")
-            else:
-                dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-                dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+            dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE)
+            dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
         dk = dk * SM_SCALE
         tl.store(DK + kv_ptrs, dk.to(DK.dtype.element_ty))
         tl.store(DV + kv_ptrs, dv.to(DV.dtype.element_ty))
