@@ -95,6 +95,24 @@ def _pair_overlaps(qlo, qhi, klo, khi, qi, ki):
     return (qlo[qi] <= khi[ki]) & (klo[ki] <= qhi[qi])
 
 
+def _q_major_step(qlo, qhi, klo, khi, kstart, kend, *, nq, nk):
+    """``(j, run)`` of a program of the grid (B, q-block i, step j) walking k-blocks
+    kstart[i]..kend[i]: its step, and whether the k-block it visits is one to compute."""
+    b, i, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    row = b * nq + i
+    start, end = kstart[row], kend[row]
+    kb = _clamp_step(start, end, j)
+    return j, (start + j <= end) & _pair_overlaps(qlo, qhi, klo, khi, row, b * nk + kb)
+
+
+def _probs_and_dlogits(q, k, v, do, lse, di, mask, scale, bk):
+    """Backward of one head of a (q-block, k-block) pair: probabilities p and dlogits ds."""
+    s = lax.dot_general(q, k, _TRANS_B, preferred_element_type=jnp.float32) * scale
+    p = jnp.where(mask, jnp.exp(s - _lanes_to(lse, bk)), 0.0)   # [bq, bk]
+    dp = lax.dot_general(do, v, _TRANS_B, preferred_element_type=jnp.float32)
+    return p, p * (dp - _lanes_to(di, bk))
+
+
 def span_bound(block_a: int, block_b: int, max_segment_len: int | None, n_b: int) -> int:
     """Static bound on how many b-blocks one a-block's segments reach (the grid's inner axis).
 
@@ -116,18 +134,13 @@ def _fwd_kernel(qlo, qhi, klo, khi, kstart, kend, qstart, qend,
                 o_ref, lse_ref,
                 m_scr, l_scr, acc_scr, *, scale, nq, nk, bk, heads, steps):
     del qstart, qend
-    b, i, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    row = b * nq + i
-    start, end = kstart[row], kend[row]
-    kb = _clamp_step(start, end, j)
+    j, run = _q_major_step(qlo, qhi, klo, khi, kstart, kend, nq=nq, nk=nk)
 
     @pl.when(j == 0)
     def _init():
         m_scr[...] = jnp.full(m_scr.shape, _MASK_VALUE, jnp.float32)
         l_scr[...] = jnp.zeros(l_scr.shape, jnp.float32)
         acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
-
-    run = (start + j <= end) & _pair_overlaps(qlo, qhi, klo, khi, row, b * nk + kb)
 
     @pl.when(run)
     def _compute():
@@ -161,6 +174,17 @@ def _seg_operands(segment_ids):
     return jnp.broadcast_to(seg[:, :, None], (b, s, NUM_LANES)), seg[:, None, :]
 
 
+def _block_specs(q_map, kv_map, qseg_map, kseg_map, block_q, block_k, heads, d):
+    """The operands' BlockSpecs (q-shaped, k/v-shaped, segment ids, per-row statistics)."""
+    sq = _SQUEEZED
+    return dict(
+        q=pl.BlockSpec((sq, heads, block_q, d), q_map),
+        kv=pl.BlockSpec((sq, heads, block_k, d), kv_map),
+        qseg=pl.BlockSpec((sq, block_q, NUM_LANES), qseg_map),
+        kseg=pl.BlockSpec((sq, 1, block_k), kseg_map),
+        row=pl.BlockSpec((sq, heads, block_q, NUM_LANES), q_map))
+
+
 def _q_major_specs(nq, block_q, block_k, heads, d):
     """Index maps of a grid (B, q-block i, step j) walking k-blocks kstart[i]..kend[i]."""
     def q_map(bi, i, j, *m):
@@ -175,13 +199,7 @@ def _q_major_specs(nq, block_q, block_k, heads, d):
     def kseg_map(bi, i, j, qlo, qhi, klo, khi, kstart, kend, *_):
         return bi, 0, _clamp_step(kstart[bi * nq + i], kend[bi * nq + i], j)
 
-    sq = _SQUEEZED
-    return dict(
-        q=pl.BlockSpec((sq, heads, block_q, d), q_map),
-        kv=pl.BlockSpec((sq, heads, block_k, d), kv_map),
-        qseg=pl.BlockSpec((sq, block_q, NUM_LANES), qseg_map),
-        kseg=pl.BlockSpec((sq, 1, block_k), kseg_map),
-        row=pl.BlockSpec((sq, heads, block_q, NUM_LANES), q_map))
+    return _block_specs(q_map, kv_map, qseg_map, kseg_map, block_q, block_k, heads, d)
 
 
 def _k_major_specs(nk, block_q, block_k, heads, d):
@@ -198,13 +216,7 @@ def _k_major_specs(nk, block_q, block_k, heads, d):
     def kseg_map(bi, kb, j, *m):
         return bi, 0, kb
 
-    sq = _SQUEEZED
-    return dict(
-        q=pl.BlockSpec((sq, heads, block_q, d), q_map),
-        kv=pl.BlockSpec((sq, heads, block_k, d), kv_map),
-        qseg=pl.BlockSpec((sq, block_q, NUM_LANES), qseg_map),
-        kseg=pl.BlockSpec((sq, 1, block_k), kseg_map),
-        row=pl.BlockSpec((sq, heads, block_q, NUM_LANES), q_map))
+    return _block_specs(q_map, kv_map, qseg_map, kseg_map, block_q, block_k, heads, d)
 
 
 _PARAMS = dict(dimension_semantics=("parallel", "parallel", "arbitrary"))
@@ -247,26 +259,18 @@ def _dq_kernel(qlo, qhi, klo, khi, kstart, kend, qstart, qend,
                q_ref, k_ref, v_ref, qseg_ref, kseg_ref, lse_ref, di_ref, do_ref,
                dq_ref, dq_scr, *, scale, nq, nk, bk, heads, steps):
     del qstart, qend
-    b, i, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    row = b * nq + i
-    start, end = kstart[row], kend[row]
-    kb = _clamp_step(start, end, j)
+    j, run = _q_major_step(qlo, qhi, klo, khi, kstart, kend, nq=nq, nk=nk)
 
     @pl.when(j == 0)
     def _init():
         dq_scr[...] = jnp.zeros(dq_scr.shape, jnp.float32)
-
-    run = (start + j <= end) & _pair_overlaps(qlo, qhi, klo, khi, row, b * nk + kb)
 
     @pl.when(run)
     def _compute():
         mask = _mask(qseg_ref, kseg_ref, bk)
         for h in range(heads):
             q, k, v, do = q_ref[h], k_ref[h], v_ref[h], do_ref[h]
-            s = lax.dot_general(q, k, _TRANS_B, preferred_element_type=jnp.float32) * scale
-            p = jnp.where(mask, jnp.exp(s - _lanes_to(lse_ref[h], bk)), 0.0)
-            dp = lax.dot_general(do, v, _TRANS_B, preferred_element_type=jnp.float32)
-            ds = p * (dp - _lanes_to(di_ref[h], bk))
+            _, ds = _probs_and_dlogits(q, k, v, do, lse_ref[h], di_ref[h], mask, scale, bk)
             dq_scr[h] += lax.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
 
     @pl.when(j == steps - 1)
@@ -295,11 +299,8 @@ def _dkv_kernel(qlo, qhi, klo, khi, kstart, kend, qstart, qend,
         mask = _mask(qseg_ref, kseg_ref, bk)
         for h in range(heads):
             q, k, v, do = q_ref[h], k_ref[h], v_ref[h], do_ref[h]
-            s = lax.dot_general(q, k, _TRANS_B, preferred_element_type=jnp.float32) * scale
-            p = jnp.where(mask, jnp.exp(s - _lanes_to(lse_ref[h], bk)), 0.0)   # [bq, bk]
+            p, ds = _probs_and_dlogits(q, k, v, do, lse_ref[h], di_ref[h], mask, scale, bk)
             dv_scr[h] += lax.dot(p.T.astype(do.dtype), do, preferred_element_type=jnp.float32)
-            dp = lax.dot_general(do, v, _TRANS_B, preferred_element_type=jnp.float32)
-            ds = p * (dp - _lanes_to(di_ref[h], bk))
             dk_scr[h] += lax.dot(ds.T.astype(q.dtype), q, preferred_element_type=jnp.float32)
 
     @pl.when(j == steps - 1)

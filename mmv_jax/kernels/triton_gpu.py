@@ -83,18 +83,34 @@ if triton is not None:
             return tl.dot(a, b)
 
     @triton.jit
+    def _program_base(SEQ: tl.constexpr, NHEADS: tl.constexpr, HEAD_DIM: tl.constexpr):
+        """(batch, batch * H + head, offset of that (batch, head) in a [B, S, H, D] array) of this
+        program; grid axis 1 runs over B * H."""
+        pid_bh = tl.program_id(1)
+        b = pid_bh // NHEADS
+        h = pid_bh % NHEADS
+        return b, pid_bh, b * SEQ * NHEADS * HEAD_DIM + h * HEAD_DIM
+
+    @triton.jit
+    def _probs_and_dlogits(q, k, v, do, qseg, kseg, lse, delta, SM_SCALE: tl.constexpr,
+                           IEEE: tl.constexpr):
+        """Backward of a (q-block, k-block) pair: probabilities p and dlogits ds, [BM, BN]."""
+        s = _dot(q, tl.trans(k), IEEE)
+        dp = _dot(do, tl.trans(v), IEEE)
+        mask = (qseg[:, None] == kseg[None, :]) & (qseg[:, None] != 0)
+        p = tl.where(mask, tl.exp(s * SM_SCALE - lse[:, None]), 0.0)
+        return p, p * (dp - delta[:, None])
+
+    @triton.jit
     def _fwd_kernel(Q, K, V, SEG, KSTART, KEND, O, LSE,
                     SM_SCALE: tl.constexpr, SEQ: tl.constexpr, NHEADS: tl.constexpr,
                     HEAD_DIM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                     IEEE: tl.constexpr):
         """One program: a BM-row q-block of one (batch, head); walks its span of k-blocks."""
         pid_m = tl.program_id(0)
-        pid_bh = tl.program_id(1)
-        b = pid_bh // NHEADS
-        h = pid_bh % NHEADS
+        b, pid_bh, base = _program_base(SEQ, NHEADS, HEAD_DIM)
         NQ: tl.constexpr = SEQ // BM
         row_stride: tl.constexpr = NHEADS * HEAD_DIM
-        base = b * SEQ * row_stride + h * HEAD_DIM
         offs_m = pid_m * BM + tl.arange(0, BM)
         offs_d = tl.arange(0, HEAD_DIM)
         q = tl.load(Q + base + offs_m[:, None] * row_stride + offs_d[None, :])
@@ -110,8 +126,7 @@ if triton is not None:
             k = tl.load(K + base + offs_n[:, None] * row_stride + offs_d[None, :])
             v = tl.load(V + base + offs_n[:, None] * row_stride + offs_d[None, :])
             kseg = tl.load(SEG + b * SEQ + offs_n)
-            s = _dot(q, tl.trans(k), IEEE)
-            s = s * SM_SCALE
+            s = _dot(q, tl.trans(k), IEEE) * SM_SCALE
             mask = (qseg[:, None] == kseg[None, :]) & (qseg[:, None] != 0)
             s = tl.where(mask, s, -1e30)
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -135,12 +150,9 @@ if triton is not None:
                        IEEE: tl.constexpr):
         """One program: dQ of a BM-row q-block; walks its span of k-blocks."""
         pid_m = tl.program_id(0)
-        pid_bh = tl.program_id(1)
-        b = pid_bh // NHEADS
-        h = pid_bh % NHEADS
+        b, pid_bh, base = _program_base(SEQ, NHEADS, HEAD_DIM)
         NQ: tl.constexpr = SEQ // BM
         row_stride: tl.constexpr = NHEADS * HEAD_DIM
-        base = b * SEQ * row_stride + h * HEAD_DIM
         offs_m = pid_m * BM + tl.arange(0, BM)
         offs_d = tl.arange(0, HEAD_DIM)
         q_ptrs = base + offs_m[:, None] * row_stride + offs_d[None, :]
@@ -158,11 +170,7 @@ if triton is not None:
             k = tl.load(K + base + offs_n[:, None] * row_stride + offs_d[None, :])
             v = tl.load(V + base + offs_n[:, None] * row_stride + offs_d[None, :])
             kseg = tl.load(SEG + b * SEQ + offs_n)
-            s = _dot(q, tl.trans(k), IEEE)
-            dp = _dot(do, tl.trans(v), IEEE)
-            mask = (qseg[:, None] == kseg[None, :]) & (qseg[:, None] != 0)
-            p = tl.where(mask, tl.exp(s * SM_SCALE - lse[:, None]), 0.0)
-            ds = p * (dp - delta[:, None])
+            _, ds = _probs_and_dlogits(q, k, v, do, qseg, kseg, lse, delta, SM_SCALE, IEEE)
             dq += _dot(ds.to(k.dtype), k, IEEE)
         dq = dq * SM_SCALE
         tl.store(DQ + q_ptrs, dq.to(DQ.dtype.element_ty))
@@ -174,12 +182,9 @@ if triton is not None:
                         IEEE: tl.constexpr):
         """One program: dK, dV of a BN-row k-block; walks its span of q-blocks."""
         pid_n = tl.program_id(0)
-        pid_bh = tl.program_id(1)
-        b = pid_bh // NHEADS
-        h = pid_bh % NHEADS
+        b, pid_bh, base = _program_base(SEQ, NHEADS, HEAD_DIM)
         NK: tl.constexpr = SEQ // BN
         row_stride: tl.constexpr = NHEADS * HEAD_DIM
-        base = b * SEQ * row_stride + h * HEAD_DIM
         offs_n = pid_n * BN + tl.arange(0, BN)
         offs_d = tl.arange(0, HEAD_DIM)
         kv_ptrs = base + offs_n[:, None] * row_stride + offs_d[None, :]
@@ -199,11 +204,7 @@ if triton is not None:
             qseg = tl.load(SEG + b * SEQ + offs_m)
             lse = tl.load(LSE + pid_bh * SEQ + offs_m)
             delta = tl.load(DELTA + pid_bh * SEQ + offs_m)
-            s = _dot(q, tl.trans(k), IEEE)
-            dp = _dot(do, tl.trans(v), IEEE)
-            mask = (qseg[:, None] == kseg[None, :]) & (qseg[:, None] != 0)
-            p = tl.where(mask, tl.exp(s * SM_SCALE - lse[:, None]), 0.0)          # [BM, BN]
-            ds = p * (dp - delta[:, None])
+            p, ds = _probs_and_dlogits(q, k, v, do, qseg, kseg, lse, delta, SM_SCALE, IEEE)
             dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE)
             dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
         dk = dk * SM_SCALE
