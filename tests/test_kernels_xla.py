@@ -1,24 +1,11 @@
-import numpy as np
+"""The XLA path (block-sparse pairs) against the dense reference, on packed rows of every kind."""
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
-from mmv_jax.kernels.attention import resolve_impl, segment_attention
-from mmv_jax.kernels.xla import band_geometry, segment_attention_xla
-
-
-def naive(q, k, v, seg):
-    """Per-segment softmax loop in float64 numpy."""
-    q, k, v = (np.asarray(t, np.float64) for t in (q, k, v))
-    out = np.zeros_like(q)
-    for b in range(q.shape[0]):
-        for s in set(seg[b].tolist()) - {0}:
-            idx = np.flatnonzero(seg[b] == s)
-            logits = np.einsum("qhd,khd->hqk", q[b, idx], k[b, idx]) / np.sqrt(q.shape[-1])
-            p = np.exp(logits - logits.max(-1, keepdims=True))
-            p /= p.sum(-1, keepdims=True)
-            out[b, idx] = np.einsum("hqk,khd->qhd", p, v[b, idx])
-    return out
+from mmv_jax.kernels.reference import segment_attention_reference as reference
+from mmv_jax.kernels.xla_blocksparse import _pairs, _ranges, halo_blocks, segment_attention_xla
 
 
 def layout(lengths, total):
@@ -35,29 +22,20 @@ ROWS = np.stack([
 
 
 @pytest.mark.parametrize("max_len", [None, 100, 256])
-def test_matches_naive_loop_forward_and_grad(max_len):
+def test_matches_reference_forward_and_grad(max_len):
     key = jax.random.PRNGKey(0)
     lens = ROWS if max_len != 100 else ROWS[[0, 2, 3]]
     seg = jnp.asarray(lens)
     q, k, v = jax.random.normal(key, (3, seg.shape[0], seg.shape[1], 2, 16))
     out = segment_attention_xla(q, k, v, seg, max_segment_len=max_len, block=32)
-    np.testing.assert_allclose(out, naive(q, k, v, np.asarray(seg)), atol=1e-5)
+    np.testing.assert_allclose(out, reference(q, k, v, seg), atol=1e-5)
     assert np.all(np.asarray(out)[np.asarray(seg) == 0] == 0)
 
     w = jax.random.normal(jax.random.PRNGKey(1), q.shape)
-    f = lambda q, k, v: jnp.sum(segment_attention_xla(q, k, v, seg, max_segment_len=max_len, block=32) * w)
-    grads = jax.grad(f, argnums=(0, 1, 2))(q, k, v)
-    for g in grads:
-        assert np.isfinite(np.asarray(g)).all()
-    # reference gradient: per-segment dense attention written independently
-    def ref(q, k, v):
-        mask = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] > 0)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / 4.0
-        logits = jnp.where(mask[:, None], logits, -jnp.inf)
-        p = jax.nn.softmax(jnp.where(mask[:, None].any(-1, keepdims=True), logits, 0.0), -1)
-        p = jnp.where(mask[:, None], p, 0.0)
-        return jnp.sum(jnp.einsum("bhqk,bkhd->bqhd", p, v) * w)
-    for g, r in zip(grads, jax.grad(ref, argnums=(0, 1, 2))(q, k, v)):
+    loss = lambda fn: lambda q, k, v: jnp.sum(fn(q, k, v) * w)
+    grads = jax.grad(loss(lambda *a: segment_attention_xla(*a, seg, max_segment_len=max_len, block=32)),
+                     argnums=(0, 1, 2))(q, k, v)
+    for g, r in zip(grads, jax.grad(loss(lambda *a: reference(*a, seg)), argnums=(0, 1, 2))(q, k, v)):
         np.testing.assert_allclose(g, r, atol=1e-4)
 
 
@@ -69,41 +47,17 @@ def test_batch_of_only_padding_gives_zeros():
     assert np.all(np.asarray(out) == 0) and np.all(np.asarray(grad) == 0)
 
 
-def test_band_skips_blocks_and_overlong_segments_stay_correct():
-    b, m, padded = band_geometry(4096, 256, 64)
-    assert (b, m, padded) == (64, 4, 4096)  # 9 key blocks of 64 per query block, not 64
-    assert band_geometry(256, None, 64) == (256, 0, 256)
+def test_bound_limits_the_blocks_and_overlong_segments_stay_correct():
+    assert halo_blocks(4096, 256, 64) == 4  # 9 key blocks of 64 per query block, not 64
+    assert halo_blocks(4096, None, 64) == 63
     seg = jnp.asarray(ROWS[:2])  # row 1 holds a 256-token segment, over the promised 70
     q, k, v = jax.random.normal(jax.random.PRNGKey(4), (3, 2, 256, 1, 8))
     out = jax.jit(lambda q, k, v: segment_attention_xla(q, k, v, seg, max_segment_len=70,
                                                         block=32))(q, k, v)
-    np.testing.assert_allclose(out, naive(q, k, v, np.asarray(seg)), atol=1e-5)
+    np.testing.assert_allclose(out, reference(q, k, v, seg), atol=1e-5)
 
 
-def test_dispatcher():
-    assert resolve_impl("auto") == "xla"  # tests run on CPU
-    with pytest.raises(ValueError, match="impl"):
-        resolve_impl("cudnn")
-    q = jnp.zeros((1, 8, 1, 8))
-    with pytest.raises(ValueError, match="segment_ids"):
-        segment_attention(q, q, q, jnp.zeros((1, 7), jnp.int32))
-    with pytest.raises(ValueError, match="interpret"):
-        segment_attention(q, q, q, jnp.zeros((1, 8), jnp.int32), impl="xla", interpret=True)
-
-
-# --- block-sparse pairs: hull ranges, non-contiguous ids, poisoned rows ----------------------
-
-from mmv_jax.kernels.xla import _pairs, _ranges, halo_blocks  # noqa: E402
-
-
-def dense_ref(q, k, v, seg):
-    """Dense masked attention (fp32, autodiff) for gradients; padding queries -> 0."""
-    mask = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] > 0)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
-    logits = jnp.where(mask[:, None], logits, -1e30)
-    p = jnp.where(mask[:, None], jax.nn.softmax(logits, -1), 0.0)
-    return jnp.einsum("bhqk,bkhd->bqhd", p, v)
-
+# --- block-sparse pairs: hull ranges, non-contiguous ids ----------------------------------------
 
 def random_layout(rng, total, max_len, fill=0.9):
     lengths = []
@@ -134,12 +88,12 @@ def test_sparse_pairs_match_dense():
     def run(q, k, v):
         f = lambda q, k, v: segment_attention_xla(q, k, v, seg, max_segment_len=40, block=16)
         loss = lambda q, k, v: jnp.sum(f(q, k, v) * w)
-        ref = lambda q, k, v: jnp.sum(dense_ref(q, k, v, seg) * w)
+        ref = lambda q, k, v: jnp.sum(reference(q, k, v, seg) * w)
         return (f(q, k, v), jax.grad(loss, argnums=(0, 1, 2))(q, k, v),
                 jax.grad(ref, argnums=(0, 1, 2))(q, k, v))
 
     out, grads, g_ref = run(q, k, v)
-    want = naive(q, k, v, SPARSE_ROWS)
+    want = reference(q, k, v, seg)
     # row 4's ids span more than max_segment_len: the batch takes the unbounded pair list
     np.testing.assert_allclose(out, want, atol=1e-5)
     assert np.all(np.asarray(out)[SPARSE_ROWS == 0] == 0)
@@ -171,11 +125,10 @@ def test_ranges_are_the_hulls_within_the_band():
             n = min((m - 1) * b + 2, cap) if m else 1
             rows.append(np.roll(layout([n] * ((s - phase) // n), s), phase))
         rows = np.stack(rows)
-        (lo, count), span = jax.jit(_ranges, static_argnums=(1, 2))(jnp.asarray(rows), b, m)
+        lo, count = jax.jit(_ranges, static_argnums=(1, 2))(jnp.asarray(rows), b, m)
         count = np.asarray(count).reshape(len(rows), -1)
         np.testing.assert_array_equal(count, np.stack([hull_pairs(r, b) for r in rows]))
         assert count.max() <= 2 * m + 1
-        assert np.asarray(span).max() <= cap
         qi, kj, valid, n = _pairs(lo, count.reshape(-1), s // b, len(rows) * (s // b) * (2 * m + 1))
         assert int(n) == count.sum() and np.asarray(valid).sum() == count.sum()
         assert np.all(np.asarray(valid)[:int(n)])  # the live pairs come first
@@ -195,4 +148,4 @@ def test_non_contiguous_ids_need_the_band_and_stay_exact():
     q, k, v = jax.random.normal(jax.random.PRNGKey(4), (3, 1, 192, 1, 8))
     out = jax.jit(lambda q, k, v: segment_attention_xla(q, k, v, seg, max_segment_len=40,
                                                         block=8))(q, k, v)
-    np.testing.assert_allclose(out, naive(q, k, v, pattern[None]), atol=1e-5)
+    np.testing.assert_allclose(out, reference(q, k, v, seg), atol=1e-5)

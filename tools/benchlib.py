@@ -1,13 +1,16 @@
-"""Shared pieces of the benchmarks: a packed row of the paper's view mix and timing (the FLOP
-count and the matmul peak live in mmv_jax.train.metrics)."""
+"""Shared pieces of the benchmarks: a packed row of the paper's view mix, timing, and the
+attention work statistics of packed rows (the FLOP count and the matmul peak live in
+mmv_jax.train.metrics)."""
 from __future__ import annotations
 
 import time
 
+import jax.numpy as jnp
 import numpy as np
 
 from mmv_jax.batch import PATCH, View, grid_coords
 from mmv_jax.data.packing import ffd_rows, pack_rows
+from mmv_jax.kernels.blocks import block_overlap_mask
 from mmv_jax.train.metrics import encoder_flops, measure_matmul_peak  # noqa: F401  (re-exported)
 
 
@@ -61,3 +64,24 @@ def paper_mix_row(seq_len: int, seed: int = 0, ratio_3d: float = 0.25, slots: in
     rows = ffd_rows([v.num_tokens for v in views], seq_len, slots)
     assert len(rows) == 1
     return pack_rows([[views[i] for i in rows[0]]], seq_len, slots), views
+
+
+def useful_fraction(segment_ids) -> float:
+    """The share of dense S x S attention work that is useful: per row, the sum over its segments
+    of len^2 / S^2, averaged over the rows of ``segment_ids`` ([S] or [R, S])."""
+    rows = np.atleast_2d(np.asarray(segment_ids))
+    sq = [(np.unique(r[r != 0], return_counts=True)[1].astype(np.float64) ** 2).sum() for r in rows]
+    return float(np.mean(sq)) / rows.shape[1] ** 2
+
+
+def block_counts(segment_ids, block_q: int, block_k: int) -> tuple[int, int]:
+    """(computed, total) (q-block, k-block) pairs over the rows of ``segment_ids`` ([S] or
+    [R, S]): the kernels' own block skipping (``kernels.blocks``)."""
+    mask = np.asarray(block_overlap_mask(jnp.asarray(np.atleast_2d(segment_ids)), block_q, block_k))
+    return int(mask.sum()), mask.size
+
+
+def skipped_fraction(segment_ids, block_q: int, block_k: int) -> float:
+    """The fraction of (q-block, k-block) pairs the kernels skip."""
+    computed, total = block_counts(segment_ids, block_q, block_k)
+    return 1.0 - computed / total

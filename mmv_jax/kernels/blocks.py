@@ -1,90 +1,26 @@
-"""Block-level segment bookkeeping for the segment-masked attention kernels (numpy only).
+"""What the Pallas and Triton kernels share: the input checks and the per-block segment metadata.
 
-Packed rows hold contiguous segments (each non-zero segment id is one contiguous run; 0 is
-padding). A kernel tiles the row into query blocks of `block_q` tokens and key blocks of
-`block_k` tokens. Each block has a *segment range*: the smallest and largest non-zero segment
+Packed rows hold contiguous segments (each non-zero segment id one contiguous run; 0 is
+padding). A kernel tiles a row into query blocks of ``block_q`` tokens and key blocks of
+``block_k`` tokens. Each block has a *segment range*: the smallest and largest non-zero segment
 id it holds (an all-padding block has an empty range). A (q-block, k-block) pair whose ranges do
 not overlap is fully masked and the kernels skip it, so their cost follows the sum of squared
-segment lengths rather than S^2.
-
-Range overlap is a conservative test: it never skips a pair that shares a segment id. When the
-ids of a row increase along the row (what the packer emits), it is exact: a pair's ranges
-overlap iff the two blocks share a segment id.
-
-Both kernels compute the same ranges on device (`kernels/block_meta.py`); tests check they agree
-with this module.
+segment lengths rather than S^2. Range overlap is conservative: it never skips a pair that shares
+a segment id, and when the ids of a row increase along it (what the packer emits) it is exact.
+Computed on device, in JAX; ``tests/blocks_oracle.py`` checks it against plain numpy.
 """
+
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 
-# Sentinels of an empty (all-padding) block range: min > any id, max < any id.
-EMPTY_MIN = np.iinfo(np.int32).max
-EMPTY_MAX = -1
+# Both kernels tile rows in blocks of up to 128 tokens: the packer's bucket lengths are multiples.
+SEQ_MULTIPLE = 128
 
-
-def _check_row(segment_ids_row, block: int) -> np.ndarray:
-  row = np.asarray(segment_ids_row)
-  if row.ndim != 1:
-    raise ValueError(f"segment_ids_row must be 1-D, got shape {row.shape}")
-  if block <= 0 or row.shape[0] % block:
-    raise ValueError(
-        f"row length {row.shape[0]} must be a positive multiple of the block size {block}")
-  return row.astype(np.int64)
-
-
-def block_ranges(segment_ids_row, block: int) -> tuple[np.ndarray, np.ndarray]:
-  """Per-block (min, max) non-zero segment id of a row; empty blocks get (EMPTY_MIN, EMPTY_MAX)."""
-  row = _check_row(segment_ids_row, block).reshape(-1, block)
-  valid = row != 0
-  lo = np.where(valid, row, EMPTY_MIN).min(axis=1)
-  hi = np.where(valid, row, EMPTY_MAX).max(axis=1)
-  return lo.astype(np.int64), hi.astype(np.int64)
-
-
-def block_overlap(segment_ids_row, block_q: int, block_k: int) -> np.ndarray:
-  """Bool [nq, nk]: True where the (q-block, k-block) segment ranges overlap (pair is computed)."""
-  qlo, qhi = block_ranges(segment_ids_row, block_q)
-  klo, khi = block_ranges(segment_ids_row, block_k)
-  return (qlo[:, None] <= khi[None, :]) & (klo[None, :] <= qhi[:, None])
-
-
-def block_counts(segment_ids, block_q: int, block_k: int) -> tuple[int, int]:
-  """(computed pairs, total pairs) summed over the rows of `segment_ids` ([S] or [R, S])."""
-  seg = np.asarray(segment_ids)
-  rows = seg.reshape(1, -1) if seg.ndim == 1 else seg.reshape(-1, seg.shape[-1])
-  computed = total = 0
-  for row in rows:
-    m = block_overlap(row, block_q, block_k)
-    computed += int(m.sum())
-    total += m.size
-  return computed, total
-
-
-def skipped_fraction(segment_ids, block_q: int, block_k: int) -> float:
-  """Fraction of (q-block, k-block) pairs the kernels skip, over all rows of `segment_ids`."""
-  computed, total = block_counts(segment_ids, block_q, block_k)
-  return 1.0 - computed / total if total else 0.0
-
-
-def useful_flops_fraction(segment_ids) -> float:
-  """sum over segments of len^2 / S^2 (token pairs that attend), averaged over rows."""
-  seg = np.asarray(segment_ids)
-  rows = seg.reshape(1, -1) if seg.ndim == 1 else seg.reshape(-1, seg.shape[-1])
-  fr = []
-  for row in rows:
-    ids, counts = np.unique(row[row != 0], return_counts=True)
-    fr.append(float((counts.astype(np.float64) ** 2).sum()) / float(row.shape[0]) ** 2)
-  return float(np.mean(fr)) if fr else 0.0
-
-
-def kv_block_spans(segment_ids_row, block_q: int, block_k: int) -> tuple[np.ndarray, np.ndarray]:
-  """Per q-block first and last overlapping k-block (start > end when none)."""
-  m = block_overlap(segment_ids_row, block_q, block_k)
-  anyk = m.any(axis=1)
-  start = np.where(anyk, m.argmax(axis=1), 0)
-  end = np.where(anyk, m.shape[1] - 1 - m[:, ::-1].argmax(axis=1), -1)
-  return start, end
+# An empty (all-padding) block's range: its min is above and its max below every id.
+_EMPTY_MIN = jnp.iinfo(jnp.int32).max
+_EMPTY_MAX = -1
 
 
 def check_qkv(kernel: str, q, k, v, segment_ids, dtypes) -> tuple[int, int, int]:
@@ -101,7 +37,43 @@ def check_qkv(kernel: str, q, k, v, segment_ids, dtypes) -> tuple[int, int, int]
     if q.dtype not in dtypes or k.dtype != q.dtype or v.dtype != q.dtype:
         names = [np.dtype(t).name for t in dtypes]
         names = ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
-        raise ValueError(f"{kernel}: q, k, v must all be {names}, got {q.dtype}, "
-                         f"{k.dtype}, {v.dtype}")
+        raise ValueError(f"{kernel}: q, k, v must all be {names}, got {q.dtype}, {k.dtype}, {v.dtype}")
     return b, s, d
 
+
+def block_segment_ranges(segment_ids, block: int):
+    """[B, S] -> per-block (min, max) non-zero segment id, [B, S // block] int32 each; an
+    all-padding block gets the empty range (int32 max, -1)."""
+    b, s = segment_ids.shape
+    seg = segment_ids.astype(jnp.int32).reshape(b, s // block, block)
+    valid = seg != 0
+    return jnp.where(valid, seg, _EMPTY_MIN).min(axis=-1), jnp.where(valid, seg, _EMPTY_MAX).max(axis=-1)
+
+
+def _overlap(qlo, qhi, klo, khi):
+    return (qlo[:, :, None] <= khi[:, None, :]) & (klo[:, None, :] <= qhi[:, :, None])
+
+
+def block_overlap_mask(segment_ids, block_q: int, block_k: int):
+    """[B, nq, nk] bool: the (q-block, k-block) pairs a kernel computes."""
+    return _overlap(*block_segment_ranges(segment_ids, block_q), *block_segment_ranges(segment_ids, block_k))
+
+
+def _spans(mask):
+    """First/last True along the last axis of [B, n, m]; (0, -1) where none."""
+    m = mask.shape[-1]
+    anyt = mask.any(axis=-1)
+    first = jnp.argmax(mask, axis=-1)
+    last = m - 1 - jnp.argmax(mask[..., ::-1], axis=-1)
+    return jnp.where(anyt, first, 0).astype(jnp.int32), jnp.where(anyt, last, -1).astype(jnp.int32)
+
+
+def block_metadata(segment_ids, block_q: int, block_k: int):
+    """(qlo, qhi, klo, khi, kstart, kend, qstart, qend), each flattened 1-D int32: the block
+    ranges, each q-block's span of overlapping k-blocks and each k-block's span of q-blocks."""
+    qlo, qhi = block_segment_ranges(segment_ids, block_q)
+    klo, khi = block_segment_ranges(segment_ids, block_k)
+    mask = _overlap(qlo, qhi, klo, khi)
+    kstart, kend = _spans(mask)
+    qstart, qend = _spans(jnp.swapaxes(mask, 1, 2))
+    return tuple(x.reshape(-1).astype(jnp.int32) for x in (qlo, qhi, klo, khi, kstart, kend, qstart, qend))

@@ -7,7 +7,7 @@ launched through jax-triton's `triton_call` and tied by `jax.custom_vjp`. Inputs
 fp32; fp32 accumulation (fp32 matmuls in IEEE precision, not TF32). Head dim 64 or 128.
 
 Block skipping: per-block segment-id ranges give, per q-block (per k-block for dK/dV), the
-span of blocks whose ranges overlap (`block_metadata`, equal to `kernels.blocks`); each program
+span of blocks whose ranges overlap (`kernels.blocks.block_metadata`); each program
 loops over its span only, so the work follows sum(len_i^2), not S^2. For the packer's rows
 (contiguous segments, ids increasing along the row) the span is exactly the set of overlapping
 blocks; for other rows blocks inside the span are computed fully masked (still correct). The
@@ -31,290 +31,276 @@ import math
 import jax
 import jax.numpy as jnp
 
+from mmv_jax.kernels.blocks import SEQ_MULTIPLE, block_metadata, check_qkv
+
 try:
-  import triton
-  import triton.language as tl
+    import triton
+    import triton.language as tl
 except ImportError as e:  # pragma: no cover - exercised where triton is absent
-  triton = None
-  tl = None
-  _TRITON_IMPORT_ERROR = e
+    triton = None
+    tl = None
+    _TRITON_IMPORT_ERROR = e
 else:
-  _TRITON_IMPORT_ERROR = None
+    _TRITON_IMPORT_ERROR = None
 
 BLOCK_M = 128        # forward q-block
 BLOCK_N = 64         # forward k-block
 BLOCK_M_BWD = 64     # backward q-block
 BLOCK_N_BWD = 64     # backward k-block
-SEQ_MULTIPLE = 128   # packer bucket lengths must be multiples of this
 HEAD_DIMS = (64, 128)
-from mmv_jax.kernels.block_meta import block_metadata, block_segment_ranges  # noqa: E402,F401
-from mmv_jax.kernels.blocks import check_qkv  # noqa: E402
 
 SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 NUM_STAGES = 2
 
 
 def num_warps(head_dim: int) -> int:
-  """4 warps for D=64; 8 for D=128 (the fp32 accumulators would spill with 4)."""
-  return 4 if head_dim <= 64 else 8
-
-
+    """4 warps for D=64; 8 for D=128 (the fp32 accumulators would spill with 4)."""
+    return 4 if head_dim <= 64 else 8
 
 
 def check_supported(q, k, v, segment_ids):
-  """Raise ValueError naming the constraint a request breaks."""
-  _, s, d = check_qkv("triton_gpu", q, k, v, segment_ids, SUPPORTED_DTYPES)
-  if d not in HEAD_DIMS:
-    raise ValueError(f"triton_gpu: head dim D={d} must be one of {HEAD_DIMS}")
-  if s % SEQ_MULTIPLE:
-    raise ValueError(
-        f"triton_gpu: sequence length S={s} must be a multiple of {SEQ_MULTIPLE} "
-        f"(pack into buckets whose length is a multiple of {SEQ_MULTIPLE})")
+    """Raise ValueError naming the constraint a request breaks."""
+    _, s, d = check_qkv("triton_gpu", q, k, v, segment_ids, SUPPORTED_DTYPES)
+    if d not in HEAD_DIMS:
+        raise ValueError(f"triton_gpu: head dim D={d} must be one of {HEAD_DIMS}")
+    if s % SEQ_MULTIPLE:
+        raise ValueError(
+            f"triton_gpu: sequence length S={s} must be a multiple of {SEQ_MULTIPLE} "
+            f"(pack into buckets whose length is a multiple of {SEQ_MULTIPLE})")
 
 
 # ----------------------------------------------------------------------------- kernels
 
 if triton is not None:
 
-  @triton.jit
-  def _fwd_kernel(Q, K, V, SEG, KSTART, KEND, O, LSE,
-                  SM_SCALE: tl.constexpr, SEQ: tl.constexpr, NHEADS: tl.constexpr,
-                  HEAD_DIM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                  IEEE: tl.constexpr):
-    """One program: a BM-row q-block of one (batch, head); walks its span of k-blocks."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // NHEADS
-    h = pid_bh % NHEADS
-    NQ: tl.constexpr = SEQ // BM
-    row_stride: tl.constexpr = NHEADS * HEAD_DIM
-    base = b * SEQ * row_stride + h * HEAD_DIM
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(Q + base + offs_m[:, None] * row_stride + offs_d[None, :])
-    qseg = tl.load(SEG + b * SEQ + offs_m)
-    qi = b * NQ + pid_m
-    kstart = tl.load(KSTART + qi)
-    kend = tl.load(KEND + qi)
-    m_i = tl.zeros([BM], dtype=tl.float32) - 1e30
-    l_i = tl.zeros([BM], dtype=tl.float32)
-    acc = tl.zeros([BM, HEAD_DIM], dtype=tl.float32)
-    for kb in range(kstart, kend + 1):
-      offs_n = kb * BN + tl.arange(0, BN)
-      k = tl.load(K + base + offs_n[:, None] * row_stride + offs_d[None, :])
-      v = tl.load(V + base + offs_n[:, None] * row_stride + offs_d[None, :])
-      kseg = tl.load(SEG + b * SEQ + offs_n)
-      if IEEE:
-        s = tl.dot(q, tl.trans(k), input_precision="ieee")
-      else:
-        s = tl.dot(q, tl.trans(k))
-      s = s * SM_SCALE
-      mask = (qseg[:, None] == kseg[None, :]) & (qseg[:, None] != 0)
-      s = tl.where(mask, s, -1e30)
-      m_new = tl.maximum(m_i, tl.max(s, 1))
-      p = tl.where(mask, tl.exp(s - m_new[:, None]), 0.0)
-      alpha = tl.exp(m_i - m_new)
-      l_i = l_i * alpha + tl.sum(p, 1)
-      if IEEE:
-        pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-      else:
-        pv = tl.dot(p.to(v.dtype), v)
-      acc = acc * alpha[:, None] + pv
-      m_i = m_new
-    has = l_i > 0.0
-    l_safe = tl.where(has, l_i, 1.0)
-    out = acc / l_safe[:, None]
-    tl.store(O + base + offs_m[:, None] * row_stride + offs_d[None, :], out.to(O.dtype.element_ty))
-    lse = tl.where(has, m_i + tl.log(l_safe), 0.0)
-    tl.store(LSE + pid_bh * SEQ + offs_m, lse)
+    @triton.jit
+    def _dot(a, b, IEEE: tl.constexpr):
+        """a @ b accumulated in fp32; fp32 inputs multiply in IEEE precision, not TF32 (the
+        precision fp32 callers ask for). The branch is resolved at compile time."""
+        if IEEE:
+            return tl.dot(a, b, input_precision="ieee")
+        else:
+            return tl.dot(a, b)
 
-  @triton.jit
-  def _bwd_dq_kernel(Q, K, V, SEG, KSTART, KEND, DO, LSE, DELTA, DQ,
-                     SM_SCALE: tl.constexpr, SEQ: tl.constexpr, NHEADS: tl.constexpr,
-                     HEAD_DIM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                     IEEE: tl.constexpr):
-    """One program: dQ of a BM-row q-block; walks its span of k-blocks."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // NHEADS
-    h = pid_bh % NHEADS
-    NQ: tl.constexpr = SEQ // BM
-    row_stride: tl.constexpr = NHEADS * HEAD_DIM
-    base = b * SEQ * row_stride + h * HEAD_DIM
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    offs_d = tl.arange(0, HEAD_DIM)
-    q_ptrs = base + offs_m[:, None] * row_stride + offs_d[None, :]
-    q = tl.load(Q + q_ptrs)
-    do = tl.load(DO + q_ptrs)
-    qseg = tl.load(SEG + b * SEQ + offs_m)
-    lse = tl.load(LSE + pid_bh * SEQ + offs_m)
-    delta = tl.load(DELTA + pid_bh * SEQ + offs_m)
-    qi = b * NQ + pid_m
-    kstart = tl.load(KSTART + qi)
-    kend = tl.load(KEND + qi)
-    dq = tl.zeros([BM, HEAD_DIM], dtype=tl.float32)
-    for kb in range(kstart, kend + 1):
-      offs_n = kb * BN + tl.arange(0, BN)
-      k = tl.load(K + base + offs_n[:, None] * row_stride + offs_d[None, :])
-      v = tl.load(V + base + offs_n[:, None] * row_stride + offs_d[None, :])
-      kseg = tl.load(SEG + b * SEQ + offs_n)
-      if IEEE:
-        s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-      else:
-        s = tl.dot(q, tl.trans(k))
-        dp = tl.dot(do, tl.trans(v))
-      mask = (qseg[:, None] == kseg[None, :]) & (qseg[:, None] != 0)
-      p = tl.where(mask, tl.exp(s * SM_SCALE - lse[:, None]), 0.0)
-      ds = p * (dp - delta[:, None])
-      if IEEE:
-        dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
-      else:
-        dq += tl.dot(ds.to(k.dtype), k)
-    dq = dq * SM_SCALE
-    tl.store(DQ + q_ptrs, dq.to(DQ.dtype.element_ty))
+    @triton.jit
+    def _program_base(SEQ: tl.constexpr, NHEADS: tl.constexpr, HEAD_DIM: tl.constexpr):
+        """(batch, batch * H + head, offset of that (batch, head) in a [B, S, H, D] array) of this
+        program; grid axis 1 runs over B * H."""
+        pid_bh = tl.program_id(1)
+        b = pid_bh // NHEADS
+        h = pid_bh % NHEADS
+        return b, pid_bh, b * SEQ * NHEADS * HEAD_DIM + h * HEAD_DIM
 
-  @triton.jit
-  def _bwd_dkv_kernel(Q, K, V, SEG, QSTART, QEND, DO, LSE, DELTA, DK, DV,
-                      SM_SCALE: tl.constexpr, SEQ: tl.constexpr, NHEADS: tl.constexpr,
-                      HEAD_DIM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                      IEEE: tl.constexpr):
-    """One program: dK, dV of a BN-row k-block; walks its span of q-blocks."""
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // NHEADS
-    h = pid_bh % NHEADS
-    NK: tl.constexpr = SEQ // BN
-    row_stride: tl.constexpr = NHEADS * HEAD_DIM
-    base = b * SEQ * row_stride + h * HEAD_DIM
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    offs_d = tl.arange(0, HEAD_DIM)
-    kv_ptrs = base + offs_n[:, None] * row_stride + offs_d[None, :]
-    k = tl.load(K + kv_ptrs)
-    v = tl.load(V + kv_ptrs)
-    kseg = tl.load(SEG + b * SEQ + offs_n)
-    ki = b * NK + pid_n
-    qstart = tl.load(QSTART + ki)
-    qend = tl.load(QEND + ki)
-    dk = tl.zeros([BN, HEAD_DIM], dtype=tl.float32)
-    dv = tl.zeros([BN, HEAD_DIM], dtype=tl.float32)
-    for qb in range(qstart, qend + 1):
-      offs_m = qb * BM + tl.arange(0, BM)
-      q_ptrs = base + offs_m[:, None] * row_stride + offs_d[None, :]
-      q = tl.load(Q + q_ptrs)
-      do = tl.load(DO + q_ptrs)
-      qseg = tl.load(SEG + b * SEQ + offs_m)
-      lse = tl.load(LSE + pid_bh * SEQ + offs_m)
-      delta = tl.load(DELTA + pid_bh * SEQ + offs_m)
-      if IEEE:
-        s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-      else:
-        s = tl.dot(q, tl.trans(k))
-        dp = tl.dot(do, tl.trans(v))
-      mask = (qseg[:, None] == kseg[None, :]) & (qseg[:, None] != 0)
-      p = tl.where(mask, tl.exp(s * SM_SCALE - lse[:, None]), 0.0)          # [BM, BN]
-      ds = p * (dp - delta[:, None])
-      if IEEE:
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision="ieee")
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision="ieee")
-      else:
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
-    dk = dk * SM_SCALE
-    tl.store(DK + kv_ptrs, dk.to(DK.dtype.element_ty))
-    tl.store(DV + kv_ptrs, dv.to(DV.dtype.element_ty))
+    @triton.jit
+    def _probs_and_dlogits(q, k, v, do, qseg, kseg, lse, delta, SM_SCALE: tl.constexpr,
+                           IEEE: tl.constexpr):
+        """Backward of a (q-block, k-block) pair: probabilities p and dlogits ds, [BM, BN]."""
+        s = _dot(q, tl.trans(k), IEEE)
+        dp = _dot(do, tl.trans(v), IEEE)
+        mask = (qseg[:, None] == kseg[None, :]) & (qseg[:, None] != 0)
+        p = tl.where(mask, tl.exp(s * SM_SCALE - lse[:, None]), 0.0)
+        return p, p * (dp - delta[:, None])
+
+    @triton.jit
+    def _fwd_kernel(Q, K, V, SEG, KSTART, KEND, O, LSE,
+                    SM_SCALE: tl.constexpr, SEQ: tl.constexpr, NHEADS: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                    IEEE: tl.constexpr):
+        """One program: a BM-row q-block of one (batch, head); walks its span of k-blocks."""
+        pid_m = tl.program_id(0)
+        b, pid_bh, base = _program_base(SEQ, NHEADS, HEAD_DIM)
+        NQ: tl.constexpr = SEQ // BM
+        row_stride: tl.constexpr = NHEADS * HEAD_DIM
+        offs_m = pid_m * BM + tl.arange(0, BM)
+        offs_d = tl.arange(0, HEAD_DIM)
+        q = tl.load(Q + base + offs_m[:, None] * row_stride + offs_d[None, :])
+        qseg = tl.load(SEG + b * SEQ + offs_m)
+        qi = b * NQ + pid_m
+        kstart = tl.load(KSTART + qi)
+        kend = tl.load(KEND + qi)
+        m_i = tl.zeros([BM], dtype=tl.float32) - 1e30
+        l_i = tl.zeros([BM], dtype=tl.float32)
+        acc = tl.zeros([BM, HEAD_DIM], dtype=tl.float32)
+        for kb in range(kstart, kend + 1):
+            offs_n = kb * BN + tl.arange(0, BN)
+            k = tl.load(K + base + offs_n[:, None] * row_stride + offs_d[None, :])
+            v = tl.load(V + base + offs_n[:, None] * row_stride + offs_d[None, :])
+            kseg = tl.load(SEG + b * SEQ + offs_n)
+            s = _dot(q, tl.trans(k), IEEE) * SM_SCALE
+            mask = (qseg[:, None] == kseg[None, :]) & (qseg[:, None] != 0)
+            s = tl.where(mask, s, -1e30)
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.where(mask, tl.exp(s - m_new[:, None]), 0.0)
+            alpha = tl.exp(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            pv = _dot(p.to(v.dtype), v, IEEE)
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
+        has = l_i > 0.0
+        l_safe = tl.where(has, l_i, 1.0)
+        out = acc / l_safe[:, None]
+        tl.store(O + base + offs_m[:, None] * row_stride + offs_d[None, :], out.to(O.dtype.element_ty))
+        lse = tl.where(has, m_i + tl.log(l_safe), 0.0)
+        tl.store(LSE + pid_bh * SEQ + offs_m, lse)
+
+    @triton.jit
+    def _bwd_dq_kernel(Q, K, V, SEG, KSTART, KEND, DO, LSE, DELTA, DQ,
+                       SM_SCALE: tl.constexpr, SEQ: tl.constexpr, NHEADS: tl.constexpr,
+                       HEAD_DIM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                       IEEE: tl.constexpr):
+        """One program: dQ of a BM-row q-block; walks its span of k-blocks."""
+        pid_m = tl.program_id(0)
+        b, pid_bh, base = _program_base(SEQ, NHEADS, HEAD_DIM)
+        NQ: tl.constexpr = SEQ // BM
+        row_stride: tl.constexpr = NHEADS * HEAD_DIM
+        offs_m = pid_m * BM + tl.arange(0, BM)
+        offs_d = tl.arange(0, HEAD_DIM)
+        q_ptrs = base + offs_m[:, None] * row_stride + offs_d[None, :]
+        q = tl.load(Q + q_ptrs)
+        do = tl.load(DO + q_ptrs)
+        qseg = tl.load(SEG + b * SEQ + offs_m)
+        lse = tl.load(LSE + pid_bh * SEQ + offs_m)
+        delta = tl.load(DELTA + pid_bh * SEQ + offs_m)
+        qi = b * NQ + pid_m
+        kstart = tl.load(KSTART + qi)
+        kend = tl.load(KEND + qi)
+        dq = tl.zeros([BM, HEAD_DIM], dtype=tl.float32)
+        for kb in range(kstart, kend + 1):
+            offs_n = kb * BN + tl.arange(0, BN)
+            k = tl.load(K + base + offs_n[:, None] * row_stride + offs_d[None, :])
+            v = tl.load(V + base + offs_n[:, None] * row_stride + offs_d[None, :])
+            kseg = tl.load(SEG + b * SEQ + offs_n)
+            _, ds = _probs_and_dlogits(q, k, v, do, qseg, kseg, lse, delta, SM_SCALE, IEEE)
+            dq += _dot(ds.to(k.dtype), k, IEEE)
+        dq = dq * SM_SCALE
+        tl.store(DQ + q_ptrs, dq.to(DQ.dtype.element_ty))
+
+    @triton.jit
+    def _bwd_dkv_kernel(Q, K, V, SEG, QSTART, QEND, DO, LSE, DELTA, DK, DV,
+                        SM_SCALE: tl.constexpr, SEQ: tl.constexpr, NHEADS: tl.constexpr,
+                        HEAD_DIM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                        IEEE: tl.constexpr):
+        """One program: dK, dV of a BN-row k-block; walks its span of q-blocks."""
+        pid_n = tl.program_id(0)
+        b, pid_bh, base = _program_base(SEQ, NHEADS, HEAD_DIM)
+        NK: tl.constexpr = SEQ // BN
+        row_stride: tl.constexpr = NHEADS * HEAD_DIM
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        offs_d = tl.arange(0, HEAD_DIM)
+        kv_ptrs = base + offs_n[:, None] * row_stride + offs_d[None, :]
+        k = tl.load(K + kv_ptrs)
+        v = tl.load(V + kv_ptrs)
+        kseg = tl.load(SEG + b * SEQ + offs_n)
+        ki = b * NK + pid_n
+        qstart = tl.load(QSTART + ki)
+        qend = tl.load(QEND + ki)
+        dk = tl.zeros([BN, HEAD_DIM], dtype=tl.float32)
+        dv = tl.zeros([BN, HEAD_DIM], dtype=tl.float32)
+        for qb in range(qstart, qend + 1):
+            offs_m = qb * BM + tl.arange(0, BM)
+            q_ptrs = base + offs_m[:, None] * row_stride + offs_d[None, :]
+            q = tl.load(Q + q_ptrs)
+            do = tl.load(DO + q_ptrs)
+            qseg = tl.load(SEG + b * SEQ + offs_m)
+            lse = tl.load(LSE + pid_bh * SEQ + offs_m)
+            delta = tl.load(DELTA + pid_bh * SEQ + offs_m)
+            p, ds = _probs_and_dlogits(q, k, v, do, qseg, kseg, lse, delta, SM_SCALE, IEEE)
+            dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE)
+            dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
+        dk = dk * SM_SCALE
+        tl.store(DK + kv_ptrs, dk.to(DK.dtype.element_ty))
+        tl.store(DV + kv_ptrs, dv.to(DV.dtype.element_ty))
 
 
 # ----------------------------------------------------------------------------- jax-triton glue
 
 def _jax_triton():
-  if triton is None:
-    raise ValueError(f"impl='triton_gpu' needs the triton package: {_TRITON_IMPORT_ERROR}")
-  try:
-    import jax_triton as jt
-  except ImportError as e:
-    raise ValueError(
-        "impl='triton_gpu' needs jax-triton and a CUDA jaxlib "
-        f"(pip install jax-triton 'jax[cuda12]'): {e}") from e
-  return jt
+    if triton is None:
+        raise ValueError(f"impl='triton_gpu' needs the triton package: {_TRITON_IMPORT_ERROR}")
+    try:
+        import jax_triton as jt
+    except ImportError as e:
+        raise ValueError(
+            "impl='triton_gpu' needs jax-triton and a CUDA jaxlib "
+            f"(pip install jax-triton 'jax[cuda12]'): {e}") from e
+    return jt
 
 
 @functools.lru_cache(maxsize=None)
 def _out_kwarg(triton_call) -> str:
-  """jax-triton 0.3.x names the outputs `out_shape`, 0.4.x `out_type`."""
-  params = inspect.signature(triton_call).parameters
-  return "out_type" if "out_type" in params else "out_shape"
+    """jax-triton 0.3.x names the outputs `out_shape`, 0.4.x `out_type`."""
+    params = inspect.signature(triton_call).parameters
+    return "out_type" if "out_type" in params else "out_shape"
 
 
 def _call(kernel, args, outs, grid, *, num_warps, compute_capability=None, **meta):
-  jt = _jax_triton()
-  kw = {_out_kwarg(jt.triton_call): outs}
-  if compute_capability is not None:
-    kw["compute_capability"] = compute_capability
-  return jt.triton_call(*args, kernel=kernel, grid=grid, num_warps=num_warps,
-                        num_stages=NUM_STAGES, **kw, **meta)
+    jt = _jax_triton()
+    kw = {_out_kwarg(jt.triton_call): outs}
+    if compute_capability is not None:
+        kw["compute_capability"] = compute_capability
+    return jt.triton_call(*args, kernel=kernel, grid=grid, num_warps=num_warps,
+                          num_stages=NUM_STAGES, **kw, **meta)
 
 
 def _meta(q):
-  _, s, h, d = q.shape
-  return dict(SM_SCALE=1.0 / math.sqrt(d), SEQ=s, NHEADS=h, HEAD_DIM=d,
-              IEEE=jnp.dtype(q.dtype) == jnp.float32)
+    _, s, h, d = q.shape
+    return dict(SM_SCALE=1.0 / math.sqrt(d), SEQ=s, NHEADS=h, HEAD_DIM=d,
+                IEEE=jnp.dtype(q.dtype) == jnp.float32)
 
 
 def _forward(q, k, v, seg, cc):
-  b, s, h, _ = q.shape
-  _, _, _, _, kstart, kend, _, _ = block_metadata(seg, BLOCK_M, BLOCK_N)
-  o, lse = _call(_fwd_kernel, (q, k, v, seg, kstart, kend),
-                 [jax.ShapeDtypeStruct(q.shape, q.dtype),
-                  jax.ShapeDtypeStruct((b, h, s), jnp.float32)],
-                 (s // BLOCK_M, b * h), num_warps=num_warps(q.shape[-1]),
-                 compute_capability=cc, BM=BLOCK_M, BN=BLOCK_N, **_meta(q))
-  return o, lse
+    b, s, h, _ = q.shape
+    _, _, _, _, kstart, kend, _, _ = block_metadata(seg, BLOCK_M, BLOCK_N)
+    o, lse = _call(_fwd_kernel, (q, k, v, seg, kstart, kend),
+                   [jax.ShapeDtypeStruct(q.shape, q.dtype),
+                    jax.ShapeDtypeStruct((b, h, s), jnp.float32)],
+                   (s // BLOCK_M, b * h), num_warps=num_warps(q.shape[-1]),
+                   compute_capability=cc, BM=BLOCK_M, BN=BLOCK_N, **_meta(q))
+    return o, lse
 
 
 def _backward(q, k, v, seg, o, lse, do, cc):
-  b, s, h, _ = q.shape
-  _, _, _, _, kstart, kend, qstart, qend = block_metadata(seg, BLOCK_M_BWD, BLOCK_N_BWD)
-  delta = jnp.einsum("bshd,bshd->bhs", do.astype(jnp.float32), o.astype(jnp.float32))
-  meta = dict(BM=BLOCK_M_BWD, BN=BLOCK_N_BWD, **_meta(q))
-  dq = _call(_bwd_dq_kernel, (q, k, v, seg, kstart, kend, do, lse, delta),
-             jax.ShapeDtypeStruct(q.shape, q.dtype), (s // BLOCK_M_BWD, b * h),
-             num_warps=num_warps(q.shape[-1]), compute_capability=cc, **meta)
-  dk, dv = _call(_bwd_dkv_kernel,
-                 (q, k, v, seg, qstart, qend, do, lse, delta),
-                 [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-                 (s // BLOCK_N_BWD, b * h), num_warps=num_warps(q.shape[-1]),
-                 compute_capability=cc, **meta)
-  return dq, dk, dv
+    b, s, h, _ = q.shape
+    _, _, _, _, kstart, kend, qstart, qend = block_metadata(seg, BLOCK_M_BWD, BLOCK_N_BWD)
+    delta = jnp.einsum("bshd,bshd->bhs", do.astype(jnp.float32), o.astype(jnp.float32))
+    meta = dict(BM=BLOCK_M_BWD, BN=BLOCK_N_BWD, **_meta(q))
+    dq = _call(_bwd_dq_kernel, (q, k, v, seg, kstart, kend, do, lse, delta),
+               jax.ShapeDtypeStruct(q.shape, q.dtype), (s // BLOCK_M_BWD, b * h),
+               num_warps=num_warps(q.shape[-1]), compute_capability=cc, **meta)
+    dk, dv = _call(_bwd_dkv_kernel,
+                   (q, k, v, seg, qstart, qend, do, lse, delta),
+                   [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+                   (s // BLOCK_N_BWD, b * h), num_warps=num_warps(q.shape[-1]),
+                   compute_capability=cc, **meta)
+    return dq, dk, dv
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _attention(q, k, v, seg, cc):
-  return _forward(q, k, v, seg, cc)[0]
+    return _forward(q, k, v, seg, cc)[0]
 
 
 def _attention_fwd(q, k, v, seg, cc):
-  o, lse = _forward(q, k, v, seg, cc)
-  return o, (q, k, v, seg, o, lse)
+    o, lse = _forward(q, k, v, seg, cc)
+    return o, (q, k, v, seg, o, lse)
 
 
 def _attention_bwd(cc, res, do):
-  q, k, v, seg, o, lse = res
-  dq, dk, dv = _backward(q, k, v, seg, o, lse, do, cc)
-  return dq, dk, dv, None
+    q, k, v, seg, o, lse = res
+    dq, dk, dv = _backward(q, k, v, seg, o, lse, do, cc)
+    return dq, dk, dv, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def segment_attention_triton(q, k, v, segment_ids, *, compute_capability: int | None = None):
-  """Segment-masked attention, [B, S, H, D] in and out (see the module docstring).
+    """Segment-masked attention, [B, S, H, D] in and out (see the module docstring).
 
-  `compute_capability` (e.g. 90) pins the Triton compile target; None asks the local GPU.
-  Set it to lower/export for CUDA on a machine without a GPU.
-  """
-  check_supported(q, k, v, segment_ids)
-  _jax_triton()  # fail early, with a clear message, when jax-triton is missing
-  return _attention(q, k, v, segment_ids.astype(jnp.int32),
-                    None if compute_capability is None else int(compute_capability))
+    `compute_capability` (e.g. 90) pins the Triton compile target; None asks the local GPU.
+    Set it to lower/export for CUDA on a machine without a GPU.
+    """
+    check_supported(q, k, v, segment_ids)
+    _jax_triton()  # fail early, with a clear message, when jax-triton is missing
+    return _attention(q, k, v, segment_ids.astype(jnp.int32),
+                      None if compute_capability is None else int(compute_capability))

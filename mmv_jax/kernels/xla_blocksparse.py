@@ -1,4 +1,6 @@
-"""XLA reference for segment-masked attention: block-sparse over data-dependent block pairs.
+"""Segment-masked attention in plain XLA, block-sparse over data-dependent block pairs: the
+``impl="xla"`` path (CPU, and anywhere no kernel applies). The definition it must equal is
+``kernels/reference.py``.
 
 Dense masked attention over a packed row of S tokens spends S^2 work where only the sum of
 squared segment lengths is useful. The row is cut into blocks of ``b`` tokens (``G = B * nq``
@@ -32,18 +34,6 @@ import jax.numpy as jnp
 from jax import lax
 
 NEG = -1e30
-
-
-def band_geometry(seq_len: int, max_segment_len: int | None, block: int) -> tuple[int, int, int]:
-    """``(block, halo_blocks, padded_len)`` for the banded computation."""
-    if max_segment_len is None or max_segment_len >= seq_len:
-        return seq_len, 0, seq_len
-    b = min(block, seq_len)
-    m = math.ceil((max_segment_len - 1) / b) if max_segment_len > 1 else 0
-    padded = math.ceil(seq_len / b) * b
-    if (2 * m + 1) * b >= padded:  # the band would cover the row anyway
-        return seq_len, 0, seq_len
-    return b, m, padded
 
 
 def halo_blocks(seq_len: int, max_segment_len: int | None, block: int) -> int:
@@ -88,8 +78,8 @@ def _pairs(lo, count, nq: int, cap: int):
 
 
 def _bmm(spec: str, x, y):
-    """Batched matmul over (pair, head): ``einsum`` with fp32 accumulation. (Flattening the two
-    batch dimensions into one measured slower here, though faster for a lone dot.)"""
+    """Batched matmul over (pair, head): ``einsum`` with fp32 accumulation. The two batch
+    dimensions stay separate: XLA:CPU runs the flattened form slower here."""
     return jnp.einsum(spec, x, y, preferred_element_type=jnp.float32)
 
 
@@ -106,10 +96,9 @@ CHUNK_ELEMS = 196_608  # logits per pair chunk: 8 pairs x 6 heads x 64 x 64, 0.8
 
 
 def _chunk(num_pairs: int, heads: int, block: int) -> int:
-    """Pairs per chunk. XLA:CPU's batched 64 x 64 matmuls slow down sharply once their operands
-    leave the cache (measured, 6 heads: 27 GF/s over 632 pairs at once, 125-170 GF/s over 64);
-    ViT-S attention fwd+bwd on one 4096 / 8192 row: 94 / 340 ms unchunked, 49 / 121 ms in
-    chunks of 8 pairs (64: 80 / 173 ms; 4: 54 / 132 ms)."""
+    """Pairs per chunk: XLA:CPU's batched 64 x 64 matmuls run several times slower once their
+    operands leave the cache, so a chunk's logits are sized to fit in L2; much smaller chunks
+    pay the loop's overhead instead."""
     return max(1, min(num_pairs, CHUNK_ELEMS // (heads * block * block)))
 
 
@@ -183,8 +172,9 @@ def _bwd_pairs(qh, kh, vh, segb, oh, lse, doh, pairs):
 
 def _ranges(seg, b: int, m: int):
     """Per query block ``[G]``: the key block range (lo, count) of the hull of its ids, clipped to
-    the band ``i - m .. i + m`` (which holds the hull of any row whose ids span at most ``m``
-    blocks' reach; a row that breaks this is poisoned anyway); ``[B]``: each row's max id span."""
+    the band ``i - m .. i + m``, which holds the hull of any row whose ids span at most ``m``
+    blocks' reach (:func:`segment_attention_xla` sends a batch that breaks this to the unbounded
+    computation)."""
     bsz, p = seg.shape
     nq = p // b
     first, last = _id_spans(seg)
@@ -195,9 +185,8 @@ def _ranges(seg, b: int, m: int):
     i = jnp.arange(nq)
     lo = jnp.maximum(lo, i - m)
     count = jnp.where(hi >= 0, jnp.minimum(hi, i + m) - lo + 1, 0)
-    span = jnp.max(jnp.where(live, last - first + 1, 0), axis=1)
     flat = lambda x: x.reshape(-1).astype(jnp.int32)
-    return (flat(jnp.where(hi >= 0, lo, 0)), flat(count)), span
+    return flat(jnp.where(hi >= 0, lo, 0)), flat(count)
 
 
 def _heads_major(t, b: int):
@@ -234,28 +223,26 @@ def _attention_fwd(q, k, v, segment_ids, max_segment_len, block):
         seg = jnp.pad(seg, [(0, 0), (0, padded - s)])
     q = q * jnp.asarray(1.0 / math.sqrt(d), q.dtype)
     qh, kh, vh = (_heads_major(t, b) for t in (q, k, v))
-    ranges, span = _ranges(seg, b, m)
+    ranges = _ranges(seg, b, m)
     oh, lse = _fwd_pairs(qh, kh, vh, seg.reshape(-1, b), _pairs(*ranges, padded // b, cap))
     oh = oh.astype(qh.dtype)
     out = _tokens_major(oh, bsz, s)
-    ok = span <= (max_segment_len if max_segment_len is not None else padded)
-    out = jnp.where(ok[:, None, None, None], out, jnp.nan)
-    return out, (qh, kh, vh, seg, oh, lse, ranges, ok)
+    return out, (qh, kh, vh, seg, oh, lse, ranges)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _attention_bwd(max_segment_len, block, res, dout):
     bsz, s, h, d = dout.shape
     b, padded, m, cap = _geometry(dout.shape, max_segment_len, block)
-    qh, kh, vh, seg, oh, lse, ranges, ok = res
-    dout = jnp.where(ok[:, None, None, None], dout, 0)  # poisoned rows: no gradient
+    qh, kh, vh, seg, oh, lse, ranges = res
     if padded != s:
         dout = jnp.pad(dout, [(0, 0), (0, padded - s), (0, 0), (0, 0)])
     doh = _heads_major(dout, b)
     dq, dk, dv = _bwd_pairs(qh, kh, vh, seg.reshape(-1, b), oh, lse, doh,
                             _pairs(*ranges, padded // b, cap))
     dq = dq * (1.0 / math.sqrt(d))
-    return tuple(_tokens_major(t.astype(qh.dtype), bsz, s) for t in (dq, dk, dv))
+    dq, dk, dv = (_tokens_major(t.astype(qh.dtype), bsz, s) for t in (dq, dk, dv))
+    return dq, dk, dv, None  # no gradient for segment_ids
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -263,16 +250,7 @@ def _attention(q, k, v, segment_ids, max_segment_len, block):
     return _attention_fwd(q, k, v, segment_ids, max_segment_len, block)[0]
 
 
-def _attention_vjp_fwd(q, k, v, segment_ids, max_segment_len, block):
-    return _attention_fwd(q, k, v, segment_ids, max_segment_len, block)
-
-
-def _attention_vjp_bwd(max_segment_len, block, res, dout):
-    dq, dk, dv = _attention_bwd(max_segment_len, block, res, dout)
-    return dq, dk, dv, None
-
-
-_attention.defvjp(_attention_vjp_fwd, _attention_vjp_bwd)
+_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def segment_attention_xla(q, k, v, segment_ids, *, max_segment_len: int | None = None,
@@ -294,46 +272,3 @@ def segment_attention_xla(q, k, v, segment_ids, *, max_segment_len: int | None =
     return lax.cond(span <= max_segment_len, run(max_segment_len), run(None),
                     q, k, v, segment_ids)
 
-
-def _windows(x, m: int, b: int, fill):
-    """``x [B, S, ...]`` (S = nq * b) -> ``[B, nq, (2m+1) b, ...]``: key blocks i-m .. i+m."""
-    if m == 0:
-        return x.reshape(x.shape[0], -1, b, *x.shape[2:])
-    pad = [(0, 0)] * x.ndim
-    pad[1] = (m * b, m * b)
-    xp = jnp.pad(x, pad, constant_values=fill)
-    nq = x.shape[1] // b
-    xb = xp.reshape(x.shape[0], nq + 2 * m, b, *x.shape[2:])
-    w = jnp.stack([xb[:, o:o + nq] for o in range(2 * m + 1)], axis=2)
-    return w.reshape(x.shape[0], nq, (2 * m + 1) * b, *x.shape[2:])
-
-
-def segment_attention_band(q, k, v, segment_ids, *, max_segment_len: int | None = None,
-                           block: int = 64):
-    """The former reference: a static band of key blocks per query block (autodiff backward)."""
-    bsz, s, h, d = q.shape
-    b, m, padded = band_geometry(s, max_segment_len, block)
-    seg = segment_ids.astype(jnp.int32)
-    if padded != s:
-        extra = [(0, 0), (0, padded - s), (0, 0), (0, 0)]
-        q, k, v = (jnp.pad(t, extra) for t in (q, k, v))
-        seg = jnp.pad(seg, [(0, 0), (0, padded - s)])
-    nq = padded // b
-    qb = q.reshape(bsz, nq, b, h, d)
-    kw, vw = _windows(k, m, b, 0), _windows(v, m, b, 0)
-    seg_q = seg.reshape(bsz, nq, b)
-    seg_k = _windows(seg, m, b, -1)
-    logits = jnp.einsum("bnqhd,bnkhd->bnhqk", qb, kw, preferred_element_type=jnp.float32)
-    logits = logits * (1.0 / math.sqrt(d))
-    mask = (seg_q[:, :, :, None] == seg_k[:, :, None, :]) & (seg_q[:, :, :, None] > 0)
-    mask = mask[:, :, None]  # [B, nq, 1, b, W]
-    logits = jnp.where(mask, logits, NEG)
-    probs = jax.nn.softmax(logits, axis=-1) * mask
-    out = jnp.einsum("bnhqk,bnkhd->bnqhd", probs.astype(v.dtype), vw,
-                     preferred_element_type=jnp.float32)
-    out = out.reshape(bsz, padded, h, d)[:, :s].astype(q.dtype)
-    if m:
-        lengths = jax.vmap(lambda r: jnp.bincount(r, length=padded + 1))(seg)[:, 1:]
-        ok = jnp.max(lengths, axis=1) <= max_segment_len
-        out = jnp.where(ok[:, None, None, None], out, jnp.nan)
-    return out

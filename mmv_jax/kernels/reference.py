@@ -1,0 +1,26 @@
+"""The definition of segment-masked attention (docs/architecture.md, ``segment_attention``):
+dense, S^2 logits, plain einsum. Every kernel is tested against it; it is too slow to train with."""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+
+
+def segment_attention_reference(q, k, v, segment_ids):
+    """``softmax(q k^T / sqrt(D)) v`` over the keys of each query's own non-zero segment.
+
+    q, k, v ``[B, S, H, D]``; segment_ids ``[B, S]``, 0 = padding. Padding query rows are zero,
+    with zero gradients. Matmuls in the input dtype with fp32 accumulation, softmax in fp32,
+    output in q's dtype.
+    """
+    seg = segment_ids[:, :, None]
+    mask = ((seg == segment_ids[:, None, :]) & (seg != 0))[:, None]  # [B, 1, Sq, Sk]
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    # A finite fill: a padding row's max is then finite too, and exp never sees inf - inf.
+    s = jnp.where(mask, s / math.sqrt(q.shape[-1]), -1e30)
+    p = jnp.where(mask, jnp.exp(s - s.max(-1, keepdims=True)), 0.0)
+    p = p / jnp.maximum(p.sum(-1, keepdims=True), 1e-30)
+    out = jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.astype(q.dtype)
