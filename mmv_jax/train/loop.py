@@ -20,6 +20,7 @@ import numpy as np
 from mmv_jax import paths
 from mmv_jax.data import pipeline
 from mmv_jax.train import checkpoint, distributed, metrics, sharding as shd, state as st, workdir as wd
+from mmv_jax.train.evaluate import Evaluator
 from mmv_jax.train.step import setup
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,7 @@ def _acquire_lock(cfg, workdir) -> wd.Lock:
 
 def _train(cfg, workdir, platform, lock) -> dict:
     mesh = shd.make_mesh(cfg.mesh.shape)
+    evaluator = Evaluator(cfg, workdir, mesh)
     rules = shd.rules_dict(cfg.mesh.rules)
     proc, nproc = jax.process_index(), jax.process_count()
     multiple = shd.rows_per_process_multiple(mesh, rules, nproc)
@@ -204,6 +206,8 @@ def _train(cfg, workdir, platform, lock) -> dict:
                     print(f"step {step}/{cfg.total_steps}  loss {last['loss']:.4f}  "
                           f"tokens/s {rate:,.0f}  mfu {last['mfu']:.3f}  eta {_eta(eta)}", flush=True)
                 window = dict.fromkeys(window, 0.0)
+            if (evals := evaluator.maybe_run(step, state)) is not None:
+                writer.write(step, evals)
             if nonfinite >= cfg.max_nonfinite_steps:
                 raise RuntimeError(_diverged(ckpt, cfg, step, streak_start))
             stop = preempted(step)
