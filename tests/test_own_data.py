@@ -82,7 +82,8 @@ def test_sixth_finding_through_training_embedding_and_probing(own, tmp_path, cap
     _, manifest = own
     cfg = tiny_config(**{"model.depth": 1, "total_steps": 2, "log_every_steps": 1,
                          "checkpoint_every_steps": 2, "async_checkpointing": False,
-                         "eval_every_steps": 2, "eval.max_images": 8})
+                         "eval_every_steps": 2, "eval.max_images": 8,
+                         "peak_flops_per_device": 1e12})
     cfg.data = pipeline.demo_config()
     cfg.data.manifest = str(manifest)
     cfg.data.cxr_per_batch, cfg.data.ct_per_batch = 4, 0
@@ -96,6 +97,14 @@ def test_sixth_finding_through_training_embedding_and_probing(own, tmp_path, cap
     assert 0.0 <= ev[0]["eval/macro_auroc"] <= 1.0
     kept = load_embeddings(str(work / "eval" / "step_2.npz"))
     assert kept["findings"].tolist()[0] == "pneumothorax"
+    # the same command again: already finished, with its last loss and eval AUROC
+    from launch.train import _train
+    from mmv_jax import paths
+    capsys.readouterr()
+    _train(cfg, paths.resolve(str(work)))
+    said = capsys.readouterr().out
+    assert said.startswith("mmv-train: already finished (config.total_steps=2): step 2, loss ")
+    assert "eval macro AUROC" in said and "nan" not in said
 
     out = str(tmp_path / "emb.npz")
     assert emb.main(["--checkpoint", str(work / "checkpoints" / "2"), "--manifest", str(manifest),

@@ -88,7 +88,6 @@ own de-identified subject id (``folder``: a number).
 """
 from __future__ import annotations
 
-import argparse
 import ast
 import csv
 import glob
@@ -100,6 +99,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from mmv_jax import cli  # noqa: E402
 from mmv_jax.data.manifest import load_manifest, write_manifest  # noqa: E402
 from mmv_jax.data.manifest_cli import stats  # noqa: E402
 from mmv_jax.eval.probe import grouped_holdout  # noqa: E402
@@ -282,7 +282,7 @@ def rad_chestct(root: str, spacing) -> list[dict]:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = cli.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("dataset", choices=["mimic-cxr", "chexpert", "ct-rate", "rad-chestct", "merge",
                                         "folder"])
     ap.add_argument("inputs", nargs="*", help="manifests to merge (merge only)")

@@ -15,7 +15,6 @@ Resumable: files already written are kept (each file is written atomically). Run
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import multiprocessing as mp
@@ -25,6 +24,7 @@ import sys
 
 import numpy as np
 
+from mmv_jax import cli
 from mmv_jax.data.manifest import ManifestError, Record, load_manifest, write_manifest
 from mmv_jax.data.readers import DEFAULT_MAX_VOXELS, ImageReadError, file_errors, load_image
 from mmv_jax.data.transforms import resize_long_side
@@ -143,7 +143,7 @@ def build_cache(manifest: str, out: str, *, workers: int = 1, long_side_2d: int 
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="mmv-cache", description=__doc__.split("\n")[0])
+    ap = cli.ArgumentParser(prog="mmv-cache", description=__doc__.split("\n")[0])
     ap.add_argument("--manifest", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))

@@ -8,11 +8,11 @@ Counts only: no id, path or patient is printed.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections import Counter, defaultdict
 
+from mmv_jax import cli
 from mmv_jax.data.manifest import ManifestError, load_manifest
 
 LABEL_VALUES = {1: "pos", 0: "neg", -1: "uncertain"}
@@ -57,7 +57,7 @@ def stats_table(s: dict) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="mmv-manifest", description=__doc__.split("\n")[0])
+    ap = cli.ArgumentParser(prog="mmv-manifest", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
     for name, text in (("validate", "check every record; one line"),
                        ("stats", "counts per dataset/split/finding")):

@@ -20,7 +20,6 @@ images per modality get PCA maps, one PCA across all of them (``DIR/pca_maps.png
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -28,6 +27,7 @@ import sys
 
 import numpy as np
 
+from mmv_jax import cli
 from mmv_jax.eval.feature_maps import (figure as _figure, pca_feature_map,  # noqa: F401
                                        save as _save, save_feature_map_figure)
 from mmv_jax.eval.io import findings_of, load_embeddings
@@ -323,7 +323,7 @@ def feature_map_figure(cfg, encoder, records, out_png, per_modality=3) -> str | 
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="mmv-analysis", description=__doc__.split("\n")[0])
+    ap = cli.ArgumentParser(prog="mmv-analysis", description=__doc__.split("\n")[0])
     ap.add_argument("--embeddings", default=None, help="embedding .npz (mmv-embed)")
     ap.add_argument("--checkpoint", default=None, help="run folder (mmv-train): embeds and maps")
     ap.add_argument("--manifest", default=None, help="manifest to embed / map (with --checkpoint)")

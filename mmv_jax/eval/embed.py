@@ -11,7 +11,6 @@ embeds only the images not there yet, then writes ``OUT`` (see ``eval/io.py`` fo
 """
 from __future__ import annotations
 
-import argparse
 import glob
 import importlib.util
 import json
@@ -25,7 +24,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from mmv_jax import images
+from mmv_jax import cli, images
 from mmv_jax.data import pipeline
 from mmv_jax.data.manifest import LABELS, ManifestError, load_manifest
 from mmv_jax.eval.io import save_embeddings
@@ -182,7 +181,7 @@ def _resolve_checkpoint(path: str, step: int | None):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser("mmv-embed", description=__doc__.split("\n\n")[0])
+    ap = cli.ArgumentParser("mmv-embed", description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", required=True,
                     help="run folder written by mmv-train, or one of its checkpoints (RUN/checkpoints/N)")
     ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
@@ -219,6 +218,9 @@ def main(argv=None) -> int:
     except FileNotFoundError:
         print(f"mmv-embed: --checkpoint {args.checkpoint!r}: no Orbax checkpoint"
               f"{'' if step is None else f' at step {step}'} there", file=sys.stderr)
+        return 2
+    except checkpoint.CheckpointError as e:
+        print(f"mmv-embed: --checkpoint {args.checkpoint!r}: {e}", file=sys.stderr)
         return 2
     arrays = embed(cfg, records, encoder, args.out, mesh, batch_size=args.batch_size)
     if jax.process_index() == 0:

@@ -32,7 +32,6 @@ in Markdown.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -42,6 +41,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from mmv_jax import cli
 from mmv_jax.eval.io import FINDINGS, findings_of, load_embeddings, save_embeddings  # noqa: F401
 from mmv_jax.eval.metrics import auroc, bootstrap_auroc, nan_to_none
 from mmv_jax.eval.reference import paper_test_set
@@ -292,7 +292,7 @@ def _tag(lp_data, train_dataset):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="mmv-probe", description=__doc__.split("\n")[0])
+    ap = cli.ArgumentParser(prog="mmv-probe", description=__doc__.split("\n")[0])
     ap.add_argument("--embeddings", required=True, help="embedding .npz from mmv-embed")
     ap.add_argument("--lp-data", default="ALL", choices=list(LP_DATA))
     ap.add_argument("--train-dataset", default=None,

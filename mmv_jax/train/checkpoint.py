@@ -192,13 +192,18 @@ def load_params(path, abstract_params, step: int | None = None):
                 continue
             step = mgr.latest_step() if step is None else step
             if step is not None:
-                restored = mgr.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.PyTreeRestore(
-                        item={"params": abstract_params},
-                        restore_args=ocp.checkpoint_utils.construct_restore_args(
-                            {"params": abstract_params}),
-                        partial_restore=True)))
-                mgr.close()
+                try:
+                    restored = mgr.restore(step, args=ocp.args.Composite(
+                        state=ocp.args.PyTreeRestore(
+                            item={"params": abstract_params},
+                            restore_args=ocp.checkpoint_utils.construct_restore_args(
+                                {"params": abstract_params}),
+                            partial_restore=True)))
+                except Exception as e:  # a damaged or foreign folder: name it, not a traceback
+                    raise CheckpointError(f"{directory / str(step)}: cannot be read as a "
+                                          f"checkpoint ({type(e).__name__})") from None
+                finally:
+                    mgr.close()
                 log.info("init_from %s (step %d)", directory, step)
                 return restored["state"]["params"]
             mgr.close()
