@@ -82,6 +82,7 @@ def test_mmv_train_cli(demo):
     assert printed["eval_every_steps"] == 7 and printed["model"]["variant"] == "Ti/14"
 
 
+@pytest.mark.slow  # a compile: 10-40 s on 2 cores
 def test_dry_run_compiles_one_step_and_writes_nothing(demo, tmp_path):
     from launch.train import dry_run
     before = set(os.listdir(os.path.dirname(demo)))
