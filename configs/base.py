@@ -22,6 +22,13 @@ def get_config():
     c.allow_config_change = False  # resume with changed model/loss/optim/global batch (workdir.py)
     c.require_platform = ""       # "" any; "cpu" / "gpu" / "tpu": fail fast when JAX runs elsewhere
     c.lock_stale_s = 600.0        # another host's workdir lock unrefreshed this long is stale
+    # evaluation during training (mmv_jax/train/evaluate.py): every N steps, embed <= max_images
+    # labelled train and data.eval_split images and write a linear probe's AUROC; 0: off
+    c.eval_every_steps = 0
+    c.eval = ml_collections.ConfigDict()
+    c.eval.max_images = 256       # per split (train, data.eval_split), a seeded choice
+    c.eval.batch_size = 16        # images per embedding batch
+    c.eval.probe_c = 1.0          # inverse L2 strength of the logistic-regression probe
 
     c.model = ml_collections.ConfigDict()
     c.model.variant = "B/14"

@@ -34,4 +34,9 @@ def get_config():
     c.data.ct_per_batch = 6
     c.loss.pred_reduce = "mean"   # the base default; pinned because the figures above used it
     c.loss.lam = 0.2
+    # eval during training: 3 evals of 256 + 256 images in 600 steps. Measured on 2 busy cores
+    # (step ~3.3 s): 68 s for the first eval (its compile included), 28 s for each later one,
+    # about 6% of the training time
+    c.eval_every_steps = 200
+    c.eval.max_images = 256
     return c

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
     pytest.param("v5e:4x4", 1, 16, 4, marks=pytest.mark.slow), ("v5e:2x2", 2, 8, 2)])
 def test_stage3_step_compiles_for_pod(topology, slices, devices, hosts):
     cmd = [sys.executable, "tools/aot_compile.py", "--config", "configs/stage3_joint.py",
-           "--topology", topology, "--num_slices", str(slices),
+           "--topology", topology, "--num-slices", str(slices),  # the docstring spelling
            # the real stage-3 step and batch shapes; one block keeps the compile short
            "--config.model.depth=1", "--config.data.buckets.max_shapes=1"]
     env = dict(os.environ, JAX_PLATFORMS="cpu")

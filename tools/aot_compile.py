@@ -28,6 +28,7 @@ HBM_BYTES = {"v4": 32 << 30, "v5e": 16 << 30, "v5litepod": 16 << 30, "v5p": 95 <
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file.")
 _TOPOLOGY = flags.DEFINE_string("topology", "v5e:4x4", "TPU topology, e.g. v5e:4x4, v4:2x2x1.")
 _SLICES = flags.DEFINE_integer("num_slices", 1, "Number of slices (multi-slice over DCN).")
+flags.DEFINE_alias("num-slices", "num_slices")
 flags.mark_flag_as_required("config")
 
 

@@ -5,6 +5,9 @@
     python tools/build_manifest.py ct-rate    --root DIR --out ctrate.jsonl
     python tools/build_manifest.py rad-chestct --root DIR --out radchest.jsonl [--spacing 0.8 0.8 0.8]
     python tools/build_manifest.py merge a.jsonl b.jsonl --out all.jsonl
+    python tools/build_manifest.py folder --images DIR --labels labels.csv --id-col image
+        --patient-col patient --label-cols Pneumothorax "Pleural Effusion" --out mine.jsonl
+        [--dataset NAME] [--modality cxr|ct] [--val 0.1] [--test 0.2] [--seed 0]
 
 Expected folder layouts (as downloaded; CSVs may be gzipped, ``.csv.gz``):
 
@@ -67,12 +70,24 @@ RAD-ChestCT (Zenodo 6406114)::
   ``MRN_DEID`` (``CT_Scan_Metadata_Complete_35747.csv``), so the adaptation split keeps each
   patient's scans together; without that file every volume is its own patient.
 
+Your own data (``folder``): a folder of images (any format ``load_image`` reads: DICOM files or
+series folders, PNG/JPEG, NIfTI, NPY) and a CSV with one row per image. ``--id-col`` names each
+image: a path relative to ``--images`` (``p1/a.dcm``), or a file name with or without its
+extension found anywhere under it (``a``, ``a.dcm``); it becomes the record id, so use a
+de-identified name. ``--patient-col`` groups the images of one patient: its values are replaced
+by numbers (``<dataset>-p<k>``, in order of first appearance) and never written. ``--label-cols``
+are the findings, one CSV column each (``Column`` gives the finding ``column`` in lower case with
+``_`` for other characters; ``Column=name`` names it): 1 present, 0 absent, -1 uncertain, blank
+unknown. They become the manifest's findings (its header line). The split is seeded and grouped
+by patient: ``--test`` of the images go to ``test``, then ``--val`` to ``val``, the rest to
+``train`` (whole patients, in a seeded order, until each holds its fraction). Images under
+``--images`` that the CSV does not list are left out (counted in the summary).
+
 No patient names, dates or other identifiers are read or written; ``patient`` is the dataset's
-own de-identified subject id.
+own de-identified subject id (``folder``: a number).
 """
 from __future__ import annotations
 
-import argparse
 import ast
 import csv
 import glob
@@ -84,8 +99,13 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from mmv_jax import cli  # noqa: E402
 from mmv_jax.data.manifest import load_manifest, write_manifest  # noqa: E402
+from mmv_jax.data.manifest_cli import stats  # noqa: E402
 from mmv_jax.eval.probe import grouped_holdout  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from manifest_folder import _find, _label, _require, _rows, folder  # noqa: E402
 
 # per-dataset column names of the five findings
 MIMIC_COLS = {"atelectasis": "Atelectasis", "cardiomegaly": "Cardiomegaly",
@@ -97,37 +117,6 @@ CTRATE_COLS = {"atelectasis": "Atelectasis", "cardiomegaly": "Cardiomegaly",
 RAD_COLS = {"atelectasis": "atelectasis", "cardiomegaly": "cardiomegaly",
             "consolidation": "consolidation", "lung_opacity": "opacity",
             "pleural_effusion": "pleural_effusion"}
-
-
-def _find(root: str, name: str) -> str:
-    for cand in (name, name + ".gz"):
-        hits = glob.glob(os.path.join(root, "**", cand), recursive=True)
-        if hits:
-            return sorted(hits, key=len)[0]
-    raise SystemExit(f"{name}(.gz) not found under {root}")
-
-
-def _rows(path: str):
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", newline="") as f:
-        yield from csv.DictReader(f)
-
-
-def _label(v) -> int | None:
-    if v is None or str(v).strip() == "":
-        return None
-    x = float(v)
-    return 1 if x > 0 else (-1 if x < 0 else 0)
-
-
-def _require(path: str, columns) -> None:
-    """One clear error naming the file and the columns it lacks."""
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", newline="") as f:
-        header = next(csv.reader(f), [])
-    missing = [c for c in columns if c not in header]
-    if missing:
-        raise SystemExit(f"{path}: missing column(s) {missing}")
 
 
 # ---------------------------------------------------------------- MIMIC-CXR-JPG
@@ -293,21 +282,46 @@ def rad_chestct(root: str, spacing) -> list[dict]:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("dataset", choices=["mimic-cxr", "chexpert", "ct-rate", "rad-chestct", "merge"])
+    ap = cli.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("dataset", choices=["mimic-cxr", "chexpert", "ct-rate", "rad-chestct", "merge",
+                                        "folder"])
     ap.add_argument("inputs", nargs="*", help="manifests to merge (merge only)")
     ap.add_argument("--root", help="the release's folder")
     ap.add_argument("--out", required=True)
     ap.add_argument("--spacing", type=float, nargs=3, default=(0.8, 0.8, 0.8),
                     help="RAD-ChestCT voxel size z y x (mm)")
-    ap.add_argument("--split", default="paper", choices=["paper", "official"],
+    ap.add_argument("--split-mode", "--split", dest="split", default="paper",
+                    choices=["paper", "official"],
                     help="MIMIC-CXR: paper = seeded patient-grouped 80/20 train/test; "
                          "official = the release's train/validate/test")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the paper split")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the paper / folder split")
+    own = ap.add_argument_group("folder (your own data)")
+    own.add_argument("--images", help="folder of images")
+    own.add_argument("--labels", help="CSV, one row per image")
+    own.add_argument("--id-col", help="CSV column naming the image (path under --images or file name)")
+    own.add_argument("--patient-col", help="CSV column of the patient (replaced by a number)")
+    own.add_argument("--label-cols", nargs="+", help="finding columns: Column or Column=name")
+    own.add_argument("--dataset-name", help="dataset name (default: the --images folder's name)")
+    own.add_argument("--modality", default="cxr", choices=["cxr", "ct"])
+    own.add_argument("--val", type=float, default=0.1, help="fraction of images in split val")
+    own.add_argument("--test", type=float, default=0.2, help="fraction of images in split test")
     a = ap.parse_args(argv)
+    unlisted = None
     if a.dataset == "merge":
-        recs = [r for p in a.inputs for r in load_manifest(p)]
-        write_manifest(a.out, recs)
+        manifests = [load_manifest(p) for p in a.inputs]
+        findings = list(dict.fromkeys(f for m in manifests for f in m.findings))
+        write_manifest(a.out, [r for m in manifests for r in m], findings=findings)
+    elif a.dataset == "folder":
+        missing = [f"--{k.replace('_', '-')}" for k in ("images", "labels", "id_col", "patient_col",
+                                                        "label_cols") if not getattr(a, k)]
+        if missing:
+            ap.error(f"folder needs {', '.join(missing)}")
+        recs, findings, unlisted = folder(
+            a.images, a.labels, id_col=a.id_col, patient_col=a.patient_col,
+            label_cols=a.label_cols, dataset=a.dataset_name, modality=a.modality, val=a.val,
+            test=a.test, seed=a.seed)
+        write_manifest(a.out, recs, findings=findings)
+        load_manifest(a.out)  # validate what was written
     else:
         if not a.root:
             ap.error("--root is required")
@@ -316,24 +330,10 @@ def main(argv=None) -> None:
         recs = fn(a.root)
         write_manifest(a.out, recs)
         load_manifest(a.out)  # validate what was written
-    print(json.dumps(summary(load_manifest(a.out), a.out)))
-
-
-def summary(records, out: str) -> dict:
-    """Records and patients per split, and how many patients sit in more than one split
-    (counts only: no identifier is printed)."""
-    counts: dict = {}
-    splits_of: dict = {}
-    for r in records:
-        counts[r.split] = counts.get(r.split, 0) + 1
-        if r.patient:
-            splits_of.setdefault(r.patient, set()).add(r.split)
-    patients: dict = {}
-    for sp in splits_of.values():
-        for s in sp:
-            patients[s] = patients.get(s, 0) + 1
-    return {"out": out, "records": sum(counts.values()), "splits": counts,
-            "patients": patients, "patients_in_several_splits": sum(len(s) > 1 for s in splits_of.values())}
+    summary = dict(out=a.out, **stats(load_manifest(a.out)))  # counts only: no identifier
+    if unlisted is not None:
+        summary["unlisted_images_left_out"] = unlisted
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

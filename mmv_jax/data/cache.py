@@ -15,7 +15,6 @@ Resumable: files already written are kept (each file is written atomically). Run
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import multiprocessing as mp
@@ -25,9 +24,14 @@ import sys
 
 import numpy as np
 
-from mmv_jax.data.manifest import Record, load_manifest, write_manifest
+from mmv_jax import cli
+from mmv_jax.data.manifest import ManifestError, Record, load_manifest, write_manifest
 from mmv_jax.data.readers import DEFAULT_MAX_VOXELS, ImageReadError, file_errors, load_image
 from mmv_jax.data.transforms import resize_long_side
+
+
+class CacheError(ValueError):
+    """``--out`` holds a cache built with other settings."""
 
 
 def cache_name(rec: Record) -> str:
@@ -95,7 +99,7 @@ def build_cache(manifest: str, out: str, *, workers: int = 1, long_side_2d: int 
         with open(info_path) as f:
             old = json.load(f)
         if (old.get("long_side_2d"), old.get("long_side_3d")) != (long_side_2d, long_side_3d):
-            raise SystemExit(f"{out} holds a cache with long sides {old.get('long_side_2d')}/"
+            raise CacheError(f"{out} holds a cache with long sides {old.get('long_side_2d')}/"
                              f"{old.get('long_side_3d')}; use another --out")
     with open(info_path, "w") as f:
         json.dump(info, f, indent=1)
@@ -131,31 +135,41 @@ def build_cache(manifest: str, out: str, *, workers: int = 1, long_side_2d: int 
         if spacing is not None:
             d["spacing"] = [float(s) for s in spacing]
         good.append(d)
-    write_manifest(os.path.join(out, "manifest.jsonl"), good)
+    write_manifest(os.path.join(out, "manifest.jsonl"), good, findings=records.findings)
     with open(os.path.join(out, "bad.jsonl"), "w") as f:
         for b in bad:
             f.write(json.dumps(b) + "\n")
     return dict(images=len(good), bad=len(bad), out=out)
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="mmv-cache", description=__doc__.split("\n")[0])
+def main(argv=None) -> int:
+    ap = cli.ArgumentParser(prog="mmv-cache", description=__doc__.split("\n")[0])
     ap.add_argument("--manifest", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     ap.add_argument("--long-side-2d", type=int, default=224)
     ap.add_argument("--long-side-3d", type=int, default=112)
-    ap.add_argument("--splits", nargs="*", default=None)
+    ap.add_argument("--splits", "--split", nargs="*", default=None, dest="splits",
+                    help="only these splits (default: all)")
     ap.add_argument("--max-image-voxels", type=int, default=DEFAULT_MAX_VOXELS,
                     help="refuse files whose header claims more voxels (data.max_image_voxels)")
     a = ap.parse_args(argv)
     if a.max_image_voxels < 1:
         ap.error("--max-image-voxels must be >= 1")
-    res = build_cache(a.manifest, a.out, workers=a.workers, long_side_2d=a.long_side_2d,
-                      long_side_3d=a.long_side_3d, splits=a.splits, max_voxels=a.max_image_voxels)
+    for flag in ("workers", "long_side_2d", "long_side_3d"):
+        if getattr(a, flag) < 1:
+            ap.error(f"--{flag.replace('_', '-')} must be >= 1")
+    try:
+        res = build_cache(a.manifest, a.out, workers=a.workers, long_side_2d=a.long_side_2d,
+                          long_side_3d=a.long_side_3d, splits=a.splits,
+                          max_voxels=a.max_image_voxels)
+    except (ManifestError, CacheError) as e:
+        print(f"mmv-cache: {e}", file=sys.stderr)
+        return 2
     print(f"cached {res['images']} images to {res['out']} ({res['bad']} unreadable, listed in "
           f"{os.path.join(res['out'], 'bad.jsonl')})")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -8,7 +8,7 @@ Fields of a record:
 - ``dataset``   str (e.g. ``"mimic-cxr"``, ``"ct-rate"``, ``"demo"``).
 - ``split``     str (``"train"``, ``"val"``, ``"test"``, ...).
 - ``patient``   optional str: the dataset's de-identified subject id (splits never share one).
-- ``labels``    optional object over the five findings :data:`LABELS`: 1 present, 0 absent,
+- ``labels``    optional object over the manifest's findings: 1 present, 0 absent,
                 -1 uncertain; a missing key (or ``null``) is unknown.
 - ``spacing``   optional ``[z, y, x]`` (or ``[y, x]``) mm, overrides the file's header.
 - ``hu_slope``, ``hu_intercept`` optional floats, override the file's rescale (CT-RATE).
@@ -16,6 +16,13 @@ Fields of a record:
 - ``preprocessed`` optional JSON bool (``true``/``false``; ``1``/``0`` accepted, anything else is
                 an error): the file is an ``mmv-cache`` output, already resampled to the
                 target size (the pipeline then skips the resize); ``shape`` optional ``[Z, H, W]``.
+
+The findings (label names) are declared once, by the manifest: an optional header line before
+the first record, ``{"findings": ["atelectasis", ..., "pneumothorax"]}`` (lower-case names,
+``[a-z][a-z0-9_]*``, unique). Without one they are the paper's five, :data:`LABELS`. A record's
+label outside them is an error. :func:`load_manifest` returns the records as a list whose
+``findings`` attribute holds them, and everything downstream (the embedding file's ``labels``
+columns, the probes, evaluation during training) takes them from there.
 
 Errors name the file and the line number.
 """
@@ -25,6 +32,7 @@ import json
 import math
 import os
 import posixpath
+import re
 from dataclasses import dataclass, field, asdict
 from typing import Iterable, Sequence
 
@@ -36,8 +44,32 @@ _KNOWN = {"id", "path", "modality", "dataset", "split", "patient", "labels", "sp
           "hu_slope", "hu_intercept", "orientation", "preprocessed", "shape", "meta"}
 
 
+_FINDING = re.compile(r"[a-z][a-z0-9_]*")
+
+
 class ManifestError(ValueError):
     pass
+
+
+class Records(list):
+    """The records of a manifest (a ``list``) and the ``findings`` it declares."""
+
+    def __init__(self, records=(), findings=LABELS):
+        super().__init__(records)
+        self.findings = tuple(findings)
+
+
+def check_findings(names, where: str = "findings") -> tuple[str, ...]:
+    """Validates a list of finding names (non-empty, unique, ``[a-z][a-z0-9_]*``)."""
+    if isinstance(names, str) or not isinstance(names, (list, tuple)) or not names:
+        raise ManifestError(f"{where}: findings must be a non-empty list of names")
+    for n in names:
+        if not isinstance(n, str) or not _FINDING.fullmatch(n):
+            raise ManifestError(f"{where}: finding name {n!r} must match [a-z][a-z0-9_]* "
+                                "(lower case, digits, underscores)")
+    if len(set(names)) != len(names):
+        raise ManifestError(f"{where}: duplicate finding names")
+    return tuple(names)
 
 
 @dataclass(frozen=True)
@@ -78,8 +110,9 @@ def _err(where: str, msg: str) -> ManifestError:
     return ManifestError(f"{where}: {msg}")
 
 
-def parse_record(obj, root: str, where: str = "record") -> Record:
-    """Validates one decoded JSON object; ``root`` resolves relative paths."""
+def parse_record(obj, root: str, where: str = "record", findings=LABELS) -> Record:
+    """Validates one decoded JSON object; ``root`` resolves relative paths; ``findings``: the
+    label names allowed (the manifest's)."""
     if not isinstance(obj, dict):
         raise _err(where, f"expected a JSON object, got {type(obj).__name__}")
     unknown = set(obj) - _KNOWN
@@ -98,8 +131,10 @@ def parse_record(obj, root: str, where: str = "record") -> Record:
         raise _err(where, "field 'labels' must be an object")
     clean = {}
     for k, v in labels.items():
-        if k not in LABELS:
-            raise _err(where, f"unknown label {k!r} (known: {', '.join(LABELS)})")
+        if k not in findings:
+            raise _err(where, f"unknown label {k!r} (the manifest's findings: "
+                              f"{', '.join(findings)}; declare others in a header line "
+                              '{"findings": [...]})')
         if v is None:
             continue
         if v not in (1, 0, -1) or isinstance(v, bool):
@@ -156,8 +191,9 @@ def parse_record(obj, root: str, where: str = "record") -> Record:
 
 
 def load_manifest(path, *, splits: Sequence[str] | str | None = None,
-                  modality: str | None = None, check_patients: bool = True) -> list[Record]:
+                  modality: str | None = None, check_patients: bool = True) -> Records:
     """Reads and validates a JSONL manifest; optionally keeps only ``splits``/``modality``.
+    Returns :class:`Records` (a list with the manifest's ``findings``).
 
     Raises :class:`ManifestError` naming the line for a malformed record, a duplicate id, or
     (``check_patients``) a patient that appears in two splits of the same dataset.
@@ -168,6 +204,8 @@ def load_manifest(path, *, splits: Sequence[str] | str | None = None,
         raise ManifestError(f"{path}: manifest not found")
     root = str(resolved.parent)
     records: list[Record] = []
+    findings = LABELS
+    header_line = None
     seen: dict[str, int] = {}
     patient_split: dict[tuple, tuple] = {}
     with resolved.open() as f:
@@ -180,7 +218,15 @@ def load_manifest(path, *, splits: Sequence[str] | str | None = None,
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise _err(where, f"invalid JSON ({e.msg})") from None
-            rec = parse_record(obj, root, where)
+            if isinstance(obj, dict) and "findings" in obj:
+                if records or header_line is not None:
+                    raise _err(where, "the findings header must come before the first record, once")
+                if set(obj) != {"findings"}:
+                    raise _err(where, f"the header holds only 'findings', got {sorted(obj)}")
+                findings = check_findings(obj["findings"], where)
+                header_line = lineno
+                continue
+            rec = parse_record(obj, root, where, findings)
             if rec.id in seen:
                 raise _err(where, f"duplicate id {rec.id!r} (first on line {seen[rec.id]})")
             seen[rec.id] = lineno
@@ -197,16 +243,24 @@ def load_manifest(path, *, splits: Sequence[str] | str | None = None,
         records = [r for r in records if r.split in tuple(splits)]
     if modality is not None:
         records = [r for r in records if r.modality == modality]
-    return records
+    return Records(records, findings)
 
 
-def write_manifest(path, records: Iterable[Record | dict], *, relative: bool = True) -> None:
-    """Writes records as JSONL (atomically); paths are made relative to the file's folder."""
+def write_manifest(path, records: Iterable[Record | dict], *, relative: bool = True,
+                   findings=None) -> None:
+    """Writes records as JSONL (atomically); paths are made relative to the file's folder.
+    ``findings`` (default: ``records.findings`` of a :class:`Records`, else the paper's five)
+    goes into the header line when it is not the default."""
+    if findings is None:
+        findings = getattr(records, "findings", LABELS)
+    findings = check_findings(list(findings))
     path = os.fspath(path)
     root = os.path.dirname(os.path.abspath(path))
     os.makedirs(root, exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
+        if findings != LABELS:
+            f.write(json.dumps({"findings": list(findings)}) + "\n")
         for r in records:
             d = r.to_json(root if relative else None) if isinstance(r, Record) else dict(r)
             f.write(json.dumps(d, sort_keys=True) + "\n")

@@ -20,7 +20,6 @@ images per modality get PCA maps, one PCA across all of them (``DIR/pca_maps.png
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -28,11 +27,12 @@ import sys
 
 import numpy as np
 
+from mmv_jax import cli
 from mmv_jax.eval.feature_maps import (figure as _figure, pca_feature_map,  # noqa: F401
                                        save as _save, save_feature_map_figure)
-from mmv_jax.eval.io import FINDINGS, load_embeddings
+from mmv_jax.eval.io import findings_of, load_embeddings
 from mmv_jax.eval.metrics import nan_to_none
-from mmv_jax.eval.probe import (ABBREV, C_GRID, LP_DATA, _lower, evaluate_probe, fit_probe, fmt,
+from mmv_jax.eval.probe import (C_GRID, LP_DATA, _lower, abbrev, evaluate_probe, fit_probe, fmt,
                                 run_probe, select_rows)
 
 __all__ = ["robustness_grid", "robustness_markdown", "plot_robustness_grid", "shared_pca_probe",
@@ -97,22 +97,26 @@ def plot_robustness_grid(grid, out_png) -> str:
 # --- Fig. 2a: one PCA basis, probes trained on 2D / 3D / ALL rows ------------------------------
 
 PROBE_FITS = {"2D-fitted": "2D", "3D-fitted": "3D", "joint-fitted": "ALL"}
-FIG_FINDINGS = ("cardiomegaly",) + tuple(f for f in FINDINGS if f != "cardiomegaly")
 MODALITY_NAMES = {"cxr": "2D", "ct": "3D"}
 
 
+def _fig_findings(findings) -> tuple:
+    """The findings with cardiomegaly (the paper's cross-modal example) first when present."""
+    return tuple(sorted(findings, key=lambda f: f != "cardiomegaly"))
+
+
 def _abs_coef(probe, k):
-    """``|coef|`` per finding (rows in FINDINGS order) x component; NaN row: no probe."""
-    coef = np.full((len(FINDINGS), k), np.nan)
+    """``|coef|`` per finding (rows in the file's findings order) x component; NaN row: no probe."""
+    coef = np.full((len(probe.models), k), np.nan)
     for i, m in enumerate(probe.models):
         if m is not None:
             coef[i] = np.abs(m.coef_[0])
     return coef
 
 
-def _top(coef, n=3):
+def _top(coef, findings, n=3):
     return {f: ([int(j) for j in np.argsort(-coef[i])[:n]] if not np.isnan(coef[i]).any() else [])
-            for i, f in enumerate(FINDINGS)}
+            for i, f in enumerate(findings)}
 
 
 def shared_pca_probe(data, *, n_components=16, policy="ignore", n_boot=0, seed=0,
@@ -121,7 +125,7 @@ def shared_pca_probe(data, *, n_components=16, policy="ignore", n_boot=0, seed=0
     modalities); probes on the first ``n_components`` components trained on the 2D, 3D and ALL
     training rows (those with rows). Returns ``{"n_components", "n_fit",
     "explained_variance_ratio", "findings" (cardiomegaly first), "probes": {"2D-fitted" |
-    "3D-fitted" | "joint-fitted": {"lp_data", "abs_coef" [L, k] (FINDINGS rows), "top_pcs",
+    "3D-fitted" | "joint-fitted": {"lp_data", "abs_coef" [L, k] (rows: "coef_findings"), "top_pcs",
     "per_modality": {"2D" | "3D": {finding: auroc}}, "test_sets"}}}`` — per-modality AUROC pools
     every test row of that modality."""
     from sklearn.decomposition import PCA
@@ -135,6 +139,8 @@ def shared_pca_probe(data, *, n_components=16, policy="ignore", n_boot=0, seed=0
     by_modality = dict(proj, dataset=np.array([MODALITY_NAMES.get(m, m)
                                                for m in _lower(data["modality"])]))
     mods = set(_lower(data["modality"]).tolist())
+    findings = findings_of(data)
+    fig_findings = _fig_findings(findings)
     probes = {}
     for name, lp in PROBE_FITS.items():
         if not set(LP_DATA[lp]) & mods:
@@ -147,28 +153,28 @@ def shared_pca_probe(data, *, n_components=16, policy="ignore", n_boot=0, seed=0
         per_mod = evaluate_probe(probe, by_modality, n_boot=0, seed=seed)
         probes[name] = {
             "lp_data": lp, "n_train": int(train.size), "abs_coef": coef.tolist(),
-            "top_pcs": {f: _top(coef)[f] for f in FIG_FINDINGS},
-            "per_modality": {m: {f: r["per_label"][f]["auroc"] for f in FIG_FINDINGS}
+            "top_pcs": {f: _top(coef, findings)[f] for f in fig_findings},
+            "per_modality": {m: {f: r["per_label"][f]["auroc"] for f in fig_findings}
                              for m, r in per_mod.items()},
             "test_sets": evaluate_probe(probe, proj, n_boot=n_boot, seed=seed)}
     return {"n_components": k, "n_fit": int(fit_rows.size),
             "explained_variance_ratio": pca.explained_variance_ratio_.tolist(),
-            "findings": list(FIG_FINDINGS), "probes": probes}
+            "findings": list(fig_findings), "coef_findings": list(findings), "probes": probes}
 
 
 def shared_pca_markdown(result) -> str:
     """Per probe: test AUROC on each modality (cardiomegaly first) and its top components."""
     mods = sorted({m for p in result["probes"].values() for m in p["per_modality"]})
-    abbrev = dict(zip(FINDINGS, ABBREV))
-    cols = [f"{m} {abbrev[f]}" for f in result["findings"] for m in mods]
+    first = result["findings"][0]
+    cols = [f"{m} {abbrev(f)}" for f in result["findings"] for m in mods]
     lines = [f"One PCA basis ({result['n_components']} components) fitted on all "
              f"{result['n_fit']} training embeddings; test AUROC per modality.", "",
-             "| Probe | " + " | ".join(cols) + " | top PCs (CARD) |",
+             "| Probe | " + " | ".join(cols) + f" | top PCs ({abbrev(first)}) |",
              "|---|" + "---:|" * len(cols) + "---|"]
     for name, p in result["probes"].items():
         cells = [fmt(p["per_modality"].get(m, {}).get(f)) for f in result["findings"] for m in mods]
         lines.append(f"| {name} | " + " | ".join(cells) + " | "
-                     + ", ".join(f"PC{j + 1}" for j in p["top_pcs"]["cardiomegaly"]) + " |")
+                     + ", ".join(f"PC{j + 1}" for j in p["top_pcs"][first]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -176,8 +182,8 @@ def plot_shared_pca(result, out_png) -> str:
     """Per probe: |coef| over the shared components (findings x PCs, cardiomegaly first row,
     each row divided by its maximum), titled with the cardiomegaly AUROC on each modality."""
     probes = result["probes"]
-    order = [FINDINGS.index(f) for f in result["findings"]]
-    abbrev = [ABBREV[i] for i in order]
+    order = [result["coef_findings"].index(f) for f in result["findings"]]
+    names = [abbrev(f) for f in result["findings"]]
     fig = _figure(4.5 * len(probes), 3.2)
     for i, (name, p) in enumerate(probes.items()):
         ax = fig.add_subplot(1, len(probes), i + 1)
@@ -185,7 +191,7 @@ def plot_shared_pca(result, out_png) -> str:
         with np.errstate(invalid="ignore", divide="ignore"):
             c = c / np.nanmax(np.where(np.isnan(c), 0.0, c), axis=1, keepdims=True)
         im = ax.imshow(c, aspect="auto", cmap="magma", vmin=0.0, vmax=1.0)
-        ax.set_yticks(range(len(abbrev)), abbrev)
+        ax.set_yticks(range(len(names)), names)
         ax.set_xticks(range(c.shape[1]), [str(j + 1) for j in range(c.shape[1])], fontsize=6)
         ax.set_xlabel("shared principal component")
         card = ", ".join(f"{m} {fmt(v.get('cardiomegaly'), 2)}"
@@ -220,11 +226,13 @@ def pca_probe(data, *, fit_on="ALL", n_components=16, lp_data="ALL", policy="ign
                       proj["embeddings"][val], proj["labels"][val], policy=policy,
                       c_grid=c_grid, seed=seed)
     coef = _abs_coef(probe, k)
-    top = _top(coef)
+    findings = findings_of(data)
+    top = _top(coef, findings)
     tests = evaluate_probe(probe, proj, n_boot=n_boot, seed=seed)
     return {"fit_on": fit_on, "n_components": k, "n_fit": int(fit_rows.size),
             "explained_variance_ratio": pca.explained_variance_ratio_.tolist(),
-            "abs_coef": coef.tolist(), "top_pcs": top, "test_sets": tests}
+            "abs_coef": coef.tolist(), "findings": list(findings), "top_pcs": top,
+            "test_sets": tests}
 
 
 PCA_FITS = {"2D-fit": "2D", "3D-fit": "3D", "joint-fit": "ALL"}
@@ -247,7 +255,7 @@ def plot_pca_coefficients(analysis, out_png) -> str:
         with np.errstate(invalid="ignore", divide="ignore"):
             c = c / np.nanmax(np.where(np.isnan(c), 0.0, c), axis=1, keepdims=True)
         im = ax.imshow(c, aspect="auto", cmap="magma", vmin=0.0, vmax=1.0)
-        ax.set_yticks(range(len(ABBREV)), ABBREV)
+        ax.set_yticks(range(len(a["findings"])), [abbrev(f) for f in a["findings"]])
         ax.set_xlabel("principal component")
         ax.set_title(f"{name}: |coef| / row max")
         fig.colorbar(im, ax=ax)
@@ -315,7 +323,7 @@ def feature_map_figure(cfg, encoder, records, out_png, per_modality=3) -> str | 
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="mmv-analysis", description=__doc__.split("\n")[0])
+    ap = cli.ArgumentParser(prog="mmv-analysis", description=__doc__.split("\n")[0])
     ap.add_argument("--embeddings", default=None, help="embedding .npz (mmv-embed)")
     ap.add_argument("--checkpoint", default=None, help="run folder (mmv-train): embeds and maps")
     ap.add_argument("--manifest", default=None, help="manifest to embed / map (with --checkpoint)")

@@ -1,6 +1,7 @@
 """``mmv-embed``: frozen-encoder embeddings of every image in a manifest (one whole-image view each).
 
   mmv-embed --checkpoint runs/demo --manifest data/demo/manifest.jsonl --out runs/demo/emb.npz
+  mmv-embed --checkpoint runs/demo --step 300 --manifest ... --out ...   (or runs/demo/checkpoints/300)
   mmv-embed --checkpoint runs/demo --random-init --manifest ... --out runs/demo/emb_random.npz
 
 The run's ``config.json`` (written by ``mmv-train``) gives the model and data settings (or
@@ -10,7 +11,6 @@ embeds only the images not there yet, then writes ``OUT`` (see ``eval/io.py`` fo
 """
 from __future__ import annotations
 
-import argparse
 import glob
 import importlib.util
 import json
@@ -24,10 +24,10 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from mmv_jax import images
+from mmv_jax import cli, images
 from mmv_jax.data import pipeline
-from mmv_jax.data.manifest import load_manifest
-from mmv_jax.eval.io import FINDINGS, save_embeddings
+from mmv_jax.data.manifest import LABELS, ManifestError, load_manifest
+from mmv_jax.eval.io import save_embeddings
 from mmv_jax.hugepages import reexec_with_hugepages
 from mmv_jax.model.axes import axis_rules
 from mmv_jax.train import checkpoint, distributed, sharding as shd, state as st
@@ -61,9 +61,10 @@ def embed_config(cfg, modalities=("cxr", "ct")) -> ml_collections.ConfigDict:
 
 
 def build_encoder(cfg, run_dir: str | None, mesh, *, random_init: bool = False,
-                  modalities=("cxr", "ct")):
-    """The encoder with params restored from ``run_dir`` (or a seeded random init), sharded,
-    able to embed whole images of ``modalities`` (:func:`embed_config`)."""
+                  modalities=("cxr", "ct"), step: int | None = None):
+    """The encoder with params restored from ``run_dir`` at ``step`` (default the latest; or a
+    seeded random init), sharded, able to embed whole images of ``modalities``
+    (:func:`embed_config`)."""
     cfg = embed_config(cfg, modalities)
     rules = shd.rules_dict(cfg.mesh.rules)
     abstract = nnx.eval_shape(lambda: st.build_model(cfg, seed=cfg.seed))
@@ -73,7 +74,8 @@ def build_encoder(cfg, run_dir: str | None, mesh, *, random_init: bool = False,
         params = jax.jit(lambda: nnx.state(st.build_model(cfg, seed=cfg.seed), nnx.Param),
                          out_shardings=p_shard)()
     else:
-        params = checkpoint.load_params(run_dir, checkpoint.abstract_of(abstract_params, p_shard))
+        params = checkpoint.load_params(run_dir, checkpoint.abstract_of(abstract_params, p_shard),
+                                        step=step)
     return nnx.merge(graphdef, params).encoder
 
 
@@ -86,18 +88,24 @@ def patient_groups(records) -> np.ndarray:
                     np.int32)
 
 
-def _labels(rec) -> np.ndarray:
+def _labels(rec, findings) -> np.ndarray:
     return np.array([float(rec.labels[f]) if rec.labels.get(f) is not None else np.nan
-                     for f in FINDINGS], np.float32)
+                     for f in findings], np.float32)
 
 
-def embed(cfg, records, encoder, out: str, mesh, *, batch_size: int = 16, progress: bool = True) -> dict:
+def embed(cfg, records, encoder, out: str, mesh, *, batch_size: int = 16, progress: bool = True,
+          findings=None, forward=None) -> dict:
     """Embeds ``records`` (skipping those already in ``out.partial/``) and writes ``out``.
+
+    ``findings``: the label columns (default: the manifest's, ``records.findings`` of
+    :func:`load_manifest`'s result, else the paper's five). ``forward``: a jitted ``batch ->
+    [R, V, D]`` used instead of ``encoder`` (a caller embedding repeatedly keeps one compile).
 
     With several processes each embeds every ``P``-th image (in lockstep: the same number of
     batches everywhere) into its own chunk files; process 0 then merges them. ``out`` must be on
     a file system all processes see (as a cluster's run folder is).
     """
+    findings = tuple(findings or getattr(records, "findings", LABELS))
     proc, nproc = jax.process_index(), jax.process_count()
     partial = out + ".partial"
     os.makedirs(partial, exist_ok=True)
@@ -110,9 +118,7 @@ def embed(cfg, records, encoder, out: str, mesh, *, batch_size: int = 16, progre
     data_cfg.rows_multiple_of = shd.rows_per_process_multiple(mesh, rules, nproc)
     batch_sh = shd.batch_shardings(mesh, rules)
 
-    @jax.jit
-    def forward(batch):
-        return encoder(batch)
+    forward = forward or jax.jit(lambda batch: encoder(batch))
 
     if todo:
         it = pipeline.make_eval_iterator(data_cfg, todo, batch_size=batch_size,
@@ -126,7 +132,7 @@ def embed(cfg, records, encoder, out: str, mesh, *, batch_size: int = 16, progre
             for batch, ids in it:
                 emb = forward(shd.global_batch(batch, batch_sh))
                 emb = np.asarray(multihost_utils.global_array_to_host_local_array(
-                    emb, mesh, batch_sh.view_sample.spec)) if nproc > 1 else np.asarray(emb)
+                    emb, mesh, batch_sh.spec)) if nproc > 1 else np.asarray(emb)
                 if ids:
                     vecs = images.gather(batch, emb, len(ids))
                     name = f"chunk_p{proc:03d}_{n_chunks:06d}"
@@ -148,8 +154,9 @@ def embed(cfg, records, encoder, out: str, mesh, *, batch_size: int = 16, progre
     arrays = dict(
         ids=np.array([r.id for r in kept]), embeddings=np.stack([vecs[r.id] for r in kept]),
         modality=np.array([r.modality for r in kept]), dataset=np.array([r.dataset for r in kept]),
-        split=np.array([r.split for r in kept]), labels=np.stack([_labels(r) for r in kept]),
-        group=patient_groups(kept))
+        split=np.array([r.split for r in kept]),
+        labels=np.stack([_labels(r, findings) for r in kept]).reshape(len(kept), len(findings)),
+        findings=np.array(findings), group=patient_groups(kept))
     if nproc > 1:  # every process has read every chunk before process 0 removes them
         multihost_utils.sync_global_devices("mmv-embed: chunks read")
     if proc == 0:
@@ -160,29 +167,66 @@ def embed(cfg, records, encoder, out: str, mesh, *, batch_size: int = 16, progre
     return arrays
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser("mmv-embed", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--checkpoint", required=True, help="run folder written by mmv-train")
+def _resolve_checkpoint(path: str, step: int | None):
+    """(run folder, step) of ``--checkpoint`` (a run folder, its ``checkpoints`` folder or one
+    step folder ``run/checkpoints/N``) and ``--step``; raises ``ValueError`` naming them."""
+    from mmv_jax.api import _run_and_checkpoints
+    if not os.path.isdir(path):
+        raise ValueError(f"--checkpoint {path!r} is not a folder (a run folder of mmv-train or "
+                         "RUN/checkpoints/N)")
+    run, ckpt_dir, folder_step = _run_and_checkpoints(path)
+    if folder_step is not None and step is not None and step != folder_step:
+        raise ValueError(f"--checkpoint {path!r} is step {folder_step}, but --step {step} was given")
+    return run, ckpt_dir, step if folder_step is None else folder_step
+
+
+def main(argv=None) -> int:
+    ap = cli.ArgumentParser("mmv-embed", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", required=True,
+                    help="run folder written by mmv-train, or one of its checkpoints (RUN/checkpoints/N)")
+    ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     ap.add_argument("--manifest", required=True)
     ap.add_argument("--out", required=True, help="output .npz")
     ap.add_argument("--config", help="config file (default: the run's config.json)")
-    ap.add_argument("--split", nargs="*", help="only these splits (default: all)")
+    ap.add_argument("--splits", "--split", nargs="*", dest="splits",
+                    help="only these splits (default: all)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--random-init", action="store_true", help="untrained encoder baseline")
     args = ap.parse_args(argv)
+    if args.batch_size < 1:
+        ap.error("--batch-size must be >= 1")
+    if args.config and not os.path.isfile(args.config):
+        ap.error(f"--config {args.config!r} not found")
     if argv is None:
         reexec_with_hugepages()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        run, ckpt_dir, step = _resolve_checkpoint(args.checkpoint, args.step)
+        records = load_manifest(args.manifest, splits=args.splits)
+        if not records:
+            raise ValueError(f"{args.manifest}: no records"
+                             + (f" in split(s) {args.splits}" if args.splits else ""))
+        cfg = load_run_config(run, args.config)
+    except (ValueError, ManifestError) as e:
+        print(f"mmv-embed: {e}", file=sys.stderr)
+        return 2
     distributed.initialize()  # several processes: MMV_COORDINATOR etc., SLURM or a TPU slice
-    cfg = load_run_config(args.checkpoint, args.config)
     mesh = shd.make_mesh((-1, 1, 1))
-    records = load_manifest(args.manifest, splits=args.split)
-    encoder = build_encoder(cfg, args.checkpoint, mesh, random_init=args.random_init,
-                            modalities={r.modality for r in records})
+    try:
+        encoder = build_encoder(cfg, ckpt_dir, mesh, random_init=args.random_init,
+                                modalities={r.modality for r in records}, step=step)
+    except FileNotFoundError:
+        print(f"mmv-embed: --checkpoint {args.checkpoint!r}: no Orbax checkpoint"
+              f"{'' if step is None else f' at step {step}'} there", file=sys.stderr)
+        return 2
+    except checkpoint.CheckpointError as e:
+        print(f"mmv-embed: --checkpoint {args.checkpoint!r}: {e}", file=sys.stderr)
+        return 2
     arrays = embed(cfg, records, encoder, args.out, mesh, batch_size=args.batch_size)
     if jax.process_index() == 0:
         print(f"mmv-embed: {len(arrays['ids'])} embeddings -> {args.out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

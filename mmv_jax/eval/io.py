@@ -7,8 +7,11 @@ Arrays (N rows, one per image):
 - ``modality``   ``[N]`` str, ``"cxr"`` or ``"ct"``
 - ``dataset``    ``[N]`` str (e.g. ``"mimic"``, ``"chexpert"``, ``"ct-rate"``, ``"rad-chestct"``)
 - ``split``      ``[N]`` str (``"train"``, ``"val"``/``"valid"``/``"validate"``, ``"test"``)
-- ``labels``     ``[N, 5]`` float32, columns in :data:`FINDINGS` order; 1 positive, 0 negative,
-  -1 uncertain, NaN missing.
+- ``labels``     ``[N, F]`` float32, one column per finding in ``findings`` order; 1 positive,
+  0 negative, -1 uncertain, NaN missing.
+- ``findings``   ``[F]`` str, the finding names (the manifest's, see
+  :mod:`mmv_jax.data.manifest`). Optional when reading: a file without it holds the paper's
+  five, :data:`FINDINGS`. Written always.
 
 Optional:
 
@@ -24,12 +27,19 @@ import os
 
 import numpy as np
 
-FINDINGS = ("atelectasis", "cardiomegaly", "consolidation", "lung_opacity", "pleural_effusion")
+from mmv_jax.data.manifest import LABELS, ManifestError, check_findings
+
+FINDINGS = LABELS  # the paper's five: the default set of findings
 STRING_FIELDS = ("ids", "modality", "dataset", "split")
 REQUIRED = ("ids", "embeddings", "modality", "dataset", "split", "labels")
 MODALITIES = ("cxr", "ct")
 
-__all__ = ["FINDINGS", "REQUIRED", "load_embeddings", "save_embeddings", "validate"]
+__all__ = ["FINDINGS", "REQUIRED", "findings_of", "load_embeddings", "save_embeddings", "validate"]
+
+
+def findings_of(data: dict) -> tuple[str, ...]:
+    """The finding names of an embedding file's arrays (the ``labels`` columns)."""
+    return tuple(np.asarray(data["findings"]).astype(str).tolist()) if "findings" in data else FINDINGS
 
 
 def validate(arrays: dict, source: str = "embeddings") -> dict:
@@ -43,13 +53,18 @@ def validate(arrays: dict, source: str = "embeddings") -> dict:
         out[k] = np.asarray(arrays[k]).astype(str)
     out["embeddings"] = np.asarray(arrays["embeddings"], np.float32)
     out["labels"] = np.asarray(arrays["labels"], np.float32)
+    try:
+        findings = check_findings(list(findings_of(arrays)), f"{source}: findings")
+    except ManifestError as e:
+        raise ValueError(str(e)) from None
+    out["findings"] = np.asarray(findings, dtype=str)
     n = out["ids"].shape[0]
     emb, lab = out["embeddings"], out["labels"]
     if emb.ndim != 2 or emb.shape[0] != n:
         raise ValueError(f"{source}: embeddings must be [N={n}, d], got {emb.shape}")
-    if lab.shape != (n, len(FINDINGS)):
-        raise ValueError(f"{source}: labels must be [N={n}, {len(FINDINGS)}] "
-                         f"({', '.join(FINDINGS)}), got {lab.shape}")
+    if lab.shape != (n, len(findings)):
+        raise ValueError(f"{source}: labels must be [N={n}, {len(findings)}] "
+                         f"({', '.join(findings)}), got {lab.shape}")
     for k in STRING_FIELDS:
         if out[k].shape != (n,):
             raise ValueError(f"{source}: {k} must be [N={n}], got {out[k].shape}")

@@ -32,7 +32,6 @@ in Markdown.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -42,11 +41,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mmv_jax.eval.io import FINDINGS, load_embeddings, save_embeddings  # noqa: F401 (re-export)
+from mmv_jax import cli
+from mmv_jax.eval.io import FINDINGS, findings_of, load_embeddings, save_embeddings  # noqa: F401
 from mmv_jax.eval.metrics import auroc, bootstrap_auroc, nan_to_none
 from mmv_jax.eval.reference import paper_test_set
 
-ABBREV = ("ATEL", "CARD", "CONS", "LO", "EFF")   # reference_results.csv column names
+ABBREV = ("ATEL", "CARD", "CONS", "LO", "EFF")   # reference_results.csv column names (FINDINGS)
 VAL_SPLITS = ("val", "valid", "validate", "validation")
 LP_DATA = {"2D": ("cxr",), "3D": ("ct",), "ALL": ("cxr", "ct")}
 POLICIES = ("ignore", "zeros", "ones")
@@ -54,7 +54,7 @@ C_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 
 EXTERNAL_TEST_SETS = ("CheXpert", "RAD-ChestCT")   # the paper's external tests (reference names)
 
-__all__ = ["FINDINGS", "ABBREV", "load_embeddings", "save_embeddings", "grouped_holdout",
+__all__ = ["FINDINGS", "ABBREV", "abbrev", "load_embeddings", "save_embeddings", "grouped_holdout",
            "adaptation_split", "select_rows", "probe_targets", "LinearProbe", "fit_probe",
            "evaluate_probe", "run_probe", "results_markdown", "main"]
 
@@ -231,7 +231,7 @@ def evaluate_probe(probe: LinearProbe, data: dict, *, datasets=None, n_boot: int
         b = bootstrap_auroc(labels, scores, n_boot=n_boot, seed=seed)
         out[name] = {"n": int(idx.size),
                      "modality": sorted(set(np.asarray(data["modality"])[idx].tolist())),
-                     "per_label": dict(zip(FINDINGS, b["per_label"])),
+                     "per_label": dict(zip(findings_of(data), b["per_label"])),
                      "macro": b["macro"]}
     return out
 
@@ -255,24 +255,30 @@ def run_probe(data: dict, *, lp_data: str = "ALL", train_dataset: str | None = N
     return {"config": {"lp_data": lp_data, "train_dataset": train_dataset, "policy": policy,
                        "n_boot": n_boot, "seed": seed, "n_train": int(train.size),
                        "n_val": int(val.size), "val_source": val_source,
-                       "C": dict(zip(FINDINGS, probe.C))},
-            "findings": list(FINDINGS), "test_sets": tests}
+                       "C": dict(zip(findings_of(data), probe.C))},
+            "findings": list(findings_of(data)), "test_sets": tests}
 
 
 def fmt(v, digits: int = 3) -> str:
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
 
 
+def abbrev(finding: str) -> str:
+    """The paper's column name of one of its five findings; any other finding's own name."""
+    return dict(zip(FINDINGS, ABBREV)).get(finding, finding)
+
+
 def results_markdown(result: dict, digits: int = 3) -> str:
     cfg = result["config"]
+    findings = result["findings"]
     train = f"{cfg['train_dataset']} train" if cfg.get("train_dataset") else cfg["lp_data"]
     lines = [f"LP data: {train} (policy {cfg['policy']}, {cfg['n_train']} train / "
              f"{cfg['n_val']} val rows [{cfg['val_source']}], {cfg['n_boot']} bootstrap "
              f"resamples, seed {cfg['seed']})", "",
-             "| Test set | n | " + " | ".join(ABBREV) + " | Macro | 95% CI |",
-             "|---|---:|" + "---:|" * len(ABBREV) + "---:|---|"]
+             "| Test set | n | " + " | ".join(map(abbrev, findings)) + " | Macro | 95% CI |",
+             "|---|---:|" + "---:|" * len(findings) + "---:|---|"]
     for name, r in result["test_sets"].items():
-        cells = [fmt(r["per_label"][f]["auroc"], digits) for f in FINDINGS]
+        cells = [fmt(r["per_label"][f]["auroc"], digits) for f in findings]
         m = r["macro"]
         ci = ("n/a" if fmt(m["ci_low"]) == "n/a"
               else f"[{fmt(m['ci_low'], digits)}, {fmt(m['ci_high'], digits)}]")
@@ -286,7 +292,7 @@ def _tag(lp_data, train_dataset):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="mmv-probe", description=__doc__.split("\n")[0])
+    ap = cli.ArgumentParser(prog="mmv-probe", description=__doc__.split("\n")[0])
     ap.add_argument("--embeddings", required=True, help="embedding .npz from mmv-embed")
     ap.add_argument("--lp-data", default="ALL", choices=list(LP_DATA))
     ap.add_argument("--train-dataset", default=None,
@@ -299,11 +305,14 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="output dir (default: <embeddings dir>/probe)")
     ap.add_argument("--compare", action="store_true",
                     help="compare with the paper's rows (reference_results.csv)")
-    ap.add_argument("--stage", type=int, default=3, help="training stage for --compare")
+    ap.add_argument("--stage", type=int, default=3, choices=(1, 2, 3),
+                    help="training stage for --compare (the paper's stages 1, 2, 3)")
     ap.add_argument("--reference", default=None, help="reference_results.csv (default: bundled)")
     ap.add_argument("--bootstrap", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    if args.bootstrap < 0:
+        ap.error("--bootstrap must be >= 0")
     try:
         data = load_embeddings(args.embeddings)
         result = run_probe(data, lp_data=args.lp_data, train_dataset=args.train_dataset,

@@ -175,22 +175,35 @@ def abstract_of(state, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
 
 
-def load_params(path, abstract_params):
-    """Params of another run (``init_from``): a run workdir, its ``checkpoints`` folder, or one
-    step folder. Raises ``FileNotFoundError`` naming the path when nothing is there."""
+def load_params(path, abstract_params, step: int | None = None):
+    """Params of another run (``init_from``, ``mmv-embed``): a run workdir or its ``checkpoints``
+    folder, at ``step`` (default the latest). Raises ``FileNotFoundError`` naming the path when
+    nothing (or not that step) is there."""
     path = paths.resolve(path)
     for directory in (path / "checkpoints", path):
         if directory.is_dir():
             mgr = ocp.CheckpointManager(directory)
-            step = mgr.latest_step()
-            if step is not None:
-                restored = mgr.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.PyTreeRestore(
-                        item={"params": abstract_params},
-                        restore_args=ocp.checkpoint_utils.construct_restore_args(
-                            {"params": abstract_params}),
-                        partial_restore=True)))
+            if step is not None and step not in mgr.all_steps():
+                steps = sorted(mgr.all_steps())
                 mgr.close()
+                if steps:
+                    raise FileNotFoundError(f"{str(path)!r}: no checkpoint at step {step} "
+                                            f"(steps there: {steps})")
+                continue
+            step = mgr.latest_step() if step is None else step
+            if step is not None:
+                try:
+                    restored = mgr.restore(step, args=ocp.args.Composite(
+                        state=ocp.args.PyTreeRestore(
+                            item={"params": abstract_params},
+                            restore_args=ocp.checkpoint_utils.construct_restore_args(
+                                {"params": abstract_params}),
+                            partial_restore=True)))
+                except Exception as e:  # a damaged or foreign folder: name it, not a traceback
+                    raise CheckpointError(f"{directory / str(step)}: cannot be read as a "
+                                          f"checkpoint ({type(e).__name__})") from None
+                finally:
+                    mgr.close()
                 log.info("init_from %s (step %d)", directory, step)
                 return restored["state"]["params"]
             mgr.close()

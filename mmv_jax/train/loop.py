@@ -22,6 +22,7 @@ import numpy as np
 from mmv_jax import paths
 from mmv_jax.data import pipeline
 from mmv_jax.train import checkpoint, distributed, metrics, sharding as shd, state as st, workdir as wd
+from mmv_jax.train.evaluate import Evaluator
 from mmv_jax.train.feed import DeviceFeed
 from mmv_jax.train.step import setup
 
@@ -153,6 +154,7 @@ def _acquire_lock(cfg, workdir) -> wd.Lock:
 
 def _train(cfg, workdir, platform, lock) -> dict:
     mesh = shd.make_mesh(cfg.mesh.shape)
+    evaluator = Evaluator(cfg, workdir, mesh)
     rules = shd.rules_dict(cfg.mesh.rules)
     proc, nproc = jax.process_index(), jax.process_count()
     multiple = shd.rows_per_process_multiple(mesh, rules, nproc)
@@ -202,11 +204,12 @@ def _train(cfg, workdir, platform, lock) -> dict:
         for step in range(start + 1, cfg.total_steps + 1):
             batch, host_batch, stats, data_state = feed.get()
             log_step = step % cfg.log_every_steps == 0 or step == cfg.total_steps
+            eval_step = evaluator.due(step)
             stop = preempted(step)
             save = step % cfg.checkpoint_every_steps == 0 or step == cfg.total_steps or stop
             # Between log and checkpoint steps nothing comes back from the devices: the step is
             # dispatched and the loop goes on to draw the next batch while it runs.
-            with contextlib.nullcontext() if log_step or save or compile_s is None else \
+            with contextlib.nullcontext() if log_step or save or eval_step or compile_s is None else \
                     jax.transfer_guard_device_to_host("disallow"):
                 t_dispatch = time.perf_counter()
                 state, m = step_fn(state, batch)
@@ -223,7 +226,7 @@ def _train(cfg, workdir, platform, lock) -> dict:
                 feed.fill()
                 while len(in_flight) > feed.depth:  # back-pressure: a wait, not a transfer
                     jax.block_until_ready(in_flight.popleft())
-            if not (log_step or save):
+            if not (log_step or save or eval_step):
                 continue
             nonfinite = int(state.nonfinite)   # the length of the current non-finite run
             if log_step:
@@ -246,6 +249,10 @@ def _train(cfg, workdir, platform, lock) -> dict:
                           f"tokens/s {last['tokens_per_s']:,.0f}  mfu {last['mfu']:.3f}  "
                           f"data wait {last['data_wait_s']:.1f}s  eta {_eta(eta)}", flush=True)
                 window = _Window()
+            if eval_step:
+                t_eval = time.perf_counter()
+                writer.write(step, evaluator.maybe_run(step, state))
+                window.t0 += time.perf_counter() - t_eval   # the eval is not training time
             if nonfinite >= cfg.max_nonfinite_steps:
                 raise RuntimeError(_diverged(ckpt, cfg, step, step - nonfinite + 1))
             if save:

@@ -90,19 +90,3 @@ def test_unfinished_checkpoint_is_ignored(tmp_path, demo_manifest):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "at step 3" in r.stderr
     assert (ckpts / "4").is_dir()
-
-
-def test_bad_config_fails_before_compile(tmp_path, demo_manifest):
-    cases = [
-        ("--config.nonexistent_key=1", "nonexistent_key"),
-        ("--config.mesh.shape=(3,1,1)", "config.mesh.shape"),
-        ("--config.init_from=/no/such/run", "config.init_from"),
-        ("--config.model.variant=H/14", "model.variant"),
-    ]
-    for flag, expected in cases:
-        t = time.time()
-        r = _run(train_cmd(tmp_path / "bad", demo_manifest, flag))
-        assert r.returncode != 0
-        assert expected in r.stderr, (flag, r.stderr[-2000:])
-        assert "Traceback" not in r.stderr or flag.startswith("--config.nonexistent"), r.stderr[-2000:]
-        assert time.time() - t < 60
