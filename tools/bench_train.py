@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchlib import paper_mix_row
+from mmv_jax.batch import groups, real_tokens
 from mmv_jax.train import metrics, sharding as shd, state as st
 from mmv_jax.train.step import setup
 
@@ -47,12 +48,13 @@ def step_bench(cfg, host_batch, *, num_samples: int, num_views: int, steps: int 
     step_s = float(np.median(times))
     enc = st.encoder_config_from(cfg)
     flops = metrics.batch_flops(host_batch, enc.width, enc.depth, enc.mlp_ratio)
-    tokens = int((np.asarray(host_batch.segment_ids) > 0).sum())
+    tokens = real_tokens(host_batch)
     peak = metrics.peak_flops(cfg.peak_flops_per_device, cfg.model.dtype)
     return {"step_s": step_s, "tokens_per_s": tokens / step_s, "mfu": flops / step_s / peak,
             "compile_s": compile_s, "temp_bytes": temp, "loss": float(m["loss"]),
-            "peak_flops": peak, "real_tokens": tokens, "seq_len": int(host_batch.segment_ids.shape[1]),
-            "rows": int(host_batch.segment_ids.shape[0])}
+            "peak_flops": peak, "real_tokens": tokens,
+            "seq_len": int(groups(host_batch)[0].segment_ids.shape[1]),
+            "rows": sum(int(g.segment_ids.shape[0]) for g in groups(host_batch))}
 
 
 def demo_bench(steps: int = 3) -> dict:
