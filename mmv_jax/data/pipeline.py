@@ -270,9 +270,9 @@ class _TrainIterator(grain.DatasetIterator):
         log.info("building one batch takes %.2f s on one worker (%.1f ms per sample); %d worker "
                  "process(es)", per_batch, 1e3 * per_sample, self._workers)
         if not self._cached:
-            log.warning("reading original files costs %.1f ms per sample to decode and resize; "
-                        "`mmv-cache --manifest M --out DIR` does that once, then train with "
-                        "--config.data.cache_dir=DIR", 1e3 * per_sample)
+            log.warning("training from original files: %.1f ms per sample, decoding and resizing "
+                        "included; `mmv-cache --manifest M --out DIR` decodes and resizes once, "
+                        "then train with --config.data.cache_dir=DIR", 1e3 * per_sample)
 
     def get_state(self) -> dict:
         return {"step": self._step, "bad_files": self._bad, "tried": self._tried}
