@@ -49,3 +49,19 @@ def test_bad_requests_raise():
         segment_attention(q, q, q, jnp.zeros((1, 7), jnp.int32))
     with pytest.raises(ValueError, match="interpret"):
         segment_attention(q, q, q, jnp.zeros((1, 8), jnp.int32), impl="xla", interpret=True)
+
+
+def test_encoder_follows_the_mesh_it_is_traced_for(tpu_host):
+    """The encoder resolves "auto" from the mesh of its axis rules, not the host's backend (the
+    AOT tool compiles for a TPU topology on a CPU this way)."""
+    from flax import nnx
+    from mmv_jax.model.axes import axis_rules
+    from mmv_jax.model.encoder import Encoder, encoder_config
+    from mmv_jax.train.sharding import DEFAULT_RULES, make_mesh, rules_dict
+    from helpers import synthetic_batch
+    mesh = make_mesh((1, 1, 1), jax.devices("cpu")[:1])
+    enc = Encoder(encoder_config("Ti/14", depth=1, max_segment_len=None), rngs=nnx.Rngs(0))
+    batch = jax.tree.map(jnp.asarray, synthetic_batch())
+    with axis_rules(mesh, rules_dict(DEFAULT_RULES)):
+        out = jax.jit(lambda b: enc(b))(batch)  # as pallas_tpu this would not run on the CPU
+    assert np.isfinite(np.asarray(out)).all()

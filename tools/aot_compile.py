@@ -44,8 +44,6 @@ def compile_for_topology(cfg, topology: str, num_slices: int = 1) -> dict:
     devices = list(topo.devices)
     num_hosts = len({d.process_index for d in devices})
     cfg = cfg.copy_and_resolve_references()
-    if cfg.model.attention_impl == "auto":
-        cfg.model.attention_impl = "pallas_tpu"  # auto would resolve on this CPU
     mesh = shd.make_mesh(cfg.mesh.shape, devices)
     multiple = shd.rows_per_process_multiple(mesh, shd.rules_dict(cfg.mesh.rules), num_hosts)
     cfg.data.rows_multiple_of = math.lcm(int(cfg.data.rows_multiple_of), multiple)

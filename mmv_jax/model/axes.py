@@ -42,6 +42,11 @@ def axis_rules(mesh: jax.sharding.Mesh, rules: dict):
         _CTX.pop()
 
 
+def current_mesh() -> jax.sharding.Mesh | None:
+    """The mesh of the innermost :func:`axis_rules` context (None outside one)."""
+    return _CTX[-1][0] if _CTX else None
+
+
 def shard_map_over(fn, in_names, out_names):
     """``fn`` run per device under ``shard_map`` with logically named in/out specs when a mesh
     context is active (kernels that XLA cannot partition); ``fn`` itself otherwise."""

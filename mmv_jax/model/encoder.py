@@ -18,8 +18,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mmv_jax.batch import PATCH, PackedBatch
-from mmv_jax.kernels.attention import resolve_impl, segment_attention
-from mmv_jax.model.axes import constrain, shard_map_over
+from mmv_jax.kernels.attention import resolve_impl, resolve_platform, segment_attention
+from mmv_jax.model.axes import constrain, current_mesh, shard_map_over
 from mmv_jax.model.rope import apply_rope, pairs_per_axis, rope_tables
 
 VARIANTS = {  # width, depth, heads (MLP 4x), ViT-Ti/S/B
@@ -191,7 +191,9 @@ class Attention(nnx.Module):
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         q = constrain(apply_rope(q, cos, sin), ("batch", "seq", "heads", None))
         k = constrain(apply_rope(k, cos, sin), ("batch", "seq", "heads", None))
-        impl = resolve_impl(self.cfg.attention_impl)
+        # "auto" follows the platform of the mesh the step is traced for (a TPU topology
+        # compiled ahead of time on a CPU gets the TPU kernel), else the default backend
+        impl = resolve_impl(self.cfg.attention_impl, platform=resolve_platform(current_mesh()))
         attend = functools.partial(segment_attention, impl=impl, max_segment_len=self.cfg.max_segment_len)
         if impl != "xla":  # Mosaic / Triton kernels run per device with the batch sharded
             qkv_names = ("batch", None, "heads", None)
