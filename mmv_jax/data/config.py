@@ -182,6 +182,20 @@ def workers(cfg, local_devices: int = 1) -> int:
     return max(1, min(16, cpus - 1 - int(local_devices)))
 
 
+def mp_prefetch(ds, cfg):
+    """``mp_prefetch`` with ``cfg.worker_count`` processes (none for 0). Grain reads absl flags
+    inside; an entry point that has not parsed them gets the defaults (grain issue 1355)."""
+    n = workers(cfg)
+    if n <= 0:
+        return ds
+    import grain
+    from absl import flags
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    return ds.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=n, per_worker_buffer_size=int(cfg.worker_buffer_size)))
+
+
 def max_image_voxels(cfg) -> int:
     """``cfg.max_image_voxels`` for ``load_image(..., max_voxels=)``; the readers' default for a
     config written before the key existed (an older run's ``config.json``)."""
