@@ -1,0 +1,16 @@
+"""The errors a user can act on. The launchers turn exactly these into one line and an exit
+code; anything else is a bug and keeps its traceback."""
+
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work. The message names the key (``config.a.b``)."""
+
+
+class DataError(RuntimeError):
+    """The data cannot feed the run (e.g. more bad files than ``data.max_bad_fraction``)."""
+
+
+class DivergedError(RuntimeError):
+    """The loss or gradients stayed non-finite for ``config.max_nonfinite_steps`` steps."""
