@@ -34,8 +34,11 @@ def get_config():
     c.model.variant = "B/14"
     c.model.depth = 0             # 0: the variant's depth (12)
     c.model.dtype = "bfloat16"    # compute dtype; params stay fp32
-    c.model.remat = False
-    c.model.attention_impl = "auto"  # auto | xla | pallas_tpu | triton_gpu
+    # what each block keeps for backward: none | nothing_saveable (recompute the whole block) |
+    # dots_saveable | dots_with_no_batch_dims_saveable (jax.checkpoint_policies)
+    c.model.remat_policy = "none"
+    c.model.scan_layers = False   # one lax.scan over the blocks: compiles the block once (deep models)
+    c.model.attention_impl = "auto"  # auto | xla | pallas_tpu | triton_gpu | reference (dense)
     c.model.max_segment_len = -1  # largest view in tokens; -1: from data.views; 0: dense XLA attention
     c.model.proj_hidden = 2048
     c.model.proj_dim = 128

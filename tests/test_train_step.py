@@ -90,15 +90,20 @@ def test_bad_mesh_names_the_key():
 
 
 def test_remat_cuts_compiled_memory_on_cpu():
-    """XLA:CPU strips jax.checkpoint's CSE barriers unless told not to (remat_compiler_options):
+    from mmv_jax.train.step import compiler_options
+
+    """XLA:CPU strips jax.checkpoint's CSE barriers unless told not to (train.step.compiler_options):
     without that the recomputation merges back into the forward and remat saves nothing."""
     batch = jax.tree.map(jnp.asarray, synthetic_batch(rows=2, seq_len=512))
     temp = {}
     for remat in (False, True):
-        cfg = tiny_config(**{"model.remat": remat, "model.depth": 4})
+        cfg = tiny_config(**{"model.remat_policy": "nothing_saveable" if remat else "none", "model.depth": 4})
         state, step = _setup(cfg)
         temp[remat] = step.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
     assert temp[True] < 0.75 * temp[False], temp
+    # the XLA:CPU pass name never reaches the GPU or TPU compilers
+    assert compiler_options(cfg, "cpu") and compiler_options(cfg, "tpu") is None
+    assert compiler_options(cfg, "gpu") is None
 
 
 def _views(seed=0):

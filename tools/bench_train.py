@@ -23,7 +23,8 @@ def _config(variant: str, dtype: str, impl: str, remat: bool, max_len: int):
     import configs.base as base
     c = base.get_config()
     c.model.variant, c.model.dtype, c.model.attention_impl = variant, dtype, impl
-    c.model.remat, c.model.max_segment_len = remat, max_len
+    c.model.remat_policy = "nothing_saveable" if remat else "none"
+    c.model.max_segment_len = max_len
     c.data.ct_per_batch = 64  # so max_view_tokens covers 3D views
     return c
 
@@ -97,7 +98,8 @@ def tpu_remat_memory(variant: str, seq_len: int, topology: str = "v5e:2x2") -> d
     batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct((n,) + x.shape[1:], x.dtype, sharding=rows), row)
     out = {"topology": topology}
     for remat in (False, True):
-        cfg = encoder_config(variant, remat=remat, max_segment_len=512, attention_impl="pallas_tpu",
+        cfg = encoder_config(variant, remat_policy="nothing_saveable" if remat else "none",
+                             max_segment_len=512, attention_impl="pallas_tpu",
                              dtype="bfloat16")
         graphdef, params = nnx.split(nnx.eval_shape(lambda: Encoder(cfg, rngs=nnx.Rngs(0))))
         params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), params)

@@ -5,6 +5,7 @@ max_segment_len=None)``: q, k, v ``[B, S, H, D]``; segment_ids ``[B, S]`` int32,
 A query attends only to keys with the same non-zero segment id; padding query rows return zeros
 (the definition: ``kernels/reference.py``). ``impl="auto"`` picks by the platform the
 computation is for: ``pallas_tpu`` on TPU, ``triton_gpu`` on CUDA GPUs, ``xla`` elsewhere.
+``reference`` is the dense definition itself (S^2 memory; plain autodiff, so forward mode works).
 That platform is ``platform`` when given (:func:`resolve_platform` reads it off a mesh), else
 that of the abstract mesh in context (``jax.set_mesh``), else ``jax.default_backend()``: so a
 step compiled for a TPU topology from a CPU host gets the TPU kernel. An impl that cannot honour
@@ -23,9 +24,10 @@ from __future__ import annotations
 
 import jax
 
+from mmv_jax.kernels.reference import segment_attention_reference
 from mmv_jax.kernels.xla_blocksparse import segment_attention_xla
 
-IMPLS = ("auto", "xla", "pallas_tpu", "triton_gpu")
+IMPLS = ("auto", "xla", "pallas_tpu", "triton_gpu", "reference")
 PLATFORMS = ("cpu", "gpu", "cuda", "rocm", "tpu")
 _AUTO = {"tpu": "pallas_tpu", "gpu": "triton_gpu", "cuda": "triton_gpu"}  # others: "xla"
 
@@ -64,6 +66,8 @@ def segment_attention(q, k, v, segment_ids, *, impl: str = "auto", platform: str
         raise ValueError(f"interpret=True applies to impl='pallas_tpu' only, not {impl!r}")
     if impl == "xla":
         return segment_attention_xla(q, k, v, segment_ids, max_segment_len=max_segment_len)
+    if impl == "reference":
+        return segment_attention_reference(q, k, v, segment_ids)
     # The kernels are imported on first use: Pallas and Triton cost an import the XLA path
     # never needs.
     if impl == "pallas_tpu":

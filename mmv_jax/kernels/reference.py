@@ -21,6 +21,7 @@ def segment_attention_reference(q, k, v, segment_ids):
     # A finite fill: a padding row's max is then finite too, and exp never sees inf - inf.
     s = jnp.where(mask, s / math.sqrt(q.shape[-1]), -1e30)
     p = jnp.where(mask, jnp.exp(s - s.max(-1, keepdims=True)), 0.0)
-    p = p / jnp.maximum(p.sum(-1, keepdims=True), 1e-30)
+    denom = p.sum(-1, keepdims=True)
+    p = p / jnp.where(denom > 0, denom, 1.0)  # padding rows: 0 / 1, finite in forward mode too
     out = jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return out.astype(q.dtype)

@@ -18,7 +18,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mmv_jax.batch import PATCH, PackedBatch
+from mmv_jax.errors import ConfigError
 from mmv_jax.kernels.attention import resolve_impl, resolve_platform, segment_attention
+from mmv_jax.model import ops
 from mmv_jax.model.axes import constrain, current_mesh, shard_map_over
 from mmv_jax.model.rope import apply_rope, pairs_per_axis, rope_tables
 
@@ -27,6 +29,10 @@ VARIANTS = {  # width, depth, heads (MLP 4x), ViT-Ti/S/B
     "S": (384, 12, 6),
     "B": (768, 12, 12),
 }
+
+
+# "none" or a jax.checkpoint_policies name: what each block keeps for its backward pass
+REMAT_POLICIES = ("none", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +44,8 @@ class EncoderConfig:
     patch: int = PATCH
     rope_base: float = 10_000.0
     dtype: str = "float32"
-    remat: bool = False
+    remat_policy: str = "none"  # one of REMAT_POLICIES
+    scan_layers: bool = False  # one lax.scan over the blocks: compiles the block body once
     attention_impl: str = "auto"
     max_segment_len: int | None = None  # lets the XLA attention skip unreachable key blocks
     ln_eps: float = 1e-6
@@ -55,101 +62,21 @@ def encoder_config(variant: str = "Ti/14", **overrides) -> EncoderConfig:
         width, depth, heads = VARIANTS[name]
         patch = int(patch)
     except (ValueError, KeyError):
-        raise ValueError(f"config.model.variant must be one of {[v + '/14' for v in VARIANTS]}, "
-                         f"got {variant!r}") from None
+        raise ConfigError(f"config.model.variant must be one of {[v + '/14' for v in VARIANTS]}, "
+                          f"got {variant!r}") from None
+    policy = overrides.get("remat_policy", "none")
+    if policy not in REMAT_POLICIES:
+        raise ConfigError(f"config.model.remat_policy must be one of {REMAT_POLICIES}, got {policy!r}")
     return dataclasses.replace(EncoderConfig(width=width, depth=depth, heads=heads, patch=patch),
                                **overrides)
-
-
-def remat_compiler_options(remat: bool, platform: str) -> dict | None:
-    """XLA options a jitted gradient of this encoder needs for remat to take effect on ``platform``.
-
-    ``jax.checkpoint`` keeps XLA's CSE from merging the backward recomputation with the forward
-    through optimisation barriers; XLA:CPU strips those barriers (its ``cse_barrier_expander``
-    pass) before CSE runs, which silently undoes remat there. Keeping the pass off restores it
-    (ViT-S/14 train step, one 8192 row: compiled temp 5.1 GB -> 1.3 GB with remat; without this
-    option remat gave 6.4 GB against 5.9 GB)."""
-    if remat and platform == "cpu":
-        return {"xla_disable_hlo_passes": "cse_barrier_expander"}
-    return None
 
 
 def _init(key, shape, fan_in):
     return jax.random.truncated_normal(key, -2.0, 2.0, shape, jnp.float32) / math.sqrt(fan_in)
 
 
-def matmul(x, w):
-    """``x [..., din] @ w [din, ...]`` as one 2D matmul: flattening the leading dims keeps the
-    weight gradient a canonical matmul (XLA:CPU runs dots with two contracting dims slowly)."""
-    lead, din = x.shape[:-1], x.shape[-1]
-    y = _matmul2d(x.reshape(-1, din), w.reshape(din, -1))
-    return y.reshape(*lead, *w.shape[1:])
-
-
-def _materialize_on_cpu(t):
-    """``t`` as its own buffer on CPU (an optimization barrier), unchanged elsewhere."""
-    return jax.lax.platform_dependent(t, cpu=jax.lax.optimization_barrier, default=lambda t: t)
-
-
-@jax.custom_vjp
-def _matmul2d(x, w):
-    """``x @ w`` whose input gradient multiplies by a transposed copy of ``w`` on CPU: inside the
-    ViT-S/14 step XLA:CPU runs ``g @ w.T`` with the transpose folded into the dot slower than
-    the plain ``g @ w_t`` (step 2.24 -> 2.15 s, in-process A/B); the copy is weight-sized."""
-    return x @ w
-
-
-def _matmul2d_fwd(x, w):
-    return x @ w, (x, w)
-
-
-def _matmul2d_bwd(res, g):
-    x, w = res
-    return g @ _materialize_on_cpu(w.T), x.T @ g
-
-
-_matmul2d.defvjp(_matmul2d_fwd, _matmul2d_bwd)
-
-
 def param(value, *axes):
     return nnx.Param(value, logical_axes=tuple(axes))
-
-
-def _rowdot(a, b):
-    """``sum(a * b, -1)`` as a contraction (XLA:CPU runs a fused multiply-reduce over the minor axis
-    ~25x slower than the equivalent dot)."""
-    return jnp.einsum("...d,...d->...", a, b)[..., None]
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def layer_norm(x, scale, bias, eps: float):
-    """LayerNorm over the last axis in fp32, output in ``x.dtype``. Its hand-written backward
-    saves only ``x`` and two per-token statistics and keeps every reduction a contraction; XLA's
-    own derivative of the formula cost ~20 ms per ViT-S/14 norm on a 4096 row on CPU, this ~1 ms."""
-    return _layer_norm_fwd(x, scale, bias, eps)[0]
-
-
-def _layer_norm_fwd(x, scale, bias, eps):
-    xf = x.astype(jnp.float32)
-    mean = xf.mean(-1, keepdims=True)
-    rstd = jax.lax.rsqrt(jnp.square(xf - mean).mean(-1, keepdims=True) + eps)
-    return ((xf - mean) * rstd * scale + bias).astype(x.dtype), (x, mean, rstd, scale)
-
-
-def _layer_norm_bwd(eps, res, g):
-    x, mean, rstd, scale = res
-    xhat = (x.astype(jnp.float32) - mean) * rstd
-    gf = g.astype(jnp.float32)
-    g2, xhat2 = gf.reshape(-1, gf.shape[-1]), xhat.reshape(-1, gf.shape[-1])
-    dscale = jnp.einsum("nd,nd->d", g2, xhat2)
-    dbias = g2.sum(0)
-    gs = gf * scale
-    n = gf.shape[-1]
-    dx = rstd * (gs - _rowdot(gf, scale) / n - xhat * (_rowdot(gs, xhat) / n))
-    return dx.astype(x.dtype), dscale, dbias
-
-
-layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
 class LayerNorm(nnx.Module):
@@ -159,7 +86,7 @@ class LayerNorm(nnx.Module):
         self.eps = eps
 
     def __call__(self, x):
-        return layer_norm(x, self.scale[...], self.bias[...], self.eps)
+        return ops.for_platform().layer_norm(x, self.scale[...], self.bias[...], self.eps)
 
 
 class Dense(nnx.Module):
@@ -170,7 +97,7 @@ class Dense(nnx.Module):
         self.bias = param(jnp.zeros((dout,), jnp.float32), out_axis)
 
     def __call__(self, x):
-        return matmul(x, self.kernel[...].astype(x.dtype)) + self.bias[...].astype(x.dtype)
+        return ops.for_platform().matmul(x, self.kernel[...].astype(x.dtype)) + self.bias[...].astype(x.dtype)
 
 
 class Attention(nnx.Module):
@@ -186,14 +113,15 @@ class Attention(nnx.Module):
         self.proj_bias = param(jnp.zeros((d,), jnp.float32), "embed")
 
     def __call__(self, x, cos, sin, segment_ids):
-        dt = x.dtype
+        platform = resolve_platform(current_mesh())
+        dt, matmul = x.dtype, ops.for_platform(platform).matmul
         qkv = matmul(x, self.qkv[...].astype(dt)) + self.qkv_bias[...].astype(dt)  # [B, S, 3, H, K]
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         q = constrain(apply_rope(q, cos, sin), ("batch", "seq", "heads", None))
         k = constrain(apply_rope(k, cos, sin), ("batch", "seq", "heads", None))
         # "auto" follows the platform of the mesh the step is traced for (a TPU topology
         # compiled ahead of time on a CPU gets the TPU kernel), else the default backend
-        impl = resolve_impl(self.cfg.attention_impl, platform=resolve_platform(current_mesh()))
+        impl = resolve_impl(self.cfg.attention_impl, platform=platform)
         attend = functools.partial(segment_attention, impl=impl, max_segment_len=self.cfg.max_segment_len)
         if impl != "xla":  # Mosaic / Triton kernels run per device with the batch sharded
             qkv_names = ("batch", None, "heads", None)
@@ -241,7 +169,7 @@ class Encoder(nnx.Module):
                              f"got {patches.shape[-1]}")
         if patches.dtype == jnp.uint8:  # the uint8 wire format: [-1, 1] in 255 levels
             patches = patches.astype(jnp.float32) / 127.5 - 1.0
-        x = matmul(patches.astype(dt), kernel.astype(dt)) + self.patch_embed.bias[...].astype(dt)
+        x = ops.for_platform().matmul(patches.astype(dt), kernel.astype(dt)) + self.patch_embed.bias[...].astype(dt)
         return constrain(x, ("batch", "seq", "embed"))
 
     def tokens(self, batch: PackedBatch):
@@ -249,14 +177,24 @@ class Encoder(nnx.Module):
         x = self.embed_patches(batch.patches)
         cos, sin = rope_tables(batch.coords, self.cfg.head_dim, self.cfg.rope_base)
         seg = batch.segment_ids.astype(jnp.int32)
-        for block in self.blocks:
-            if self.cfg.remat:  # keep only each block's input; recompute the rest in backward
-                graphdef, state = nnx.split(block)
-                run = lambda st, x: nnx.merge(graphdef, st)(x, cos, sin, seg)  # noqa: E731
-                x = jax.checkpoint(run, policy=jax.checkpoint_policies.nothing_saveable)(state, x)
-            else:
-                x = block(x, cos, sin, seg)
-        return self.norm(x)
+        return self.norm(self._blocks(x, cos, sin, seg))
+
+    def _blocks(self, x, cos, sin, seg):
+        def run(block, x):
+            return block(x, cos, sin, seg)
+
+        if self.cfg.remat_policy != "none":  # recompute what the policy does not keep, in backward
+            run = nnx.remat(run, policy=getattr(jax.checkpoint_policies, self.cfg.remat_policy))
+        if not self.cfg.scan_layers:
+            for block in self.blocks:
+                x = run(block, x)
+            return x
+        # The parameter tree stays one module per block (checkpoints, conversion and export do
+        # not see this option): the blocks' states are stacked for the scan at trace time.
+        graphdef = nnx.graphdef(self.blocks[0])
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(nnx.state(b) for b in self.blocks))
+        x, _ = jax.lax.scan(lambda x, st: (run(nnx.merge(graphdef, st), x), None), x, stacked)
+        return x
 
     def __call__(self, batch: PackedBatch):
         return pool_views(self.tokens(batch), batch.segment_ids, batch.view_sample.shape[-1])

@@ -33,7 +33,8 @@ def encoder_config_from(cfg) -> EncoderConfig:
     if max_len == -1:  # the largest view the data config can produce
         max_2d, max_3d = pipeline.max_view_tokens(cfg.data)
         max_len = max_3d if cfg.data.ct_per_batch else max_2d
-    return encoder_config(m.variant, dtype=m.dtype, remat=m.remat, attention_impl=m.attention_impl,
+    return encoder_config(m.variant, dtype=m.dtype, remat_policy=m.remat_policy,
+                          scan_layers=bool(m.scan_layers), attention_impl=m.attention_impl,
                           max_segment_len=max_len or None, **extra)
 
 

@@ -13,8 +13,8 @@ import optax
 from flax import nnx
 
 from mmv_jax.batch import PackedBatch, groups
+from mmv_jax.kernels.attention import resolve_platform
 from mmv_jax.model.axes import axis_rules
-from mmv_jax.model.encoder import remat_compiler_options
 from mmv_jax.objectives.lejepa import lejepa_loss
 from mmv_jax.train.state import TrainState
 
@@ -44,8 +44,8 @@ def train_step(state: TrainState, batch: PackedBatch, *, graphdef, tx, schedule,
         updates, new_opt = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), new_opt
 
-    # A conditional, not a select over every leaf: the select pass over params and both Adam
-    # moments cost ~4% of a ViT-S/14 step on CPU (and the update can stay in place).
+    # A conditional, not a select over every leaf: a select is one more pass over the params
+    # and both Adam moments, and the update can stay in place.
     new_params, new_opt = jax.lax.cond(finite, update, lambda p, o: (p, o), state.params,
                                        state.opt_state)
     new_state = TrainState(
@@ -60,6 +60,18 @@ def train_step(state: TrainState, batch: PackedBatch, *, graphdef, tx, schedule,
     return new_state, metrics
 
 
+def compiler_options(cfg, platform: str) -> dict | None:
+    """XLA options for the step on ``platform``: none on GPU and TPU.
+
+    On CPU with remat: ``jax.checkpoint`` keeps XLA's CSE from merging the backward
+    recomputation into the forward through optimisation barriers, and XLA:CPU strips those
+    barriers (its ``cse_barrier_expander`` pass) before CSE runs, which silently undoes remat.
+    Keeping the pass off restores it."""
+    if platform == "cpu" and cfg.model.remat_policy != "none":
+        return {"xla_disable_hlo_passes": "cse_barrier_expander"}
+    return None
+
+
 def jit_train_step(cfg, graphdef, tx, schedule, state_shardings, batch_shardings, mesh, rules,
                    *, num_samples: int, num_views: int):
     """``step(state, batch) -> (state, metrics)``: jitted, state donated, shardings explicit.
@@ -69,7 +81,7 @@ def jit_train_step(cfg, graphdef, tx, schedule, state_shardings, batch_shardings
                            num_samples=num_samples, num_views=num_views, lam=cfg.loss.lam,
                            num_slices=cfg.loss.num_slices, pred_reduce=cfg.loss.pred_reduce)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    options = remat_compiler_options(cfg.model.remat, mesh.devices.flat[0].platform)
+    options = compiler_options(cfg, resolve_platform(mesh))
     jitted = jax.jit(fn, in_shardings=(state_shardings, batch_shardings),
                      out_shardings=(state_shardings, replicated), donate_argnums=(0,),
                      compiler_options=options)

@@ -26,11 +26,11 @@ from mmv_jax.train import distributed
 log = logging.getLogger(__name__)
 
 # Config prefixes whose change alters what is trained; everything else may change on a resume.
-# model.remat and model.attention_impl change how, not what, the model computes.
+# these change how, not what, the model computes (model.remat: the key before remat_policy)
 # data.buckets is layout, not math: any packing gives the same loss (the topology tests show it)
 MATH_KEYS = ("seed", "model.", "loss.", "optim.", "data.cxr_per_batch", "data.ct_per_batch",
              "data.shuffle_seed", "data.views.", "data.ct_window")
-FREE_KEYS = ("model.remat", "model.attention_impl")
+FREE_KEYS = ("model.remat", "model.remat_policy", "model.scan_layers", "model.attention_impl")
 VERSIONED = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy")
 
 
