@@ -1,8 +1,6 @@
 """The paper's results (``reference_results.csv``, Tables 1-3) beside ours (``mmv-probe --compare``).
 
-The CSV is read from ``../shared/paper/reference_results.csv`` next to the repository when it is
-there, else from the copy shipped in the package (``mmv_jax/eval/reference_results.csv``).
-Paper cells are kept as the CSV's strings, so the paper rows print exactly as published.
+The CSV ships in the package (``mmv_jax/eval/reference_results.csv``). Paper cells are kept as the CSV's strings, so the paper rows print exactly as published.
 
 Our dataset names map to the paper's test sets (:func:`paper_test_set`): MIMIC, CheXpert,
 CT-RATE, RAD-ChestCT (case and punctuation ignored). A probe trained on a dataset's own train
@@ -23,8 +21,6 @@ COLUMNS = ("table", "test_set", "model", "lp_data", "stage", *ABBREV, "macro",
            "macro_ci_low", "macro_ci_high")
 OUR_MODEL = "MultiMedVision"
 _PKG_CSV = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference_results.csv")
-_REPO_CSV = os.path.normpath(os.path.join(os.path.dirname(_PKG_CSV), "..", "..", "..",
-                                          "shared", "paper", "reference_results.csv"))
 _ALIASES = {
     "MIMIC": ("mimic", "mimiccxr", "mimiccxrjpg"),
     "CheXpert": ("chexpert",),
@@ -42,7 +38,7 @@ __all__ = ["PAPER_TEST_SIZES", "load_reference", "reference_path", "paper_test_s
 def reference_path(path=None) -> str:
     if path is not None:
         return str(path)
-    return _REPO_CSV if os.path.exists(_REPO_CSV) else _PKG_CSV
+    return _PKG_CSV
 
 
 def _num(s):
