@@ -14,6 +14,7 @@ import json
 import math
 import os
 import sys
+import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
@@ -28,11 +29,13 @@ HBM_BYTES = {"v4": 32 << 30, "v5e": 16 << 30, "v5litepod": 16 << 30, "v5p": 95 <
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file.")
 _TOPOLOGY = flags.DEFINE_string("topology", "v5e:4x4", "TPU topology, e.g. v5e:4x4, v4:2x2x1.")
 _SLICES = flags.DEFINE_integer("num_slices", 1, "Number of slices (multi-slice over DCN).")
+_MAX_SHAPES = flags.DEFINE_integer("max_shapes", 0, "Compile only the first N bucket shapes "
+                                   "(0: all; each B/14 shape takes minutes on a small CPU).")
 flags.DEFINE_alias("num-slices", "num_slices")
 flags.mark_flag_as_required("config")
 
 
-def compile_for_topology(cfg, topology: str, num_slices: int = 1) -> dict:
+def compile_for_topology(cfg, topology: str, num_slices: int = 1, max_shapes: int = 0) -> dict:
     from jax.experimental import topologies
 
     from mmv_jax.batch import spec
@@ -54,12 +57,15 @@ def compile_for_topology(cfg, topology: str, num_slices: int = 1) -> dict:
     hbm = next((b for k, b in sorted(HBM_BYTES.items(), key=lambda kv: -len(kv[0]))
                 if k in topology.split(":")[0].lower()), 0)
     results = []
-    for shape in pipeline.bucket_shapes(cfg.data, num_hosts):
+    shapes = pipeline.bucket_shapes(cfg.data, num_hosts)
+    for shape in shapes[:max_shapes] if max_shapes > 0 else shapes:
         batch = tuple(spec(rows * num_hosts, seq, slots, pdim, cfg.data.patch_dtype, batch_sh)
                       for rows, seq, slots, pdim in shape)
         g = sum(b.segment_ids.shape[0] for b in batch)
         seq = shape[0][1]
+        t = time.perf_counter()
         compiled = step.lower(state, batch).compile()
+        compile_s = time.perf_counter() - t
         mem = compiled.memory_analysis()
         total = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
                  - mem.alias_size_in_bytes)
@@ -67,9 +73,11 @@ def compile_for_topology(cfg, topology: str, num_slices: int = 1) -> dict:
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         flops = float(cost.get("flops", 0.0)) if cost else 0.0
         results.append({"rows": g, "seq_len": seq, "bytes_per_device": int(total),
-                        "temp_bytes": int(mem.temp_size_in_bytes), "flops": flops})
+                        "temp_bytes": int(mem.temp_size_in_bytes), "flops": flops,
+                        "compile_s": round(compile_s, 1)})
         print(f"[{kind} {topology} x{num_slices}] rows={g} seq={seq}: "
-              f"{total / 2**30:.2f} GiB/device (HBM {hbm / 2**30:.0f} GiB), {flops / 1e12:.1f} TFLOP/device",
+              f"{total / 2**30:.2f} GiB/device (HBM {hbm / 2**30:.0f} GiB), {flops / 1e12:.1f} TFLOP/device, "
+              f"compiled in {compile_s:.0f} s",
               file=sys.stderr)
     worst = max(r["bytes_per_device"] for r in results)
     return {"topology": topology, "num_slices": num_slices, "devices": len(devices),
@@ -80,7 +88,8 @@ def compile_for_topology(cfg, topology: str, num_slices: int = 1) -> dict:
 
 def _main(argv):
     del argv
-    print(json.dumps(compile_for_topology(_CONFIG.value, _TOPOLOGY.value, _SLICES.value)))
+    print(json.dumps(compile_for_topology(_CONFIG.value, _TOPOLOGY.value, _SLICES.value,
+                                          _MAX_SHAPES.value)))
 
 
 if __name__ == "__main__":
