@@ -29,7 +29,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from mmv_jax import paths
+from mmv_jax import errors, paths
 from mmv_jax.hugepages import reexec_with_hugepages
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file (get_config()).")
@@ -41,7 +41,7 @@ flags.mark_flag_as_required("config")
 
 
 def check_config(cfg) -> None:
-    """Every check that needs no device or file write; raises ``ValueError`` naming the key."""
+    """Every check that needs no device or file write; raises ``ConfigError`` naming the key."""
     from mmv_jax.train import evaluate
     from mmv_jax.train.loop import validate
     validate(cfg)
@@ -109,27 +109,36 @@ def _main(argv):
     if _PRINT.value:
         print(json.dumps(json.loads(cfg.to_json_best_effort()), indent=2, sort_keys=True))
         return
+    if not (_DRY.value or _WORKDIR.value):
+        sys.exit("mmv-train: --workdir is required (the run folder)")
     try:
         if _DRY.value:
             summary = dry_run(cfg)
             print(f"mmv-train: dry run ok: {json.dumps(summary)}")
             return
-        if not _WORKDIR.value:
-            sys.exit("mmv-train: --workdir is required (the run folder)")
         check_config(cfg)
-    except (ValueError, FileNotFoundError) as e:
-        if "config" not in str(e):  # not a user-facing error: keep the traceback
-            raise
+        workdir = paths.resolve(_WORKDIR.value)  # a URI stays a URI (gs://...)
+        last = _train(cfg, workdir)
+    except errors.user_errors() as e:  # anything else is a bug: it keeps its traceback
         sys.exit(f"mmv-train: {e}")
-    _train(cfg, paths.resolve(_WORKDIR.value))  # a URI stays a URI (gs://...)
+    if last is None:
+        return
+    where = (f"metrics in {workdir / 'metrics.jsonl'}, checkpoints in {workdir / 'checkpoints'}, "
+             f"TensorBoard in {workdir / 'tb'}")
+    if last.get("already_finished"):
+        print(f"mmv-train: already finished (config.total_steps={cfg.total_steps}): "
+              f"{_finished_line(workdir, last)}; raise --config.total_steps to train further; "
+              f"{where}")
+        return
+    how = "preempted, rerun to resume" if last.get("preempted") else "done"
+    print(f"mmv-train: {how} at {_finished_line(workdir, last)}; {where}")
 
 
-def _train(cfg, workdir):
-    from mmv_jax.train.checkpoint import CheckpointError
-    from mmv_jax.train.loop import train_and_evaluate
-    from mmv_jax.train.workdir import WorkdirBusy
-
+def _train(cfg, workdir) -> dict | None:
+    """The run's last metrics; ``None`` on processes other than 0."""
     import jax
+
+    from mmv_jax.train.loop import train_and_evaluate
     try:
         last = train_and_evaluate(cfg, workdir)
     except jax.errors.JaxRuntimeError as e:
@@ -143,23 +152,7 @@ def _train(cfg, workdir):
               file=sys.stderr, flush=True)
         logging.shutdown()
         os._exit(1)
-    except (WorkdirBusy, CheckpointError) as e:
-        sys.exit(f"mmv-train: {e}")
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        if "config" not in str(e):  # not a user-facing error: keep the traceback
-            raise
-        sys.exit(f"mmv-train: {e}")
-    if jax.process_index() != 0:
-        return
-    where = (f"metrics in {workdir / 'metrics.jsonl'}, checkpoints in {workdir / 'checkpoints'}, "
-             f"TensorBoard in {workdir / 'tb'}")
-    if last.get("already_finished"):
-        print(f"mmv-train: already finished (config.total_steps={cfg.total_steps}): "
-              f"{_finished_line(workdir, last)}; raise --config.total_steps to train further; "
-              f"{where}")
-        return
-    how = "preempted, rerun to resume" if last.get("preempted") else "done"
-    print(f"mmv-train: {how} at {_finished_line(workdir, last)}; {where}")
+    return last if jax.process_index() == 0 else None
 
 
 def main():

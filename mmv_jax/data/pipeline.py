@@ -56,6 +56,7 @@ from mmv_jax.data.manifest import Record
 from mmv_jax.data.readers import ImageReadError, file_errors
 from mmv_jax.data.transforms import load_preprocessed
 from mmv_jax.data.views import sample_views
+from mmv_jax.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ class _TrainSource:
         self.glob = (int(cfg.cxr_per_batch), int(cfg.ct_per_batch))
         for m, n, rs in zip(MODS, self.local, self.records):
             if n and not rs:
-                raise ValueError(f"no {m} records in splits {tuple(cfg.train_splits)} of "
+                raise ConfigError(f"no {m} records in splits {tuple(cfg.train_splits)} of "
                                  f"{manifest_path(cfg)}, but the config asks for {n} per batch")
         self.seed = int(seed)
         self.pi, self.pc = int(process_index), int(process_count)
@@ -162,7 +163,7 @@ class _TrainSource:
                         self._known_bad.add(rec.path)
                         bad.append((e.path, e.reason))
                 else:
-                    raise RuntimeError(
+                    raise DataError(
                         f"{self.retries + 1} files in a row failed to load for one {MODS[m]} sample; "
                         f"first bad: {bad[:5]}")
         batch, need = packing.pack_groups(views, self.groups, self.seq_len, self.slots, self.dtype)
@@ -243,7 +244,7 @@ class _TrainIterator(grain.DatasetIterator):
         self._tried += int(tried)
         if self._tried >= self._min_files and self._bad > self._max_bad * self._tried:
             listing = "\n  ".join(f"{p}: {r}" for p, r in self._first_bad) or "(on other hosts)"
-            raise RuntimeError(
+            raise DataError(
                 f"too many bad files: {self._bad} of {self._tried} tried "
                 f"({self._bad / self._tried:.1%} > data.max_bad_fraction="
                 f"{self._max_bad:g}). First bad files on this host:\n  {listing}")

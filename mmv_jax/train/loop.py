@@ -21,6 +21,7 @@ import numpy as np
 
 from mmv_jax import paths
 from mmv_jax.data import pipeline
+from mmv_jax.errors import ConfigError, DivergedError
 from mmv_jax.train import checkpoint, distributed, metrics, sharding as shd, state as st, workdir as wd
 from mmv_jax.train.evaluate import Evaluator
 from mmv_jax.train.feed import DeviceFeed
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 
 def _require(ok: bool, key: str, what: str, value) -> None:
     if not ok:
-        raise ValueError(f"config.{key} must be {what}, got {value!r}")
+        raise ConfigError(f"config.{key} must be {what}, got {value!r}")
 
 
 def validate(cfg) -> None:
@@ -55,13 +56,13 @@ def validate(cfg) -> None:
     _require(cfg.require_platform in distributed.PLATFORMS, "require_platform",
              f"one of {distributed.PLATFORMS}", cfg.require_platform)
     if cfg.init_from and not paths.resolve(cfg.init_from).exists():
-        raise ValueError(f"config.init_from={cfg.init_from!r} does not exist")
+        raise ConfigError(f"config.init_from={cfg.init_from!r} does not exist")
     pipeline.validate_config(cfg.data)
     manifest = pipeline.manifest_path(cfg.data)
     if not paths.resolve(manifest).exists():
-        raise ValueError(f"config.data.manifest={manifest!r} does not exist")
+        raise ConfigError(f"config.data.manifest={manifest!r} does not exist")
     if cfg.model.dtype not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"config.model.dtype must be float32/bfloat16/float16, got {cfg.model.dtype!r}")
+        raise ConfigError(f"config.model.dtype must be float32/bfloat16/float16, got {cfg.model.dtype!r}")
     st.encoder_config_from(cfg)  # raises on model.variant / attention_impl
 
 
@@ -179,7 +180,11 @@ def _train(cfg, workdir, platform, lock) -> dict:
     else:
         start = 0
         if cfg.init_from:
-            params = checkpoint.load_params(cfg.init_from, checkpoint.abstract_of(state.params, state_sh.params))
+            try:
+                params = checkpoint.load_params(cfg.init_from,
+                                                checkpoint.abstract_of(state.params, state_sh.params))
+            except FileNotFoundError as e:
+                raise ConfigError(f"config.init_from: {e}") from None
             state = state._replace(params=params)
     wd.record_start(workdir, start, platform)
     writer = metrics.MetricWriter(workdir, start=start, enabled=proc == 0)
@@ -254,7 +259,7 @@ def _train(cfg, workdir, platform, lock) -> dict:
                 writer.write(step, evaluator.maybe_run(step, state))
                 window.t0 += time.perf_counter() - t_eval   # the eval is not training time
             if nonfinite >= cfg.max_nonfinite_steps:
-                raise RuntimeError(_diverged(ckpt, cfg, step, step - nonfinite + 1))
+                raise DivergedError(_diverged(ckpt, cfg, step, step - nonfinite + 1))
             if save:
                 if nonfinite:  # never replace healthy checkpoints with a diverging state
                     log.warning("step %d: no checkpoint during a run of non-finite steps", step)

@@ -10,6 +10,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from mmv_jax.data import pipeline
+from mmv_jax.errors import ConfigError
 from mmv_jax.kernels.attention import IMPLS
 from mmv_jax.model.encoder import EncoderConfig, encoder_config
 from mmv_jax.model.heads import MultiMedVision
@@ -27,7 +28,7 @@ class TrainState(NamedTuple):
 def encoder_config_from(cfg) -> EncoderConfig:
     m = cfg.model
     if m.attention_impl not in IMPLS:
-        raise ValueError(f"config.model.attention_impl must be one of {IMPLS}, got {m.attention_impl!r}")
+        raise ConfigError(f"config.model.attention_impl must be one of {IMPLS}, got {m.attention_impl!r}")
     extra = {"depth": m.depth} if m.get("depth") else {}
     max_len = m.max_segment_len
     if max_len == -1:  # the largest view the data config can produce
