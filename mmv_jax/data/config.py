@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 
 from mmv_jax import paths
-from mmv_jax.batch import PATCH, WIRE_DTYPES
+from mmv_jax.batch import PATCH, SEQ_MULTIPLE, WIRE_DTYPES
 from mmv_jax.data import packing
 from mmv_jax.data.manifest import Record, load_manifest
 from mmv_jax.data.readers import DEFAULT_MAX_VOXELS
@@ -23,7 +23,6 @@ from mmv_jax.data.transforms import target_shape
 from mmv_jax.errors import ConfigError
 
 MODS = ("cxr", "ct")
-KERNEL_BLOCK = 128
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -98,7 +97,7 @@ def _local_counts(cfg, process_count: int) -> tuple[int, int]:
         n = int(cfg[name])
         if n < 0 or n % process_count:
             raise ConfigError(f"config data.{name}={n} must be >= 0 and divisible by the "
-                             f"process count {process_count}")
+                              f"process count {process_count}")
         out.append(n // process_count)
     if sum(out) == 0:
         raise ConfigError("config: data.cxr_per_batch + data.ct_per_batch must be > 0")
@@ -115,15 +114,15 @@ def max_view_tokens(cfg) -> tuple[int, int]:
 def validate_config(cfg, process_count: int = 1) -> None:
     """Raises one clear :class:`~mmv_jax.errors.ConfigError` for an unusable data config."""
     s = int(cfg.buckets.seq_len)
-    if s <= 0 or s % KERNEL_BLOCK:
+    if s <= 0 or s % SEQ_MULTIPLE:
         raise ConfigError(f"config data.buckets.seq_len={s} must be a positive multiple of "
-                         f"{KERNEL_BLOCK} (attention kernel block size)")
+                          f"{SEQ_MULTIPLE} (attention kernel block size)")
     n_cxr, n_ct = _local_counts(cfg, process_count)
     t2, t3 = max_view_tokens(cfg)
     need = max(t2 if n_cxr else 0, t3 if n_ct else 0)
     if need > s:
         raise ConfigError(f"config data.buckets.seq_len={s} is shorter than the largest view "
-                         f"({need} tokens); raise seq_len or lower views.long_side_*")
+                          f"({need} tokens); raise seq_len or lower views.long_side_*")
     v = cfg.views
     for name in ("global_scale", "local_scale"):
         lo, hi = v[name]
@@ -138,7 +137,7 @@ def validate_config(cfg, process_count: int = 1) -> None:
         rows = tuple(cfg.buckets.get(f"rows_{g}", ()))
         if any(r <= 0 or r % m for r in rows):
             raise ConfigError(f"config data.buckets.rows_{g}={rows}: every row count must be a "
-                             f"positive multiple of rows_multiple_of={m}")
+                              f"positive multiple of rows_multiple_of={m}")
     if int(cfg.buckets.max_shapes) < 1:
         raise ConfigError("config data.buckets.max_shapes must be >= 1")
     if cfg.patch_dtype not in WIRE_DTYPES:
@@ -154,12 +153,12 @@ def validate_config(cfg, process_count: int = 1) -> None:
     width, level = (float(x) for x in cfg.ct_window)
     if not (math.isfinite(width) and width > 0 and math.isfinite(level)):
         raise ConfigError(f"config data.ct_window={tuple(cfg.ct_window)} must be (width > 0, level), "
-                         "both finite")
+                          "both finite")
     if not 0 <= float(cfg.max_bad_fraction) <= 1:  # also refuses NaN
         raise ConfigError(f"config data.max_bad_fraction={cfg.max_bad_fraction} must be in [0, 1]")
     if int(cfg.get("min_files_for_bad_fraction", 0)) < 0:
         raise ConfigError(f"config data.min_files_for_bad_fraction="
-                         f"{cfg.min_files_for_bad_fraction} must be >= 0")
+                          f"{cfg.min_files_for_bad_fraction} must be >= 0")
     if int(cfg.worker_count) < -1:
         raise ConfigError(f"config data.worker_count={cfg.worker_count} must be >= 0, or -1 (auto)")
     if int(cfg.max_bad_retries) < 0:
@@ -217,17 +216,17 @@ def manifest_path(cfg) -> str:
         info_path = paths.resolve(cfg.cache_dir) / "cache_info.json"
         if not info_path.exists():
             raise ConfigError(f"config data.cache_dir={cfg.cache_dir}: no cache_info.json there; "
-                             f"build the cache with `mmv-cache --manifest M --out DIR`")
+                              f"build the cache with `mmv-cache --manifest M --out DIR`")
         info = json.loads(info_path.read_text())
         want = (int(cfg.views.long_side_2d), int(cfg.views.long_side_3d))
         have = (info.get("long_side_2d"), info.get("long_side_3d"))
         if tuple(have) != want:
             raise ConfigError(f"cache {cfg.cache_dir} was built with long sides {have}, the config "
-                             f"asks for {want}; rebuild it with --long-side-2d/--long-side-3d")
+                              f"asks for {want}; rebuild it with --long-side-2d/--long-side-3d")
         return str(paths.resolve(cfg.cache_dir) / "manifest.jsonl")
     if not cfg.manifest:
         raise ConfigError("config data.manifest is empty: point it at a JSONL manifest "
-                         "(e.g. the output of `mmv-demo-data --out DIR`: DIR/manifest.jsonl)")
+                          "(e.g. the output of `mmv-demo-data --out DIR`: DIR/manifest.jsonl)")
     return cfg.manifest
 
 
@@ -303,7 +302,7 @@ def bucket_rows(cfg, process_count: int = 1, shapes: dict | None = None
         return groups, tuple(sorted(itertools.product(*fixed), key=sum))
     if any(fixed):
         raise ConfigError(f"config data.buckets: set rows_2d and rows_3d for every group drawn "
-                         f"({', '.join(groups)}), or neither")
+                          f"({', '.join(groups)}), or neither")
     nominal = {"cxr": tuple(cfg.buckets.nominal_cxr_shape), "ct": tuple(cfg.buckets.nominal_ct_shape)}
     try:
         recs = _records(cfg) if shapes is None else ((), ())

@@ -81,7 +81,7 @@ def make_eval_iterator(cfg, manifest_path_or_records, *, split: str | None = Non
     t2, t3 = max_view_tokens(cfg)
     if (t3 if has_3d else t2) > s:
         raise ConfigError(f"config data.buckets.seq_len={s} is shorter than a whole image "
-                         f"({t3 if has_3d else t2} tokens)")
+                          f"({t3 if has_3d else t2} tokens)")
     src = _EvalSource(records, cfg, batch_size, s, slots, pd, rows, num_batches)
     ds = grain.MapDataset.source(src).to_iter_dataset(
         grain.ReadOptions(num_threads=int(cfg.read_threads), prefetch_buffer_size=max(1, int(cfg.prefetch))))

@@ -48,7 +48,7 @@ import numpy as np
 from mmv_jax.batch import View, nbytes, wire_dtype
 from mmv_jax.data import packing
 from mmv_jax.data.config import (  # noqa: F401  (re-exported: the public API lives here)
-    GROUPS, KERNEL_BLOCK, MODS, _local_counts, _records, _view_kwargs, bucket_rows, bucket_shapes,
+    GROUPS, MODS, _local_counts, _records, _view_kwargs, bucket_rows, bucket_shapes,
     default_config, demo_config, groups_of, manifest_path, max_image_voxels, max_view_tokens,
     mp_prefetch, num_samples_global, num_views_per_sample, validate_config, workers)
 from mmv_jax.data.eval_iterator import eval_batch_shape, make_eval_iterator  # noqa: F401  (re-exported)
@@ -84,9 +84,8 @@ def use_one_blas_thread() -> None:
     """Sets numpy's BLAS to one thread for this process (once; never restored: a process-wide
     setting cannot be restored safely while other threads build batches). The resizes are small
     matmuls, and Grain workers that each run OpenBLAS with a thread per core oversubscribe the
-    host: 2 workers on 2 cores built 2.4 batches/s, 6.4 with one thread each; on a 16-core GPU
-    host 8 workers fed the step only about 20k tokens/s. The in-process pipeline does the same,
-    so a batch is bit-identical whatever the worker count."""
+    host: they build batches several times slower than with one thread each. The in-process
+    pipeline does the same, so a batch is bit-identical whatever the worker count."""
     if not _ONE_BLAS_THREAD:
         from threadpoolctl import threadpool_limits
         threadpool_limits(limits=1, user_api="blas")
@@ -104,7 +103,7 @@ class _TrainSource:
         for m, n, rs in zip(MODS, self.local, self.records):
             if n and not rs:
                 raise ConfigError(f"no {m} records in splits {tuple(cfg.train_splits)} of "
-                                 f"{manifest_path(cfg)}, but the config asks for {n} per batch")
+                                  f"{manifest_path(cfg)}, but the config asks for {n} per batch")
         self.seed = int(seed)
         self.pi, self.pc = int(process_index), int(process_count)
         self.views = dict(_view_kwargs(cfg), long_side_2d=int(cfg.views.long_side_2d),
