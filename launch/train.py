@@ -53,22 +53,12 @@ def dry_run(cfg) -> dict:
     compiles the train step on the first real batch. Returns a summary; writes nothing."""
     import jax
 
-    from mmv_jax.data import pipeline
-    from mmv_jax.train import distributed, sharding as shd
-    from mmv_jax.train.step import setup
+    from mmv_jax.train import loop, sharding as shd
     check_config(cfg)
-    distributed.initialize(cfg.distributed)
-    platform = distributed.check_platform(cfg.require_platform)
+    platform = loop.start(cfg)
     mesh = shd.make_mesh(cfg.mesh.shape)
-    nproc = jax.process_count()
-    multiple = shd.rows_per_process_multiple(mesh, shd.rules_dict(cfg.mesh.rules), nproc)
-    cfg.data.rows_multiple_of = math.lcm(int(cfg.data.rows_multiple_of), multiple)
-    step, state, _, batch_sh = setup(cfg, mesh, abstract=True,
-                                     num_samples=pipeline.num_samples_global(cfg.data, nproc),
-                                     num_views=pipeline.num_views_per_sample(cfg.data))
-    it = pipeline.make_train_iterator(cfg.data, seed=cfg.seed, process_index=jax.process_index(),
-                                      process_count=nproc,
-                                      gather=distributed.KVAllgather() if nproc > 1 else None)
+    step, state, _, batch_sh = loop.build_step(cfg, mesh, abstract=True)
+    it = loop.train_iterator(cfg)
     try:
         batch, stats = next(it)
     finally:
