@@ -99,8 +99,8 @@ class Evaluator:
         for name, rows in (("train", train), (split, val)):
             if not rows:
                 raise ConfigError(f"config.eval_every_steps={self.every}: {manifest} has no "
-                                 f"labelled record in split {name!r} (config.data.eval_split "
-                                 "names the validation split)")
+                                  f"labelled record in split {name!r} (config.data.eval_split "
+                                  "names the validation split)")
         self.records = Records(train + val, records.findings)
         self.val_split, self.c, self.seed = split, float(cfg.eval.probe_c), int(cfg.seed)
         self.batch_size, self.mesh = int(cfg.eval.batch_size), mesh
@@ -112,7 +112,7 @@ class Evaluator:
         if paths.is_uri(os.fspath(workdir)):
             if jax.process_count() > 1:
                 raise ConfigError(f"config.eval_every_steps with {jax.process_count()} processes "
-                                 f"needs a workdir on a shared file system, not {workdir}")
+                                  f"needs a workdir on a shared file system, not {workdir}")
             self.folder = tempfile.mkdtemp(prefix="mmv-eval-")
         else:
             self.folder = os.path.join(os.fspath(workdir), "eval")

@@ -49,7 +49,7 @@ def mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
         shape[shape.index(-1)] = num_devices // known
     if math.prod(shape) != num_devices:
         raise ConfigError(f"config.mesh.shape {tuple(shape)} needs {math.prod(shape)} devices, "
-                         f"but {num_devices} are available")
+                          f"but {num_devices} are available")
     return tuple(shape)
 
 
@@ -109,7 +109,7 @@ def rows_per_process_multiple(mesh: Mesh, rules: dict, process_count: int) -> in
     shards = math.prod(mesh.shape[a] for a in names)
     if shards % process_count:
         raise ConfigError(f"config.mesh.shape {tuple(mesh.shape.values())}: the batch axes {names} "
-                         f"({shards} shards) must be a multiple of the {process_count} processes")
+                          f"({shards} shards) must be a multiple of the {process_count} processes")
     return shards // process_count
 
 
