@@ -107,28 +107,15 @@ def _main(argv):
             print(f"mmv-train: dry run ok: {json.dumps(summary)}")
             return
         check_config(cfg)
-        workdir = paths.resolve(_WORKDIR.value)  # a URI stays a URI (gs://...)
-        last = _train(cfg, workdir)
+        _train(cfg, paths.resolve(_WORKDIR.value))  # a URI stays a URI (gs://...)
     except errors.user_errors() as e:  # anything else is a bug: it keeps its traceback
         sys.exit(f"mmv-train: {e}")
-    if last is None:
-        return
-    where = (f"metrics in {workdir / 'metrics.jsonl'}, checkpoints in {workdir / 'checkpoints'}, "
-             f"TensorBoard in {workdir / 'tb'}")
-    if last.get("already_finished"):
-        print(f"mmv-train: already finished (config.total_steps={cfg.total_steps}): "
-              f"{_finished_line(workdir, last)}; raise --config.total_steps to train further; "
-              f"{where}")
-        return
-    how = "preempted, rerun to resume" if last.get("preempted") else "done"
-    print(f"mmv-train: {how} at {_finished_line(workdir, last)}; {where}")
 
 
-def _train(cfg, workdir) -> dict | None:
-    """The run's last metrics; ``None`` on processes other than 0."""
-    import jax
-
+def _train(cfg, workdir):
     from mmv_jax.train.loop import train_and_evaluate
+
+    import jax
     try:
         last = train_and_evaluate(cfg, workdir)
     except jax.errors.JaxRuntimeError as e:
@@ -142,7 +129,17 @@ def _train(cfg, workdir) -> dict | None:
               file=sys.stderr, flush=True)
         logging.shutdown()
         os._exit(1)
-    return last if jax.process_index() == 0 else None
+    if jax.process_index() != 0:
+        return
+    where = (f"metrics in {workdir / 'metrics.jsonl'}, checkpoints in {workdir / 'checkpoints'}, "
+             f"TensorBoard in {workdir / 'tb'}")
+    if last.get("already_finished"):
+        print(f"mmv-train: already finished (config.total_steps={cfg.total_steps}): "
+              f"{_finished_line(workdir, last)}; raise --config.total_steps to train further; "
+              f"{where}")
+        return
+    how = "preempted, rerun to resume" if last.get("preempted") else "done"
+    print(f"mmv-train: {how} at {_finished_line(workdir, last)}; {where}")
 
 
 def main():
