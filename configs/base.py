@@ -5,6 +5,7 @@ Not run directly; see configs/stage1_2d.py, stage2_curriculum.py, stage3_joint.p
 import ml_collections
 
 from mmv_jax.data import pipeline
+from mmv_jax.train.sharding import DEFAULT_RULES
 
 
 def get_config():
@@ -66,13 +67,8 @@ def get_config():
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.shape = (-1, 1, 1)     # (data, fsdp, tensor); -1 = all remaining devices
-    c.mesh.rules = (
-        ("batch", ("data", "fsdp")),
-        ("seq", None),
-        ("embed", "fsdp"),
-        ("heads", "tensor"),
-        ("mlp", "tensor"),
-    )
+    # logical axis -> mesh axes: rows over data x fsdp, weights over fsdp, heads and mlp over tensor
+    c.mesh.rules = DEFAULT_RULES
 
     c.distributed = ml_collections.ConfigDict()
     c.distributed.coordinator = ""   # host:port; empty = auto (TPU slice / SLURM / single host)

@@ -11,12 +11,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from mmv_jax import errors
 from mmv_jax.hugepages import reexec_with_hugepages
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Demo config.")
@@ -47,7 +49,10 @@ def _main(argv):
         synthetic.main(["--out", _DATA.value])
     cfg.data.manifest = manifest
     print(f"[demo] pretraining {cfg.model.variant} for {cfg.total_steps} steps into {workdir}")
-    train_and_evaluate(cfg, workdir)
+    try:
+        train_and_evaluate(cfg, workdir)
+    except errors.user_errors() as e:
+        sys.exit(f"[demo] {e}")
 
     mesh = shd.make_mesh((-1, 1, 1))
     records = load_manifest(manifest)

@@ -29,7 +29,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from mmv_jax import paths
+from mmv_jax import errors, paths
 from mmv_jax.hugepages import reexec_with_hugepages
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file (get_config()).")
@@ -41,7 +41,7 @@ flags.mark_flag_as_required("config")
 
 
 def check_config(cfg) -> None:
-    """Every check that needs no device or file write; raises ``ValueError`` naming the key."""
+    """Every check that needs no device or file write; raises ``ConfigError`` naming the key."""
     from mmv_jax.train import evaluate
     from mmv_jax.train.loop import validate
     validate(cfg)
@@ -53,22 +53,12 @@ def dry_run(cfg) -> dict:
     compiles the train step on the first real batch. Returns a summary; writes nothing."""
     import jax
 
-    from mmv_jax.data import pipeline
-    from mmv_jax.train import distributed, sharding as shd
-    from mmv_jax.train.step import setup
+    from mmv_jax.train import loop, sharding as shd
     check_config(cfg)
-    distributed.initialize(cfg.distributed)
-    platform = distributed.check_platform(cfg.require_platform)
+    platform = loop.start(cfg)
     mesh = shd.make_mesh(cfg.mesh.shape)
-    nproc = jax.process_count()
-    multiple = shd.rows_per_process_multiple(mesh, shd.rules_dict(cfg.mesh.rules), nproc)
-    cfg.data.rows_multiple_of = math.lcm(int(cfg.data.rows_multiple_of), multiple)
-    step, state, _, batch_sh = setup(cfg, mesh, abstract=True,
-                                     num_samples=pipeline.num_samples_global(cfg.data, nproc),
-                                     num_views=pipeline.num_views_per_sample(cfg.data))
-    it = pipeline.make_train_iterator(cfg.data, seed=cfg.seed, process_index=jax.process_index(),
-                                      process_count=nproc,
-                                      gather=distributed.KVAllgather() if nproc > 1 else None)
+    step, state, _, batch_sh = loop.build_step(cfg, mesh, abstract=True)
+    it = loop.train_iterator(cfg)
     try:
         batch, stats = next(it)
     finally:
@@ -109,25 +99,21 @@ def _main(argv):
     if _PRINT.value:
         print(json.dumps(json.loads(cfg.to_json_best_effort()), indent=2, sort_keys=True))
         return
+    if not (_DRY.value or _WORKDIR.value):
+        sys.exit("mmv-train: --workdir is required (the run folder)")
     try:
         if _DRY.value:
             summary = dry_run(cfg)
             print(f"mmv-train: dry run ok: {json.dumps(summary)}")
             return
-        if not _WORKDIR.value:
-            sys.exit("mmv-train: --workdir is required (the run folder)")
         check_config(cfg)
-    except (ValueError, FileNotFoundError) as e:
-        if "config" not in str(e):  # not a user-facing error: keep the traceback
-            raise
+        _train(cfg, paths.resolve(_WORKDIR.value))  # a URI stays a URI (gs://...)
+    except errors.user_errors() as e:  # anything else is a bug: it keeps its traceback
         sys.exit(f"mmv-train: {e}")
-    _train(cfg, paths.resolve(_WORKDIR.value))  # a URI stays a URI (gs://...)
 
 
 def _train(cfg, workdir):
-    from mmv_jax.train.checkpoint import CheckpointError
     from mmv_jax.train.loop import train_and_evaluate
-    from mmv_jax.train.workdir import WorkdirBusy
 
     import jax
     try:
@@ -143,12 +129,6 @@ def _train(cfg, workdir):
               file=sys.stderr, flush=True)
         logging.shutdown()
         os._exit(1)
-    except (WorkdirBusy, CheckpointError) as e:
-        sys.exit(f"mmv-train: {e}")
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        if "config" not in str(e):  # not a user-facing error: keep the traceback
-            raise
-        sys.exit(f"mmv-train: {e}")
     if jax.process_index() != 0:
         return
     where = (f"metrics in {workdir / 'metrics.jsonl'}, checkpoints in {workdir / 'checkpoints'}, "

@@ -36,6 +36,8 @@ import numpy as np
 
 PATCH = 14
 ALPHA = 128.0
+# Row lengths are multiples of this: the attention kernels tile rows in blocks of up to 128 tokens.
+SEQ_MULTIPLE = 128
 
 
 class PackedBatch(NamedTuple):

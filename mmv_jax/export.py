@@ -27,6 +27,7 @@ import warnings
 
 import numpy as np
 
+from mmv_jax import cli
 from mmv_jax.batch import ALPHA, PATCH
 from mmv_jax.torch.names import ConversionError, flatten, jax_to_torch, torch_to_jax
 
@@ -375,6 +376,7 @@ def export(checkpoint: str, out: str, *, step: int | None = None, config: str | 
     return write_export(cfg, params["encoder"], out, step)
 
 
+@cli.command("mmv-export", ExportError)
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser("mmv-export", description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", required=True,
@@ -383,11 +385,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="new (or empty) folder for the export")
     ap.add_argument("--config", help="config file (default: the run's config.json)")
     args = ap.parse_args(argv)
-    try:
-        conf = export(args.checkpoint, args.out, step=args.step, config=args.config)
-    except ExportError as e:
-        print(f"mmv-export: {e}", file=sys.stderr)
-        return 2
+    conf = export(args.checkpoint, args.out, step=args.step, config=args.config)
     print(f"mmv-export: {conf['model']['variant']} encoder, step {conf['step']}, "
           f"{conf['weights']['tensors']} tensors -> {args.out}")
     return 0

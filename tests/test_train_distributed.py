@@ -23,7 +23,7 @@ def test_detect(monkeypatch, env, kind):
 
 def test_platform_guard_fails_fast_naming_the_key():
     assert distributed.check_platform("") == "cpu" == distributed.check_platform("cpu")
-    with pytest.raises(RuntimeError, match=r"config.require_platform='gpu'.*runs on 'cpu'"):
+    with pytest.raises(ValueError, match=r"config.require_platform='gpu'.*runs on 'cpu'"):
         distributed.check_platform("gpu")
     with pytest.raises(ValueError, match="config.require_platform"):
         distributed.check_platform("cuda")

@@ -11,17 +11,17 @@ object: ``fits``, ``bytes_per_device``, ``hbm_bytes``, ``flops``, ``compiled_sha
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
 
+from absl import app, flags
+from ml_collections import config_flags
+
+# before JAX is imported (below, in the functions): compile on this CPU for a TPU topology
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile-only: no lock on the runtime
-
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
 HBM_BYTES = {"v4": 32 << 30, "v5e": 16 << 30, "v5litepod": 16 << 30, "v5p": 95 << 30,
              "v5": 95 << 30, "v6e": 32 << 30}
@@ -41,18 +41,14 @@ def compile_for_topology(cfg, topology: str, num_slices: int = 1, max_shapes: in
     from mmv_jax.batch import spec
     from mmv_jax.data import pipeline
     from mmv_jax.train import sharding as shd
-    from mmv_jax.train.step import setup
+    from mmv_jax.train.loop import build_step
 
     topo = topologies.get_topology_desc(topology_name=topology, platform="tpu", num_slices=num_slices)
     devices = list(topo.devices)
     num_hosts = len({d.process_index for d in devices})
     cfg = cfg.copy_and_resolve_references()
     mesh = shd.make_mesh(cfg.mesh.shape, devices)
-    multiple = shd.rows_per_process_multiple(mesh, shd.rules_dict(cfg.mesh.rules), num_hosts)
-    cfg.data.rows_multiple_of = math.lcm(int(cfg.data.rows_multiple_of), multiple)
-    step, state, _, batch_sh = setup(cfg, mesh, abstract=True,
-                                     num_samples=pipeline.num_samples_global(cfg.data, num_hosts),
-                                     num_views=pipeline.num_views_per_sample(cfg.data))
+    step, state, _, batch_sh = build_step(cfg, mesh, abstract=True, process_count=num_hosts)
     kind = devices[0].device_kind
     hbm = next((b for k, b in sorted(HBM_BYTES.items(), key=lambda kv: -len(kv[0]))
                 if k in topology.split(":")[0].lower()), 0)

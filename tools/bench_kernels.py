@@ -2,74 +2,41 @@
 
 ``python tools/bench.py kernels [--seq-lens 4096 8192 16384] [--batches 4] [--seed 0]``
 
-Generates batches with the paper's view mix — per sample 2 global views (area scale 0.3-1.0)
-and 8 local views (0.05-0.3) of a 224-long-side 2D image in 14-px patches (a full view is
-16x16 = 256 tokens) or a 112-long-side 3D volume (8x8x8 = 512 tokens), 192 2D : 64 3D samples
-a batch — packs the views first-fit-decreasing into rows of each bucket length, and reports per
-bucket: rows, packing efficiency, the fraction of (q-block, k-block) pairs each kernel skips
-(Pallas TPU 128x128, Triton forward 128x64 and backward 64x64), and the useful fraction of
-dense S^2 work (sum of squared segment lengths / S^2). A human table goes to stderr; `run`
-returns the numbers (bench.py prints them as JSON).
+Generates batches of the paper's mix — 192 2D : 64 3D samples, each with the views the data
+pipeline draws (its own sampler, ``data/views.py``, on the nominal image shapes of
+``data/config.py``) — packs the views first-fit-decreasing (``data/packing.py``) into rows of each
+bucket length, and reports per bucket: rows, packing efficiency, the fraction of (q-block,
+k-block) pairs each kernel skips (Pallas TPU 128x128, Triton forward 128x64 and backward 64x64),
+and the useful fraction of dense S^2 work (sum of squared segment lengths / S^2). A human table
+goes to stderr; `run` returns the numbers (bench.py prints them as JSON).
 """
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 import numpy as np
 
-from benchlib import skipped_fraction, useful_fraction
+from benchlib import sample_view_grids, skipped_fraction, useful_fraction
+from mmv_jax.data.packing import ffd_rows
+from mmv_jax.kernels import pallas_tpu, triton_gpu
 
-PATCH_PX = 14
-SIDE_2D_PX = 224          # 16 x 16 patches
-SIDE_3D_PX = 112          # 8 x 8 x 8 patches
 N_2D, N_3D = 192, 64      # samples of each modality per batch
-GLOBAL_SCALE = (0.3, 1.0)
-LOCAL_SCALE = (0.05, 0.3)
-N_GLOBAL, N_LOCAL = 2, 8
-KERNEL_BLOCKS = {"pallas_tpu": (128, 128), "triton_fwd": (128, 64), "triton_bwd": (64, 64)}
-
-
-def view_tokens(rng, is_3d: bool, scale: float) -> int:
-    """Token count of one crop covering `scale` of the image area (volume for 3D), random aspect."""
-    if is_3d:
-        g = SIDE_3D_PX // PATCH_PX
-        r = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3), size=2))
-        side = scale ** (1 / 3) * np.array([r[0], 1 / r[0] * r[1], 1 / r[1]]) ** (1 / 3)
-        dims = np.clip(np.round(side * g), 1, g)
-    else:
-        g = SIDE_2D_PX // PATCH_PX
-        r = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
-        side = np.sqrt(scale) * np.array([np.sqrt(r), 1 / np.sqrt(r)])
-        dims = np.clip(np.round(side * g), 1, g)
-    return int(np.prod(dims))
+KERNEL_BLOCKS = {"pallas_tpu": (pallas_tpu.BLOCK_Q, pallas_tpu.BLOCK_K),
+                 "triton_fwd": (triton_gpu.BLOCK_M, triton_gpu.BLOCK_N),
+                 "triton_bwd": (triton_gpu.BLOCK_M_BWD, triton_gpu.BLOCK_N_BWD)}
 
 
 def batch_view_sizes(rng) -> list[int]:
-    """Token counts of all views of one batch (192 2D + 64 3D samples, 10 views each)."""
-    sizes = []
-    for is_3d in [False] * N_2D + [True] * N_3D:
-        for lo_hi, n in ((GLOBAL_SCALE, N_GLOBAL), (LOCAL_SCALE, N_LOCAL)):
-            sizes += [view_tokens(rng, is_3d, rng.uniform(*lo_hi)) for _ in range(n)]
-    return sizes
+    """Token counts of all views of one batch (N_2D 2D + N_3D 3D samples)."""
+    return [math.prod(g) for modality, n in ((0, N_2D), (1, N_3D)) for _ in range(n)
+            for g in sample_view_grids(rng, modality)]
 
 
 def ffd_pack(sizes, seq_len: int) -> list[list[int]]:
-    """First-fit decreasing: item sizes of each row, in placement order."""
-    free: list[int] = []
-    rows: list[list[int]] = []
-    for s in sorted(sizes, reverse=True):
-        if s > seq_len:
-            raise ValueError(f"a view of {s} tokens exceeds the row length {seq_len}")
-        for r, f in enumerate(free):
-            if f >= s:
-                rows[r].append(s)
-                free[r] -= s
-                break
-        else:
-            rows.append([s])
-            free.append(seq_len - s)
-    return rows
+    """The packer's first-fit decreasing, no slot limit: item sizes of each row."""
+    return [[sizes[i] for i in row] for row in ffd_rows(sizes, seq_len, slots=len(sizes))]
 
 
 def segment_rows(rows, seq_len: int) -> np.ndarray:

@@ -11,15 +11,14 @@ segment (``varlen``) and SDPA with a dense block mask (``mask``); the faster one
 
 Sides take turns (round-robin), so load swings on a shared machine hit every side alike. Each
 turn runs ``--rewarm`` untimed steps before the timed one: the first step after the other
-framework ran is slower than a training run's steady state (measured here, ViT-S/14: JAX 2.7 s
-back to back, 3.1-3.6 s right after a PyTorch step, still ~3.1 s after a 1 s pause; PyTorch
-3.2 s vs 3.4-3.5 s; memory the other side took and freed is the likely cause). The dense-mask
+framework ran is slower than a training run's steady state, on both sides (memory the other
+side took and freed is the likely cause). The dense-mask
 path comes last, on its own (it slows whatever runs after it by more). ``*_tokens_per_s`` and
 ``ratio`` use the median timed step; ``*_best_tokens_per_s`` and ``ratio_best_of`` the fastest
 (the least disturbed one); ``*_cpu_s`` is process CPU time a step. Tokens are real (non-padding)
-tokens. ``glibc_tunables`` says whether both sides ran with huge pages (``mmv_jax/hugepages.py``;
-measured here, JAX 2.64 -> 2.29 s with them, PyTorch 3.2-3.3 -> 3.6-3.7 s); ``MMV_HUGEPAGES=0``
-runs both without.
+tokens. ``glibc_tunables`` says whether both sides ran with huge pages (``mmv_jax/hugepages.py``:
+they speed up the JAX step and slow the PyTorch one, so the ratio depends on them);
+``MMV_HUGEPAGES=0`` runs both without.
 """
 from __future__ import annotations
 
@@ -156,8 +155,8 @@ def run(argv):
     times = {name: [] for name in sides}
     cpu = {name: [] for name in sides}
     # Interleaved with the dense-mask path (multi-GB temporaries, the likely cause) the JAX step
-    # ran ~30% slower here (3.3 s -> 4.3 s), more than one re-warm step absorbs, so that path is
-    # warmed up and timed after the others, which are timed round-robin.
+    # slows by more than one re-warm step absorbs, so that path is warmed up and timed after the
+    # others, which are timed round-robin.
     groups = [[n for n in sides if n != "torch_mask"], [n for n in sides if n == "torch_mask"]]
     for group in groups:
         for name in group:

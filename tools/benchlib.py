@@ -1,6 +1,6 @@
-"""Shared pieces of the benchmarks: a packed row of the paper's view mix, timing, and the
-attention work statistics of packed rows (the FLOP count and the matmul peak live in
-mmv_jax.train.metrics)."""
+"""Shared pieces of the benchmarks: views drawn as the data pipeline draws them, a packed row of
+them, timing, and the attention work statistics of packed rows (the FLOP count and the matmul
+peak live in mmv_jax.train.metrics)."""
 from __future__ import annotations
 
 import time
@@ -9,7 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmv_jax.batch import PATCH, View, grid_coords
+from mmv_jax.data import pipeline
 from mmv_jax.data.packing import ffd_rows, pack_rows
+from mmv_jax.data.views import view_grids
 from mmv_jax.kernels.blocks import block_overlap_mask
 from mmv_jax.train.metrics import encoder_flops, measure_matmul_peak  # noqa: F401  (re-exported)
 
@@ -26,22 +28,16 @@ def time_fn(fn, reps: int = 3) -> float:
     return float(np.median([_timed(fn) for _ in range(reps)]))
 
 
-def paper_view_sizes(rng, modality: int) -> list[tuple[int, int, int]]:
-    """Grids of one sample's 2 global + 8 local views (METHOD.md scales, long side 224 / 112)."""
-    if modality == 0:
-        base = np.array([1, 224, 224 * rng.uniform(0.75, 1.0)])
-    else:
-        base = np.array([112 * rng.uniform(0.7, 1.0), 112, 112 * rng.uniform(0.85, 1.0)])
-    out = []
-    for scale_lo, scale_hi, n in ((0.3, 1.0, 2), (0.05, 0.3, 8)):
-        for _ in range(n):
-            s = rng.uniform(scale_lo, scale_hi)
-            side = base * (s ** (1 / (2 if modality == 0 else 3)))
-            grid = np.maximum(1, np.floor(side / PATCH)).astype(int)
-            if modality == 0:
-                grid[0] = 1
-            out.append(tuple(int(g) for g in grid))
-    return out
+# The paper's data config (METHOD.md: 2 global + 8 local views, long sides 224 / 112) and the
+# image shapes the pipeline sizes its buckets for when a manifest has none.
+DATA = pipeline.default_config()
+SHAPES = (tuple(DATA.buckets.nominal_cxr_shape), tuple(DATA.buckets.nominal_ct_shape))
+
+
+def sample_view_grids(rng, modality: int) -> list[tuple[int, int, int]]:
+    """Patch grids of one sample's views, drawn by the pipeline's own view sampler
+    (``data/views.py``) for the nominal image of ``modality`` (0: X-ray, 1: CT)."""
+    return view_grids(rng, SHAPES[modality], **pipeline._view_kwargs(DATA))
 
 
 def paper_mix_row(seq_len: int, seed: int = 0, ratio_3d: float = 0.25, slots: int = 96):
@@ -51,7 +47,7 @@ def paper_mix_row(seq_len: int, seed: int = 0, ratio_3d: float = 0.25, slots: in
     sample = 0
     while True:
         modality = int(rng.uniform() < ratio_3d)
-        grids = paper_view_sizes(rng, modality)
+        grids = sample_view_grids(rng, modality)
         new = []
         for i, g in enumerate(grids):
             n = int(np.prod(g))

@@ -142,6 +142,7 @@ def build_cache(manifest: str, out: str, *, workers: int = 1, long_side_2d: int 
     return dict(images=len(good), bad=len(bad), out=out)
 
 
+@cli.command("mmv-cache", ManifestError, CacheError)
 def main(argv=None) -> int:
     ap = cli.ArgumentParser(prog="mmv-cache", description=__doc__.split("\n")[0])
     ap.add_argument("--manifest", required=True)
@@ -159,13 +160,8 @@ def main(argv=None) -> int:
     for flag in ("workers", "long_side_2d", "long_side_3d"):
         if getattr(a, flag) < 1:
             ap.error(f"--{flag.replace('_', '-')} must be >= 1")
-    try:
-        res = build_cache(a.manifest, a.out, workers=a.workers, long_side_2d=a.long_side_2d,
-                          long_side_3d=a.long_side_3d, splits=a.splits,
-                          max_voxels=a.max_image_voxels)
-    except (ManifestError, CacheError) as e:
-        print(f"mmv-cache: {e}", file=sys.stderr)
-        return 2
+    res = build_cache(a.manifest, a.out, workers=a.workers, long_side_2d=a.long_side_2d,
+                      long_side_3d=a.long_side_3d, splits=a.splits, max_voxels=a.max_image_voxels)
     print(f"cached {res['images']} images to {res['out']} ({res['bad']} unreadable, listed in "
           f"{os.path.join(res['out'], 'bad.jsonl')})")
     return 0

@@ -15,14 +15,14 @@ import ml_collections
 import numpy as np
 
 from mmv_jax import paths
-from mmv_jax.batch import PATCH, WIRE_DTYPES
+from mmv_jax.batch import PATCH, SEQ_MULTIPLE, WIRE_DTYPES
 from mmv_jax.data import packing
 from mmv_jax.data.manifest import Record, load_manifest
 from mmv_jax.data.readers import DEFAULT_MAX_VOXELS
 from mmv_jax.data.transforms import target_shape
+from mmv_jax.errors import ConfigError
 
 MODS = ("cxr", "ct")
-KERNEL_BLOCK = 128
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -96,11 +96,11 @@ def _local_counts(cfg, process_count: int) -> tuple[int, int]:
     for name in ("cxr_per_batch", "ct_per_batch"):
         n = int(cfg[name])
         if n < 0 or n % process_count:
-            raise ValueError(f"config data.{name}={n} must be >= 0 and divisible by the "
-                             f"process count {process_count}")
+            raise ConfigError(f"config data.{name}={n} must be >= 0 and divisible by the "
+                              f"process count {process_count}")
         out.append(n // process_count)
     if sum(out) == 0:
-        raise ValueError("config: data.cxr_per_batch + data.ct_per_batch must be > 0")
+        raise ConfigError("config: data.cxr_per_batch + data.ct_per_batch must be > 0")
     return out[0], out[1]
 
 
@@ -111,63 +111,60 @@ def max_view_tokens(cfg) -> tuple[int, int]:
     return (max(1, v.long_side_2d // PATCH) ** 2, max(1, v.long_side_3d // PATCH) ** 3)
 
 
-_max_view_tokens = max_view_tokens
-
-
 def validate_config(cfg, process_count: int = 1) -> None:
-    """Raises one clear ``ValueError`` for an unusable data config."""
+    """Raises one clear :class:`~mmv_jax.errors.ConfigError` for an unusable data config."""
     s = int(cfg.buckets.seq_len)
-    if s <= 0 or s % KERNEL_BLOCK:
-        raise ValueError(f"config data.buckets.seq_len={s} must be a positive multiple of "
-                         f"{KERNEL_BLOCK} (attention kernel block size)")
+    if s <= 0 or s % SEQ_MULTIPLE:
+        raise ConfigError(f"config data.buckets.seq_len={s} must be a positive multiple of "
+                          f"{SEQ_MULTIPLE} (attention kernel block size)")
     n_cxr, n_ct = _local_counts(cfg, process_count)
-    t2, t3 = _max_view_tokens(cfg)
+    t2, t3 = max_view_tokens(cfg)
     need = max(t2 if n_cxr else 0, t3 if n_ct else 0)
     if need > s:
-        raise ValueError(f"config data.buckets.seq_len={s} is shorter than the largest view "
-                         f"({need} tokens); raise seq_len or lower views.long_side_*")
+        raise ConfigError(f"config data.buckets.seq_len={s} is shorter than the largest view "
+                          f"({need} tokens); raise seq_len or lower views.long_side_*")
     v = cfg.views
     for name in ("global_scale", "local_scale"):
         lo, hi = v[name]
         if not 0 < lo <= hi <= 1:
-            raise ValueError(f"config data.views.{name}={tuple(v[name])} must satisfy 0 < lo <= hi <= 1")
+            raise ConfigError(f"config data.views.{name}={tuple(v[name])} must satisfy 0 < lo <= hi <= 1")
     if v.n_global < 1 or v.n_local < 0:
-        raise ValueError("config data.views needs n_global >= 1 and n_local >= 0")
+        raise ConfigError("config data.views needs n_global >= 1 and n_local >= 0")
     if int(cfg.buckets.slots) < 1:
-        raise ValueError("config data.buckets.slots must be >= 1")
+        raise ConfigError("config data.buckets.slots must be >= 1")
     m = int(cfg.rows_multiple_of)
     for g in GROUPS:
         rows = tuple(cfg.buckets.get(f"rows_{g}", ()))
         if any(r <= 0 or r % m for r in rows):
-            raise ValueError(f"config data.buckets.rows_{g}={rows}: every row count must be a "
-                             f"positive multiple of rows_multiple_of={m}")
+            raise ConfigError(f"config data.buckets.rows_{g}={rows}: every row count must be a "
+                              f"positive multiple of rows_multiple_of={m}")
     if int(cfg.buckets.max_shapes) < 1:
-        raise ValueError("config data.buckets.max_shapes must be >= 1")
+        raise ConfigError("config data.buckets.max_shapes must be >= 1")
     if cfg.patch_dtype not in WIRE_DTYPES:
-        raise ValueError(f"config data.patch_dtype={cfg.patch_dtype!r} must be one of {WIRE_DTYPES}")
+        raise ConfigError(f"config data.patch_dtype={cfg.patch_dtype!r} must be one of {WIRE_DTYPES}")
     # impossible values would otherwise surface later as a division by zero, an empty image or
     # a run that stops at the first bad file (or never does)
     for name in ("long_side_2d", "long_side_3d"):
         if int(v[name]) < 1:
-            raise ValueError(f"config data.views.{name}={v[name]} must be >= 1")
+            raise ConfigError(f"config data.views.{name}={v[name]} must be >= 1")
     flips = tuple(v.flips)
     if not 1 <= len(flips) <= 3 or not all(0 <= f <= 1 for f in flips):
-        raise ValueError(f"config data.views.flips={flips} must hold 1 to 3 probabilities in [0, 1]")
+        raise ConfigError(f"config data.views.flips={flips} must hold 1 to 3 probabilities in [0, 1]")
     width, level = (float(x) for x in cfg.ct_window)
     if not (math.isfinite(width) and width > 0 and math.isfinite(level)):
-        raise ValueError(f"config data.ct_window={tuple(cfg.ct_window)} must be (width > 0, level), "
-                         "both finite")
+        raise ConfigError(f"config data.ct_window={tuple(cfg.ct_window)} must be (width > 0, level), "
+                          "both finite")
     if not 0 <= float(cfg.max_bad_fraction) <= 1:  # also refuses NaN
-        raise ValueError(f"config data.max_bad_fraction={cfg.max_bad_fraction} must be in [0, 1]")
+        raise ConfigError(f"config data.max_bad_fraction={cfg.max_bad_fraction} must be in [0, 1]")
     if int(cfg.get("min_files_for_bad_fraction", 0)) < 0:
-        raise ValueError(f"config data.min_files_for_bad_fraction="
-                         f"{cfg.min_files_for_bad_fraction} must be >= 0")
+        raise ConfigError(f"config data.min_files_for_bad_fraction="
+                          f"{cfg.min_files_for_bad_fraction} must be >= 0")
     if int(cfg.worker_count) < -1:
-        raise ValueError(f"config data.worker_count={cfg.worker_count} must be >= 0, or -1 (auto)")
+        raise ConfigError(f"config data.worker_count={cfg.worker_count} must be >= 0, or -1 (auto)")
     if int(cfg.max_bad_retries) < 0:
-        raise ValueError(f"config data.max_bad_retries={cfg.max_bad_retries} must be >= 0")
+        raise ConfigError(f"config data.max_bad_retries={cfg.max_bad_retries} must be >= 0")
     if max_image_voxels(cfg) < 1:
-        raise ValueError(f"config data.max_image_voxels={max_image_voxels(cfg)} must be >= 1")
+        raise ConfigError(f"config data.max_image_voxels={max_image_voxels(cfg)} must be >= 1")
 
 
 def workers(cfg, local_devices: int = 1) -> int:
@@ -218,18 +215,18 @@ def manifest_path(cfg) -> str:
     if cfg.cache_dir:
         info_path = paths.resolve(cfg.cache_dir) / "cache_info.json"
         if not info_path.exists():
-            raise ValueError(f"config data.cache_dir={cfg.cache_dir}: no cache_info.json there; "
-                             f"build the cache with `mmv-cache --manifest M --out DIR`")
+            raise ConfigError(f"config data.cache_dir={cfg.cache_dir}: no cache_info.json there; "
+                              f"build the cache with `mmv-cache --manifest M --out DIR`")
         info = json.loads(info_path.read_text())
         want = (int(cfg.views.long_side_2d), int(cfg.views.long_side_3d))
         have = (info.get("long_side_2d"), info.get("long_side_3d"))
         if tuple(have) != want:
-            raise ValueError(f"cache {cfg.cache_dir} was built with long sides {have}, the config "
-                             f"asks for {want}; rebuild it with --long-side-2d/--long-side-3d")
+            raise ConfigError(f"cache {cfg.cache_dir} was built with long sides {have}, the config "
+                              f"asks for {want}; rebuild it with --long-side-2d/--long-side-3d")
         return str(paths.resolve(cfg.cache_dir) / "manifest.jsonl")
     if not cfg.manifest:
-        raise ValueError("config data.manifest is empty: point it at a JSONL manifest "
-                         "(e.g. the output of `mmv-demo-data --out DIR`: DIR/manifest.jsonl)")
+        raise ConfigError("config data.manifest is empty: point it at a JSONL manifest "
+                          "(e.g. the output of `mmv-demo-data --out DIR`: DIR/manifest.jsonl)")
     return cfg.manifest
 
 
@@ -304,8 +301,8 @@ def bucket_rows(cfg, process_count: int = 1, shapes: dict | None = None
     if all(fixed):
         return groups, tuple(sorted(itertools.product(*fixed), key=sum))
     if any(fixed):
-        raise ValueError(f"config data.buckets: set rows_2d and rows_3d for every group drawn "
-                         f"({', '.join(groups)}), or neither")
+        raise ConfigError(f"config data.buckets: set rows_2d and rows_3d for every group drawn "
+                          f"({', '.join(groups)}), or neither")
     nominal = {"cxr": tuple(cfg.buckets.nominal_cxr_shape), "ct": tuple(cfg.buckets.nominal_ct_shape)}
     try:
         recs = _records(cfg) if shapes is None else ((), ())

@@ -10,11 +10,12 @@ import os
 import grain
 
 from mmv_jax.data import packing
-from mmv_jax.data.config import _max_view_tokens, max_image_voxels, mp_prefetch
+from mmv_jax.data.config import max_image_voxels, max_view_tokens, mp_prefetch
 from mmv_jax.data.manifest import load_manifest
 from mmv_jax.data.readers import ImageReadError, file_errors
 from mmv_jax.data.transforms import load_preprocessed
 from mmv_jax.data.views import whole_view
+from mmv_jax.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def eval_batch_shape(cfg, batch_size: int, has_3d: bool) -> tuple[int, int, int,
     """``(rows, seq_len, slots, patch_dim)`` of every eval batch: rows for the worst case (each
     whole image at its largest token count), so one shape per eval set."""
     s, slots = int(cfg.buckets.seq_len), int(cfg.buckets.slots)
-    t2, t3 = _max_view_tokens(cfg)
+    t2, t3 = max_view_tokens(cfg)
     per_row = max(1, min(slots, s // (t3 if has_3d else t2)))
     rows = math.ceil(batch_size / per_row)
     m = int(cfg.rows_multiple_of)
@@ -77,10 +78,10 @@ def make_eval_iterator(cfg, manifest_path_or_records, *, split: str | None = Non
     num_batches = math.ceil(math.ceil(len(records) / process_count) / int(batch_size))
     records = records[process_index::process_count]
     rows, s, slots, pd = eval_batch_shape(cfg, batch_size, has_3d)
-    t2, t3 = _max_view_tokens(cfg)
+    t2, t3 = max_view_tokens(cfg)
     if (t3 if has_3d else t2) > s:
-        raise ValueError(f"config data.buckets.seq_len={s} is shorter than a whole image "
-                         f"({t3 if has_3d else t2} tokens)")
+        raise ConfigError(f"config data.buckets.seq_len={s} is shorter than a whole image "
+                          f"({t3 if has_3d else t2} tokens)")
     src = _EvalSource(records, cfg, batch_size, s, slots, pd, rows, num_batches)
     ds = grain.MapDataset.source(src).to_iter_dataset(
         grain.ReadOptions(num_threads=int(cfg.read_threads), prefetch_buffer_size=max(1, int(cfg.prefetch))))

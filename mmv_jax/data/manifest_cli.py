@@ -69,8 +69,7 @@ def main(argv=None) -> int:
     try:
         records = load_manifest(a.manifest)
     except ManifestError as e:
-        print(f"mmv-manifest: {e}", file=sys.stderr)
-        return 2
+        return cli.fail("mmv-manifest", e)
     if a.command == "validate":
         print(f"mmv-manifest: {a.manifest}: {len(records)} records, valid; findings: "
               f"{', '.join(records.findings)}")

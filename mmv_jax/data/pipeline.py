@@ -48,7 +48,7 @@ import numpy as np
 from mmv_jax.batch import View, nbytes, wire_dtype
 from mmv_jax.data import packing
 from mmv_jax.data.config import (  # noqa: F401  (re-exported: the public API lives here)
-    GROUPS, KERNEL_BLOCK, MODS, _local_counts, _records, _view_kwargs, bucket_rows, bucket_shapes,
+    GROUPS, MODS, _local_counts, _records, _view_kwargs, bucket_rows, bucket_shapes,
     default_config, demo_config, groups_of, manifest_path, max_image_voxels, max_view_tokens,
     mp_prefetch, num_samples_global, num_views_per_sample, validate_config, workers)
 from mmv_jax.data.eval_iterator import eval_batch_shape, make_eval_iterator  # noqa: F401  (re-exported)
@@ -56,6 +56,7 @@ from mmv_jax.data.manifest import Record
 from mmv_jax.data.readers import ImageReadError, file_errors
 from mmv_jax.data.transforms import load_preprocessed
 from mmv_jax.data.views import sample_views
+from mmv_jax.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +84,8 @@ def use_one_blas_thread() -> None:
     """Sets numpy's BLAS to one thread for this process (once; never restored: a process-wide
     setting cannot be restored safely while other threads build batches). The resizes are small
     matmuls, and Grain workers that each run OpenBLAS with a thread per core oversubscribe the
-    host: 2 workers on 2 cores built 2.4 batches/s, 6.4 with one thread each; on a 16-core GPU
-    host 8 workers fed the step only about 20k tokens/s. The in-process pipeline does the same,
-    so a batch is bit-identical whatever the worker count."""
+    host: they build batches several times slower than with one thread each. The in-process
+    pipeline does the same, so a batch is bit-identical whatever the worker count."""
     if not _ONE_BLAS_THREAD:
         from threadpoolctl import threadpool_limits
         threadpool_limits(limits=1, user_api="blas")
@@ -102,8 +102,8 @@ class _TrainSource:
         self.glob = (int(cfg.cxr_per_batch), int(cfg.ct_per_batch))
         for m, n, rs in zip(MODS, self.local, self.records):
             if n and not rs:
-                raise ValueError(f"no {m} records in splits {tuple(cfg.train_splits)} of "
-                                 f"{manifest_path(cfg)}, but the config asks for {n} per batch")
+                raise ConfigError(f"no {m} records in splits {tuple(cfg.train_splits)} of "
+                                  f"{manifest_path(cfg)}, but the config asks for {n} per batch")
         self.seed = int(seed)
         self.pi, self.pc = int(process_index), int(process_count)
         self.views = dict(_view_kwargs(cfg), long_side_2d=int(cfg.views.long_side_2d),
@@ -162,7 +162,7 @@ class _TrainSource:
                         self._known_bad.add(rec.path)
                         bad.append((e.path, e.reason))
                 else:
-                    raise RuntimeError(
+                    raise DataError(
                         f"{self.retries + 1} files in a row failed to load for one {MODS[m]} sample; "
                         f"first bad: {bad[:5]}")
         batch, need = packing.pack_groups(views, self.groups, self.seq_len, self.slots, self.dtype)
@@ -243,7 +243,7 @@ class _TrainIterator(grain.DatasetIterator):
         self._tried += int(tried)
         if self._tried >= self._min_files and self._bad > self._max_bad * self._tried:
             listing = "\n  ".join(f"{p}: {r}" for p, r in self._first_bad) or "(on other hosts)"
-            raise RuntimeError(
+            raise DataError(
                 f"too many bad files: {self._bad} of {self._tried} tried "
                 f"({self._bad / self._tried:.1%} > data.max_bad_fraction="
                 f"{self._max_bad:g}). First bad files on this host:\n  {listing}")

@@ -128,17 +128,22 @@ def whole_view(image: np.ndarray, *, sample: int, modality: int, p: int = PATCH)
     return v._replace(modality=int(modality))
 
 
-def view_tokens(rng: np.random.Generator, shape, *, n_global=2, n_local=8,
-                global_scale=(0.3, 1.0), local_scale=(0.05, 0.3), p: int = PATCH) -> list[int]:
-    """Token counts of the views :func:`sample_views` would draw for an image of ``shape``
-    (geometry only; used to size the packing buckets)."""
+def view_grids(rng: np.random.Generator, shape, *, n_global=2, n_local=8,
+               global_scale=(0.3, 1.0), local_scale=(0.05, 0.3),
+               p: int = PATCH) -> list[tuple[int, int, int]]:
+    """Patch grids ``(gz, gy, gx)`` of the views :func:`sample_views` would draw for an image of
+    ``shape`` (geometry only: it sizes the packing buckets, and the benchmarks draw their views
+    with it)."""
     is_2d = shape[0] == 1
     dims = shape[1:] if is_2d else shape
     out = []
     for idx in range(n_global + n_local):
         size = crop_shape(rng, dims, global_scale if idx < n_global else local_scale, p)
-        n = 1
-        for c in size:
-            n *= max(1, c // p)
-        out.append(n)
+        grid = tuple(max(1, c // p) for c in size)
+        out.append((1, *grid) if is_2d else grid)
     return out
+
+
+def view_tokens(rng: np.random.Generator, shape, **kwargs) -> list[int]:
+    """Token counts of the views :func:`view_grids` draws (the same keywords)."""
+    return [gz * gy * gx for gz, gy, gx in view_grids(rng, shape, **kwargs)]

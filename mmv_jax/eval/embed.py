@@ -66,13 +66,9 @@ def build_encoder(cfg, run_dir: str | None, mesh, *, random_init: bool = False,
     seeded random init), sharded, able to embed whole images of ``modalities``
     (:func:`embed_config`)."""
     cfg = embed_config(cfg, modalities)
-    rules = shd.rules_dict(cfg.mesh.rules)
-    abstract = nnx.eval_shape(lambda: st.build_model(cfg, seed=cfg.seed))
-    graphdef, abstract_params = nnx.split(abstract, nnx.Param)
-    p_shard = shd.param_shardings(abstract_params, mesh, rules)
+    graphdef, abstract_params, p_shard = st.abstract_params(cfg, mesh)
     if random_init:
-        params = jax.jit(lambda: nnx.state(st.build_model(cfg, seed=cfg.seed), nnx.Param),
-                         out_shardings=p_shard)()
+        params = st.init_params(cfg, p_shard)
     else:
         params = checkpoint.load_params(run_dir, checkpoint.abstract_of(abstract_params, p_shard),
                                         step=step)
@@ -208,20 +204,17 @@ def main(argv=None) -> int:
                              + (f" in split(s) {args.splits}" if args.splits else ""))
         cfg = load_run_config(run, args.config)
     except (ValueError, ManifestError) as e:
-        print(f"mmv-embed: {e}", file=sys.stderr)
-        return 2
+        return cli.fail("mmv-embed", e)
     distributed.initialize()  # several processes: MMV_COORDINATOR etc., SLURM or a TPU slice
     mesh = shd.make_mesh((-1, 1, 1))
     try:
         encoder = build_encoder(cfg, ckpt_dir, mesh, random_init=args.random_init,
                                 modalities={r.modality for r in records}, step=step)
     except FileNotFoundError:
-        print(f"mmv-embed: --checkpoint {args.checkpoint!r}: no Orbax checkpoint"
-              f"{'' if step is None else f' at step {step}'} there", file=sys.stderr)
-        return 2
+        return cli.fail("mmv-embed", f"--checkpoint {args.checkpoint!r}: no Orbax checkpoint"
+                                     f"{'' if step is None else f' at step {step}'} there")
     except checkpoint.CheckpointError as e:
-        print(f"mmv-embed: --checkpoint {args.checkpoint!r}: {e}", file=sys.stderr)
-        return 2
+        return cli.fail("mmv-embed", f"--checkpoint {args.checkpoint!r}: {e}")
     arrays = embed(cfg, records, encoder, args.out, mesh, batch_size=args.batch_size)
     if jax.process_index() == 0:
         print(f"mmv-embed: {len(arrays['ids'])} embeddings -> {args.out}")

@@ -57,10 +57,6 @@ def resolve_impl(impl: str = "auto", *, platform: str | None = None) -> str:
 
 def segment_attention(q, k, v, segment_ids, *, impl: str = "auto", platform: str | None = None,
                       interpret: bool = False, max_segment_len: int | None = None):
-    if q.ndim != 4 or k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(f"q, k, v must all be [B, S, H, D]; got {q.shape}, {k.shape}, {v.shape}")
-    if segment_ids.shape != q.shape[:2]:
-        raise ValueError(f"segment_ids must be [B, S] = {q.shape[:2]}, got {segment_ids.shape}")
     impl = resolve_impl(impl, platform=platform)
     if interpret and impl != "pallas_tpu":
         raise ValueError(f"interpret=True applies to impl='pallas_tpu' only, not {impl!r}")

@@ -1,4 +1,4 @@
-"""What the Pallas and Triton kernels share: the input checks and the per-block segment metadata.
+"""What the attention impls share: the input checks and the per-block segment metadata.
 
 Packed rows hold contiguous segments (each non-zero segment id one contiguous run; 0 is
 padding). A kernel tiles a row into query blocks of ``block_q`` tokens and key blocks of
@@ -15,17 +15,15 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-# Both kernels tile rows in blocks of up to 128 tokens: the packer's bucket lengths are multiples.
-SEQ_MULTIPLE = 128
-
 # An empty (all-padding) block's range: its min is above and its max below every id.
 _EMPTY_MIN = jnp.iinfo(jnp.int32).max
 _EMPTY_MAX = -1
 
 
-def check_qkv(kernel: str, q, k, v, segment_ids, dtypes) -> tuple[int, int, int]:
-    """The checks every kernel shares; raises ``ValueError`` naming ``kernel`` and the
-    constraint. Returns ``(B, S, D)``."""
+def check_qkv(kernel: str, q, k, v, segment_ids, dtypes=None) -> tuple[int, int, int]:
+    """The checks every impl shares; raises ``ValueError`` naming ``kernel`` and the
+    constraint. ``dtypes``: those ``q`` may have (``None``: any one dtype for all three).
+    Returns ``(B, S, D)``."""
     if q.ndim != 4 or q.shape != k.shape or q.shape != v.shape:
         raise ValueError(f"{kernel}: q, k, v must share one [B, S, H, D] shape, got {q.shape}, "
                          f"{k.shape}, {v.shape}")
@@ -34,7 +32,9 @@ def check_qkv(kernel: str, q, k, v, segment_ids, dtypes) -> tuple[int, int, int]
         raise ValueError(f"{kernel}: segment_ids must be [B, S] = {(b, s)}, got {segment_ids.shape}")
     if not np.issubdtype(np.dtype(segment_ids.dtype), np.integer):
         raise ValueError(f"{kernel}: segment_ids must be integer, got {segment_ids.dtype}")
-    if q.dtype not in dtypes or k.dtype != q.dtype or v.dtype != q.dtype:
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"{kernel}: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if dtypes is not None and q.dtype not in dtypes:
         names = [np.dtype(t).name for t in dtypes]
         names = ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
         raise ValueError(f"{kernel}: q, k, v must all be {names}, got {q.dtype}, {k.dtype}, {v.dtype}")

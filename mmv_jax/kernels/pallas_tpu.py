@@ -38,7 +38,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from mmv_jax.kernels.blocks import SEQ_MULTIPLE, block_metadata, check_qkv
+from mmv_jax.batch import SEQ_MULTIPLE
+from mmv_jax.kernels.blocks import block_metadata, check_qkv
 
 BLOCK_Q = SEQ_MULTIPLE  # default q and k block sizes (tokens)
 BLOCK_K = SEQ_MULTIPLE
@@ -105,12 +106,17 @@ def _q_major_step(qlo, qhi, klo, khi, kstart, kend, *, nq, nk):
     return j, (start + j <= end) & _pair_overlaps(qlo, qhi, klo, khi, row, b * nk + kb)
 
 
-def _probs_and_dlogits(q, k, v, do, lse, di, mask, scale, bk):
-    """Backward of one head of a (q-block, k-block) pair: probabilities p and dlogits ds."""
-    s = lax.dot_general(q, k, _TRANS_B, preferred_element_type=jnp.float32) * scale
-    p = jnp.where(mask, jnp.exp(s - _lanes_to(lse, bk)), 0.0)   # [bq, bk]
-    dp = lax.dot_general(do, v, _TRANS_B, preferred_element_type=jnp.float32)
-    return p, p * (dp - _lanes_to(di, bk))
+def _probs_and_dlogits(q_ref, k_ref, v_ref, do_ref, qseg_ref, kseg_ref, lse_ref, di_ref, *,
+                       scale, bk, heads):
+    """Backward of a (q-block, k-block) pair, head by head: ``(h, q, k, do, p, ds)`` with the
+    probabilities p and dlogits ds of head h, [bq, bk]."""
+    mask = _mask(qseg_ref, kseg_ref, bk)
+    for h in range(heads):
+        q, k, v, do = q_ref[h], k_ref[h], v_ref[h], do_ref[h]
+        s = lax.dot_general(q, k, _TRANS_B, preferred_element_type=jnp.float32) * scale
+        p = jnp.where(mask, jnp.exp(s - _lanes_to(lse_ref[h], bk)), 0.0)
+        dp = lax.dot_general(do, v, _TRANS_B, preferred_element_type=jnp.float32)
+        yield h, q, k, do, p, p * (dp - _lanes_to(di_ref[h], bk))
 
 
 def span_bound(block_a: int, block_b: int, max_segment_len: int | None, n_b: int) -> int:
@@ -219,7 +225,21 @@ def _k_major_specs(nk, block_q, block_k, heads, d):
     return _block_specs(q_map, kv_map, qseg_map, kseg_map, block_q, block_k, heads, d)
 
 
-_PARAMS = dict(dimension_semantics=("parallel", "parallel", "arbitrary"))
+def _pallas(kernel, name, meta, grid, in_specs, out_specs, scratch_shapes, out_shape, interpret,
+            *args):
+    """``kernel`` over ``grid`` (batch, blocks, steps: the last one walks the other side's
+    blocks), with the block metadata ``meta`` as scalar prefetch."""
+    return pl.pallas_call(
+        kernel,
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=len(meta), grid=grid, in_specs=in_specs, out_specs=out_specs,
+            scratch_shapes=scratch_shapes),
+        out_shape=out_shape,
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "arbitrary")),
+        interpret=interpret,
+        name=name,
+    )(*meta, *args)
 
 
 def _forward(q, k, v, segment_ids, meta, *, block_q, block_k, ksteps, interpret):
@@ -228,28 +248,17 @@ def _forward(q, k, v, segment_ids, meta, *, block_q, block_k, ksteps, interpret)
     nq, nk = s // block_q, s // block_k
     qseg, kseg = _seg_operands(segment_ids)
     sp = _q_major_specs(nq, block_q, block_k, h, d)
-    grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=len(meta),
-        grid=(b, nq, ksteps),
-        in_specs=[sp["q"], sp["kv"], sp["kv"], sp["qseg"], sp["kseg"]],
-        out_specs=[sp["q"], sp["row"]],
-        scratch_shapes=[
-            pltpu.VMEM((h, block_q, NUM_LANES), jnp.float32),
-            pltpu.VMEM((h, block_q, NUM_LANES), jnp.float32),
-            pltpu.VMEM((h, block_q, d), jnp.float32),
-        ],
-    )
     kernel = functools.partial(_fwd_kernel, scale=1.0 / math.sqrt(d), nq=nq, nk=nk, bk=block_k,
                                heads=h, steps=ksteps)
-    o, lse = pl.pallas_call(
-        kernel,
-        grid_spec=grid_spec,
-        out_shape=[jax.ShapeDtypeStruct((b, h, s, d), q.dtype),
-                   jax.ShapeDtypeStruct((b, h, s, NUM_LANES), jnp.float32)],
-        compiler_params=pltpu.CompilerParams(**_PARAMS),
-        interpret=interpret,
-        name="segment_attention_fwd",
-    )(*meta, q, k, v, qseg, kseg)
+    o, lse = _pallas(
+        kernel, "segment_attention_fwd", meta, (b, nq, ksteps),
+        [sp["q"], sp["kv"], sp["kv"], sp["qseg"], sp["kseg"]], [sp["q"], sp["row"]],
+        [pltpu.VMEM((h, block_q, NUM_LANES), jnp.float32),
+         pltpu.VMEM((h, block_q, NUM_LANES), jnp.float32),
+         pltpu.VMEM((h, block_q, d), jnp.float32)],
+        [jax.ShapeDtypeStruct((b, h, s, d), q.dtype),
+         jax.ShapeDtypeStruct((b, h, s, NUM_LANES), jnp.float32)],
+        interpret, q, k, v, qseg, kseg)
     return o, lse
 
 
@@ -267,10 +276,8 @@ def _dq_kernel(qlo, qhi, klo, khi, kstart, kend, qstart, qend,
 
     @pl.when(run)
     def _compute():
-        mask = _mask(qseg_ref, kseg_ref, bk)
-        for h in range(heads):
-            q, k, v, do = q_ref[h], k_ref[h], v_ref[h], do_ref[h]
-            _, ds = _probs_and_dlogits(q, k, v, do, lse_ref[h], di_ref[h], mask, scale, bk)
+        for h, _, k, _, _, ds in _probs_and_dlogits(q_ref, k_ref, v_ref, do_ref, qseg_ref, kseg_ref,
+                                                    lse_ref, di_ref, scale=scale, bk=bk, heads=heads):
             dq_scr[h] += lax.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
 
     @pl.when(j == steps - 1)
@@ -296,10 +303,8 @@ def _dkv_kernel(qlo, qhi, klo, khi, kstart, kend, qstart, qend,
 
     @pl.when(run)
     def _compute():
-        mask = _mask(qseg_ref, kseg_ref, bk)
-        for h in range(heads):
-            q, k, v, do = q_ref[h], k_ref[h], v_ref[h], do_ref[h]
-            p, ds = _probs_and_dlogits(q, k, v, do, lse_ref[h], di_ref[h], mask, scale, bk)
+        for h, q, _, do, p, ds in _probs_and_dlogits(q_ref, k_ref, v_ref, do_ref, qseg_ref, kseg_ref,
+                                                     lse_ref, di_ref, scale=scale, bk=bk, heads=heads):
             dv_scr[h] += lax.dot(p.T.astype(do.dtype), do, preferred_element_type=jnp.float32)
             dk_scr[h] += lax.dot(ds.T.astype(q.dtype), q, preferred_element_type=jnp.float32)
 
@@ -319,38 +324,19 @@ def _backward(q, k, v, segment_ids, meta, o, lse, do, *, block_q, block_k, kstep
     scale = 1.0 / math.sqrt(d)
     common = dict(scale=scale, nq=nq, nk=nk, bk=block_k, heads=h)
 
+    args = (q, k, v, qseg, kseg, lse, di, do)
+    operands = ("q", "kv", "kv", "qseg", "kseg", "row", "row", "q")
     sp = _q_major_specs(nq, block_q, block_k, h, d)
-    dq = pl.pallas_call(
-        functools.partial(_dq_kernel, steps=ksteps, **common),
-        grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=len(meta),
-            grid=(b, nq, ksteps),
-            in_specs=[sp["q"], sp["kv"], sp["kv"], sp["qseg"], sp["kseg"],
-                      sp["row"], sp["row"], sp["q"]],
-            out_specs=sp["q"],
-            scratch_shapes=[pltpu.VMEM((h, block_q, d), jnp.float32)]),
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        compiler_params=pltpu.CompilerParams(**_PARAMS),
-        interpret=interpret,
-        name="segment_attention_dq",
-    )(*meta, q, k, v, qseg, kseg, lse, di, do)
-
+    dq = _pallas(functools.partial(_dq_kernel, steps=ksteps, **common), "segment_attention_dq",
+                 meta, (b, nq, ksteps), [sp[x] for x in operands], sp["q"],
+                 [pltpu.VMEM((h, block_q, d), jnp.float32)],
+                 jax.ShapeDtypeStruct(q.shape, q.dtype), interpret, *args)
     tp = _k_major_specs(nk, block_q, block_k, h, d)
-    dk, dv = pl.pallas_call(
-        functools.partial(_dkv_kernel, steps=qsteps, **common),
-        grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=len(meta),
-            grid=(b, nk, qsteps),
-            in_specs=[tp["q"], tp["kv"], tp["kv"], tp["qseg"], tp["kseg"],
-                      tp["row"], tp["row"], tp["q"]],
-            out_specs=[tp["kv"], tp["kv"]],
-            scratch_shapes=[pltpu.VMEM((h, block_k, d), jnp.float32),
-                            pltpu.VMEM((h, block_k, d), jnp.float32)]),
-        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        compiler_params=pltpu.CompilerParams(**_PARAMS),
-        interpret=interpret,
-        name="segment_attention_dkv",
-    )(*meta, q, k, v, qseg, kseg, lse, di, do)
+    dk, dv = _pallas(functools.partial(_dkv_kernel, steps=qsteps, **common), "segment_attention_dkv",
+                     meta, (b, nk, qsteps), [tp[x] for x in operands], [tp["kv"], tp["kv"]],
+                     [pltpu.VMEM((h, block_k, d), jnp.float32)] * 2,
+                     [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+                     interpret, *args)
     return dq, dk, dv
 
 

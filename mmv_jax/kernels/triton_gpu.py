@@ -31,7 +31,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from mmv_jax.kernels.blocks import SEQ_MULTIPLE, block_metadata, check_qkv
+from mmv_jax.batch import SEQ_MULTIPLE
+from mmv_jax.kernels.blocks import block_metadata, check_qkv
 
 try:
     import triton
@@ -83,13 +84,36 @@ if triton is not None:
             return tl.dot(a, b)
 
     @triton.jit
-    def _program_base(SEQ: tl.constexpr, NHEADS: tl.constexpr, HEAD_DIM: tl.constexpr):
-        """(batch, batch * H + head, offset of that (batch, head) in a [B, S, H, D] array) of this
-        program; grid axis 1 runs over B * H."""
+    def _program(STARTS, ENDS, SEQ: tl.constexpr, NHEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 BLOCK: tl.constexpr):
+        """This program's block (grid axis 0 runs over the blocks of a row, axis 1 over B * H):
+        ``(batch, batch * H + head, offset of that (batch, head) in a [B, S, H, D] array, the
+        block's token offsets, the first and the last block of the other side it meets)``."""
+        pid = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = pid_bh // NHEADS
-        h = pid_bh % NHEADS
-        return b, pid_bh, b * SEQ * NHEADS * HEAD_DIM + h * HEAD_DIM
+        base = b * SEQ * NHEADS * HEAD_DIM + (pid_bh % NHEADS) * HEAD_DIM
+        i = b * (SEQ // BLOCK) + pid
+        return (b, pid_bh, base, pid * BLOCK + tl.arange(0, BLOCK), tl.load(STARTS + i),
+                tl.load(ENDS + i))
+
+    @triton.jit
+    def _rows(base, offs, NHEADS: tl.constexpr, HEAD_DIM: tl.constexpr):
+        """Offsets of the tokens ``offs`` of one (batch, head) of a [B, S, H, D] array."""
+        return base + offs[:, None] * (NHEADS * HEAD_DIM) + tl.arange(0, HEAD_DIM)[None, :]
+
+    @triton.jit
+    def _load_pair(X, Y, SEG, b, base, offs, SEQ: tl.constexpr, NHEADS: tl.constexpr,
+                   HEAD_DIM: tl.constexpr):
+        """The tokens ``offs`` of X and Y (k and v, or q and dO) and their segment ids, and
+        the offsets they were read at."""
+        ptrs = _rows(base, offs, NHEADS, HEAD_DIM)
+        return ptrs, tl.load(X + ptrs), tl.load(Y + ptrs), tl.load(SEG + b * SEQ + offs)
+
+    @triton.jit
+    def _load_stats(LSE, DELTA, pid_bh, offs, SEQ: tl.constexpr):
+        """The forward's logsumexp and the backward's delta of the queries ``offs``."""
+        return tl.load(LSE + pid_bh * SEQ + offs), tl.load(DELTA + pid_bh * SEQ + offs)
 
     @triton.jit
     def _probs_and_dlogits(q, k, v, do, qseg, kseg, lse, delta, SM_SCALE: tl.constexpr,
@@ -107,25 +131,16 @@ if triton is not None:
                     HEAD_DIM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                     IEEE: tl.constexpr):
         """One program: a BM-row q-block of one (batch, head); walks its span of k-blocks."""
-        pid_m = tl.program_id(0)
-        b, pid_bh, base = _program_base(SEQ, NHEADS, HEAD_DIM)
-        NQ: tl.constexpr = SEQ // BM
-        row_stride: tl.constexpr = NHEADS * HEAD_DIM
-        offs_m = pid_m * BM + tl.arange(0, BM)
-        offs_d = tl.arange(0, HEAD_DIM)
-        q = tl.load(Q + base + offs_m[:, None] * row_stride + offs_d[None, :])
+        b, pid_bh, base, offs_m, kstart, kend = _program(KSTART, KEND, SEQ, NHEADS, HEAD_DIM, BM)
+        q_ptrs = _rows(base, offs_m, NHEADS, HEAD_DIM)
+        q = tl.load(Q + q_ptrs)
         qseg = tl.load(SEG + b * SEQ + offs_m)
-        qi = b * NQ + pid_m
-        kstart = tl.load(KSTART + qi)
-        kend = tl.load(KEND + qi)
         m_i = tl.zeros([BM], dtype=tl.float32) - 1e30
         l_i = tl.zeros([BM], dtype=tl.float32)
         acc = tl.zeros([BM, HEAD_DIM], dtype=tl.float32)
         for kb in range(kstart, kend + 1):
-            offs_n = kb * BN + tl.arange(0, BN)
-            k = tl.load(K + base + offs_n[:, None] * row_stride + offs_d[None, :])
-            v = tl.load(V + base + offs_n[:, None] * row_stride + offs_d[None, :])
-            kseg = tl.load(SEG + b * SEQ + offs_n)
+            _, k, v, kseg = _load_pair(K, V, SEG, b, base, kb * BN + tl.arange(0, BN), SEQ,
+                                       NHEADS, HEAD_DIM)
             s = _dot(q, tl.trans(k), IEEE) * SM_SCALE
             mask = (qseg[:, None] == kseg[None, :]) & (qseg[:, None] != 0)
             s = tl.where(mask, s, -1e30)
@@ -139,7 +154,7 @@ if triton is not None:
         has = l_i > 0.0
         l_safe = tl.where(has, l_i, 1.0)
         out = acc / l_safe[:, None]
-        tl.store(O + base + offs_m[:, None] * row_stride + offs_d[None, :], out.to(O.dtype.element_ty))
+        tl.store(O + q_ptrs, out.to(O.dtype.element_ty))
         lse = tl.where(has, m_i + tl.log(l_safe), 0.0)
         tl.store(LSE + pid_bh * SEQ + offs_m, lse)
 
@@ -149,27 +164,13 @@ if triton is not None:
                        HEAD_DIM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                        IEEE: tl.constexpr):
         """One program: dQ of a BM-row q-block; walks its span of k-blocks."""
-        pid_m = tl.program_id(0)
-        b, pid_bh, base = _program_base(SEQ, NHEADS, HEAD_DIM)
-        NQ: tl.constexpr = SEQ // BM
-        row_stride: tl.constexpr = NHEADS * HEAD_DIM
-        offs_m = pid_m * BM + tl.arange(0, BM)
-        offs_d = tl.arange(0, HEAD_DIM)
-        q_ptrs = base + offs_m[:, None] * row_stride + offs_d[None, :]
-        q = tl.load(Q + q_ptrs)
-        do = tl.load(DO + q_ptrs)
-        qseg = tl.load(SEG + b * SEQ + offs_m)
-        lse = tl.load(LSE + pid_bh * SEQ + offs_m)
-        delta = tl.load(DELTA + pid_bh * SEQ + offs_m)
-        qi = b * NQ + pid_m
-        kstart = tl.load(KSTART + qi)
-        kend = tl.load(KEND + qi)
+        b, pid_bh, base, offs_m, kstart, kend = _program(KSTART, KEND, SEQ, NHEADS, HEAD_DIM, BM)
+        q_ptrs, q, do, qseg = _load_pair(Q, DO, SEG, b, base, offs_m, SEQ, NHEADS, HEAD_DIM)
+        lse, delta = _load_stats(LSE, DELTA, pid_bh, offs_m, SEQ)
         dq = tl.zeros([BM, HEAD_DIM], dtype=tl.float32)
         for kb in range(kstart, kend + 1):
-            offs_n = kb * BN + tl.arange(0, BN)
-            k = tl.load(K + base + offs_n[:, None] * row_stride + offs_d[None, :])
-            v = tl.load(V + base + offs_n[:, None] * row_stride + offs_d[None, :])
-            kseg = tl.load(SEG + b * SEQ + offs_n)
+            _, k, v, kseg = _load_pair(K, V, SEG, b, base, kb * BN + tl.arange(0, BN), SEQ,
+                                       NHEADS, HEAD_DIM)
             _, ds = _probs_and_dlogits(q, k, v, do, qseg, kseg, lse, delta, SM_SCALE, IEEE)
             dq += _dot(ds.to(k.dtype), k, IEEE)
         dq = dq * SM_SCALE
@@ -181,29 +182,14 @@ if triton is not None:
                         HEAD_DIM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                         IEEE: tl.constexpr):
         """One program: dK, dV of a BN-row k-block; walks its span of q-blocks."""
-        pid_n = tl.program_id(0)
-        b, pid_bh, base = _program_base(SEQ, NHEADS, HEAD_DIM)
-        NK: tl.constexpr = SEQ // BN
-        row_stride: tl.constexpr = NHEADS * HEAD_DIM
-        offs_n = pid_n * BN + tl.arange(0, BN)
-        offs_d = tl.arange(0, HEAD_DIM)
-        kv_ptrs = base + offs_n[:, None] * row_stride + offs_d[None, :]
-        k = tl.load(K + kv_ptrs)
-        v = tl.load(V + kv_ptrs)
-        kseg = tl.load(SEG + b * SEQ + offs_n)
-        ki = b * NK + pid_n
-        qstart = tl.load(QSTART + ki)
-        qend = tl.load(QEND + ki)
+        b, pid_bh, base, offs_n, qstart, qend = _program(QSTART, QEND, SEQ, NHEADS, HEAD_DIM, BN)
+        kv_ptrs, k, v, kseg = _load_pair(K, V, SEG, b, base, offs_n, SEQ, NHEADS, HEAD_DIM)
         dk = tl.zeros([BN, HEAD_DIM], dtype=tl.float32)
         dv = tl.zeros([BN, HEAD_DIM], dtype=tl.float32)
         for qb in range(qstart, qend + 1):
             offs_m = qb * BM + tl.arange(0, BM)
-            q_ptrs = base + offs_m[:, None] * row_stride + offs_d[None, :]
-            q = tl.load(Q + q_ptrs)
-            do = tl.load(DO + q_ptrs)
-            qseg = tl.load(SEG + b * SEQ + offs_m)
-            lse = tl.load(LSE + pid_bh * SEQ + offs_m)
-            delta = tl.load(DELTA + pid_bh * SEQ + offs_m)
+            _, q, do, qseg = _load_pair(Q, DO, SEG, b, base, offs_m, SEQ, NHEADS, HEAD_DIM)
+            lse, delta = _load_stats(LSE, DELTA, pid_bh, offs_m, SEQ)
             p, ds = _probs_and_dlogits(q, k, v, do, qseg, kseg, lse, delta, SM_SCALE, IEEE)
             dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE)
             dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)

@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from mmv_jax.kernels.blocks import check_qkv
+
 NEG = -1e30
 
 
@@ -262,7 +264,7 @@ def segment_attention_xla(q, k, v, segment_ids, *, max_segment_len: int | None =
     while every id spans at most that many tokens; otherwise the whole batch takes the
     unbounded computation (the same values, more work).
     """
-    s = q.shape[1]
+    _, s, _ = check_qkv("xla", q, k, v, segment_ids)
     b = min(block, s)
     if max_segment_len is None or halo_blocks(s, max_segment_len, b) == math.ceil(s / b) - 1:
         return _attention(q, k, v, segment_ids, None, block)

@@ -207,4 +207,4 @@ def load_params(path, abstract_params, step: int | None = None):
                 log.info("init_from %s (step %d)", directory, step)
                 return restored["state"]["params"]
             mgr.close()
-    raise FileNotFoundError(f"config.init_from={str(path)!r}: no Orbax checkpoint found there")
+    raise FileNotFoundError(f"{str(path)!r}: no Orbax checkpoint found there")

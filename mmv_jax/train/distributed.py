@@ -23,6 +23,8 @@ import os
 import jax
 import numpy as np
 
+from mmv_jax.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 PLATFORMS = ("", "cpu", "gpu", "tpu")
@@ -73,11 +75,11 @@ def check_platform(expected: str) -> str:
     """The platform JAX runs on (``cpu``/``gpu``/``tpu``); raises when ``expected`` (a config
     value, ``""`` = any) is not it, e.g. a GPU job whose CUDA plugin failed to load."""
     if expected not in PLATFORMS:
-        raise ValueError(f"config.require_platform={expected!r} must be one of {PLATFORMS}")
+        raise ConfigError(f"config.require_platform={expected!r} must be one of {PLATFORMS}")
     backend = jax.default_backend()
     platform = "gpu" if backend in ("gpu", "cuda", "rocm") else backend
     if expected and platform != expected:
-        raise RuntimeError(
+        raise ConfigError(
             f"config.require_platform={expected!r} but JAX runs on {platform!r} "
             f"({jax.devices()[0].device_kind}); install the '{expected}' extra "
             f"(pip install -e '.[{expected}]') and check that the accelerator is visible")

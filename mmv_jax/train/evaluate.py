@@ -31,6 +31,7 @@ import numpy as np
 from mmv_jax import paths
 from mmv_jax.data import pipeline
 from mmv_jax.data.manifest import Records, load_manifest
+from mmv_jax.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -65,17 +66,17 @@ def validate(cfg) -> None:
     """The eval keys, named on failure (before any compile)."""
     every = cfg.get("eval_every_steps", 0)
     if not isinstance(every, int) or every < 0:
-        raise ValueError(f"config.eval_every_steps must be an integer >= 0 (0: off), got {every!r}")
+        raise ConfigError(f"config.eval_every_steps must be an integer >= 0 (0: off), got {every!r}")
     if not every:
         return
     e = cfg.eval
     for key in ("max_images", "batch_size"):
         if not isinstance(e[key], int) or e[key] < 1:
-            raise ValueError(f"config.eval.{key} must be a positive integer, got {e[key]!r}")
+            raise ConfigError(f"config.eval.{key} must be a positive integer, got {e[key]!r}")
     if not (isinstance(e.probe_c, (int, float)) and math.isfinite(e.probe_c) and e.probe_c > 0):
-        raise ValueError(f"config.eval.probe_c must be a positive number, got {e.probe_c!r}")
+        raise ConfigError(f"config.eval.probe_c must be a positive number, got {e.probe_c!r}")
     if cfg.data.eval_split == "train":
-        raise ValueError("config.data.eval_split must not be 'train' (the probe trains there)")
+        raise ConfigError("config.data.eval_split must not be 'train' (the probe trains there)")
 
 
 class Evaluator:
@@ -97,9 +98,9 @@ class Evaluator:
         val = _subset([r for r in records if r.split == split], cap, cfg.seed + 1)
         for name, rows in (("train", train), (split, val)):
             if not rows:
-                raise ValueError(f"config.eval_every_steps={self.every}: {manifest} has no "
-                                 f"labelled record in split {name!r} (config.data.eval_split "
-                                 "names the validation split)")
+                raise ConfigError(f"config.eval_every_steps={self.every}: {manifest} has no "
+                                  f"labelled record in split {name!r} (config.data.eval_split "
+                                  "names the validation split)")
         self.records = Records(train + val, records.findings)
         self.val_split, self.c, self.seed = split, float(cfg.eval.probe_c), int(cfg.seed)
         self.batch_size, self.mesh = int(cfg.eval.batch_size), mesh
@@ -110,8 +111,8 @@ class Evaluator:
         self._forward = jax.jit(lambda params, batch: nnx.merge(graphdef, params).encoder(batch))
         if paths.is_uri(os.fspath(workdir)):
             if jax.process_count() > 1:
-                raise ValueError(f"config.eval_every_steps with {jax.process_count()} processes "
-                                 f"needs a workdir on a shared file system, not {workdir}")
+                raise ConfigError(f"config.eval_every_steps with {jax.process_count()} processes "
+                                  f"needs a workdir on a shared file system, not {workdir}")
             self.folder = tempfile.mkdtemp(prefix="mmv-eval-")
         else:
             self.folder = os.path.join(os.fspath(workdir), "eval")

@@ -19,13 +19,15 @@ import time
 import jax
 import numpy as np
 
+from mmv_jax.errors import ConfigError
+
 
 class DeviceFeed:
     def __init__(self, iterator, sharding, *, depth: int = 2, limit: int | None = None):
         """``limit``: how many batches to draw at most (the steps left), so a finished run does
         not read past its end."""
         if depth < 1:
-            raise ValueError(f"config.prefetch_to_device={depth} must be >= 1")
+            raise ConfigError(f"config.prefetch_to_device={depth} must be >= 1")
         self._it, self._sharding, self._depth = iterator, sharding, int(depth)
         self._left = limit
         self._queue: collections.deque = collections.deque()

@@ -21,6 +21,7 @@ import numpy as np
 
 from mmv_jax import paths
 from mmv_jax.data import pipeline
+from mmv_jax.errors import ConfigError, DivergedError
 from mmv_jax.train import checkpoint, distributed, metrics, sharding as shd, state as st, workdir as wd
 from mmv_jax.train.evaluate import Evaluator
 from mmv_jax.train.feed import DeviceFeed
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 
 def _require(ok: bool, key: str, what: str, value) -> None:
     if not ok:
-        raise ValueError(f"config.{key} must be {what}, got {value!r}")
+        raise ConfigError(f"config.{key} must be {what}, got {value!r}")
 
 
 def validate(cfg) -> None:
@@ -55,13 +56,13 @@ def validate(cfg) -> None:
     _require(cfg.require_platform in distributed.PLATFORMS, "require_platform",
              f"one of {distributed.PLATFORMS}", cfg.require_platform)
     if cfg.init_from and not paths.resolve(cfg.init_from).exists():
-        raise ValueError(f"config.init_from={cfg.init_from!r} does not exist")
+        raise ConfigError(f"config.init_from={cfg.init_from!r} does not exist")
     pipeline.validate_config(cfg.data)
     manifest = pipeline.manifest_path(cfg.data)
     if not paths.resolve(manifest).exists():
-        raise ValueError(f"config.data.manifest={manifest!r} does not exist")
+        raise ConfigError(f"config.data.manifest={manifest!r} does not exist")
     if cfg.model.dtype not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"config.model.dtype must be float32/bfloat16/float16, got {cfg.model.dtype!r}")
+        raise ConfigError(f"config.model.dtype must be float32/bfloat16/float16, got {cfg.model.dtype!r}")
     st.encoder_config_from(cfg)  # raises on model.variant / attention_impl
 
 
@@ -127,10 +128,37 @@ def _eta(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
-def train_and_evaluate(cfg, workdir) -> dict:
+def start(cfg) -> str:
+    """Checks the config, joins the other processes and checks the platform (returned)."""
     validate(cfg)
     distributed.initialize(cfg.distributed)
-    platform = distributed.check_platform(cfg.require_platform)
+    return distributed.check_platform(cfg.require_platform)
+
+
+def build_step(cfg, mesh, *, abstract: bool = False, process_count: int | None = None):
+    """The step of a run on ``mesh`` (a run, ``mmv-train --dry_run``, ``tools/aot_compile.py``):
+    ``(step, state, state_shardings, batch_shardings)``. Sets ``cfg.data.rows_multiple_of`` so
+    each process's rows split evenly over its share of the batch axes. ``abstract=True``:
+    shape-only state; ``process_count``: default this run's."""
+    nproc = jax.process_count() if process_count is None else process_count
+    multiple = shd.rows_per_process_multiple(mesh, shd.rules_dict(cfg.mesh.rules), nproc)
+    cfg.data.rows_multiple_of = math.lcm(int(cfg.data.rows_multiple_of), multiple)
+    return setup(cfg, mesh, abstract=abstract,
+                 num_samples=pipeline.num_samples_global(cfg.data, nproc),
+                 num_views=pipeline.num_views_per_sample(cfg.data))
+
+
+def train_iterator(cfg):
+    """This process's train iterator (after :func:`build_step`); sets ``cfg.data.worker_count``."""
+    nproc = jax.process_count()
+    cfg.data.worker_count = pipeline.workers(cfg.data, jax.local_device_count())
+    return pipeline.make_train_iterator(cfg.data, seed=cfg.seed, process_index=jax.process_index(),
+                                        process_count=nproc,
+                                        gather=distributed.KVAllgather() if nproc > 1 else None)
+
+
+def train_and_evaluate(cfg, workdir) -> dict:
+    platform = start(cfg)
     workdir = paths.resolve(workdir)
     lock = _acquire_lock(cfg, workdir)
     try:
@@ -155,19 +183,12 @@ def _acquire_lock(cfg, workdir) -> wd.Lock:
 def _train(cfg, workdir, platform, lock) -> dict:
     mesh = shd.make_mesh(cfg.mesh.shape)
     evaluator = Evaluator(cfg, workdir, mesh)
-    rules = shd.rules_dict(cfg.mesh.rules)
     proc, nproc = jax.process_index(), jax.process_count()
-    multiple = shd.rows_per_process_multiple(mesh, rules, nproc)
-    cfg.data.rows_multiple_of = math.lcm(int(cfg.data.rows_multiple_of), multiple)
-    step_fn, state, state_sh, batch_sh = setup(
-        cfg, mesh, num_samples=pipeline.num_samples_global(cfg.data, nproc),
-        num_views=pipeline.num_views_per_sample(cfg.data))
+    step_fn, state, state_sh, batch_sh = build_step(cfg, mesh)
     log.info("%s: %d x %s in %d process(es); mesh %s", platform, jax.device_count(),
              jax.devices()[0].device_kind, nproc, dict(mesh.shape))
     log.debug("parameter shardings:\n%s", shd.describe(state_sh.params))
-    cfg.data.worker_count = pipeline.workers(cfg.data, jax.local_device_count())
-    it = pipeline.make_train_iterator(cfg.data, seed=cfg.seed, process_index=proc, process_count=nproc,
-                                      gather=distributed.KVAllgather() if nproc > 1 else None)
+    it = train_iterator(cfg)
     ckpt = checkpoint.Checkpointer(workdir / "checkpoints", keep=cfg.keep_checkpoints,
                                    async_save=cfg.async_checkpointing)
     wd.check_and_record_config(cfg, workdir, resuming=ckpt.latest_step() is not None)
@@ -179,7 +200,11 @@ def _train(cfg, workdir, platform, lock) -> dict:
     else:
         start = 0
         if cfg.init_from:
-            params = checkpoint.load_params(cfg.init_from, checkpoint.abstract_of(state.params, state_sh.params))
+            try:
+                params = checkpoint.load_params(cfg.init_from,
+                                                checkpoint.abstract_of(state.params, state_sh.params))
+            except FileNotFoundError as e:
+                raise ConfigError(f"config.init_from: {e}") from None
             state = state._replace(params=params)
     wd.record_start(workdir, start, platform)
     writer = metrics.MetricWriter(workdir, start=start, enabled=proc == 0)
@@ -254,7 +279,7 @@ def _train(cfg, workdir, platform, lock) -> dict:
                 writer.write(step, evaluator.maybe_run(step, state))
                 window.t0 += time.perf_counter() - t_eval   # the eval is not training time
             if nonfinite >= cfg.max_nonfinite_steps:
-                raise RuntimeError(_diverged(ckpt, cfg, step, step - nonfinite + 1))
+                raise DivergedError(_diverged(ckpt, cfg, step, step - nonfinite + 1))
             if save:
                 if nonfinite:  # never replace healthy checkpoints with a diverging state
                     log.warning("step %d: no checkpoint during a run of non-finite steps", step)

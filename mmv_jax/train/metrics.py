@@ -1,4 +1,5 @@
-"""Metrics: ``metrics.jsonl`` + TensorBoard, compile counter, useful FLOPs and MFU."""
+"""Metrics: ``metrics.jsonl`` + TensorBoard, useful FLOPs and MFU. (The step counts its own
+compiles: ``Step.compiles`` in :mod:`mmv_jax.train.step`.)"""
 from __future__ import annotations
 
 import json
@@ -19,22 +20,6 @@ PEAK_FLOPS = {
     "TPU v5": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12,
     "H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12,
 }
-
-_compiles = [0]
-
-
-def _on_event(event: str, *args, **kwargs):
-    if event == "/jax/core/compile/backend_compile_duration":
-        _compiles[0] += 1
-
-
-jax.monitoring.register_event_duration_secs_listener(_on_event)
-
-
-def compile_count() -> int:
-    """XLA backend compiles in this process so far."""
-    return _compiles[0]
-
 
 def peak_flops(override: float = 0.0, dtype: str = "bfloat16") -> float:
     """The MFU denominator for all devices together, FLOP/s: ``override`` per device (config),

@@ -17,6 +17,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mmv_jax.batch import PackedBatch
+from mmv_jax.errors import ConfigError
 from mmv_jax.model.axes import logical_to_spec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -38,17 +39,17 @@ def mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
     """Resolves one ``-1`` entry; raises naming ``mesh.shape`` when it cannot match the devices."""
     shape = [int(s) for s in shape]
     if len(shape) != len(MESH_AXES):
-        raise ValueError(f"config.mesh.shape must have {len(MESH_AXES)} entries {MESH_AXES}, got {shape}")
+        raise ConfigError(f"config.mesh.shape must have {len(MESH_AXES)} entries {MESH_AXES}, got {shape}")
     if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
-        raise ValueError(f"config.mesh.shape {shape}: positive sizes and at most one -1")
+        raise ConfigError(f"config.mesh.shape {shape}: positive sizes and at most one -1")
     known = math.prod(s for s in shape if s != -1)
     if -1 in shape:
         if num_devices % known:
-            raise ValueError(f"config.mesh.shape {shape} does not divide the {num_devices} devices")
+            raise ConfigError(f"config.mesh.shape {shape} does not divide the {num_devices} devices")
         shape[shape.index(-1)] = num_devices // known
     if math.prod(shape) != num_devices:
-        raise ValueError(f"config.mesh.shape {tuple(shape)} needs {math.prod(shape)} devices, "
-                         f"but {num_devices} are available")
+        raise ConfigError(f"config.mesh.shape {tuple(shape)} needs {math.prod(shape)} devices, "
+                          f"but {num_devices} are available")
     return tuple(shape)
 
 
@@ -107,8 +108,8 @@ def rows_per_process_multiple(mesh: Mesh, rules: dict, process_count: int) -> in
     names = () if spec is None else (spec,) if isinstance(spec, str) else spec
     shards = math.prod(mesh.shape[a] for a in names)
     if shards % process_count:
-        raise ValueError(f"config.mesh.shape {tuple(mesh.shape.values())}: the batch axes {names} "
-                         f"({shards} shards) must be a multiple of the {process_count} processes")
+        raise ConfigError(f"config.mesh.shape {tuple(mesh.shape.values())}: the batch axes {names} "
+                          f"({shards} shards) must be a multiple of the {process_count} processes")
     return shards // process_count
 
 

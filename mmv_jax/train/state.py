@@ -1,6 +1,7 @@
 """Train state, the model and optimizer built from config, created already sharded."""
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -10,6 +11,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from mmv_jax.data import pipeline
+from mmv_jax.errors import ConfigError
 from mmv_jax.kernels.attention import IMPLS
 from mmv_jax.model.encoder import EncoderConfig, encoder_config
 from mmv_jax.model.heads import MultiMedVision
@@ -27,7 +29,7 @@ class TrainState(NamedTuple):
 def encoder_config_from(cfg) -> EncoderConfig:
     m = cfg.model
     if m.attention_impl not in IMPLS:
-        raise ValueError(f"config.model.attention_impl must be one of {IMPLS}, got {m.attention_impl!r}")
+        raise ConfigError(f"config.model.attention_impl must be one of {IMPLS}, got {m.attention_impl!r}")
     extra = {"depth": m.depth} if m.get("depth") else {}
     max_len = m.max_segment_len
     if max_len == -1:  # the largest view the data config can produce
@@ -57,36 +59,49 @@ def _decay_mask(params):
     return jax.tree_util.tree_map_with_path(decay, params)
 
 
+def learning_rate(cfg, step):
+    """The learning rate at ``step``: linear warm-up from 0 to ``optim.lr``, then cosine decay
+    to ``lr * final_lr_ratio`` at ``total_steps`` (the optimizer's schedule)."""
+    o = cfg.optim
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=o.lr, warmup_steps=o.warmup_steps,
+        decay_steps=max(cfg.total_steps, o.warmup_steps + 1), end_value=o.lr * o.final_lr_ratio)(step)
+
+
 def make_optimizer(cfg) -> optax.GradientTransformation:
     o = cfg.optim
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=o.lr, warmup_steps=o.warmup_steps,
-        decay_steps=max(cfg.total_steps, o.warmup_steps + 1), end_value=o.lr * o.final_lr_ratio)
     parts = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip > 0 else []
-    parts.append(optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
-                             mask=_decay_mask))
+    parts.append(optax.adamw(functools.partial(learning_rate, cfg), b1=o.b1, b2=o.b2, eps=o.eps,
+                             weight_decay=o.weight_decay, mask=_decay_mask))
     return optax.chain(*parts)
 
 
-def learning_rate(cfg, step):
-    o = cfg.optim
-    return optax.warmup_cosine_decay_schedule(
-        0.0, o.lr, o.warmup_steps, max(cfg.total_steps, o.warmup_steps + 1), o.lr * o.final_lr_ratio)(step)
+def _init_params(cfg):
+    return nnx.state(build_model(cfg, seed=cfg.seed), nnx.Param)
+
+
+def abstract_params(cfg, mesh):
+    """``(graphdef, abstract params, their shardings over mesh)`` of ``cfg``'s model; nothing
+    is allocated."""
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: build_model(cfg, seed=cfg.seed)), nnx.Param)
+    return graphdef, params, shd.param_shardings(params, mesh, shd.rules_dict(cfg.mesh.rules))
+
+
+def init_params(cfg, shardings):
+    """The model's seeded initial params, each created directly in its sharding."""
+    return jax.jit(functools.partial(_init_params, cfg), out_shardings=shardings)()
 
 
 def _shardings_and_init(cfg, mesh, tx):
-    rules = shd.rules_dict(cfg.mesh.rules)
-    abstract = nnx.eval_shape(lambda: build_model(cfg, seed=cfg.seed))
-    graphdef, abstract_params = nnx.split(abstract, nnx.Param)
-    p_shard = shd.param_shardings(abstract_params, mesh, rules)
+    graphdef, params, p_shard = abstract_params(cfg, mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
     shardings = TrainState(
         params=p_shard,
-        opt_state=shd.opt_state_shardings(tx, abstract_params, p_shard, mesh),
+        opt_state=shd.opt_state_shardings(tx, params, p_shard, mesh),
         step=replicated, rng=replicated, nonfinite=replicated)
 
     def init():
-        params = nnx.state(build_model(cfg, seed=cfg.seed), nnx.Param)
+        params = _init_params(cfg)
         return TrainState(params, tx.init(params), jnp.zeros((), jnp.int32),
                           jax.random.PRNGKey(cfg.seed + 1), jnp.zeros((), jnp.int32))
 

@@ -21,6 +21,7 @@ import jax
 import ml_collections
 
 from mmv_jax import paths
+from mmv_jax.errors import ConfigError
 from mmv_jax.train import distributed
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ def check_and_record_config(cfg, workdir, *, resuming: bool) -> None:
         changed = math_changes(old, new)
         if changed and not cfg.get("allow_config_change", False):
             listing = ", ".join(f"{k}: {_flat(old).get(k)!r} -> {_flat(new).get(k)!r}" for k in changed)
-            raise ValueError(
+            raise ConfigError(
                 f"config: resuming {workdir} with a config that changes the math of the run "
                 f"({listing}); rerun with the original values, use a new --workdir, or pass "
                 f"--config.allow_config_change=True")
