@@ -193,9 +193,11 @@ def test_export_round_trips_jax_and_torch(run, encoder, tmp_path, capsys):
     np.testing.assert_allclose(ft, encoder.patch_features(ct.path), atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("case", ["missing", "not_empty", "bad_step", "no_config"])
-def test_export_cli_refusals_are_one_line(run, tmp_path, case):
-    workdir, _, _ = run
+_REFUSALS = {"missing": "no such folder", "not_empty": "not empty", "bad_step": "no step 5",
+             "no_config": "no config.json"}
+
+
+def _refusal_args(workdir, tmp_path, case):
     out = tmp_path / "out"
     args = ["--checkpoint", workdir, "--out", str(out)]
     if case == "missing":
@@ -209,14 +211,28 @@ def test_export_cli_refusals_are_one_line(run, tmp_path, case):
         bare = tmp_path / "bare"
         bare.mkdir()
         args[1] = str(bare)
+    return args
+
+
+@pytest.mark.parametrize("case", list(_REFUSALS))
+def test_export_refusals_are_one_line(run, tmp_path, capsys, case):
+    args = _refusal_args(run[0], tmp_path, case)
+    capsys.readouterr()
+    assert export.main(args) == 2
+    lines = [ln for ln in capsys.readouterr().err.strip().splitlines() if not _NATIVE_LOG.match(ln)]
+    assert len(lines) == 1 and lines[0].startswith("mmv-export: ") and _REFUSALS[case] in lines[0]
+
+
+def test_export_cli_exit_code(run, tmp_path):
+    """The command line itself once: exit code 2 and one line, no traceback."""
+    args = _refusal_args(run[0], tmp_path, "bad_step")
     r = subprocess.run([sys.executable, "-m", "mmv_jax.export", *args], capture_output=True,
                        text=True, env={**os.environ, "PYTHONPATH": _ROOT, "JAX_PLATFORMS": "cpu"})
     assert r.returncode == 2, r.stderr
     # XLA's native start-up lines (this machine's JAX build looks for CUDA) are not ours
     lines = [ln for ln in r.stderr.strip().splitlines() if not _NATIVE_LOG.match(ln)]
     assert len(lines) == 1 and lines[0].startswith("mmv-export: ") and "Traceback" not in r.stderr
-    assert {"missing": "no such folder", "not_empty": "not empty", "bad_step": "no step 5",
-            "no_config": "no config.json"}[case] in lines[0]
+    assert _REFUSALS["bad_step"] in lines[0]
 
 
 def test_import_is_light():

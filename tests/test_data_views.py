@@ -74,10 +74,20 @@ def test_sample_views_counts_and_tokens(shape):
             assert (v.coords[:, 0] == 0).all()
     # globals hold more tokens than locals on average
     assert np.mean([v.num_tokens for v in views[:2]]) > np.mean([v.num_tokens for v in views[2:]])
-    # the geometry-only sampler gives the same token counts for the same stream
-    toks = view_tokens(np.random.default_rng(5), shape, **VK)
-    # sample_views also draws flips/positions, so compare distributions rather than streams
-    assert len(toks) == 10 and all(t >= 1 for t in toks)
+
+
+@pytest.mark.parametrize("shape", [(1, 224, 186), (98, 112, 112), (40, 120, 100)])
+def test_view_tokens_are_the_token_counts_of_sample_views(shape):
+    """The geometry-only sampler (it sizes the packing buckets) counts the tokens of the view
+    sample_views draws from the same stream: the crop size is the first draw of each view."""
+    img = np.zeros(shape, np.float32)
+    for seed in range(20):
+        for scale in (VK["global_scale"], VK["local_scale"]):
+            kw = dict(n_global=1, n_local=0, global_scale=scale)
+            want = view_tokens(np.random.default_rng(seed), shape, **kw)
+            views = sample_views(img, np.random.default_rng(seed), sample=0,
+                                 modality=int(shape[0] > 1), flips=(0.0, 0.0, 0.0), **kw)
+            assert want == [views[0].num_tokens] == [len(views[0].patches)], (seed, scale)
 
 
 def test_views_patch_content_matches_crop():

@@ -16,7 +16,7 @@ def _setup(cfg):
 
 
 def test_step_updates_and_skips_nonfinite():
-    cfg = tiny_config(**{"model.variant": "Ti/14"})
+    cfg = tiny_config(**{"model.depth": 1})  # (the blocks change nothing here: one compiles fast)
     cfg.model.update(dict(proj_layers=2))
     state, step = _setup(cfg)
     batch = jax.tree.map(jnp.asarray, synthetic_batch())
@@ -40,7 +40,7 @@ def test_step_updates_and_skips_nonfinite():
 
 
 def test_compiles_once_per_bucket_shape():
-    cfg = tiny_config()
+    cfg = tiny_config(**{"model.depth": 1})
     state, step = _setup(cfg)
     shapes = [(2, 128), (2, 128), (4, 128), (2, 128), (4, 128)]
     for i, (rows, seq) in enumerate(shapes):
@@ -53,28 +53,30 @@ def test_compiles_once_per_bucket_shape():
 
 
 def test_weight_decay_mask_and_schedule():
-    """Decay by name: the model's weights decay; biases (qkv_bias is [3, H, Dh]) and norms don't."""
+    """Decay by name: the model's weights decay; biases (qkv_bias is [3, H, Dh]) and norms don't.
+    Seen through the optimizer itself: all parameters at one, zero gradients, three updates
+    (step 0 has lr 0): what moved is what decays."""
     from flax import nnx
     cfg = tiny_config(**{"model.depth": 1})
-    params = nnx.state(nnx.eval_shape(lambda: st.build_model(cfg)), nnx.Param)
-    flat = {jax.tree_util.keystr(p): m for p, m in
-            jax.tree_util.tree_flatten_with_path(st._decay_mask(params))[0]}
-    decayed = sorted(k.split("'")[-2] for k, m in flat.items() if m)
-    kept = {k.split("'")[-2] for k, m in flat.items() if not m}
-    assert set(decayed) == {"kernel", "qkv", "proj"}
-    assert kept == {"bias", "scale", "qkv_bias", "proj_bias"}
-    assert any("qkv_bias" in k and not m for k, m in flat.items())
-    assert not any("norm" in k and m for k, m in flat.items())
-    # a zero gradient moves only the decayed params
+    _, abstract = nnx.split(nnx.eval_shape(lambda: st.build_model(cfg)), nnx.Param)
     tx = st.make_optimizer(cfg)
-    p = {"attn": {"qkv": jnp.ones((2, 3, 4)), "qkv_bias": jnp.ones((3, 4))},
-         "norm": {"scale": jnp.ones((2,))}}
-    opt, new = tx.init(p), p
-    for _ in range(3):   # step 0 has lr 0 (warmup)
-        upd, opt = tx.update(jax.tree.map(jnp.zeros_like, new), opt, new)
-        new = optax.apply_updates(new, upd)
-    assert float(new["attn"]["qkv"].max()) < 1.0
-    assert float(new["attn"]["qkv_bias"].min()) == 1.0 and float(new["norm"]["scale"].min()) == 1.0
+
+    @jax.jit
+    def three_updates(params):
+        opt, new = tx.init(params), params
+        for _ in range(3):
+            upd, opt = tx.update(jax.tree.map(jnp.zeros_like, new), opt, new)
+            new = optax.apply_updates(new, upd)
+        return new
+
+    new = three_updates(jax.tree.map(lambda x: jnp.ones(x.shape, x.dtype), abstract))
+    key = lambda k: str(getattr(k, "key", getattr(k, "name", k)))
+    moved = {"/".join(key(k) for k in path if key(k) != "value"): bool((np.asarray(x) != 1).any())
+             for path, x in jax.tree_util.tree_flatten_with_path(new)[0]}
+    leaf = lambda name: name.split("/")[-1]
+    assert {leaf(n) for n, m in moved.items() if m} == {"kernel", "qkv", "proj"}
+    assert {leaf(n) for n, m in moved.items() if not m} == {"bias", "scale", "qkv_bias", "proj_bias"}
+    assert not any("norm" in n and m for n, m in moved.items())
     assert float(st.learning_rate(cfg, 0)) == 0.0
     assert float(st.learning_rate(cfg, 2)) == pytest.approx(cfg.optim.lr)
     assert float(st.learning_rate(cfg, cfg.total_steps)) == pytest.approx(0.0, abs=1e-12)
