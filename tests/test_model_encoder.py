@@ -95,7 +95,7 @@ def test_remat_and_scan_give_the_same_values_and_grads(remat_policy, scan_layers
     # the parameter tree is the same with and without the scan (checkpoints do not see it)
     assert jax.tree.structure(g1) == jax.tree.structure(g2)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
-        np.testing.assert_allclose(a, b, atol=1e-5)
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-5 * max(1.0, float(np.abs(b).max())))
 
 
 def test_unknown_remat_policy_names_the_key():
