@@ -17,6 +17,10 @@ import types
 import jax
 import jax.numpy as jnp
 
+from mmv_jax.kernels.attention import resolve_platform
+from mmv_jax.model import cpu_ops
+from mmv_jax.model.axes import current_mesh
+
 
 def matmul(x, w):
     """``x [..., din] @ w [din, ...]``."""
@@ -36,11 +40,6 @@ PLAIN = types.SimpleNamespace(matmul=matmul, layer_norm=layer_norm)
 
 def for_platform(platform: str | None = None) -> types.SimpleNamespace:
     """The ops for ``platform`` (default: resolved from the mesh in context, as attention does)."""
-    from mmv_jax.kernels.attention import resolve_platform
-    from mmv_jax.model.axes import current_mesh
-
     if (platform or resolve_platform(current_mesh())) != "cpu":
         return PLAIN
-    from mmv_jax.model import cpu_ops
-
     return cpu_ops.OPS
