@@ -14,8 +14,7 @@ import os
 import sys
 import time
 
-from absl import app, flags
-from absl import logging as absl_logging
+from absl import app, flags, logging as absl_logging
 from ml_collections import config_flags
 
 from mmv_jax import errors
@@ -82,8 +81,8 @@ def _main(argv):
         json.dump(nan_to_none(report), f, indent=1)
 
     fmt = lambda v: "  n/a" if v is None or np.isnan(v) else f"{v:.3f}"
-    print(f"\nLinear probe on the demo test split (AUROC; LP trained on the train split, "
-          f"C chosen on val):\n")
+    print("\nLinear probe on the demo test split (AUROC; LP trained on the train split, "
+          "C chosen on val):\n")
     print(f"{'finding':<20}{'trained':>10}{'random-init':>14}")
     for f in list(FINDINGS) + ["macro"]:
         print(f"{f:<20}{fmt(report['auroc']['trained'][f]):>10}{fmt(report['auroc']['random_init'][f]):>14}")

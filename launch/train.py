@@ -25,8 +25,7 @@ import math
 import os
 import sys
 
-from absl import app, flags
-from absl import logging as absl_logging
+from absl import app, flags, logging as absl_logging
 from ml_collections import config_flags
 
 from mmv_jax import errors, paths
@@ -113,9 +112,9 @@ def _main(argv):
 
 
 def _train(cfg, workdir):
-    from mmv_jax.train.loop import train_and_evaluate
-
     import jax
+
+    from mmv_jax.train.loop import train_and_evaluate
     try:
         last = train_and_evaluate(cfg, workdir)
     except jax.errors.JaxRuntimeError as e:

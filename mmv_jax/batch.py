@@ -30,7 +30,8 @@ Python API feed one PackedBatch (2D and 3D views may share it, 2D ones zero-padd
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 

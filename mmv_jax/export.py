@@ -324,8 +324,7 @@ def encoder_from_params(cfg, params: dict, mesh):
 
     from mmv_jax.eval.embed import embed_config
     from mmv_jax.model.encoder import Encoder
-    from mmv_jax.train import sharding as shd
-    from mmv_jax.train import state as st
+    from mmv_jax.train import sharding as shd, state as st
     cfg = embed_config(cfg)
     abstract = nnx.eval_shape(lambda: Encoder(st.encoder_config_from(cfg), rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract, nnx.Param)

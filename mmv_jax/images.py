@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -36,7 +36,7 @@ class Preprocessing:
     max_voxels: int | None = None       # readers' default when None
 
     @classmethod
-    def from_data_config(cls, data) -> "Preprocessing":
+    def from_data_config(cls, data) -> Preprocessing:
         mv = data.get("max_image_voxels", 0)
         return cls(int(data.views.long_side_2d), int(data.views.long_side_3d),
                    tuple(float(x) for x in data.ct_window), int(mv) if mv else None)

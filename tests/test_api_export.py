@@ -11,9 +11,9 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import tiny_config
 
 import mmv_jax
-from helpers import tiny_config
 from mmv_jax import export
 from mmv_jax.data import pipeline, synthetic
 from mmv_jax.data.manifest import load_manifest

@@ -2,17 +2,16 @@
 config is refused naming its key before any compile (in-process over many configs, and one
 subprocess for the exit code); every missing-file or bad-argument case of mmv-embed, mmv-probe,
 mmv-cache and mmv-manifest is one line on stderr and a non-zero exit, never a traceback."""
-import json
 import os
 import re
 import subprocess
 import sys
 
 import pytest
-
 from helpers import tiny_config
-from mmv_jax.errors import ConfigError
+
 from mmv_jax.data import cache, manifest_cli, pipeline, synthetic
+from mmv_jax.errors import ConfigError
 from mmv_jax.eval import embed, probe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -11,10 +11,10 @@ torch = pytest.importorskip("torch")
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(_ROOT, "tools"))
 
+import convert_torch as ct  # noqa: E402
 import jax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-import convert_torch as ct  # noqa: E402
 import mmv_jax.torch as tr  # noqa: E402
 from mmv_jax.model.encoder import encoder_config  # noqa: E402
 from mmv_jax.model.heads import MultiMedVision  # noqa: E402
@@ -33,7 +33,7 @@ def _torch_model(seed=0):
     torch.manual_seed(seed)
     m = tr.MultiMedVisionTorch(width=192, depth=1, heads=3, **PROJ)
     with torch.no_grad():  # non-trivial norms and biases
-        for name, p in m.named_parameters():
+        for p in m.parameters():
             if p.ndim == 1:
                 p.add_(0.1 * torch.randn_like(p))
     return m

@@ -7,20 +7,20 @@ import logging
 import os
 import pickle
 import time
-import tracemalloc
 import traceback
+import tracemalloc
 
 import numpy as np
 import pydicom
 import pytest
+from helpers import MRN, put_raw_tag
 from pydicom.data import get_testdata_file
 
-from helpers import MRN, put_raw_tag
-from mmv_jax.data import config as data_config
-from mmv_jax.data import readers, transforms
+from mmv_jax.data import config as data_config, readers, transforms
 from mmv_jax.data.manifest import ManifestError, load_manifest, parse_record
 from mmv_jax.data.readers import DEFAULT_MAX_VOXELS, ImageReadError, file_errors, load_image
 from mmv_jax.data.views import crop_shape
+
 
 def _f(name):
     p = get_testdata_file(name)

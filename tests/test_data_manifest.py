@@ -2,8 +2,8 @@
 import json
 
 import pytest
-
 from helpers import load_build_manifest, write_csv
+
 from mmv_jax.data.manifest import ManifestError, load_manifest, write_manifest
 
 
@@ -116,6 +116,7 @@ def test_build_manifest_mimic_chexpert_ctrate(tmp_path):
 
 def test_build_manifest_rad_chestct_and_npz_reader(tmp_path):
     import numpy as np
+
     from mmv_jax.data.readers import load_image
     bm = load_build_manifest()
     r = tmp_path / "rad"

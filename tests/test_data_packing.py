@@ -3,7 +3,14 @@ import numpy as np
 import pytest
 
 from mmv_jax.batch import PATCH, View
-from mmv_jax.data.packing import BucketError, bucket_for, choose_buckets, ffd_rows, pack_compact, pad_rows
+from mmv_jax.data.packing import (
+    BucketError,
+    bucket_for,
+    choose_buckets,
+    ffd_rows,
+    pack_compact,
+    pad_rows,
+)
 
 
 def pack_batch(views, buckets, seq_len, slots, patch_dim):

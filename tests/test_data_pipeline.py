@@ -8,12 +8,11 @@ import sys
 import numpy as np
 import pydicom
 import pytest
+from helpers import join_groups, same_batch
 
 from mmv_jax.data import pipeline as P
 from mmv_jax.data.manifest import LABELS, load_manifest
 from mmv_jax.data.synthetic import make_demo_dataset
-
-from helpers import join_groups, same_batch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -174,8 +173,9 @@ print("HASH", hashlib.sha1(b"".join(np.ascontiguousarray(x).tobytes() for g in b
 
 
 def test_orbax_checkpoint_restore_in_new_process(demo, tmp_path):
-    import grain
     import hashlib
+
+    import grain
     import orbax.checkpoint as ocp
     cfg = _cfg(demo)
     it = P.make_train_iterator(cfg, seed=5)

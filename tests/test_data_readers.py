@@ -1,6 +1,5 @@
 """Readers on real files shipped with pydicom / pydicom-data / nibabel (tests/test_data_readers.py)."""
 import os
-import shutil
 
 import numpy as np
 import pydicom

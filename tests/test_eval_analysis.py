@@ -156,6 +156,7 @@ def test_feature_maps_share_one_pca_across_images(tmp_path):
 def test_feature_map_figure_from_an_encoder(tmp_path):
     """mmv-analysis's maps for a checkpoint: a (random-init) encoder on one X-ray and one CT."""
     from helpers import tiny_config
+
     from mmv_jax.data import pipeline, synthetic
     from mmv_jax.data.manifest import load_manifest
     from mmv_jax.eval import embed

@@ -3,8 +3,8 @@ data being embedded, and the run's own (too short) bound still gives the same, f
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from helpers import tiny_config
+
 from mmv_jax.data import pipeline, synthetic
 from mmv_jax.data.manifest import load_manifest
 from mmv_jax.eval import embed

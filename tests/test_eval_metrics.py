@@ -6,8 +6,7 @@ import math
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from mmv_jax.eval.metrics import (auroc, bootstrap_auroc, macro_auroc, nan_to_none,
-                                  weighted_auroc)
+from mmv_jax.eval.metrics import auroc, bootstrap_auroc, macro_auroc, nan_to_none, weighted_auroc
 
 
 def data(seed=0, n=300, L=5):

@@ -3,11 +3,11 @@ brute force and with each other; the benchmark statistics built on them."""
 import os
 import sys
 
+import blocks_oracle
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import blocks_oracle
 from mmv_jax.kernels import blocks
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))

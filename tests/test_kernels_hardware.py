@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from mmv_jax.kernels.attention import segment_attention
-from mmv_jax.kernels.reference import segment_attention_reference
+from mmv_jax.kernels.reference import outputs_and_grads, segment_attention_reference
 
 S, H = 512, 2
 
@@ -39,17 +39,9 @@ def _check(platform, impl, head_dim, dtype):
     rng = np.random.default_rng(0)
     q, k, v = (jnp.asarray(rng.standard_normal((3, S, H, head_dim)), jnp.float32).astype(dtype)
                for _ in range(3))
-    w = jnp.cos(jnp.arange(head_dim, dtype=jnp.float32))
-
-    def loss(fn):
-        return lambda q, k, v: jnp.sum(fn(q, k, v, seg).astype(jnp.float32) * w)
-
     cand = lambda q, k, v, s: segment_attention(q, k, v, s, impl=impl)
-    ref = lambda q, k, v, s: segment_attention_reference(
-        q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), s)
-    with jax.default_matmul_precision("highest"):
-        want = [jax.jit(ref)(q, k, v, seg), *jax.jit(jax.grad(loss(ref), (0, 1, 2)))(q, k, v)]
-    got = [jax.jit(cand)(q, k, v, seg), *jax.jit(jax.grad(loss(cand), (0, 1, 2)))(q, k, v)]
+    want = outputs_and_grads(segment_attention_reference, q, k, v, seg, reference=True)
+    got = outputs_and_grads(cand, q, k, v, seg)
     for name, g, r in zip(("out", "dq", "dk", "dv"), got, want):
         g, r = np.asarray(g, np.float64), np.asarray(r, np.float64)
         assert np.isfinite(g).all(), name

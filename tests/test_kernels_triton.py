@@ -173,6 +173,7 @@ def _child_export():
     import jax
     import jax.numpy as jnp
     from jax import export
+
     from mmv_jax.kernels.triton_gpu import segment_attention_triton
 
     target = getattr(getattr(jax_triton, "triton_lib", None), "CUSTOM_CALL_TARGET_NAME",

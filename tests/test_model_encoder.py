@@ -1,6 +1,6 @@
-import numpy as np
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -72,7 +72,7 @@ def test_parameter_counts():
         cfg = encoder_config(variant)
         d = cfg.width
         assert n == 12 * (12 * d * d + 13 * d) + 2 * d + 14 ** 3 * d + d
-        abstract = nnx.eval_shape(lambda: Encoder(cfg, rngs=nnx.Rngs(0)))
+        abstract = nnx.eval_shape(lambda cfg=cfg: Encoder(cfg, rngs=nnx.Rngs(0)))
         assert param_count(abstract) == n
     with pytest.raises(ValueError, match="model.variant"):
         encoder_config("H/14")

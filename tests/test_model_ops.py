@@ -1,8 +1,8 @@
 """The platform seam: CPU gets hand-written backward passes, GPU and TPU plain autodiff."""
 
-import numpy as np
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 from jax._src.mesh import AbstractDevice  # the one way to name a GPU without having one

@@ -6,13 +6,12 @@ import os
 
 import numpy as np
 import pytest
-
 from helpers import load_build_manifest, tiny_config, write_csv
+
 from mmv_jax.data import pipeline, synthetic
 from mmv_jax.data.manifest import ManifestError, load_manifest, write_manifest
 from mmv_jax.data.manifest_cli import main as manifest_main
-from mmv_jax.eval import embed as emb
-from mmv_jax.eval import probe
+from mmv_jax.eval import embed as emb, probe
 from mmv_jax.eval.io import load_embeddings
 
 N = 24

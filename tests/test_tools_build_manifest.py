@@ -6,8 +6,8 @@ import os
 
 import numpy as np
 import pytest
-
 from helpers import load_build_manifest, write_csv
+
 from mmv_jax.data import pipeline
 from mmv_jax.data.manifest import load_manifest
 

@@ -10,13 +10,13 @@ torch = pytest.importorskip("torch")
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
 
+import convert_torch as ct  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
-
-import convert_torch as ct  # noqa: E402
-import mmv_jax.torch as tr  # noqa: E402
 from helpers import synthetic_batch  # noqa: E402
+
+import mmv_jax.torch as tr  # noqa: E402
 from mmv_jax.model.encoder import encoder_config  # noqa: E402
 from mmv_jax.model.heads import MultiMedVision  # noqa: E402
 from mmv_jax.objectives import lejepa  # noqa: E402

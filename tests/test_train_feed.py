@@ -4,12 +4,11 @@ import time
 
 import numpy as np
 import pytest
+from helpers import tiny_config
 
 from mmv_jax.data import pipeline
 from mmv_jax.data.synthetic import make_demo_dataset
 from mmv_jax.train import loop
-
-from helpers import tiny_config
 
 
 class _FixedIterator:

@@ -8,8 +8,7 @@ import math
 import jax
 import pytest
 from flax import nnx
-from jax.sharding import AbstractMesh
-from jax.sharding import PartitionSpec as P
+from jax.sharding import AbstractMesh, PartitionSpec as P
 
 from mmv_jax.model.encoder import encoder_config
 from mmv_jax.model.heads import MultiMedVision

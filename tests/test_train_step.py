@@ -3,8 +3,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-
 from helpers import synthetic_batch, tiny_config
+
 from mmv_jax.train import sharding as shd, state as st
 from mmv_jax.train.step import setup
 
@@ -125,6 +125,7 @@ def test_row_groups_give_the_same_loss_and_gradients_as_one_batch():
     the same views packed the old way (one batch, every token P**3 wide) give the same loss
     and gradients in fp32."""
     from flax import nnx
+
     from mmv_jax.data import packing
     from mmv_jax.train.step import loss_fn
     cfg = tiny_config(**{"model.depth": 2})
@@ -147,9 +148,10 @@ def test_row_groups_give_the_same_loss_and_gradients_as_one_batch():
 def test_wire_dtypes():
     """bfloat16 patches change nothing for a bf16 model (it casts them first); uint8 patches
     are the [-1, 1] values in 255 levels, mapped back on the device."""
+    from flax import nnx
+
     from mmv_jax.batch import to_wire, wire_dtype
     from mmv_jax.model.encoder import Encoder, encoder_config
-    from flax import nnx
     rng = np.random.default_rng(0)
     x = rng.uniform(-1, 1, (2, 128, 14 ** 3)).astype(np.float32)
     q = to_wire(x, wire_dtype("uint8"))

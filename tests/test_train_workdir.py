@@ -2,9 +2,9 @@
 import json
 
 import pytest
+from helpers import tiny_config
 
 from mmv_jax.train import workdir as wd
-from helpers import tiny_config
 
 
 def test_changed_math_is_refused_naming_the_keys(tmp_path):

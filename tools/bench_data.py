@@ -35,19 +35,19 @@ import time
 import numpy as np
 
 from mmv_jax.batch import PATCH
-from mmv_jax.data import packing
-from mmv_jax.data import pipeline as P
+from mmv_jax.data import packing, pipeline as P
 from mmv_jax.data.manifest import load_manifest, write_manifest
 from mmv_jax.data.transforms import resize
 from mmv_jax.data.views import view_tokens
 
 
 def _write_originals(root: str, n_cxr: int, n_ct: int) -> str:
-    from PIL import Image
     import nibabel as nib
     import pydicom
+    from PIL import Image
     from pydicom.uid import JPEG2000Lossless
-    from mmv_jax.data.synthetic import ct_phantom, cxr_phantom, write_cxr_dicom, _findings
+
+    from mmv_jax.data.synthetic import _findings, ct_phantom, cxr_phantom, write_cxr_dicom
 
     recs = []
     rng = np.random.default_rng(0)
@@ -108,7 +108,7 @@ def _batch_build(manifest: str, steps: int) -> dict:
     format), as a Grain worker runs it: ``_TrainSource[step]``, one process."""
     src = P._TrainSource(_mix_config(manifest), seed=0, process_index=0, process_count=1)
     src[0]  # warm: permutations, page faults
-    t, tokens, nbytes = time.perf_counter(), 0, 0
+    t, tokens = time.perf_counter(), 0
     for step in range(1, steps + 1):
         batch, info = src[step]
         tokens += int(info["real_tokens"])

@@ -6,9 +6,9 @@ import argparse
 import jax
 import jax.numpy as jnp
 import numpy as np
+from benchlib import encoder_flops, measure_matmul_peak, paper_mix_row, time_fn
 from flax import nnx
 
-from benchlib import encoder_flops, measure_matmul_peak, paper_mix_row, time_fn
 from mmv_jax.model.encoder import Encoder, encoder_config
 
 

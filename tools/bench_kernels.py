@@ -17,8 +17,8 @@ import math
 import sys
 
 import numpy as np
-
 from benchlib import sample_view_grids, skipped_fraction, useful_fraction
+
 from mmv_jax.data.packing import ffd_rows
 from mmv_jax.kernels import pallas_tpu, triton_gpu
 

@@ -28,8 +28,8 @@ import sys
 import time
 
 import numpy as np
-
 from benchlib import encoder_flops, paper_mix_row
+
 from mmv_jax.model.encoder import encoder_config
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,6 +51,7 @@ def _config(variant: str, max_segment_len: int):
 
 def _jax_setup(cfg, batch, num_samples, num_views):
     import jax
+
     from mmv_jax.train import sharding as shd
     from mmv_jax.train.step import setup
     mesh = shd.make_mesh((1, 1, 1), jax.devices()[:1])
@@ -61,6 +62,7 @@ def _jax_setup(cfg, batch, num_samples, num_views):
 def _first_directions(state, dim, slices):
     """The SIGReg directions the JAX step draws at step 0."""
     import jax
+
     from mmv_jax.objectives.lejepa import sigreg_directions
     return np.asarray(sigreg_directions(jax.random.fold_in(state.rng, state.step), dim, slices))
 
@@ -82,6 +84,7 @@ def _torch_stepper(cfg, params, batch, num_samples, num_views, impl, first_dirs,
     """Same for PyTorch; ``params``: the JAX initial params (pure dict), loaded through
     ``mmv_jax.torch.names``; step 0 uses the JAX step's step-0 SIGReg directions."""
     import torch
+
     import mmv_jax.torch as tr
     from mmv_jax.torch.names import jax_to_torch
     m = cfg.model

@@ -12,8 +12,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from benchlib import paper_mix_row
+
 from mmv_jax.batch import groups, real_tokens
 from mmv_jax.train import metrics, sharding as shd, state as st
 from mmv_jax.train.step import setup
@@ -59,10 +59,11 @@ def step_bench(cfg, host_batch, *, num_samples: int, num_views: int, steps: int 
 
 
 def demo_bench(steps: int = 3) -> dict:
-    import configs.demo as demo
-    from mmv_jax.data import pipeline, synthetic
     import os
     import tempfile
+
+    import configs.demo as demo
+    from mmv_jax.data import pipeline, synthetic
     cfg = demo.get_config()
     if not os.path.exists(cfg.data.manifest):
         out = tempfile.mkdtemp()
@@ -87,6 +88,7 @@ def tpu_remat_memory(variant: str, seq_len: int, topology: str = "v5e:2x2") -> d
     from flax import nnx
     from jax.experimental import topologies
     from jax.sharding import NamedSharding, PartitionSpec
+
     from mmv_jax.model.axes import axis_rules
     from mmv_jax.model.encoder import Encoder, encoder_config
     topo = topologies.get_topology_desc(topology_name=topology, platform="tpu")
@@ -101,9 +103,9 @@ def tpu_remat_memory(variant: str, seq_len: int, topology: str = "v5e:2x2") -> d
         cfg = encoder_config(variant, remat_policy="nothing_saveable" if remat else "none",
                              max_segment_len=512, attention_impl="pallas_tpu",
                              dtype="bfloat16")
-        graphdef, params = nnx.split(nnx.eval_shape(lambda: Encoder(cfg, rngs=nnx.Rngs(0))))
+        graphdef, params = nnx.split(nnx.eval_shape(lambda cfg=cfg: Encoder(cfg, rngs=nnx.Rngs(0))))
         params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), params)
-        grad = jax.jit(jax.grad(lambda p, b: jnp.mean(jnp.square(nnx.merge(graphdef, p)(b)))))
+        grad = jax.jit(jax.grad(lambda p, b, g=graphdef: jnp.mean(jnp.square(nnx.merge(g, p)(b)))))
         with axis_rules(mesh, shd.rules_dict(shd.DEFAULT_RULES)):
             compiled = grad.lower(params, batch).compile()
         out["temp_bytes_remat" if remat else "temp_bytes"] = int(compiled.memory_analysis().temp_size_in_bytes)

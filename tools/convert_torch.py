@@ -36,16 +36,32 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:  # run as a script from a checkout that is not pip-installed
     sys.path.insert(0, _ROOT)
 
-from mmv_jax.torch.names import (  # noqa: E402,F401  (re-exported: the tests use them)
-    ConversionError, Entry, _linear_w, _qkv_w, _qkv_b, _proj_w, _patch_w, _ident, _entry, flatten, unflatten, name_map, _module_order, jax_to_torch, torch_to_jax, _matches)
 from mmv_jax.export import load_jax_params  # noqa: E402,F401  (re-exported: the tests use it)
+from mmv_jax.torch.names import (  # noqa: E402,F401  (re-exported: the tests use them)
+    ConversionError,
+    Entry,
+    _entry,
+    _ident,
+    _linear_w,
+    _matches,
+    _module_order,
+    _patch_w,
+    _proj_w,
+    _qkv_b,
+    _qkv_w,
+    flatten,
+    jax_to_torch,
+    name_map,
+    torch_to_jax,
+    unflatten,
+)
 
 # --------------------------------------------------------------------------- PyTorch files
 
 _NESTED = ("state_dict", "model_state_dict", "model", "module", "net", "network", "weights")
 
 
-def load_torch_state(path: str) -> "OrderedDict[str, np.ndarray]":
+def load_torch_state(path: str) -> OrderedDict[str, np.ndarray]:
     """A checkpoint file -> flat name -> float32 numpy array (no pickled code is run)."""
     if not os.path.isfile(path):
         raise ConversionError(f"--in {path!r}: no such file")
@@ -60,6 +76,7 @@ def load_torch_state(path: str) -> "OrderedDict[str, np.ndarray]":
             except Exception:
                 raise ConversionError(f"--in {path!r}: not a readable safetensors file ({e})") from None
     import pickle
+
     import torch
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -74,7 +91,7 @@ def load_torch_state(path: str) -> "OrderedDict[str, np.ndarray]":
     return _tensor_dict(obj, path)
 
 
-def _tensor_dict(obj, path) -> "OrderedDict[str, np.ndarray]":
+def _tensor_dict(obj, path) -> OrderedDict[str, np.ndarray]:
     import torch
     is_t = lambda v: isinstance(v, torch.Tensor)
     for _ in range(4):  # Lightning {"state_dict": ...}, {"model": ...}, DDP wrappers ...
@@ -93,7 +110,7 @@ def _tensor_dict(obj, path) -> "OrderedDict[str, np.ndarray]":
     return tensors
 
 
-def strip_prefix(state: dict, expected, prefix: str | None = None) -> "OrderedDict[str, np.ndarray]":
+def strip_prefix(state: dict, expected, prefix: str | None = None) -> OrderedDict[str, np.ndarray]:
     """Drops the key prefix (``model.``, ``module.``, ``model._orig_mod.`` ...) under which most
     keys become expected names (or the given ``prefix``); other keys are left as they are."""
     expected = set(expected)
@@ -147,6 +164,7 @@ def load_config(path: str, overrides=()):
 
 def _single_device_state(cfg):
     import jax
+
     from mmv_jax.train import sharding as shd, state as st
     mesh = shd.make_mesh((1, 1, 1), jax.devices()[:1])
     tx = st.make_optimizer(cfg)
@@ -158,6 +176,7 @@ def save_jax_checkpoint(params: dict, cfg, out_dir: str, created=None) -> str:
     ``created``: the config's ``(graphdef, state, shardings)`` when already built."""
     import jax
     from flax import nnx
+
     from mmv_jax.train.checkpoint import Checkpointer
     _, state, shardings = created or _single_device_state(cfg)
     p = state.params
@@ -176,6 +195,7 @@ def save_jax_checkpoint(params: dict, cfg, out_dir: str, created=None) -> str:
 def abstract_params(cfg) -> dict:
     """The config's param shapes (pure dict of ShapeDtypeStruct), without computing anything."""
     from flax import nnx
+
     from mmv_jax.train import state as st
     return nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: st.build_model(cfg, seed=cfg.seed)), nnx.Param))
 

@@ -112,10 +112,10 @@ def _max_len(seg):
 # ----------------------------------------------------------------------------- correctness
 
 def check_correctness(args) -> bool:
-    import jax
     import jax.numpy as jnp
+
     from mmv_jax.kernels.attention import segment_attention
-    from mmv_jax.kernels.reference import segment_attention_reference
+    from mmv_jax.kernels.reference import outputs_and_grads, segment_attention_reference
     ok_all = True
     s = args.check_seq
     seg = np.concatenate([lay for _, lay in layouts(s, [1, 5])])
@@ -127,21 +127,12 @@ def check_correctness(args) -> bool:
         for dtype, tol in ((jnp.bfloat16, 2e-2), (jnp.float32, 1e-4)):
             q, k, v = (jnp.asarray(rng.standard_normal((len(seg), s, args.check_heads, d)),
                                    jnp.float32).astype(dtype) for _ in range(3))
-            w = jnp.cos(jnp.arange(d, dtype=jnp.float32))
-
-            def loss(fn):
-                return lambda q, k, v: jnp.sum(fn(q, k, v, segj).astype(jnp.float32) * w)
-
             cand = lambda q, k, v, sg: segment_attention(q, k, v, sg, impl=kernel_impl)
-            ref = lambda q, k, v, sg: segment_attention_reference(
-                q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), sg)
             label = f"{kernel_impl} vs reference  D={d} {jnp.dtype(dtype).name:8s}"
             try:
-                with jax.default_matmul_precision("highest"):
-                    want = [jax.jit(ref)(q, k, v, segj)] + list(
-                        jax.jit(jax.grad(loss(ref), argnums=(0, 1, 2)))(q, k, v))
-                got = [jax.jit(cand)(q, k, v, segj)] + list(
-                    jax.jit(jax.grad(loss(cand), argnums=(0, 1, 2)))(q, k, v))
+                want = outputs_and_grads(segment_attention_reference, q, k, v, segj,
+                                         reference=True)
+                got = outputs_and_grads(cand, q, k, v, segj)
                 errs = []
                 for g, r in zip(got, want):
                     g, r = np.asarray(g, np.float64), np.asarray(r, np.float64)
@@ -193,13 +184,13 @@ def time_kernels(args) -> list[dict]:
                     continue
                 for pas, mult in (("fwd", 1.0), ("fwd+bwd", 3.5)):
                     if pas == "fwd":
-                        f = jax.jit(lambda q, k, v, fn=fn: fn(q, k, v, segj))
+                        f = jax.jit(lambda q, k, v, fn=fn, sg=segj: fn(q, k, v, sg))
                     else:
-                        f = jax.jit(jax.grad(lambda q, k, v, fn=fn: jnp.sum(fn(q, k, v, segj).astype(
+                        f = jax.jit(jax.grad(lambda q, k, v, fn=fn, sg=segj: jnp.sum(fn(q, k, v, sg).astype(
                             jnp.float32)), argnums=(0, 1, 2)))
                     rec = dict(seq_len=s, layout=name, skipped=skipped, impl=impl, pass_=pas)
                     try:
-                        t = time_fn(lambda f=f: jax.block_until_ready(f(q, k, v)), args.repeats)
+                        t = time_fn(lambda f=f, a=(q, k, v): jax.block_until_ready(f(*a)), args.repeats)
                         rec.update(ms=1e3 * t, tflops_useful=mult * fl_useful / t / 1e12,
                                    tflops_blocks=mult * fl_blocks / t / 1e12)
                         print(f"  {s:>6} {name:>10} {skipped:>6.3f} {impl:>7} {pas:>8} {1e3 * t:>9.3f} "

@@ -28,12 +28,25 @@ import sys
 import numpy as np
 
 from mmv_jax import cli
-from mmv_jax.eval.feature_maps import (figure as _figure, pca_feature_map,  # noqa: F401
-                                       save as _save, save_feature_map_figure)
+from mmv_jax.eval.feature_maps import (
+    figure as _figure,  # noqa: F401
+    pca_feature_map,
+    save as _save,
+    save_feature_map_figure,
+)
 from mmv_jax.eval.io import findings_of, load_embeddings
 from mmv_jax.eval.metrics import nan_to_none
-from mmv_jax.eval.probe import (C_GRID, LP_DATA, _lower, abbrev, evaluate_probe, fit_probe, fmt,
-                                run_probe, select_rows)
+from mmv_jax.eval.probe import (
+    C_GRID,
+    LP_DATA,
+    _lower,
+    abbrev,
+    evaluate_probe,
+    fit_probe,
+    fmt,
+    run_probe,
+    select_rows,
+)
 
 __all__ = ["robustness_grid", "robustness_markdown", "plot_robustness_grid", "shared_pca_probe",
            "shared_pca_markdown", "plot_shared_pca", "pca_probe", "pca_analysis",

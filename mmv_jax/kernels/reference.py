@@ -25,3 +25,21 @@ def segment_attention_reference(q, k, v, segment_ids):
     p = p / jnp.where(denom > 0, denom, 1.0)  # padding rows: 0 / 1, finite in forward mode too
     out = jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return out.astype(q.dtype)
+
+
+def outputs_and_grads(fn, q, k, v, segment_ids, *, reference: bool = False):
+    """``[out, dq, dk, dv]`` of ``fn(q, k, v, segment_ids)``, jitted: what a kernel check compares.
+
+    The gradients are of a fixed, non-uniform weighting of the output (a plain sum would leave dq
+    zero: softmax rows sum to one). ``reference=True`` runs ``fn`` on fp32 copies of q, k, v at
+    the highest matmul precision, the setting a kernel in any dtype is compared against.
+    """
+    import jax
+
+    if reference:
+        fn_in = fn
+        fn = lambda q, k, v, s: fn_in(*(x.astype(jnp.float32) for x in (q, k, v)), s)
+    w = jnp.cos(jnp.arange(q.shape[-1], dtype=jnp.float32))
+    loss = lambda q, k, v: jnp.sum(fn(q, k, v, segment_ids).astype(jnp.float32) * w)
+    with jax.default_matmul_precision("highest" if reference else None):
+        return [jax.jit(fn)(q, k, v, segment_ids), *jax.jit(jax.grad(loss, (0, 1, 2)))(q, k, v)]

@@ -212,7 +212,7 @@ def _jax_triton():
     return jt
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _out_kwarg(triton_call) -> str:
     """jax-triton 0.3.x names the outputs `out_shape`, 0.4.x `out_type`."""
     params = inspect.signature(triton_call).parameters

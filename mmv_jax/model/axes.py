@@ -8,7 +8,7 @@ their logical axes as ``nnx.Param(..., logical_axes=(...))`` metadata. Outside
 from __future__ import annotations
 
 import contextlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 from jax.sharding import NamedSharding, PartitionSpec

@@ -11,8 +11,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from mmv_jax.batch import ALPHA
-from mmv_jax.batch import axis_coords as _axis_coords
+from mmv_jax.batch import ALPHA, axis_coords as _axis_coords
 
 
 def axis_coords(g: int, alpha: float = ALPHA) -> np.ndarray:

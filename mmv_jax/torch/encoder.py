@@ -16,8 +16,7 @@ import os
 import numpy as np
 import torch
 
-from mmv_jax import export as ex
-from mmv_jax import images as im
+from mmv_jax import export as ex, images as im
 from mmv_jax.data import packing
 from mmv_jax.torch.model import MultiMedVisionTorch
 

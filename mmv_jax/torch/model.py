@@ -85,7 +85,7 @@ class SegmentLayout:
     _mask: torch.Tensor | None = None
 
     @classmethod
-    def from_segment_ids(cls, segment_ids) -> "SegmentLayout":
+    def from_segment_ids(cls, segment_ids) -> SegmentLayout:
         seg = np.asarray(segment_ids.cpu() if isinstance(segment_ids, torch.Tensor) else segment_ids)
         runs = []
         for row in seg:
@@ -282,7 +282,7 @@ class MultiMedVisionTorch(nn.Module):
         self.init_weights()
 
     @classmethod
-    def from_variant(cls, variant: str = "Ti/14", **kw) -> "MultiMedVisionTorch":
+    def from_variant(cls, variant: str = "Ti/14", **kw) -> MultiMedVisionTorch:
         name, patch = variant.split("/")
         width, depth, heads = VARIANTS[name]
         kw.setdefault("depth", depth)

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import fnmatch
 from collections import OrderedDict
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 
@@ -89,7 +90,7 @@ def _entry(path: tuple) -> Entry:
                           "(mmv_jax/torch/names.py's name map needs updating)")
 
 
-def flatten(tree: dict, prefix: tuple = ()) -> "OrderedDict[tuple, object]":
+def flatten(tree: dict, prefix: tuple = ()) -> OrderedDict[tuple, object]:
     out = OrderedDict()
     for k, v in tree.items():
         if isinstance(v, dict):
@@ -109,7 +110,7 @@ def unflatten(flat: dict) -> dict:
     return tree
 
 
-def name_map(jax_tree: dict) -> "OrderedDict[str, Entry]":
+def name_map(jax_tree: dict) -> OrderedDict[str, Entry]:
     """PyTorch name -> Entry for every leaf of a JAX param pure dict (arrays or shape structs)."""
     entries = sorted((_entry(p) for p in flatten(jax_tree)), key=lambda e: _module_order(e.torch_name))
     return OrderedDict((e.torch_name, e) for e in entries)
@@ -125,7 +126,7 @@ def _module_order(name: str):
             for p in name.split(".")]
 
 
-def jax_to_torch(params: dict) -> "OrderedDict[str, np.ndarray]":
+def jax_to_torch(params: dict) -> OrderedDict[str, np.ndarray]:
     """JAX param pure dict -> timm-style state_dict of float32 numpy arrays (exact), in the
     PyTorch module's order."""
     flat = flatten(params)

@@ -22,7 +22,14 @@ import numpy as np
 from mmv_jax import paths
 from mmv_jax.data import pipeline
 from mmv_jax.errors import ConfigError, DivergedError
-from mmv_jax.train import checkpoint, distributed, metrics, sharding as shd, state as st, workdir as wd
+from mmv_jax.train import (
+    checkpoint,
+    distributed,
+    metrics,
+    sharding as shd,
+    state as st,
+    workdir as wd,
+)
 from mmv_jax.train.evaluate import Evaluator
 from mmv_jax.train.feed import DeviceFeed
 from mmv_jax.train.step import setup

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -16,7 +17,6 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mmv_jax.batch import PackedBatch
 from mmv_jax.errors import ConfigError
 from mmv_jax.model.axes import logical_to_spec
 

@@ -1,13 +1,11 @@
 """The demo config learns: loss falls, SIGReg stays bounded, embeddings do not collapse; and
 (slow) the whole `make demo` flow beats the random-init encoder."""
 import json
-import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-
 from conftest import ROOT, env, train_cmd
 
 

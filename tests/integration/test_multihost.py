@@ -12,7 +12,6 @@ import time
 
 import numpy as np
 import pytest
-
 from conftest import FAST, ROOT, env
 
 KEYS = ("loss", "pred_loss", "sigreg_loss", "grad_norm", "lr")

@@ -8,7 +8,6 @@ import subprocess
 import time
 
 import pytest
-
 from conftest import ROOT, env, train_cmd
 from helpers import MRN, put_raw_tag
 
