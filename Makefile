@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test venv venv-test venv-gpu venv-tpu bench clean
+.PHONY: demo test lint venv venv-test venv-gpu venv-tpu bench clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,7 +31,12 @@ venv-test: $(VENV)/.installed-test
 venv-gpu: $(VENV)/.installed-gpu
 venv-tpu: $(VENV)/.installed-tpu
 
-test: venv-test
+# Lint and format first: CI (which runs `make test`) fails on either before spending time on tests.
+lint: venv-test
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
 	JAX_PLATFORMS=cpu $(PY) -m pytest -q
 
 demo: venv

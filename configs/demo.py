@@ -4,6 +4,7 @@ Run:
   mmv-demo-data --out data/demo
   mmv-train --config configs/demo.py --workdir runs/demo
 """
+
 from configs import base
 from mmv_jax.data import pipeline
 
@@ -28,7 +29,7 @@ def get_config():
     # little invariance; 0.2 and 600 steps gave the best probe on make demo's data.
     c.data.cxr_per_batch = 6
     c.data.ct_per_batch = 6
-    c.loss.pred_reduce = "mean"   # the base default; pinned because lambda was chosen with it
+    c.loss.pred_reduce = "mean"  # the base default; pinned because lambda was chosen with it
     c.loss.lam = 0.2
     # eval during training: 3 evals of 256 + 256 images in 600 steps, a small part of the
     # training time (README: evaluation during training)

@@ -4,6 +4,7 @@ Run (one host; on a pod or cluster see launch/tpu_pod.sh, launch/slurm_gpu.sbatc
   mmv-train --config configs/stage1_2d.py --workdir runs/stage1 \
       --config.data.manifest=/data/manifests/mimic_cxr.jsonl
 """
+
 from configs import base
 
 

@@ -5,6 +5,7 @@ Run:
   mmv-train --config configs/stage2_curriculum.py --workdir runs/stage2 \
       --config.init_from=runs/stage1 --config.data.manifest=/data/manifests/mixed.jsonl
 """
+
 from configs import base
 
 

@@ -6,6 +6,7 @@ Run:
 Pod compile check from a laptop:
   python tools/aot_compile.py --config configs/stage3_joint.py --topology v5e:4x4
 """
+
 from configs import base
 
 

@@ -6,6 +6,7 @@ random init), a loss-curve plot and PCA feature maps (``mmv-analysis``), and ``r
 
   python -m launch.demo [--workdir runs/demo] [--data data/demo] [--config.total_steps=N ...]
 """
+
 from __future__ import annotations
 
 import json
@@ -68,28 +69,41 @@ def _main(argv):
         (test_set,) = res["test_sets"].values()
         report["auroc"][name] = {f: test_set["per_label"][f]["auroc"] for f in FINDINGS}
         report["auroc"][name]["macro"] = test_set["macro"]["auroc"]
-        report["auroc"][name]["macro_ci"] = [test_set["macro"]["ci_low"], test_set["macro"]["ci_high"]]
-        if name == "trained":   # one PCA across two test images of each modality
-            fig = analysis.feature_map_figure(cfg, enc, records, os.path.join(workdir, "pca_maps.png"),
-                                              per_modality=2)
+        report["auroc"][name]["macro_ci"] = [
+            test_set["macro"]["ci_low"],
+            test_set["macro"]["ci_high"],
+        ]
+        if name == "trained":  # one PCA across two test images of each modality
+            fig = analysis.feature_map_figure(
+                cfg, enc, records, os.path.join(workdir, "pca_maps.png"), per_modality=2
+            )
             figures = [fig] if fig else []
-    figures.append(analysis.plot_loss_curve(os.path.join(workdir, "metrics.jsonl"),
-                                            os.path.join(workdir, "loss_curve.png")))
+    figures.append(
+        analysis.plot_loss_curve(
+            os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "loss_curve.png")
+        )
+    )
     report["seconds"] = time.time() - t0
     report["figures"] = figures
     with open(os.path.join(workdir, "demo_report.json"), "w") as f:
         json.dump(nan_to_none(report), f, indent=1)
 
     fmt = lambda v: "  n/a" if v is None or np.isnan(v) else f"{v:.3f}"
-    print("\nLinear probe on the demo test split (AUROC; LP trained on the train split, "
-          "C chosen on val):\n")
+    print(
+        "\nLinear probe on the demo test split (AUROC; LP trained on the train split, "
+        "C chosen on val):\n"
+    )
     print(f"{'finding':<20}{'trained':>10}{'random-init':>14}")
     for f in list(FINDINGS) + ["macro"]:
-        print(f"{f:<20}{fmt(report['auroc']['trained'][f]):>10}{fmt(report['auroc']['random_init'][f]):>14}")
+        print(
+            f"{f:<20}{fmt(report['auroc']['trained'][f]):>10}{fmt(report['auroc']['random_init'][f]):>14}"
+        )
     lo, hi = report["auroc"]["trained"]["macro_ci"]
     print(f"\ntrained macro AUROC 95% CI [{fmt(lo)}, {fmt(hi)}]")
     print(f"report: {os.path.join(workdir, 'demo_report.json')}; figures: {', '.join(figures)}")
-    print(f"checkpoints: {os.path.join(workdir, 'checkpoints')}; metrics: {os.path.join(workdir, 'metrics.jsonl')}")
+    print(
+        f"checkpoints: {os.path.join(workdir, 'checkpoints')}; metrics: {os.path.join(workdir, 'metrics.jsonl')}"
+    )
     print(f"total {report['seconds']:.0f} s")
 
 

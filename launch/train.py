@@ -17,6 +17,7 @@ on every task of a SLURM GPU job (launch/slurm_gpu.sbatch); mmv_jax.train.distri
 which. Resumes from DIR when a checkpoint is there; a finished run says so. Every config field
 is a flag (--config.optim.lr=3e-4); configs/base.py lists them.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,10 +33,16 @@ from mmv_jax import errors, paths
 from mmv_jax.hugepages import reexec_with_hugepages
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file (get_config()).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder: checkpoints, metrics.jsonl, TensorBoard.")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Run folder: checkpoints, metrics.jsonl, TensorBoard."
+)
 _PRINT = flags.DEFINE_bool("print_config", False, "Print the resolved config (JSON) and exit.")
-_DRY = flags.DEFINE_bool("dry_run", False, "Validate the config, build the model and data "
-                         "pipeline, compile one train step, print its memory, exit. Writes nothing.")
+_DRY = flags.DEFINE_bool(
+    "dry_run",
+    False,
+    "Validate the config, build the model and data "
+    "pipeline, compile one train step, print its memory, exit. Writes nothing.",
+)
 flags.mark_flag_as_required("config")
 
 
@@ -43,6 +50,7 @@ def check_config(cfg) -> None:
     """Every check that needs no device or file write; raises ``ConfigError`` naming the key."""
     from mmv_jax.train import evaluate
     from mmv_jax.train.loop import validate
+
     validate(cfg)
     evaluate.validate(cfg)
 
@@ -53,6 +61,7 @@ def dry_run(cfg) -> dict:
     import jax
 
     from mmv_jax.train import loop, sharding as shd
+
     check_config(cfg)
     platform = loop.start(cfg)
     mesh = shd.make_mesh(cfg.mesh.shape)
@@ -64,18 +73,32 @@ def dry_run(cfg) -> dict:
         it.close()
     compiled = step.lower(state, shd.global_batch(batch, batch_sh)).compile()
     mem = compiled.memory_analysis()
-    total = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-             - mem.alias_size_in_bytes) if mem is not None else None
-    return {"platform": platform, "devices": jax.device_count(), "mesh": dict(mesh.shape),
-            "batch_rows": int(stats["rows"]), "seq_len": int(cfg.data.buckets.seq_len),
-            "wire_bytes": int(stats["wire_bytes"]),
-            "packing_efficiency": round(float(stats["packing_efficiency"]), 3),
-            "bytes_per_device": total}
+    total = (
+        (
+            mem.argument_size_in_bytes
+            + mem.output_size_in_bytes
+            + mem.temp_size_in_bytes
+            - mem.alias_size_in_bytes
+        )
+        if mem is not None
+        else None
+    )
+    return {
+        "platform": platform,
+        "devices": jax.device_count(),
+        "mesh": dict(mesh.shape),
+        "batch_rows": int(stats["rows"]),
+        "seq_len": int(cfg.data.buckets.seq_len),
+        "wire_bytes": int(stats["wire_bytes"]),
+        "packing_efficiency": round(float(stats["packing_efficiency"]), 3),
+        "bytes_per_device": total,
+    }
 
 
 def _finished_line(workdir, last: dict) -> str:
     """The run's last training and eval values from ``metrics.jsonl``."""
     from mmv_jax.train.metrics import read_metrics
+
     rows = read_metrics(workdir / "metrics.jsonl") if (workdir / "metrics.jsonl").exists() else []
     train = next((r for r in reversed(rows) if "loss" in r), last)
     evals = next((r for r in reversed(rows) if "eval/macro_auroc" in r), None)
@@ -90,8 +113,10 @@ def _finished_line(workdir, last: dict) -> str:
 
 def _main(argv):
     if len(argv) > 1:
-        sys.exit(f"mmv-train: unexpected argument(s) {argv[1:]} (flags are --name=value; "
-                 "see mmv-train --help)")
+        sys.exit(
+            f"mmv-train: unexpected argument(s) {argv[1:]} (flags are --name=value; "
+            "see mmv-train --help)"
+        )
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every file at INFO
     logging.getLogger("mmv_jax").setLevel(logging.INFO)
     cfg = _CONFIG.value
@@ -115,6 +140,7 @@ def _train(cfg, workdir):
     import jax
 
     from mmv_jax.train.loop import train_and_evaluate
+
     try:
         last = train_and_evaluate(cfg, workdir)
     except jax.errors.JaxRuntimeError as e:
@@ -122,20 +148,27 @@ def _train(cfg, workdir):
             raise
         # A collective failed: another process died (its log says why). Exit at once: the
         # orderly shutdown would wait at a barrier for the dead process and then abort.
-        print(f"mmv-train: process {jax.process_index()} of {jax.process_count()}: a collective "
-              f"failed, another process has probably died (see its log); the run resumes from "
-              f"its last checkpoint when restarted. {str(e).splitlines()[0][:300]}",
-              file=sys.stderr, flush=True)
+        print(
+            f"mmv-train: process {jax.process_index()} of {jax.process_count()}: a collective "
+            f"failed, another process has probably died (see its log); the run resumes from "
+            f"its last checkpoint when restarted. {str(e).splitlines()[0][:300]}",
+            file=sys.stderr,
+            flush=True,
+        )
         logging.shutdown()
         os._exit(1)
     if jax.process_index() != 0:
         return
-    where = (f"metrics in {workdir / 'metrics.jsonl'}, checkpoints in {workdir / 'checkpoints'}, "
-             f"TensorBoard in {workdir / 'tb'}")
+    where = (
+        f"metrics in {workdir / 'metrics.jsonl'}, checkpoints in {workdir / 'checkpoints'}, "
+        f"TensorBoard in {workdir / 'tb'}"
+    )
     if last.get("already_finished"):
-        print(f"mmv-train: already finished (config.total_steps={cfg.total_steps}): "
-              f"{_finished_line(workdir, last)}; raise --config.total_steps to train further; "
-              f"{where}")
+        print(
+            f"mmv-train: already finished (config.total_steps={cfg.total_steps}): "
+            f"{_finished_line(workdir, last)}; raise --config.total_steps to train further; "
+            f"{where}"
+        )
         return
     how = "preempted, rerun to resume" if last.get("preempted") else "done"
     print(f"mmv-train: {how} at {_finished_line(workdir, last)}; {where}")

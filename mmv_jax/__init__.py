@@ -16,11 +16,13 @@ __all__ = ["load_encoder", "Encoder"]
 def load_encoder(path, step=None, **kwargs):
     """See :func:`mmv_jax.api.load_encoder`."""
     from mmv_jax.api import load_encoder as _load
+
     return _load(path, step, **kwargs)
 
 
 def __getattr__(name):
     if name == "Encoder":
         from mmv_jax.api import Encoder
+
         return Encoder
     raise AttributeError(f"module 'mmv_jax' has no attribute {name!r}")

@@ -10,6 +10,7 @@ Inputs go through the training preprocessing, one whole-image view each, the eva
 the jitted encoder sharded over this process's devices, exactly as ``mmv-embed`` does
 (:mod:`mmv_jax.images`, :mod:`mmv_jax.eval.embed`), so the numbers are the same.
 """
+
 from __future__ import annotations
 
 import os
@@ -34,6 +35,7 @@ class Encoder:
         from flax import nnx
 
         from mmv_jax.train import sharding as shd
+
         self.cfg, self.source, self.step, self.mesh = cfg, source, step, mesh
         self.dim = int(module.cfg.width)
         self.preprocessing = im.Preprocessing.from_data_config(cfg.data)
@@ -48,13 +50,16 @@ class Encoder:
         self._tokens = jax.jit(lambda s, b: nnx.merge(graphdef, s).tokens(b))
 
     def __repr__(self):
-        return (f"Encoder({self.cfg.model.variant}, dim={self.dim}, step={self.step}, "
-                f"source={self.source!r})")
+        return (
+            f"Encoder({self.cfg.model.variant}, dim={self.dim}, step={self.step}, "
+            f"source={self.source!r})"
+        )
 
     def _run(self, fn, views, has_3d: bool, batch_size: int):
         from mmv_jax.data import pipeline
         from mmv_jax.model.axes import axis_rules
         from mmv_jax.train import sharding as shd
+
         rows, s, slots, pd = pipeline.eval_batch_shape(self._data, batch_size, has_3d)
         batch = packing.pack_into(views, rows, s, slots, pd)
         with axis_rules(self.mesh, self._rules):
@@ -73,11 +78,12 @@ class Encoder:
         prepared = im.prepare_all(images, self.preprocessing, spacing=spacing, modality=modality)
         out = np.zeros((len(prepared), self.dim), np.float32)
         for start in range(0, len(prepared), int(batch_size)):
-            chunk = prepared[start:start + int(batch_size)]
+            chunk = prepared[start : start + int(batch_size)]
             views = im.views_of(chunk)
-            batch, pooled = self._run(self._pooled, views, any(p.modality == "ct" for p in chunk),
-                                      int(batch_size))
-            out[start:start + len(chunk)] = im.gather(batch, pooled, len(chunk))
+            batch, pooled = self._run(
+                self._pooled, views, any(p.modality == "ct" for p in chunk), int(batch_size)
+            )
+            out[start : start + len(chunk)] = im.gather(batch, pooled, len(chunk))
         return out
 
     def patch_features(self, image, *, spacing=None, modality=None) -> np.ndarray:
@@ -99,8 +105,9 @@ def _step_folder(path: str):
     return None
 
 
-def load_encoder(path, step: int | None = None, *, config: str | None = None,
-                 dtype: str | None = None) -> Encoder:
+def load_encoder(
+    path, step: int | None = None, *, config: str | None = None, dtype: str | None = None
+) -> Encoder:
     """The encoder of a run folder (``mmv-train --workdir``), one of its checkpoints
     (``run/checkpoints/N``, or ``step=N``; default the latest) or an ``mmv-export`` folder.
 
@@ -113,30 +120,43 @@ def load_encoder(path, step: int | None = None, *, config: str | None = None,
     from mmv_jax import export
     from mmv_jax.eval import embed
     from mmv_jax.train import sharding as shd
+
     path = os.fspath(path)
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"load_encoder: {path!r} is not a folder (a run, a checkpoint "
-                                "or an mmv-export folder)")
+        raise FileNotFoundError(
+            f"load_encoder: {path!r} is not a folder (a run, a checkpoint or an mmv-export folder)"
+        )
     mesh = shd.make_mesh((-1, 1, 1), jax.local_devices())
     if export.is_export(path):
         if step is not None:
-            raise ValueError(f"load_encoder: {path!r} is an export (one set of weights); "
-                             "step applies to run folders")
+            raise ValueError(
+                f"load_encoder: {path!r} is an export (one set of weights); "
+                "step applies to run folders"
+            )
         cfg, params = export.read_export(path)
         if dtype:
             cfg.model.dtype = dtype
-        return Encoder(cfg, export.encoder_from_params(cfg, params, mesh), mesh,
-                       source=os.path.abspath(path), step=cfg.get("export_step"))
+        return Encoder(
+            cfg,
+            export.encoder_from_params(cfg, params, mesh),
+            mesh,
+            source=os.path.abspath(path),
+            step=cfg.get("export_step"),
+        )
     run, ckpt_dir, folder_step = _run_and_checkpoints(path)
     if folder_step is not None:
         if step is not None and step != folder_step:
-            raise ValueError(f"load_encoder: {path!r} is step {folder_step}, but step={step} was asked")
+            raise ValueError(
+                f"load_encoder: {path!r} is step {folder_step}, but step={step} was asked"
+            )
         step = folder_step
     try:
         cfg = embed.load_run_config(run, config)
     except ValueError:
-        raise ValueError(f"load_encoder: no config.json in {run!r} (nor is {path!r} an "
-                         "mmv-export folder); pass config='configs/X.py'") from None
+        raise ValueError(
+            f"load_encoder: no config.json in {run!r} (nor is {path!r} an "
+            "mmv-export folder); pass config='configs/X.py'"
+        ) from None
     if dtype:
         cfg.model.dtype = dtype
     if step is None:
@@ -144,8 +164,13 @@ def load_encoder(path, step: int | None = None, *, config: str | None = None,
         if step is None:
             raise FileNotFoundError(f"load_encoder: no checkpoint in {ckpt_dir!r}")
     params = export.load_jax_params(ckpt_dir, step, what="load_encoder")
-    return Encoder(cfg, export.encoder_from_params(cfg, params["encoder"], mesh), mesh,
-                   source=os.path.abspath(path), step=step)
+    return Encoder(
+        cfg,
+        export.encoder_from_params(cfg, params["encoder"], mesh),
+        mesh,
+        source=os.path.abspath(path),
+        step=step,
+    )
 
 
 def _run_and_checkpoints(path: str):
@@ -159,4 +184,3 @@ def _run_and_checkpoints(path: str):
     if os.path.exists(os.path.join(os.path.dirname(os.path.normpath(path)), "config.json")):
         return os.path.dirname(os.path.normpath(path)), path, None
     return path, path, None
-

@@ -27,6 +27,7 @@ A training step feeds a *tuple* of PackedBatches, one group per modality present
 per-view outputs (``[R, V, ...]``), so no activation moves between devices. Evaluation and the
 Python API feed one PackedBatch (2D and 3D views may share it, 2D ones zero-padded to ``P**3``).
 """
+
 from __future__ import annotations
 
 import functools
@@ -51,8 +52,14 @@ class PackedBatch(NamedTuple):
     view_index: Any
 
 
-FIELD_DTYPES = dict(segment_ids=np.int32, coords=np.float32, view_sample=np.int32,
-                    view_is_global=np.bool_, view_modality=np.int32, view_index=np.int32)
+FIELD_DTYPES = dict(
+    segment_ids=np.int32,
+    coords=np.float32,
+    view_sample=np.int32,
+    view_is_global=np.bool_,
+    view_modality=np.int32,
+    view_index=np.int32,
+)
 WIRE_DTYPES = ("float32", "bfloat16", "float16", "uint8")
 
 
@@ -63,6 +70,7 @@ def wire_dtype(name: str) -> np.dtype:
         raise ValueError(f"wire dtype must be one of {WIRE_DTYPES}, got {name!r}")
     if name == "bfloat16":
         import ml_dtypes
+
         return np.dtype(ml_dtypes.bfloat16)
     return np.dtype(name)
 
@@ -74,21 +82,36 @@ def to_wire(patches: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return patches.astype(dtype, copy=False)
 
 
-def spec(rows: int, seq_len: int, slots: int, patch_dim: int, dtype="float32",
-         sharding=None) -> PackedBatch:
+def spec(
+    rows: int, seq_len: int, slots: int, patch_dim: int, dtype="float32", sharding=None
+) -> PackedBatch:
     """The ``jax.ShapeDtypeStruct`` tree of one bucket (AOT compiles, abstract evaluation)."""
     import jax
+
     shapes = shape_of(rows, seq_len, slots, patch_dim)
-    dtypes = dict(FIELD_DTYPES, patches=wire_dtype(dtype) if isinstance(dtype, str) else np.dtype(dtype))
-    return PackedBatch(**{f: jax.ShapeDtypeStruct(shapes[f], dtypes[f], sharding=sharding)
-                          for f in PackedBatch._fields})
+    dtypes = dict(
+        FIELD_DTYPES, patches=wire_dtype(dtype) if isinstance(dtype, str) else np.dtype(dtype)
+    )
+    return PackedBatch(
+        **{
+            f: jax.ShapeDtypeStruct(shapes[f], dtypes[f], sharding=sharding)
+            for f in PackedBatch._fields
+        }
+    )
 
 
 def shape_of(rows: int, seq_len: int, slots: int, patch_dim: int) -> dict:
     """Field name -> shape of one bucket."""
     r, s, v = rows, seq_len, slots
-    return dict(patches=(r, s, patch_dim), segment_ids=(r, s), coords=(r, s, 3),
-                view_sample=(r, v), view_is_global=(r, v), view_modality=(r, v), view_index=(r, v))
+    return dict(
+        patches=(r, s, patch_dim),
+        segment_ids=(r, s),
+        coords=(r, s, 3),
+        view_sample=(r, v),
+        view_is_global=(r, v),
+        view_modality=(r, v),
+        view_index=(r, v),
+    )
 
 
 def groups(batch) -> tuple[PackedBatch, ...]:
@@ -108,12 +131,12 @@ def nbytes(batch) -> int:
 class View(NamedTuple):
     """One patchified view, ready to pack (host side)."""
 
-    patches: np.ndarray   # [n, P*P*P] (or [n, P*P] for a 2D view)
-    coords: np.ndarray    # [n, 3] float32
-    sample: int           # global sample index
+    patches: np.ndarray  # [n, P*P*P] (or [n, P*P] for a 2D view)
+    coords: np.ndarray  # [n, 3] float32
+    sample: int  # global sample index
     is_global: bool
-    modality: int         # 0 = 2D, 1 = 3D
-    index: int            # view index within its sample
+    modality: int  # 0 = 2D, 1 = 3D
+    index: int  # view index within its sample
 
     @property
     def num_tokens(self) -> int:

@@ -1,5 +1,6 @@
 """The command lines' argument parser: a bad argument is one line on stderr and exit 2; so is a
 user error a ``main`` catches (:func:`fail`)."""
+
 from __future__ import annotations
 
 import argparse
@@ -24,6 +25,7 @@ def fail(prog: str, message) -> int:
 def command(prog: str, *errors: type[Exception]):
     """Decorates a command's ``main(argv)``: the ``errors`` it raises are one line on stderr
     (:func:`fail`) and exit code 2; anything else keeps its traceback."""
+
     def wrap(main):
         @functools.wraps(main)
         def run(argv=None):
@@ -31,5 +33,7 @@ def command(prog: str, *errors: type[Exception]):
                 return main(argv)
             except errors as e:
                 return fail(prog, e)
+
         return run
+
     return wrap

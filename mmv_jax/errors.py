@@ -24,5 +24,13 @@ def user_errors() -> tuple[type[Exception], ...]:
     from mmv_jax.data.packing import BucketError
     from mmv_jax.train.checkpoint import CheckpointError
     from mmv_jax.train.workdir import WorkdirBusy
-    return (ConfigError, DataError, DivergedError, ManifestError, BucketError, CheckpointError,
-            WorkdirBusy)
+
+    return (
+        ConfigError,
+        DataError,
+        DivergedError,
+        ManifestError,
+        BucketError,
+        CheckpointError,
+        WorkdirBusy,
+    )

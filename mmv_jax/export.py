@@ -15,6 +15,7 @@ The folder holds:
 
 ``mmv_jax.load_encoder(DIR)`` and ``mmv_jax.torch.load_encoder(DIR)`` read it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,8 +47,10 @@ class ExportError(ValueError):
 
 # --------------------------------------------------------------------------- reading checkpoints
 
+
 def latest_step(ckpt_dir: str) -> int | None:
     import orbax.checkpoint as ocp
+
     if not os.path.isdir(ckpt_dir):
         return None
     mgr = ocp.CheckpointManager(os.path.abspath(ckpt_dir))
@@ -62,6 +65,7 @@ def load_jax_params(path: str, step: int | None = None, what: str = "--in") -> d
     ``checkpoints`` folder (a CheckpointManager folder) or one step folder ``.../N``; ``step``
     default the latest. Raises :class:`ConversionError` naming ``what`` and the path."""
     import orbax.checkpoint as ocp
+
     path = os.path.abspath(path)
     name = os.path.basename(path)
     candidates = [(os.path.join(path, "checkpoints"), step), (path, step)]
@@ -79,8 +83,9 @@ def load_jax_params(path: str, step: int | None = None, what: str = "--in") -> d
             if s is None:
                 continue
             if s not in steps:
-                raise ConversionError(f"{what} {path!r}: no step {s} (steps there: "
-                                      f"{sorted(steps) or 'none'})")
+                raise ConversionError(
+                    f"{what} {path!r}: no step {s} (steps there: {sorted(steps) or 'none'})"
+                )
             items = {"state": _params_only(os.path.join(directory, str(s), "state"))}
             if os.path.isdir(os.path.join(directory, str(s), "checksums")):
                 items["checksums"] = ocp.args.JsonRestore()
@@ -89,28 +94,36 @@ def load_jax_params(path: str, step: int | None = None, what: str = "--in") -> d
                 try:
                     restored = mgr.restore(s, args=ocp.args.Composite(**items))
                 except Exception as e:  # damaged files: name the checkpoint, not a traceback
-                    raise ConversionError(f"{what} {path!r}: checkpoint step {s} cannot be read "
-                                          f"({type(e).__name__})") from None
+                    raise ConversionError(
+                        f"{what} {path!r}: checkpoint step {s} cannot be read ({type(e).__name__})"
+                    ) from None
         finally:
             mgr.close()
         params = _strip_value(restored["state"]["params"])
         if "checksums" in restored:
             _verify(params, restored["checksums"], f"{what} {path!r}: checkpoint step {s}")
         return params
-    raise ConversionError(f"{what} {path!r}: no Orbax checkpoint found there (nor in its checkpoints/)")
+    raise ConversionError(
+        f"{what} {path!r}: no Orbax checkpoint found there (nor in its checkpoints/)"
+    )
 
 
 def _verify(params: dict, saved: dict, where: str) -> None:
     """Checks ``params`` against the checksums the trainer saved beside them
     (:func:`mmv_jax.train.checkpoint.checksums`, keyed by the TrainState's leaf paths)."""
     from mmv_jax.train.checkpoint import checksums
-    got = {".params" + k[len("['params']"):] + ".value": v
-           for k, v in checksums({"params": params}).items()}
+
+    got = {
+        ".params" + k[len("['params']") :] + ".value": v
+        for k, v in checksums({"params": params}).items()
+    }
     common = [k for k in got if k in saved]
     bad = [k for k in common if got[k] != saved[k]]
     if bad:
-        raise ConversionError(f"{where} is corrupted: {len(bad)} arrays differ from their "
-                              f"checksums (first: {bad[0]}); use another step")
+        raise ConversionError(
+            f"{where} is corrupted: {len(bad)} arrays differ from their "
+            f"checksums (first: {bad[0]}); use another step"
+        )
     if not common and any(k.startswith(".params") for k in saved):
         log.warning("%s: params checksums not comparable (layout changed); not verified", where)
 
@@ -120,6 +133,7 @@ def _params_only(state_dir: str):
     stays on disk); the whole state where the saved metadata is not the expected layout."""
     import jax
     import orbax.checkpoint as ocp
+
     try:
         meta = ocp.PyTreeCheckpointer().metadata(state_dir)
         tree = getattr(meta, "item_metadata", meta)
@@ -135,8 +149,10 @@ def _strip_value(tree):
     if isinstance(tree, dict):
         if set(tree) == {"value"} and not isinstance(tree["value"], dict):
             return np.asarray(tree["value"])
-        return {(int(k) if isinstance(k, str) and k.isdigit() else k): _strip_value(v)
-                for k, v in tree.items()}
+        return {
+            (int(k) if isinstance(k, str) and k.isdigit() else k): _strip_value(v)
+            for k, v in tree.items()
+        }
     if isinstance(tree, (list, tuple)):
         return {i: _strip_value(v) for i, v in enumerate(tree)}
     return np.asarray(tree)
@@ -144,18 +160,26 @@ def _strip_value(tree):
 
 # --------------------------------------------------------------------------- the folder
 
+
 def export_config(cfg, step: int | None) -> dict:
     """``config.json`` of an export of a run with config ``cfg``."""
     from mmv_jax.train import state as st
+
     enc = st.encoder_config_from(cfg)
     data = cfg.data
     width, level = (float(x) for x in data.ct_window)
     return {
-        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
         "model": {
-            "architecture": "SparseMedicalViT", "variant": cfg.model.variant,
-            "width": enc.width, "depth": enc.depth, "heads": enc.heads,
-            "mlp_ratio": enc.mlp_ratio, "patch_size": enc.patch, "ln_eps": enc.ln_eps,
+            "architecture": "SparseMedicalViT",
+            "variant": cfg.model.variant,
+            "width": enc.width,
+            "depth": enc.depth,
+            "heads": enc.heads,
+            "mlp_ratio": enc.mlp_ratio,
+            "patch_size": enc.patch,
+            "ln_eps": enc.ln_eps,
             "rope": {"alpha": ALPHA, "base": enc.rope_base, "pairs_per_axis": enc.head_dim // 6},
             "pooling": "mean of each view's final-LayerNorm tokens",
         },
@@ -163,11 +187,13 @@ def export_config(cfg, step: int | None) -> dict:
             "long_side_2d": int(data.views.long_side_2d),
             "long_side_3d": int(data.views.long_side_3d),
             "resize": "longest physical side to long_side voxels, isotropic, aspect kept "
-                      "(area-averaging shrink, linear interpolation); whole image centre-"
-                      "trimmed to a multiple of patch_size",
+            "(area-averaging shrink, linear interpolation); whole image centre-"
+            "trimmed to a multiple of patch_size",
             "ct_window": {"width": width, "level": level},
-            "intensity": {"cxr": "min-max to [-1, 1]",
-                          "ct": "HU window (level - width/2 .. level + width/2) to [-1, 1], clipped"},
+            "intensity": {
+                "cxr": "min-max to [-1, 1]",
+                "ct": "HU window (level - width/2 .. level + width/2) to [-1, 1], clipped",
+            },
             "max_image_voxels": int(data.get("max_image_voxels", 0) or 0) or None,
         },
         "weights": {"file": WEIGHTS, "names": "timm", "dtype": "float32", "projector": False},
@@ -179,11 +205,15 @@ def export_config(cfg, step: int | None) -> dict:
 def write_export(cfg, encoder_params: dict, out: str, step: int | None) -> dict:
     """Writes the folder from the encoder's params (JAX pure dict, numpy)."""
     from safetensors.numpy import save_file
+
     conf = export_config(cfg, step)
     state = jax_to_torch({"encoder": encoder_params})
     os.makedirs(out, exist_ok=True)
-    save_file({k: np.ascontiguousarray(v, np.float32) for k, v in state.items()},
-              os.path.join(out, WEIGHTS), metadata={"format": FORMAT})
+    save_file(
+        {k: np.ascontiguousarray(v, np.float32) for k, v in state.items()},
+        os.path.join(out, WEIGHTS),
+        metadata={"format": FORMAT},
+    )
     conf["weights"]["tensors"] = len(state)
     conf["weights"]["parameters"] = int(sum(v.size for v in state.values()))
     with open(os.path.join(out, CONFIG), "w") as f:
@@ -196,32 +226,32 @@ def write_export(cfg, encoder_params: dict, out: str, step: int | None) -> dict:
 def model_card(conf: dict) -> str:
     m, p = conf["model"], conf["preprocessing"]
     w = p["ct_window"]
-    return f"""# MultiMedVision encoder ({m['variant']}, {m['depth']} blocks), mmv_jax export
+    return f"""# MultiMedVision encoder ({m["variant"]}, {m["depth"]} blocks), mmv_jax export
 
 A SparseMedicalViT that embeds 2D chest X-rays and 3D chest CT with one set of weights
-(3D RoPE, patch {m['patch_size']}, width {m['width']}, {m['heads']} heads), pretrained
-self-supervised with LeJEPA by `mmv_jax` (step {conf['step']}). One embedding per image:
-{m['pooling']}, {m['width']} numbers. {conf['weights']['parameters']:,} parameters.
+(3D RoPE, patch {m["patch_size"]}, width {m["width"]}, {m["heads"]} heads), pretrained
+self-supervised with LeJEPA by `mmv_jax` (step {conf["step"]}). One embedding per image:
+{m["pooling"]}, {m["width"]} numbers. {conf["weights"]["parameters"]:,} parameters.
 
 ## Use
 
 ```python
 import mmv_jax                                  # JAX
 enc = mmv_jax.load_encoder("THIS_FOLDER")
-z = enc.embed(["xray.dcm", "ct.nii.gz"])        # [2, {m['width']}] numpy
+z = enc.embed(["xray.dcm", "ct.nii.gz"])        # [2, {m["width"]}] numpy
 
 from mmv_jax.torch import load_encoder          # PyTorch: pip install 'mmv_jax[torch]'
 enc = load_encoder("THIS_FOLDER")
-z = enc.embed([xray, ct_hu], spacing=[None, (1.5, 0.7, 0.7)])  # [2, {m['width']}] torch
+z = enc.embed([xray, ct_hu], spacing=[None, (1.5, 0.7, 0.7)])  # [2, {m["width"]}] torch
 ```
 
 ## Preprocessing (applied by both loaders; feed raw images)
 
-- X-ray `[H, W]`: longest physical side resized to {p['long_side_2d']} pixels, min-max to [-1, 1].
+- X-ray `[H, W]`: longest physical side resized to {p["long_side_2d"]} pixels, min-max to [-1, 1].
 - CT `[Z, H, W]` in HU (axis 0 inferior to superior), with its voxel spacing in mm: longest
-  physical side to {p['long_side_3d']} voxels, isotropic; window width {w['width']:g}, level
-  {w['level']:g} to [-1, 1], clipped.
-- The whole image is one view, centre-trimmed to a multiple of {m['patch_size']} pixels.
+  physical side to {p["long_side_3d"]} voxels, isotropic; window width {w["width"]:g}, level
+  {w["level"]:g} to [-1, 1], clipped.
+- The whole image is one view, centre-trimmed to a multiple of {m["patch_size"]} pixels.
 
 ## Files
 
@@ -257,18 +287,23 @@ def read_config(folder: str) -> dict:
     if not isinstance(conf, dict) or conf.get("format") != FORMAT:
         raise ExportError(f"{path}: not an mmv-export config (format is not {FORMAT!r})")
     if int(conf.get("format_version", 0)) > FORMAT_VERSION:
-        raise ExportError(f"{path}: format_version {conf['format_version']} is newer than this "
-                          f"mmv_jax reads ({FORMAT_VERSION}); upgrade mmv_jax")
+        raise ExportError(
+            f"{path}: format_version {conf['format_version']} is newer than this "
+            f"mmv_jax reads ({FORMAT_VERSION}); upgrade mmv_jax"
+        )
     m = conf["model"]
     if int(m["patch_size"]) != PATCH or not math.isclose(float(m["rope"]["alpha"]), ALPHA):
-        raise ExportError(f"{path}: patch_size {m['patch_size']} / RoPE alpha {m['rope']['alpha']} "
-                          f"differ from this mmv_jax's data pipeline ({PATCH} / {ALPHA:g})")
+        raise ExportError(
+            f"{path}: patch_size {m['patch_size']} / RoPE alpha {m['rope']['alpha']} "
+            f"differ from this mmv_jax's data pipeline ({PATCH} / {ALPHA:g})"
+        )
     return conf
 
 
 def read_weights(folder: str) -> dict:
     """``model.safetensors`` -> timm name -> float32 numpy array."""
     from safetensors.numpy import load_file
+
     path = os.path.join(folder, WEIGHTS)
     try:
         return {k: v.astype(np.float32) for k, v in load_file(path).items()}
@@ -280,10 +315,12 @@ def run_config_of(conf: dict):
     """The ``ml_collections`` run config an export stands for: its training config with the
     recorded model and preprocessing fields applied (those are authoritative)."""
     import ml_collections
+
     if conf.get("training_config"):
         cfg = ml_collections.ConfigDict(conf["training_config"])
     else:
         import configs.base as base
+
         cfg = base.get_config()
     m, p = conf["model"], conf["preprocessing"]
     cfg.model.variant = m["variant"]
@@ -304,14 +341,21 @@ def read_export(folder: str):
 
     from mmv_jax.model.encoder import Encoder
     from mmv_jax.train import state as st
+
     conf = read_config(folder)
     cfg = run_config_of(conf)
-    abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(
-        lambda: Encoder(st.encoder_config_from(cfg), rngs=nnx.Rngs(0))), nnx.Param))
+    abstract = nnx.to_pure_dict(
+        nnx.state(
+            nnx.eval_shape(lambda: Encoder(st.encoder_config_from(cfg), rngs=nnx.Rngs(0))),
+            nnx.Param,
+        )
+    )
     try:
         params, _ = torch_to_jax(read_weights(folder), {"encoder": abstract})
     except ConversionError as e:
-        raise ExportError(f"{os.path.join(folder, WEIGHTS)} does not match config.json: {e}") from None
+        raise ExportError(
+            f"{os.path.join(folder, WEIGHTS)} does not match config.json: {e}"
+        ) from None
     return cfg, params["encoder"]
 
 
@@ -325,6 +369,7 @@ def encoder_from_params(cfg, params: dict, mesh):
     from mmv_jax.eval.embed import embed_config
     from mmv_jax.model.encoder import Encoder
     from mmv_jax.train import sharding as shd, state as st
+
     cfg = embed_config(cfg)
     abstract = nnx.eval_shape(lambda: Encoder(st.encoder_config_from(cfg), rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract, nnx.Param)
@@ -333,14 +378,19 @@ def encoder_from_params(cfg, params: dict, mesh):
     got = {k: tuple(np.shape(v)) for k, v in flatten(params).items()}
     if want != got:
         bad = sorted("/".join(map(str, k)) for k in set(want) ^ set(got)) or sorted(
-            "/".join(map(str, k)) for k in want if want[k] != got.get(k))
-        raise ExportError(f"the weights do not match config.model ({cfg.model.variant}, depth "
-                          f"{cfg.model.depth}): {', '.join(bad[:8])}")
+            "/".join(map(str, k)) for k in want if want[k] != got.get(k)
+        )
+        raise ExportError(
+            f"the weights do not match config.model ({cfg.model.variant}, depth "
+            f"{cfg.model.depth}): {', '.join(bad[:8])}"
+        )
     nnx.replace_by_pure_dict(state, jax.tree.map(lambda x: np.asarray(x, np.float32), params))
     return nnx.merge(graphdef, jax.device_put(state, shardings))
 
 
-def export(checkpoint: str, out: str, *, step: int | None = None, config: str | None = None) -> dict:
+def export(
+    checkpoint: str, out: str, *, step: int | None = None, config: str | None = None
+) -> dict:
     """Exports the encoder of ``checkpoint`` (a run folder or ``run/checkpoints/N``) to ``out``
     (a new or empty folder); returns the written ``config.json``."""
     # the mistakes a user makes most are checked before JAX is imported (fast, and quiet)
@@ -351,19 +401,24 @@ def export(checkpoint: str, out: str, *, step: int | None = None, config: str | 
     if os.path.exists(out) and not os.path.isdir(out):
         raise ExportError(f"--out {out!r} is a file; choose a new folder")
     from mmv_jax.api import _run_and_checkpoints
+
     run, ckpt_dir, folder_step = _run_and_checkpoints(checkpoint)
     if folder_step is not None:
         if step is not None and step != folder_step:
-            raise ExportError(f"--checkpoint {checkpoint!r} is step {folder_step}, but --step {step} was given")
+            raise ExportError(
+                f"--checkpoint {checkpoint!r} is step {folder_step}, but --step {step} was given"
+            )
         step = folder_step
     if config is not None and not os.path.isfile(config):
         raise ExportError(f"--config {config!r}: no such file")
     from mmv_jax.eval.embed import load_run_config
+
     try:
         cfg = load_run_config(run, config)
     except ValueError:
-        raise ExportError(f"--checkpoint {checkpoint!r}: no config.json in {run!r}; "
-                          "pass --config configs/X.py") from None
+        raise ExportError(
+            f"--checkpoint {checkpoint!r}: no config.json in {run!r}; pass --config configs/X.py"
+        ) from None
     if step is None:
         step = latest_step(ckpt_dir)
         if step is None:
@@ -378,15 +433,20 @@ def export(checkpoint: str, out: str, *, step: int | None = None, config: str | 
 @cli.command("mmv-export", ExportError)
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser("mmv-export", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--checkpoint", required=True,
-                    help="run folder written by mmv-train, or one of its checkpoints (RUN/checkpoints/N)")
+    ap.add_argument(
+        "--checkpoint",
+        required=True,
+        help="run folder written by mmv-train, or one of its checkpoints (RUN/checkpoints/N)",
+    )
     ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     ap.add_argument("--out", required=True, help="new (or empty) folder for the export")
     ap.add_argument("--config", help="config file (default: the run's config.json)")
     args = ap.parse_args(argv)
     conf = export(args.checkpoint, args.out, step=args.step, config=args.config)
-    print(f"mmv-export: {conf['model']['variant']} encoder, step {conf['step']}, "
-          f"{conf['weights']['tensors']} tensors -> {args.out}")
+    print(
+        f"mmv-export: {conf['model']['variant']} encoder, step {conf['step']}, "
+        f"{conf['weights']['tensors']} tensors -> {args.out}"
+    )
     return 0
 
 

@@ -12,6 +12,7 @@ when ``MMV_HUGEPAGES=0``, off Linux, when the kernel's setting is not ``madvise`
 TPU host (``JAX_PLATFORMS`` names an accelerator first, or an accelerator's device file is
 there): there the step's buffers live on the device and the host allocator is not the cost.
 """
+
 from __future__ import annotations
 
 import glob
@@ -39,15 +40,23 @@ def _thp_mode(path: str = THP_SETTING) -> str | None:
     except OSError:
         return None
     start, end = text.find("["), text.find("]")
-    return text[start + 1:end] if 0 <= start < end else None
+    return text[start + 1 : end] if 0 <= start < end else None
 
 
-def reexec_with_hugepages(environ=os.environ, execve=os.execve, thp_path: str = THP_SETTING,
-                          accelerator_files=ACCELERATOR_FILES) -> None:
+def reexec_with_hugepages(
+    environ=os.environ,
+    execve=os.execve,
+    thp_path: str = THP_SETTING,
+    accelerator_files=ACCELERATOR_FILES,
+) -> None:
     """Replaces this process by the same command with ``GLIBC_TUNABLES`` set, when it helps."""
-    if (not sys.platform.startswith("linux") or "GLIBC_TUNABLES" in environ
-            or environ.get("MMV_HUGEPAGES", "1") == "0" or _thp_mode(thp_path) != "madvise"
-            or accelerator_host(environ, accelerator_files)):
+    if (
+        not sys.platform.startswith("linux")
+        or "GLIBC_TUNABLES" in environ
+        or environ.get("MMV_HUGEPAGES", "1") == "0"
+        or _thp_mode(thp_path) != "madvise"
+        or accelerator_host(environ, accelerator_files)
+    ):
         return
     argv = [sys.executable, *sys.orig_argv[1:]]
     try:

@@ -9,6 +9,7 @@ preprocessing (:func:`mmv_jax.data.transforms.load_preprocessed` for files,
 (:func:`mmv_jax.data.views.whole_view`), packed by the eval packer's functions
 (:func:`mmv_jax.data.packing.pack_into`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,24 +31,30 @@ MODALITIES = ("cxr", "ct")
 @dataclasses.dataclass(frozen=True)
 class Preprocessing:
     """The training preprocessing of a run (its ``config.data``), as an export records it."""
+
     long_side_2d: int = 224
     long_side_3d: int = 112
-    ct_window: tuple = CT_WINDOW        # (width, level) HU
-    max_voxels: int | None = None       # readers' default when None
+    ct_window: tuple = CT_WINDOW  # (width, level) HU
+    max_voxels: int | None = None  # readers' default when None
 
     @classmethod
     def from_data_config(cls, data) -> Preprocessing:
         mv = data.get("max_image_voxels", 0)
-        return cls(int(data.views.long_side_2d), int(data.views.long_side_3d),
-                   tuple(float(x) for x in data.ct_window), int(mv) if mv else None)
+        return cls(
+            int(data.views.long_side_2d),
+            int(data.views.long_side_3d),
+            tuple(float(x) for x in data.ct_window),
+            int(mv) if mv else None,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
 class Prepared:
     """One input after preprocessing: ``image [Z, H, W]`` in [-1, 1] and its modality."""
+
     image: np.ndarray
     modality: str
-    name: str           # the path, or ``images[i]`` for an array (for error messages)
+    name: str  # the path, or ``images[i]`` for an array (for error messages)
 
 
 def _per_item(value, n: int, what: str) -> list:
@@ -56,7 +63,7 @@ def _per_item(value, n: int, what: str) -> list:
         return [value] * n
     value = list(value)
     if what == "spacing" and all(isinstance(v, (int, float, np.number)) for v in value):
-        return [tuple(value)] * n   # one (z, y, x) or (y, x) for every image
+        return [tuple(value)] * n  # one (z, y, x) or (y, x) for every image
     if len(value) != n:
         raise ValueError(f"{what}: got {len(value)} values for {n} images")
     return value
@@ -68,8 +75,9 @@ def _as_array(x) -> np.ndarray:
     return np.asarray(x)
 
 
-def prepare(item, prep: Preprocessing, *, spacing=None, modality: str | None = None,
-            name: str = "image") -> Prepared:
+def prepare(
+    item, prep: Preprocessing, *, spacing=None, modality: str | None = None, name: str = "image"
+) -> Prepared:
     """One path or array -> :class:`Prepared`. Raises :class:`ImageReadError` naming the path
     (or ``name``) for anything wrong with this one input."""
     if modality is not None and modality not in MODALITIES:
@@ -81,17 +89,29 @@ def prepare(item, prep: Preprocessing, *, spacing=None, modality: str | None = N
             # array route below (the same preprocess as load_preprocessed)
             img = load_image(path, spacing=spacing, max_voxels=prep.max_voxels)
             return prepare(img.array, prep, spacing=img.spacing, name=path)
-        rec = Record(id=path, path=path, modality=modality, dataset="api", split="api",
-                     spacing=None if spacing is None else tuple(float(s) for s in spacing))
-        image = load_preprocessed(rec, long_side_2d=prep.long_side_2d,
-                                  long_side_3d=prep.long_side_3d, window=prep.ct_window,
-                                  max_voxels=prep.max_voxels)
+        rec = Record(
+            id=path,
+            path=path,
+            modality=modality,
+            dataset="api",
+            split="api",
+            spacing=None if spacing is None else tuple(float(s) for s in spacing),
+        )
+        image = load_preprocessed(
+            rec,
+            long_side_2d=prep.long_side_2d,
+            long_side_3d=prep.long_side_3d,
+            window=prep.ct_window,
+            max_voxels=prep.max_voxels,
+        )
         return Prepared(image, modality, path)
     arr = _as_array(item)
     if arr.ndim == 2:
         arr = arr[None]
     if arr.ndim != 3 or min(arr.shape) < 1:
-        raise ImageReadError(name, f"expected a [H, W] X-ray or a [Z, H, W] CT array, got shape {arr.shape}")
+        raise ImageReadError(
+            name, f"expected a [H, W] X-ray or a [Z, H, W] CT array, got shape {arr.shape}"
+        )
     if not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
         raise ImageReadError(name, "unsupported dtype")
     arr = arr.astype(np.float32)
@@ -100,7 +120,9 @@ def prepare(item, prep: Preprocessing, *, spacing=None, modality: str | None = N
     is_3d = arr.shape[0] > 1
     modality = modality or ("ct" if is_3d else "cxr")
     if (modality == "ct") != is_3d:
-        raise ImageReadError(name, f"modality {modality} but the array is {'3D' if is_3d else '2D'}")
+        raise ImageReadError(
+            name, f"modality {modality} but the array is {'3D' if is_3d else '2D'}"
+        )
     if spacing is None:
         if is_3d:  # a silent 1 mm would resample a CT to the wrong shape
             raise ValueError(f"{name}: a [Z, H, W] CT array needs spacing=(z, y, x) in mm")
@@ -110,9 +132,13 @@ def prepare(item, prep: Preprocessing, *, spacing=None, modality: str | None = N
     if len(sp) != 3 or not all(math.isfinite(s) and s > 0 for s in sp):
         raise ValueError(f"{name}: spacing must be (y, x) or (z, y, x) mm, finite and positive")
     with file_errors(name, "preprocessing"):
-        image = preprocess(arr, sp, modality,
-                           long_side=prep.long_side_3d if is_3d else prep.long_side_2d,
-                           window=prep.ct_window)
+        image = preprocess(
+            arr,
+            sp,
+            modality,
+            long_side=prep.long_side_3d if is_3d else prep.long_side_2d,
+            window=prep.ct_window,
+        )
     return Prepared(image, modality, name)
 
 
@@ -121,9 +147,16 @@ def prepare_all(images, prep: Preprocessing, *, spacing=None, modality=None) -> 
     items = [images] if _is_single(images) else list(images)
     spacings = _per_item(spacing, len(items), "spacing")
     mods = _per_item(modality, len(items), "modality")
-    return [prepare(x, prep, spacing=s, modality=m,
-                    name=x if isinstance(x, (str, os.PathLike)) else f"images[{i}]")
-            for i, (x, s, m) in enumerate(zip(items, spacings, mods))]
+    return [
+        prepare(
+            x,
+            prep,
+            spacing=s,
+            modality=m,
+            name=x if isinstance(x, (str, os.PathLike)) else f"images[{i}]",
+        )
+        for i, (x, s, m) in enumerate(zip(items, spacings, mods))
+    ]
 
 
 def _is_single(images) -> bool:

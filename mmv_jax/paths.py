@@ -5,6 +5,7 @@ reaches checkpoints, metrics, TensorBoard and configs untouched. A URI is never 
 current directory; ``file://`` URIs become local paths (epath has no ``file://`` backend);
 relative local paths become absolute.
 """
+
 from __future__ import annotations
 
 import os
@@ -20,7 +21,7 @@ def resolve(path) -> epath.Path:
     """``path`` (str, ``os.PathLike`` or ``epath.Path``) as an absolute ``epath.Path``."""
     s = os.fspath(path)
     if s.startswith("file://"):
-        s = s[len("file://"):]
+        s = s[len("file://") :]
     if is_uri(s):
         return epath.Path(s)
     return epath.Path(os.path.abspath(s))

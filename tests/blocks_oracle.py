@@ -14,7 +14,9 @@ def block_ranges(row, block: int) -> tuple[np.ndarray, np.ndarray]:
     assert row.ndim == 1 and row.shape[0] % block == 0, (row.shape, block)
     blocks = row.reshape(-1, block)
     valid = blocks != 0
-    return np.where(valid, blocks, EMPTY_MIN).min(axis=1), np.where(valid, blocks, EMPTY_MAX).max(axis=1)
+    return np.where(valid, blocks, EMPTY_MIN).min(axis=1), np.where(valid, blocks, EMPTY_MAX).max(
+        axis=1
+    )
 
 
 def block_overlap(row, block_q: int, block_k: int) -> np.ndarray:
@@ -38,7 +40,14 @@ def block_metadata(seg, block_q: int, block_k: int) -> list[np.ndarray]:
     parts = [[] for _ in range(8)]
     for row in np.asarray(seg):
         mask = block_overlap(row, block_q, block_k)
-        for out, x in zip(parts, (*block_ranges(row, block_q), *block_ranges(row, block_k),
-                                  *spans(mask), *spans(mask.T))):
+        for out, x in zip(
+            parts,
+            (
+                *block_ranges(row, block_q),
+                *block_ranges(row, block_k),
+                *spans(mask),
+                *spans(mask.T),
+            ),
+        ):
             out.append(x)
     return [np.concatenate(p).astype(np.int32) for p in parts]

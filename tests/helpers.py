@@ -1,4 +1,5 @@
 """Small builders shared by the train tests."""
+
 import numpy as np
 
 from mmv_jax.batch import PATCH, PackedBatch, groups
@@ -6,8 +7,9 @@ from mmv_jax.data.packing import pack_into as pack_views
 from mmv_jax.data.patches import make_view
 
 
-def synthetic_batch(num_samples=4, n_global=2, n_local=2, rows=2, seq_len=128, slots=12, seed=0,
-                    sample_offset=0):
+def synthetic_batch(
+    num_samples=4, n_global=2, n_local=2, rows=2, seq_len=128, slots=12, seed=0, sample_offset=0
+):
     """Packed views of random 2D and 3D 'images' (every other sample 3D)."""
     rng = np.random.default_rng(seed)
     views = []
@@ -15,8 +17,14 @@ def synthetic_batch(num_samples=4, n_global=2, n_local=2, rows=2, seq_len=128, s
         for i in range(n_global + n_local):
             g = 2 if i < n_global else 1
             shape = (14 * g, 14 * g, 14) if s % 2 else (1, 14 * (g + 1), 14 * g)
-            views.append(make_view(rng.uniform(-1, 1, shape).astype(np.float32),
-                                   sample=s + sample_offset, is_global=i < n_global, index=i))
+            views.append(
+                make_view(
+                    rng.uniform(-1, 1, shape).astype(np.float32),
+                    sample=s + sample_offset,
+                    is_global=i < n_global,
+                    index=i,
+                )
+            )
     return pack_views(views, rows, seq_len, slots)
 
 
@@ -24,10 +32,13 @@ def join_groups(batch) -> PackedBatch:
     """A train batch's row groups as one PackedBatch (rows in order, patches float32 zero-padded
     to ``P**3``): the old one-group layout, for checks on the content."""
     parts = groups(batch)
-    pad = lambda p: np.pad(np.asarray(p, np.float32), [(0, 0), (0, 0), (0, PATCH ** 3 - p.shape[-1])])
-    return PackedBatch(*(np.concatenate([pad(f) if name == "patches" else np.asarray(f)
-                                         for f in fields])
-                         for name, fields in zip(PackedBatch._fields, zip(*parts))))
+    pad = lambda p: np.pad(np.asarray(p, np.float32), [(0, 0), (0, 0), (0, PATCH**3 - p.shape[-1])])
+    return PackedBatch(
+        *(
+            np.concatenate([pad(f) if name == "patches" else np.asarray(f) for f in fields])
+            for name, fields in zip(PackedBatch._fields, zip(*parts))
+        )
+    )
 
 
 def same_batch(a, b) -> bool:
@@ -35,11 +46,14 @@ def same_batch(a, b) -> bool:
     ga, gb = groups(a), groups(b)
     return len(ga) == len(gb) and all(
         x.shape == y.shape and x.dtype == y.dtype and np.array_equal(x, y)
-        for pa, pb in zip(ga, gb) for x, y in zip(pa, pb))
+        for pa, pb in zip(ga, gb)
+        for x, y in zip(pa, pb)
+    )
 
 
 def tiny_config(**overrides):
     import configs.base as base
+
     c = base.get_config()
     c.model.variant = "Ti/14"
     c.model.dtype = "float32"
@@ -69,6 +83,7 @@ def put_raw_tag(ds, keyword, text):
     from pydicom.datadict import dictionary_VR, tag_for_keyword
     from pydicom.dataelem import RawDataElement
     from pydicom.tag import Tag
+
     tag = Tag(tag_for_keyword(keyword))
     raw = text.encode()
     raw += b" " * (len(raw) % 2)
@@ -79,6 +94,7 @@ def write_csv(path, header, rows, gz=False):
     """A CSV (``gz``: ``path.gz``) with ``header`` and ``rows``, as the public releases ship them."""
     import csv
     import gzip
+
     path.parent.mkdir(parents=True, exist_ok=True)
     opener = gzip.open if gz else open
     with opener(str(path) + (".gz" if gz else ""), "wt", newline="") as f:
@@ -91,8 +107,11 @@ def load_build_manifest():
     """``tools/build_manifest.py`` as a module (tools/ is not a package)."""
     import importlib.util
     import os
+
     spec = importlib.util.spec_from_file_location(
-        "build_manifest", os.path.join(os.path.dirname(__file__), "..", "tools", "build_manifest.py"))
+        "build_manifest",
+        os.path.join(os.path.dirname(__file__), "..", "tools", "build_manifest.py"),
+    )
     bm = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bm)
     return bm

@@ -1,6 +1,7 @@
 """The Python API (mmv_jax.load_encoder) against mmv-embed on the demo data; checkpoint and step
 selection; mmv-export round trips JAX -> folder -> JAX (<= 1e-5) and -> PyTorch (<= 1e-4) on a
 CXR and a CT; mmv-export's refusals are one line; importing mmv_jax imports neither JAX nor torch."""
+
 import json
 import os
 import re
@@ -38,8 +39,9 @@ def _perturbed_state(cfg, seed):
     _, state, shardings = st.create(cfg, mesh, st.make_optimizer(cfg))
     pure = nnx.to_pure_dict(state.params)
     rng = np.random.default_rng(seed)
-    pure = jax.tree.map(lambda x: np.asarray(x) + 0.1 * rng.standard_normal(x.shape).astype(np.float32),
-                        pure)
+    pure = jax.tree.map(
+        lambda x: np.asarray(x) + 0.1 * rng.standard_normal(x.shape).astype(np.float32), pure
+    )
     nnx.replace_by_pure_dict(state.params, pure)
     return state._replace(params=jax.device_put(state.params, shardings.params))
 
@@ -83,11 +85,16 @@ def test_embed_equals_mmv_embed(run, mmv_embed, encoder):
     assert np.abs(want).max() > 0.1
     np.testing.assert_allclose(z, want, atol=1e-5, rtol=0)
     # batches of 2 (other packing, a 2D-only batch) and one image alone give the same numbers
-    z2 = encoder.embed([r.path for r in records], spacing=[r.spacing for r in records], batch_size=2)
+    z2 = encoder.embed(
+        [r.path for r in records], spacing=[r.spacing for r in records], batch_size=2
+    )
     np.testing.assert_allclose(z2, want, atol=1e-5, rtol=0)
     # the modality given (the manifest's route: load_preprocessed) or read from the image
-    z3 = encoder.embed([r.path for r in records], spacing=[r.spacing for r in records],
-                       modality=[r.modality for r in records])
+    z3 = encoder.embed(
+        [r.path for r in records],
+        spacing=[r.spacing for r in records],
+        modality=[r.modality for r in records],
+    )
     np.testing.assert_allclose(z3, want, atol=1e-5, rtol=0)
     one = encoder.embed(records[4].path)
     np.testing.assert_allclose(one[0], want[4], atol=1e-5, rtol=0)
@@ -118,8 +125,9 @@ def test_patch_features_pool_to_the_embedding(run, encoder):
         if rec.modality == "ct":
             assert fmap.shape[0] > 1
         pooled = fmap.reshape(-1, 192).mean(0)
-        np.testing.assert_allclose(pooled, encoder.embed(rec.path, spacing=rec.spacing)[0],
-                                   atol=1e-5, rtol=0)
+        np.testing.assert_allclose(
+            pooled, encoder.embed(rec.path, spacing=rec.spacing)[0], atol=1e-5, rtol=0
+        )
 
 
 def test_step_and_checkpoint_folder(run):
@@ -143,16 +151,17 @@ def test_step_and_checkpoint_folder(run):
 def test_corrupted_checkpoint_is_refused(run, tmp_path):
     """A flipped bit in the saved params fails the trainer's checksums: refused by step."""
     import shutil
+
     workdir, _, _ = run
     copy = tmp_path / "run"
     shutil.copytree(workdir, copy)
     saved = json.loads((copy / "checkpoints" / "3" / "checksums" / "metadata").read_text())
     key = next(k for k in saved if k.endswith("['norm']['scale'].value"))
-    saved[key] ^= 1      # as if the array had changed on disk
+    saved[key] ^= 1  # as if the array had changed on disk
     (copy / "checkpoints" / "3" / "checksums" / "metadata").write_text(json.dumps(saved))
     with pytest.raises(export.ConversionError, match=r"step 3 is corrupted: 1 arrays .*norm"):
         mmv_jax.load_encoder(str(copy), step=3)
-    mmv_jax.load_encoder(str(copy))     # step 7 is intact
+    mmv_jax.load_encoder(str(copy))  # step 7 is intact
 
 
 def test_export_round_trips_jax_and_torch(run, encoder, tmp_path, capsys):
@@ -163,13 +172,17 @@ def test_export_round_trips_jax_and_torch(run, encoder, tmp_path, capsys):
     conf = json.load(open(os.path.join(out, "config.json")))
     assert conf["model"]["variant"] == "Ti/14" and conf["model"]["depth"] == 2
     assert conf["model"]["patch_size"] == 14 and conf["model"]["rope"] == {
-        "alpha": 128.0, "base": 10000.0, "pairs_per_axis": 10}
+        "alpha": 128.0,
+        "base": 10000.0,
+        "pairs_per_axis": 10,
+    }
     p = conf["preprocessing"]
     assert (p["long_side_2d"], p["long_side_3d"]) == (112, 70)
     assert p["ct_window"] == {"width": 2500.0, "level": 250.0}
     assert conf["step"] == 7 and "min-max" in p["intensity"]["cxr"]
     assert "load_encoder" in open(os.path.join(out, "README.md")).read()
     from safetensors.numpy import load_file
+
     names = set(load_file(os.path.join(out, "model.safetensors")))
     assert "blocks.1.attn.qkv.weight" in names and not any(n.startswith("projector") for n in names)
 
@@ -182,10 +195,13 @@ def test_export_round_trips_jax_and_torch(run, encoder, tmp_path, capsys):
 
     torch = pytest.importorskip("torch")
     from mmv_jax.torch import load_encoder as load_torch
+
     tenc = load_torch(out)
     a, b = load_image(cxr.path, spacing=cxr.spacing), load_image(ct.path)
-    zt = tenc.embed([torch.from_numpy(a.array[0]), torch.from_numpy(b.array)],
-                    spacing=[a.spacing[1:], b.spacing])
+    zt = tenc.embed(
+        [torch.from_numpy(a.array[0]), torch.from_numpy(b.array)],
+        spacing=[a.spacing[1:], b.spacing],
+    )
     assert isinstance(zt, torch.Tensor) and zt.shape == (2, 192)
     np.testing.assert_allclose(zt.numpy(), want, atol=1e-4, rtol=0)
     np.testing.assert_allclose(tenc.embed(inputs, spacing=spacing).numpy(), want, atol=1e-4, rtol=0)
@@ -193,8 +209,12 @@ def test_export_round_trips_jax_and_torch(run, encoder, tmp_path, capsys):
     np.testing.assert_allclose(ft, encoder.patch_features(ct.path), atol=1e-4, rtol=0)
 
 
-_REFUSALS = {"missing": "no such folder", "not_empty": "not empty", "bad_step": "no step 5",
-             "no_config": "no config.json"}
+_REFUSALS = {
+    "missing": "no such folder",
+    "not_empty": "not empty",
+    "bad_step": "no step 5",
+    "no_config": "no config.json",
+}
 
 
 def _refusal_args(workdir, tmp_path, case):
@@ -226,8 +246,12 @@ def test_export_refusals_are_one_line(run, tmp_path, capsys, case):
 def test_export_cli_exit_code(run, tmp_path):
     """The command line itself once: exit code 2 and one line, no traceback."""
     args = _refusal_args(run[0], tmp_path, "bad_step")
-    r = subprocess.run([sys.executable, "-m", "mmv_jax.export", *args], capture_output=True,
-                       text=True, env={**os.environ, "PYTHONPATH": _ROOT, "JAX_PLATFORMS": "cpu"})
+    r = subprocess.run(
+        [sys.executable, "-m", "mmv_jax.export", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": _ROOT, "JAX_PLATFORMS": "cpu"},
+    )
     assert r.returncode == 2, r.stderr
     # XLA's native start-up lines (this machine's JAX build looks for CUDA) are not ours
     lines = [ln for ln in r.stderr.strip().splitlines() if not _NATIVE_LOG.match(ln)]
@@ -236,10 +260,16 @@ def test_export_cli_exit_code(run, tmp_path):
 
 
 def test_import_is_light():
-    code = ("import sys, mmv_jax, mmv_jax.export, mmv_jax.images, mmv_jax.torch.names, mmv_jax.torch;"
-            "bad = [m for m in ('torch', 'jax') if m in sys.modules]; assert not bad, bad")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       env={**os.environ, "PYTHONPATH": _ROOT})
+    code = (
+        "import sys, mmv_jax, mmv_jax.export, mmv_jax.images, mmv_jax.torch.names, mmv_jax.torch;"
+        "bad = [m for m in ('torch', 'jax') if m in sys.modules]; assert not bad, bad"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": _ROOT},
+    )
     assert r.returncode == 0, r.stderr
 
 
@@ -248,12 +278,13 @@ def test_export_that_does_not_match_its_config_is_refused(run, tmp_path):
     out = tmp_path / "export"
     assert export.main(["--checkpoint", workdir, "--step", "3", "--out", str(out)]) == 0
     conf = json.loads((out / "config.json").read_text())
-    conf["model"]["depth"] = 3          # the weights hold 2 blocks
+    conf["model"]["depth"] = 3  # the weights hold 2 blocks
     (out / "config.json").write_text(json.dumps(conf))
     with pytest.raises(export.ExportError, match="blocks.2.attn.qkv.weight"):
         mmv_jax.load_encoder(str(out))
     pytest.importorskip("torch")
     from mmv_jax.torch import load_encoder as load_torch
+
     with pytest.raises(export.ExportError, match="does not match config.json"):
         load_torch(str(out))
     conf["format_version"] = 99

@@ -1,5 +1,6 @@
 """tools/convert_torch.py: PyTorch state_dict <-> Orbax checkpoint, exact both ways; untrusted
 input (weights_only), Lightning nesting and prefixes, refusals named by tensor."""
+
 import os
 import sys
 
@@ -20,8 +21,13 @@ from mmv_jax.model.encoder import encoder_config  # noqa: E402
 from mmv_jax.model.heads import MultiMedVision  # noqa: E402
 
 PROJ = dict(proj_hidden=32, proj_dim=8, proj_layers=2)
-CLI_OVERRIDES = ["--config.model.depth=1", "--config.model.proj_hidden=32",
-                 "--config.model.proj_dim=8", "--config.model.proj_layers=2", "--config.seed=5"]
+CLI_OVERRIDES = [
+    "--config.model.depth=1",
+    "--config.model.proj_hidden=32",
+    "--config.model.proj_dim=8",
+    "--config.model.proj_layers=2",
+    "--config.seed=5",
+]
 
 
 def _jax_params(seed=0):
@@ -63,11 +69,14 @@ def test_name_map_matches_torch_reference_and_round_trips_exactly():
     _assert_trees_equal(back, params)
     # the qkv layout: torch output row (t, h, k) in C order is JAX kernel[:, t, h, k]
     k = params["encoder"]["blocks"][0]["attn"]["qkv"]
-    np.testing.assert_array_equal(sd["blocks.0.attn.qkv.weight"][1 * 192 + 2 * 64 + 5], k[:, 1, 2, 5])
+    np.testing.assert_array_equal(
+        sd["blocks.0.attn.qkv.weight"][1 * 192 + 2 * 64 + 5], k[:, 1, 2, 5]
+    )
 
 
 def test_cli_round_trip_through_orbax_and_init_from(tmp_path, capsys):
     from mmv_jax.train import checkpoint, sharding as shd, state as st
+
     tmodel = _torch_model()
     original = _sd(tmodel)
     src = str(tmp_path / "model.safetensors")
@@ -75,7 +84,10 @@ def test_cli_round_trip_through_orbax_and_init_from(tmp_path, capsys):
     cfg_file = os.path.join(_ROOT, "configs", "demo.py")
 
     run1 = str(tmp_path / "ckpt1")
-    assert ct.main(["torch2jax", "--in", src, "--config", cfg_file, "--out", run1] + CLI_OVERRIDES) == 0
+    assert (
+        ct.main(["torch2jax", "--in", src, "--config", cfg_file, "--out", run1] + CLI_OVERRIDES)
+        == 0
+    )
     # what the train loop does with --config.init_from=run1
     cfg = ct.load_config(cfg_file, CLI_OVERRIDES)
     mesh = shd.make_mesh((1, 1, 1), jax.devices()[:1])
@@ -99,7 +111,9 @@ def test_cli_round_trip_through_orbax_and_init_from(tmp_path, capsys):
 
     # an encoder-only checkpoint is refused by name, then accepted with --allow-missing
     enc_only = str(tmp_path / "encoder.safetensors")
-    ct.save_torch_state({k: v for k, v in original.items() if not k.startswith("projector.")}, enc_only)
+    ct.save_torch_state(
+        {k: v for k, v in original.items() if not k.startswith("projector.")}, enc_only
+    )
     run3 = str(tmp_path / "ckpt3")
     args = ["torch2jax", "--in", enc_only, "--config", cfg_file, "--out", run3] + CLI_OVERRIDES
     assert ct.main(args) == 2
@@ -117,13 +131,22 @@ def test_cli_round_trip_through_orbax_and_init_from(tmp_path, capsys):
 def test_lightning_checkpoint_nested_state_dict_and_prefix(tmp_path, prefix):
     sd = _sd(_torch_model())
     path = str(tmp_path / "last.ckpt")
-    stats = {"projector.norms.0.running_mean": np.zeros(32, np.float32),  # nn.BatchNorm1d buffers
-             "projector.norms.0.running_var": np.ones(32, np.float32),
-             "projector.norms.0.num_batches_tracked": np.zeros((), np.int64)}
-    torch.save({"epoch": 3, "global_step": 120, "pytorch-lightning_version": "2.4.0",
-                "state_dict": {prefix + k: torch.from_numpy(v) for k, v in {**sd, **stats}.items()},
-                "optimizer_states": [{"state": {}, "param_groups": [{"lr": 1e-4}]}],
-                "hyper_parameters": {"lr": 1e-4, "variant": "Ti/14"}}, path)
+    stats = {
+        "projector.norms.0.running_mean": np.zeros(32, np.float32),  # nn.BatchNorm1d buffers
+        "projector.norms.0.running_var": np.ones(32, np.float32),
+        "projector.norms.0.num_batches_tracked": np.zeros((), np.int64),
+    }
+    torch.save(
+        {
+            "epoch": 3,
+            "global_step": 120,
+            "pytorch-lightning_version": "2.4.0",
+            "state_dict": {prefix + k: torch.from_numpy(v) for k, v in {**sd, **stats}.items()},
+            "optimizer_states": [{"state": {}, "param_groups": [{"lr": 1e-4}]}],
+            "hyper_parameters": {"lr": 1e-4, "variant": "Ti/14"},
+        },
+        path,
+    )
     params = _jax_params()
     state = ct.strip_prefix(ct.load_torch_state(path), ct.name_map(params))
     assert set(state) == set(sd) | set(stats)
@@ -171,5 +194,7 @@ def test_missing_unmapped_and_misshaped_are_named():
     with pytest.raises(ct.ConversionError, match="head.weight"):
         ct.torch_to_jax(sd, params, allow_missing=["projector.out.*"])
     out, report = ct.torch_to_jax(sd, params, allow_missing=["projector.out.*"], ignore=["head.*"])
-    assert report["allowed_missing"] == ["projector.out.weight"] and report["ignored"] == ["head.weight"]
+    assert report["allowed_missing"] == ["projector.out.weight"] and report["ignored"] == [
+        "head.weight"
+    ]
     _assert_trees_equal(out, params)

@@ -1,5 +1,6 @@
 """Issue 20, per-file side: any broken file is one ImageReadError naming it (sizes checked before
 allocating, NaN spacing refused), and no message, log line or cache file quotes a header value."""
+
 import contextlib
 import gzip
 import json
@@ -59,9 +60,11 @@ def _refused_fast(path, match, **kw):
 
 # ---------------------------------------------------------------- sizes before allocation
 
+
 @pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
 def test_nifti_header_claiming_30000_cubed_is_refused_before_reading(tmp_path, suffix):
     import nibabel as nib
+
     hdr = nib.Nifti1Header()
     hdr.set_data_shape((30000, 30000, 30000))
     hdr.set_data_dtype(np.int16)
@@ -75,6 +78,7 @@ def test_nifti_header_claiming_30000_cubed_is_refused_before_reading(tmp_path, s
 def test_real_ct_size_is_admitted_by_default(tmp_path):
     """A header claiming 512 x 512 x 1000 passes the size check (then fails, as truncated)."""
     import nibabel as nib
+
     assert DEFAULT_MAX_VOXELS >= 512 * 512 * 1000
     hdr = nib.Nifti1Header()
     hdr.set_data_shape((512, 512, 1000))
@@ -92,7 +96,7 @@ def test_real_ct_size_is_admitted_by_default(tmp_path):
 def test_rle_dicom_claiming_huge_frames_is_refused_before_decoding(tmp_path):
     ds = pydicom.dcmread(_f("emri_small_RLE.dcm"))  # RLE, 10 frames of 64 x 64
     ds.Rows = ds.Columns = 60000
-    ds.NumberOfFrames = 2000                           # 60000^2 x 2000 x 2 bytes = 13 TiB
+    ds.NumberOfFrames = 2000  # 60000^2 x 2000 x 2 bytes = 13 TiB
     p = tmp_path / "huge_rle.dcm"
     ds.save_as(p)
     _refused_fast(p, "max_image_voxels")
@@ -111,6 +115,7 @@ def test_dicom_series_checked_as_a_whole(tmp_path):
 @pytest.mark.parametrize("fmt", ["png", "npy", "npz", "nii.gz", "dcm"])
 def test_every_format_honours_max_voxels(tmp_path, fmt):
     from PIL import Image
+
     img = (np.arange(16 * 16) % 200).reshape(16, 16).astype(np.uint8)
     p = tmp_path / f"a.{fmt}"
     if fmt == "png":
@@ -121,6 +126,7 @@ def test_every_format_honours_max_voxels(tmp_path, fmt):
         np.savez_compressed(p, ct=img)
     elif fmt == "nii.gz":
         import nibabel as nib
+
         nib.save(nib.Nifti1Image(img[:, :, None].astype(np.int16), np.eye(4)), p)
     else:
         p = tmp_path / "a.dcm"
@@ -134,17 +140,21 @@ def test_every_format_honours_max_voxels(tmp_path, fmt):
 
 # ---------------------------------------------------------------- spacing and scaling
 
-@pytest.mark.parametrize("tag,value,reason", [
-    ("SliceThickness", "nan", "non-finite SliceThickness"),
-    ("SliceThickness", "-2.5", "non-positive SliceThickness"),
-    ("PixelSpacing", "nan\\0.7", "non-finite PixelSpacing"),
-    ("PixelSpacing", "inf\\inf", "non-finite PixelSpacing"),
-    ("PixelSpacing", "0.7", "bad PixelSpacing"),
-    ("RescaleSlope", "nan", "non-finite RescaleSlope"),
-    ("RescaleSlope", "inf", "non-finite RescaleSlope"),
-    ("RescaleIntercept", "-inf", "non-finite RescaleIntercept"),
-    ("NumberOfFrames", "-3", "bad NumberOfFrames"),
-])
+
+@pytest.mark.parametrize(
+    "tag,value,reason",
+    [
+        ("SliceThickness", "nan", "non-finite SliceThickness"),
+        ("SliceThickness", "-2.5", "non-positive SliceThickness"),
+        ("PixelSpacing", "nan\\0.7", "non-finite PixelSpacing"),
+        ("PixelSpacing", "inf\\inf", "non-finite PixelSpacing"),
+        ("PixelSpacing", "0.7", "bad PixelSpacing"),
+        ("RescaleSlope", "nan", "non-finite RescaleSlope"),
+        ("RescaleSlope", "inf", "non-finite RescaleSlope"),
+        ("RescaleIntercept", "-inf", "non-finite RescaleIntercept"),
+        ("NumberOfFrames", "-3", "bad NumberOfFrames"),
+    ],
+)
 def test_non_finite_spacing_or_scaling_refused_by_tag(tmp_path, tag, value, reason):
     p = _ct(tmp_path, "bad.dcm", **{tag: value})
     e = _refused_fast(p, reason)
@@ -153,6 +163,7 @@ def test_non_finite_spacing_or_scaling_refused_by_tag(tmp_path, tag, value, reas
 
 def test_nifti_bad_pixdim_refused_unless_manifest_overrides(tmp_path):
     import nibabel as nib
+
     img = nib.Nifti1Image(np.zeros((4, 5, 6), np.int16), np.eye(4))
     img.header["pixdim"][1:4] = [1.0, np.nan, 0.0]
     nib.save(img, tmp_path / "z.nii")
@@ -178,6 +189,7 @@ def test_views_and_transforms_never_divide_by_zero():
 
 # ---------------------------------------------------------------- any exception: ImageReadError
 
+
 class _Rec:
     def __init__(self, path, modality="ct", preprocessed=False):
         self.path, self.modality, self.preprocessed = str(path), modality, preprocessed
@@ -186,13 +198,17 @@ class _Rec:
         return dict(modality=self.modality)
 
 
-@pytest.mark.parametrize("exc,reason", [
-    (MemoryError, "preprocessing: out of memory"),
-    (ZeroDivisionError, "preprocessing failed (ZeroDivisionError)"),
-    (FloatingPointError, "preprocessing failed (FloatingPointError)"),
-])
-def test_load_preprocessed_turns_any_error_into_image_read_error(tmp_path, monkeypatch, exc,
-                                                                 reason):
+@pytest.mark.parametrize(
+    "exc,reason",
+    [
+        (MemoryError, "preprocessing: out of memory"),
+        (ZeroDivisionError, "preprocessing failed (ZeroDivisionError)"),
+        (FloatingPointError, "preprocessing failed (FloatingPointError)"),
+    ],
+)
+def test_load_preprocessed_turns_any_error_into_image_read_error(
+    tmp_path, monkeypatch, exc, reason
+):
     p = tmp_path / "v.npy"
     np.save(p, np.zeros((20, 20, 20), np.int16))
     rec = _Rec(p)
@@ -246,7 +262,7 @@ def _rle_corrupted(tmp_path, start):
     ds = pydicom.dcmread(_f("MR_small_RLE.dcm"))
     data = bytearray(ds.PixelData)
     start = start if start >= 0 else len(data) // 2
-    data[start:start + 256] = b"\xff" * 256
+    data[start : start + 256] = b"\xff" * 256
     ds.PixelData = bytes(data)
     p = tmp_path / f"rle{start}.dcm"
     ds.save_as(p)
@@ -264,8 +280,10 @@ def test_decoder_failures_are_quiet_and_named(tmp_path, caplog, monkeypatch):
     with pytest.raises(ImageReadError):
         load_image(p)
     recs = [r for r in caplog.records if r.name.startswith("pydicom")]
-    assert recs and all(r.levelno >= logging.ERROR and r.exc_info is None
-                        and "withheld" in r.getMessage() for r in recs)
+    assert recs and all(
+        r.levelno >= logging.ERROR and r.exc_info is None and "withheld" in r.getMessage()
+        for r in recs
+    )
 
 
 def test_rust_decoder_panic_is_a_bad_file(tmp_path):
@@ -283,8 +301,15 @@ def test_image_read_error_pickles():
 
 # ---------------------------------------------------------------- no identifier anywhere
 
-_IDENT_TAGS = ["RescaleSlope", "RescaleIntercept", "NumberOfFrames", "PixelSpacing",
-               "PhotometricInterpretation", "SliceThickness", "SamplesPerPixel"]
+_IDENT_TAGS = [
+    "RescaleSlope",
+    "RescaleIntercept",
+    "NumberOfFrames",
+    "PixelSpacing",
+    "PhotometricInterpretation",
+    "SliceThickness",
+    "SamplesPerPixel",
+]
 
 
 def _identifier_files(tmp_path):
@@ -315,8 +340,9 @@ def test_identifier_in_parsed_tags_never_quoted(tmp_path, caplog, capfd, recwarn
             assert e.value.path == str(p)
             assert tag in e.value.reason, (tag, e.value.reason)
             seen += [str(e.value), repr(e.value), "".join(traceback.format_exception(e.value))]
-            logging.getLogger("mmv_jax.test").warning("skipping bad file %s: %s", e.value.path,
-                                                      e.value.reason)
+            logging.getLogger("mmv_jax.test").warning(
+                "skipping bad file %s: %s", e.value.path, e.value.reason
+            )
         # pydicom's own logger goes through the same filter, tracebacks included
         try:
             raise ValueError(MRN)
@@ -334,6 +360,7 @@ def test_identifier_in_parsed_tags_never_quoted(tmp_path, caplog, capfd, recwarn
 
 def test_cache_keeps_going_and_lists_bad_files_by_category(tmp_path):
     from mmv_jax.data.cache import build_cache
+
     (tmp_path / "in").mkdir()
     files = _identifier_files(tmp_path / "in")
     good = tmp_path / "in" / "good.npy"
@@ -347,10 +374,18 @@ def test_cache_keeps_going_and_lists_bad_files_by_category(tmp_path):
     manifest = tmp_path / "in" / "m.jsonl"
     with open(manifest, "w") as f:
         for i, p in enumerate(paths):
-            f.write(json.dumps(dict(id=f"r{i}", path=str(p), modality="ct", dataset="t",
-                                    split="train")) + "\n")
-    res = build_cache(str(manifest), str(tmp_path / "out"), workers=1, long_side_2d=28,
-                      long_side_3d=28, progress=False)
+            f.write(
+                json.dumps(dict(id=f"r{i}", path=str(p), modality="ct", dataset="t", split="train"))
+                + "\n"
+            )
+    res = build_cache(
+        str(manifest),
+        str(tmp_path / "out"),
+        workers=1,
+        long_side_2d=28,
+        long_side_3d=28,
+        progress=False,
+    )
     assert res["images"] == 1 and res["bad"] == len(paths) - 1
     bad = [json.loads(line) for line in open(tmp_path / "out" / "bad.jsonl")]
     assert [b["path"] for b in bad] == [str(p) for p in paths[:-1]]
@@ -366,12 +401,14 @@ def test_cache_keeps_going_and_lists_bad_files_by_category(tmp_path):
 
 # ---------------------------------------------------------------- manifest and config
 
+
 def _obj(**kw):
     return dict(dict(id="a", path="a.npy", modality="ct", dataset="d", split="train"), **kw)
 
 
-@pytest.mark.parametrize("value,expect", [(True, True), (False, False), (1, True), (0, False),
-                                          (None, False)])
+@pytest.mark.parametrize(
+    "value,expect", [(True, True), (False, False), (1, True), (0, False), (None, False)]
+)
 def test_preprocessed_accepts_json_bools(value, expect):
     assert parse_record(_obj(preprocessed=value), "/r").preprocessed is expect
 
@@ -385,22 +422,38 @@ def test_preprocessed_refuses_anything_else(tmp_path, value):
     assert f"{p}:2" in str(e.value) and "'preprocessed'" in str(e.value)
 
 
-@pytest.mark.parametrize("field,value", [("spacing", [float("nan"), 1, 1]),
-                                         ("spacing", [1, float("inf")]),
-                                         ("hu_slope", float("nan")), ("hu_intercept", float("inf")),
-                                         ("hu_slope", True), ("shape", [0, 10, 10]),
-                                         ("orientation", [1, 0, 0, 0, 1, float("nan")])])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("spacing", [float("nan"), 1, 1]),
+        ("spacing", [1, float("inf")]),
+        ("hu_slope", float("nan")),
+        ("hu_intercept", float("inf")),
+        ("hu_slope", True),
+        ("shape", [0, 10, 10]),
+        ("orientation", [1, 0, 0, 0, 1, float("nan")]),
+    ],
+)
 def test_manifest_refuses_non_finite_numbers(field, value):
     with pytest.raises(ManifestError, match=repr(field)):
         parse_record(_obj(**{field: value}), "/r", "m.jsonl:7")
 
 
-@pytest.mark.parametrize("key,value", [
-    ("views.long_side_2d", 0), ("views.long_side_3d", -112), ("max_bad_fraction", -0.01),
-    ("max_bad_fraction", 1.5), ("max_bad_fraction", float("nan")), ("max_bad_retries", -1),
-    ("max_image_voxels", 0), ("ct_window", (0.0, 250.0)), ("ct_window", (float("inf"), 0.0)),
-    ("views.flips", (1.5, 0.0, 0.0)),
-])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("views.long_side_2d", 0),
+        ("views.long_side_3d", -112),
+        ("max_bad_fraction", -0.01),
+        ("max_bad_fraction", 1.5),
+        ("max_bad_fraction", float("nan")),
+        ("max_bad_retries", -1),
+        ("max_image_voxels", 0),
+        ("ct_window", (0.0, 250.0)),
+        ("ct_window", (float("inf"), 0.0)),
+        ("views.flips", (1.5, 0.0, 0.0)),
+    ],
+)
 def test_validate_config_refuses_impossible_values_naming_the_key(key, value):
     cfg = data_config.demo_config()
     node, leaf = (cfg.views, key.split(".")[1]) if key.startswith("views.") else (cfg, key)
@@ -416,6 +469,7 @@ def test_validate_config_accepts_edges_and_older_configs():
     cfg.max_bad_fraction = 1.0
     data_config.validate_config(cfg)
     import ml_collections
+
     old = ml_collections.ConfigDict(data_config.default_config().to_dict())
     del old["max_image_voxels"]  # an older run's config.json
     data_config.validate_config(old)
@@ -423,6 +477,7 @@ def test_validate_config_accepts_edges_and_older_configs():
 
 
 # ---------------------------------------------------------------- through the train pipeline
+
 
 def test_train_pipeline_skips_and_names_each_bad_file(tmp_path, caplog, capfd):
     """A 30000^3 NIfTI header, a 13 TiB RLE header, a NaN SliceThickness and identifier text in
@@ -432,6 +487,7 @@ def test_train_pipeline_skips_and_names_each_bad_file(tmp_path, caplog, capfd):
 
     from mmv_jax.data import pipeline as P
     from mmv_jax.data.synthetic import make_demo_dataset
+
     caplog.set_level(logging.INFO)
     manifest = make_demo_dataset(str(tmp_path / "d"), n_cxr=16, n_ct=8, seed=1)
     bad_dir = tmp_path / "d" / "bad"
@@ -448,9 +504,13 @@ def test_train_pipeline_skips_and_names_each_bad_file(tmp_path, caplog, capfd):
     _ct(bad_dir, "nan.dcm", SliceThickness="nan")
     _ct(bad_dir, "slope.dcm", RescaleSlope=MRN)
     _ct(bad_dir, "pi.dcm", PhotometricInterpretation=MRN)
-    expect = {"huge.nii.gz": "max_image_voxels", "rle.dcm": "max_image_voxels",
-              "nan.dcm": "non-finite SliceThickness", "slope.dcm": "non-numeric RescaleSlope",
-              "pi.dcm": "unsupported PhotometricInterpretation"}
+    expect = {
+        "huge.nii.gz": "max_image_voxels",
+        "rle.dcm": "max_image_voxels",
+        "nan.dcm": "non-finite SliceThickness",
+        "slope.dcm": "non-numeric RescaleSlope",
+        "pi.dcm": "unsupported PhotometricInterpretation",
+    }
     recs = [json.loads(line) for line in open(manifest)]
     ct = [r for r in recs if r["split"] == "train" and r["modality"] == "ct"]
     cxr = [r for r in recs if r["split"] == "train" and r["modality"] == "cxr"]
@@ -472,8 +532,11 @@ def test_train_pipeline_skips_and_names_each_bad_file(tmp_path, caplog, capfd):
         assert len(np.unique(used)) == 6  # still full batches
     state = it.get_state()
     assert int(state["bad_files"]) == len(expect)
-    reasons = {os.path.basename(r.getMessage().split()[3].rstrip(":")): r.getMessage()
-               for r in caplog.records if r.getMessage().startswith("skipping bad file")}
+    reasons = {
+        os.path.basename(r.getMessage().split()[3].rstrip(":")): r.getMessage()
+        for r in caplog.records
+        if r.getMessage().startswith("skipping bad file")
+    }
     assert set(reasons) == set(expect)
     for name, category in expect.items():
         assert category in reasons[name] and str(bad_dir / name) in caplog.text

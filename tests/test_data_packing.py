@@ -1,4 +1,5 @@
 """Packer: whole views, every token accounted for, shapes only from the buckets."""
+
 import numpy as np
 import pytest
 
@@ -26,7 +27,7 @@ def _views(rng, n_samples, p2d=True):
     for s in range(n_samples):
         for i in range(10):
             n = int(rng.integers(9, 257) if i < 2 else rng.integers(16, 82))
-            width = PATCH * PATCH if p2d else PATCH ** 3
+            width = PATCH * PATCH if p2d else PATCH**3
             patches = rng.uniform(-1, 1, (n, width)).astype(np.float32)
             coords = np.stack([np.zeros(n), np.arange(n), np.full(n, s)], 1).astype(np.float32)
             views.append(View(patches, coords, s, i < 2, 0, i))
@@ -83,13 +84,13 @@ def test_pack_no_split_all_tokens_and_shapes():
 def test_mixed_widths_go_into_p3():
     rng = np.random.default_rng(2)
     views = _views(rng, 3) + [v._replace(modality=1) for v in _views(rng, 2, p2d=False)]
-    batch, _ = pack_batch(views, (4, 8), 1024, 64, PATCH ** 3)
-    assert batch.patches.shape[-1] == PATCH ** 3
+    batch, _ = pack_batch(views, (4, 8), 1024, 64, PATCH**3)
+    assert batch.patches.shape[-1] == PATCH**3
     # 2D views sit in depth slice 0 only
     twod = (batch.view_modality == 0) & (batch.view_sample >= 0)
     r, j = np.argwhere(twod)[0]
     seg = batch.segment_ids[r] == j + 1
-    assert (batch.patches[r, seg, PATCH * PATCH:] == 0).all()
+    assert (batch.patches[r, seg, PATCH * PATCH :] == 0).all()
 
 
 def test_too_big_raises_clear_error():
@@ -105,9 +106,9 @@ def test_choose_buckets():
     needed = [[n] for n in (90, 91, 91, 92, 92, 92, 93, 93, 94)]
     rows = choose_buckets(needed, 4, 1)
     assert len(rows) <= 4 and max(rows)[0] >= 94
-    assert {r for r, in rows[:-1]} <= {n for n, in needed}
+    assert {r for (r,) in rows[:-1]} <= {n for (n,) in needed}
     rows8 = choose_buckets(needed, 4, 8)
-    assert all(r % 8 == 0 for r, in rows8) and max(rows8)[0] >= 94
+    assert all(r % 8 == 0 for (r,) in rows8) and max(rows8)[0] >= 94
     # two row groups: shapes chosen jointly, each step takes the cheapest that covers it
     rng = np.random.default_rng(0)
     pairs = np.stack([rng.integers(54, 58, 200), rng.integers(36, 40, 200)], 1)

@@ -1,4 +1,5 @@
 """Pipeline on the synthetic demo data: mixing, exact save/restore, bad files, eval, cache."""
+
 import json
 import os
 import shutil
@@ -42,8 +43,11 @@ def test_demo_dataset(demo):
     assert all(set(r.labels) == set(LABELS) for r in recs)
     pos = np.mean([[r.labels[k] for k in LABELS] for r in recs], 0)
     assert (pos > 0.1).all() and (pos < 0.9).all()
-    photometric = {pydicom.dcmread(r.path, stop_before_pixels=True).PhotometricInterpretation
-                   for r in recs if r.modality == "cxr"}
+    photometric = {
+        pydicom.dcmread(r.path, stop_before_pixels=True).PhotometricInterpretation
+        for r in recs
+        if r.modality == "cxr"
+    }
     assert photometric == {"MONOCHROME1", "MONOCHROME2"}
     ds = pydicom.dcmread(recs[0].path, stop_before_pixels=True)
     assert ds.PatientName == "DEMO^PHANTOM" and float(ds.PixelSpacing[0]) > 0
@@ -58,10 +62,15 @@ def test_mixing_ratio_shapes_and_stats(demo):
     assert P.num_samples_global(cfg) == 6 and nv == 10
     for _ in range(4):
         groups, s = next(it)
-        assert tuple((g.patches.shape[0], g.patches.shape[1], g.view_sample.shape[1],
-                      g.patches.shape[2]) for g in groups) in shapes
+        assert (
+            tuple(
+                (g.patches.shape[0], g.patches.shape[1], g.view_sample.shape[1], g.patches.shape[2])
+                for g in groups
+            )
+            in shapes
+        )
         # the 2D group holds the X-ray views only, P*P wide; the 3D group the CT views
-        assert [g.patches.shape[2] for g in groups] == [14 * 14, 14 ** 3]
+        assert [g.patches.shape[2] for g in groups] == [14 * 14, 14**3]
         assert [set(np.unique(g.view_modality[g.view_sample >= 0])) for g in groups] == [{0}, {1}]
         b = join_groups(groups)
         vs, vm = b.view_sample, b.view_modality
@@ -71,7 +80,9 @@ def test_mixing_ratio_shapes_and_stats(demo):
         for smp in samples:  # every sample has all its views, one modality
             assert (vs == smp).sum() == nv
             assert len(np.unique(vm[vs == smp])) == 1
-        assert len(np.unique(vs[used & (vm == 0)])) == 4 and len(np.unique(vs[used & (vm == 1)])) == 2
+        assert (
+            len(np.unique(vs[used & (vm == 0)])) == 4 and len(np.unique(vs[used & (vm == 1)])) == 2
+        )
         assert ((b.view_is_global & used).sum()) == 6 * 2
         assert 0 < float(s["packing_efficiency"]) <= 1 and int(s["bad_files"]) == 0
         assert int(s["real_tokens"]) == int((b.segment_ids > 0).sum())
@@ -80,14 +91,18 @@ def test_mixing_ratio_shapes_and_stats(demo):
 def test_sharding_gives_global_indices_and_partitions_stream(demo):
     cfg = _cfg(demo)
     full = join_groups(next(P.make_train_iterator(cfg, seed=3))[0])
-    parts = [join_groups(next(P.make_train_iterator(cfg, seed=3, process_index=p, process_count=2))[0])
-             for p in range(2)]
+    parts = [
+        join_groups(next(P.make_train_iterator(cfg, seed=3, process_index=p, process_count=2))[0])
+        for p in range(2)
+    ]
     for p, b in enumerate(parts):
         got = np.unique(b.view_sample[b.view_sample >= 0])
         assert list(got) == list(range(3 * p, 3 * p + 3))
     # views depend only on the global stream position: the same tokens overall
     tot = sorted(np.round(full.patches[full.segment_ids > 0].sum(-1), 3).tolist())
-    tot2 = sorted(np.round(np.concatenate([b.patches[b.segment_ids > 0].sum(-1) for b in parts]), 3).tolist())
+    tot2 = sorted(
+        np.round(np.concatenate([b.patches[b.segment_ids > 0].sum(-1) for b in parts]), 3).tolist()
+    )
     assert tot == tot2
 
 
@@ -123,8 +138,13 @@ print(before, blas())
 def test_batches_build_with_one_blas_thread(demo):
     pytest.importorskip("threadpoolctl")
     env = dict(os.environ, OPENBLAS_NUM_THREADS="2", JAX_PLATFORMS="cpu")
-    r = subprocess.run([sys.executable, "-c", _BLAS_THREADS, demo], capture_output=True,
-                       text=True, env=env, check=True)
+    r = subprocess.run(
+        [sys.executable, "-c", _BLAS_THREADS, demo],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
     before, after = r.stdout.strip().splitlines()[-1].split("] [")
     if before == "[]":
         pytest.skip("numpy loaded no BLAS that threadpoolctl can see")
@@ -177,6 +197,7 @@ def test_orbax_checkpoint_restore_in_new_process(demo, tmp_path):
 
     import grain
     import orbax.checkpoint as ocp
+
     cfg = _cfg(demo)
     it = P.make_train_iterator(cfg, seed=5)
     next(it), next(it)
@@ -184,9 +205,16 @@ def test_orbax_checkpoint_restore_in_new_process(demo, tmp_path):
     mgr.save(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
     mgr.wait_until_finished()
     b, _ = next(it)
-    want = hashlib.sha1(b"".join(np.ascontiguousarray(x).tobytes() for g in b for x in g)).hexdigest()
-    out = subprocess.run([sys.executable, "-c", _RESTORE, demo, str(tmp_path / "ckpt")],
-                         capture_output=True, text=True, cwd=REPO, timeout=300)
+    want = hashlib.sha1(
+        b"".join(np.ascontiguousarray(x).tobytes() for g in b for x in g)
+    ).hexdigest()
+    out = subprocess.run(
+        [sys.executable, "-c", _RESTORE, demo, str(tmp_path / "ckpt")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     line = [l for l in out.stdout.splitlines() if l.startswith("HASH")][0]
     assert line.split()[1:] == [want, "2"]
@@ -204,7 +232,11 @@ def test_bad_files_skipped_counted_and_limit(demo, tmp_path, caplog):
     p0.write_bytes(p0.read_bytes()[:2000])
     os.remove(d / train_cxr[1]["path"])
     (d / train_ct[0]["path"]).write_bytes(b"")
-    bad_paths = {str(d / train_cxr[0]["path"]), str(d / train_cxr[1]["path"]), str(d / train_ct[0]["path"])}
+    bad_paths = {
+        str(d / train_cxr[0]["path"]),
+        str(d / train_cxr[1]["path"]),
+        str(d / train_ct[0]["path"]),
+    }
     cfg = _cfg(str(d / "manifest.jsonl"), max_bad_fraction=0.5)
     it = P.make_train_iterator(cfg, seed=0)
     seen = 0
@@ -214,8 +246,11 @@ def test_bad_files_skipped_counted_and_limit(demo, tmp_path, caplog):
         assert len(np.unique(b.view_sample[b.view_sample >= 0])) == 6  # still full batches
         seen = int(s["bad_files"])
     assert seen == 3  # each bad file counted once, however often it is drawn
-    warned = {r.getMessage().split()[3].rstrip(":") for r in caplog.records
-              if r.getMessage().startswith("skipping bad file")}
+    warned = {
+        r.getMessage().split()[3].rstrip(":")
+        for r in caplog.records
+        if r.getMessage().startswith("skipping bad file")
+    }
     assert warned == bad_paths
     assert set(it.get_state()) == {"step", "bad_files", "tried"}  # no paths, no reasons
     # a strict limit stops with one message naming the bad files
@@ -234,7 +269,9 @@ def test_one_bad_file_never_stops_a_long_run(demo, tmp_path):
     shutil.copytree(os.path.dirname(demo), tmp_path / "d")
     bad = next(r for r in recs if r["split"] == "train" and r["modality"] == "cxr")
     (tmp_path / "d" / bad["path"]).write_bytes(b"not an image")
-    cfg = _cfg(str(tmp_path / "d" / "manifest.jsonl"), max_bad_fraction=P.default_config().max_bad_fraction)
+    cfg = _cfg(
+        str(tmp_path / "d" / "manifest.jsonl"), max_bad_fraction=P.default_config().max_bad_fraction
+    )
     it = P.make_train_iterator(cfg, seed=0)
     for _ in range(60):  # 240 CXR draws over ~15 epochs of the train split
         _, s = next(it)
@@ -279,12 +316,25 @@ def test_config_validation(demo):
 
 def test_cache_roundtrip(demo, tmp_path):
     from mmv_jax.data.cache import build_cache
+
     cfg = _cfg(demo)
-    res = build_cache(demo, str(tmp_path / "c"), workers=1, long_side_2d=cfg.views.long_side_2d,
-                      long_side_3d=cfg.views.long_side_3d, progress=False)
+    res = build_cache(
+        demo,
+        str(tmp_path / "c"),
+        workers=1,
+        long_side_2d=cfg.views.long_side_2d,
+        long_side_3d=cfg.views.long_side_3d,
+        progress=False,
+    )
     assert res["images"] == 34 and res["bad"] == 0
-    res = build_cache(demo, str(tmp_path / "c"), workers=1, long_side_2d=cfg.views.long_side_2d,
-                      long_side_3d=cfg.views.long_side_3d, progress=False)  # resumes
+    res = build_cache(
+        demo,
+        str(tmp_path / "c"),
+        workers=1,
+        long_side_2d=cfg.views.long_side_2d,
+        long_side_3d=cfg.views.long_side_3d,
+        progress=False,
+    )  # resumes
     assert res["images"] == 34
     recs = load_manifest(tmp_path / "c" / "manifest.jsonl")
     ct = next(r for r in recs if r.modality == "ct")
@@ -310,7 +360,7 @@ def test_static_facts_of_default_configs():
     mix.cxr_per_batch, mix.ct_per_batch = 192, 64
     got = P.bucket_shapes(mix)
     assert 1 <= len(got) <= 4
-    assert all(g2[1:] == (2048, 128, 14 ** 2) and g3[1:] == (2048, 128, 14 ** 3) for g2, g3 in got)
+    assert all(g2[1:] == (2048, 128, 14**2) and g3[1:] == (2048, 128, 14**3) for g2, g3 in got)
     s1 = P.bucket_shapes(P.default_config())  # stage 1: one 2D group, P*P wide patches
     assert all(len(s) == 1 and s[0][3] == 14 * 14 for s in s1)
     assert P.num_samples_global(mix, 4) == 256
@@ -324,6 +374,7 @@ class _ThreadGather:
 
     def __init__(self, n):
         import threading
+
         self.n, self.slots, self.tables = n, [None] * n, []
         self.barrier = threading.Barrier(n)
 
@@ -336,15 +387,21 @@ class _ThreadGather:
                 self.tables.append(table)
             self.barrier.wait()
             return table
+
         return gather
 
 
 def _run_processes(cfg, n_proc, steps, seed=5, state=None):
     """``steps`` batches of each of ``n_proc`` simulated processes (threads), in lockstep."""
     from concurrent.futures import ThreadPoolExecutor
+
     g = _ThreadGather(n_proc)
-    its = [P.make_train_iterator(cfg, seed=seed, process_index=p, process_count=n_proc,
-                                 gather=g.for_process(p)) for p in range(n_proc)]
+    its = [
+        P.make_train_iterator(
+            cfg, seed=seed, process_index=p, process_count=n_proc, gather=g.for_process(p)
+        )
+        for p in range(n_proc)
+    ]
     if state is not None:
         for it in its:
             it.set_state(state)
@@ -363,14 +420,19 @@ def test_processes_agree_on_one_bucket_when_local_needs_differ(demo):
     cfg.buckets.rows_2d = (1, 2)
     cfg.buckets.rows_3d = (1, 2)
     out, states, tables = _run_processes(cfg, 2, 8)
-    needs = np.stack([t[:, :2] for t in tables])      # [step, process, group] rows needed
+    needs = np.stack([t[:, :2] for t in tables])  # [step, process, group] rows needed
     assert (needs[:, 0] != needs[:, 1]).any(), "data too uniform to test the agreement"
     for step in range(8):
         shapes = {tuple(g.segment_ids.shape for g in b) for b, _ in (out[0][step], out[1][step])}
         assert len(shapes) == 1, (step, shapes)
         s0, s1 = out[0][step][1], out[1][step][1]
-        assert s0["real_tokens"] == s1["real_tokens"] == sum(
-            int((g.segment_ids > 0).sum()) for b, _ in (out[0][step], out[1][step]) for g in b)
+        assert (
+            s0["real_tokens"]
+            == s1["real_tokens"]
+            == sum(
+                int((g.segment_ids > 0).sum()) for b, _ in (out[0][step], out[1][step]) for g in b
+            )
+        )
     assert states[0] == states[1]
 
 
@@ -378,12 +440,15 @@ def test_state_is_topology_free(demo):
     cfg = _cfg(demo)
     ref = P.make_train_iterator(cfg, seed=5)
     ref_batches = [next(ref)[0] for _ in range(5)]
-    _, states, _ = _run_processes(cfg, 2, 3)          # written by 2 processes ...
-    one = P.make_train_iterator(cfg, seed=5)          # ... restored into 1
+    _, states, _ = _run_processes(cfg, 2, 3)  # written by 2 processes ...
+    one = P.make_train_iterator(cfg, seed=5)  # ... restored into 1
     one.set_state(json.loads(json.dumps(states[0])))
     assert _same(next(one)[0], ref_batches[3])
-    state = one.get_state()                           # and from 1 back into 2
+    state = one.get_state()  # and from 1 back into 2
     out, _, _ = _run_processes(cfg, 2, 1, state=state)
-    tokens = lambda bs: sorted(np.round(np.concatenate(
-        [b.patches[b.segment_ids > 0].sum(-1) for b in map(join_groups, bs)]), 3).tolist())
+    tokens = lambda bs: sorted(
+        np.round(
+            np.concatenate([b.patches[b.segment_ids > 0].sum(-1) for b in map(join_groups, bs)]), 3
+        ).tolist()
+    )
     assert tokens([o[0][0] for o in out]) == tokens([ref_batches[4]])

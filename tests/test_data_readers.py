@@ -1,4 +1,5 @@
 """Readers on real files shipped with pydicom / pydicom-data / nibabel (tests/test_data_readers.py)."""
+
 import os
 
 import numpy as np
@@ -16,18 +17,21 @@ def _f(name):
     return p
 
 
-@pytest.mark.parametrize("a,b", [
-    ("RG1_UNCR.dcm", "RG1_J2KR.dcm"),            # MONOCHROME1 chest radiograph, JPEG 2000 lossless
-    ("RG1_UNCI.dcm", "RG1_J2KI.dcm"),            # ... JPEG 2000 lossy vs its decoded reference
-    ("693_UNCR.dcm", "693_J2KR.dcm"),            # CT, JPEG 2000 lossless
-    ("MR_small.dcm", "MR_small_RLE.dcm"),        # RLE
-    ("MR_small.dcm", "MR_small_jpeg_ls_lossless.dcm"),  # JPEG-LS
-    ("MR_small.dcm", "MR_small_jp2klossless.dcm"),
-    ("MR_small.dcm", "MR_small_bigendian.dcm"),
-    ("emri_small_RLE.dcm", "emri_small_jpeg_ls_lossless.dcm"),  # multi-frame
-    ("emri_small_RLE.dcm", "emri_small_jpeg_2k_lossless.dcm"),
-    ("JPEG2000_UNC.dcm", "JPEG2000.dcm"),
-])
+@pytest.mark.parametrize(
+    "a,b",
+    [
+        ("RG1_UNCR.dcm", "RG1_J2KR.dcm"),  # MONOCHROME1 chest radiograph, JPEG 2000 lossless
+        ("RG1_UNCI.dcm", "RG1_J2KI.dcm"),  # ... JPEG 2000 lossy vs its decoded reference
+        ("693_UNCR.dcm", "693_J2KR.dcm"),  # CT, JPEG 2000 lossless
+        ("MR_small.dcm", "MR_small_RLE.dcm"),  # RLE
+        ("MR_small.dcm", "MR_small_jpeg_ls_lossless.dcm"),  # JPEG-LS
+        ("MR_small.dcm", "MR_small_jp2klossless.dcm"),
+        ("MR_small.dcm", "MR_small_bigendian.dcm"),
+        ("emri_small_RLE.dcm", "emri_small_jpeg_ls_lossless.dcm"),  # multi-frame
+        ("emri_small_RLE.dcm", "emri_small_jpeg_2k_lossless.dcm"),
+        ("JPEG2000_UNC.dcm", "JPEG2000.dcm"),
+    ],
+)
 def test_encodings_decode_to_same_pixels(a, b):
     ra, rb = load_image(_f(a)), load_image(_f(b))
     assert ra.array.dtype == np.float32 and ra.array.ndim == 3
@@ -40,9 +44,9 @@ def test_encodings_decode_to_same_pixels(a, b):
 
 
 def test_jpeg_baseline_and_lossless_decode():
-    r = load_image(_f("SC_rgb_jpeg_dcmtk.dcm"))           # JPEG baseline (colour -> luminance)
+    r = load_image(_f("SC_rgb_jpeg_dcmtk.dcm"))  # JPEG baseline (colour -> luminance)
     assert r.array.shape == (1, 100, 100) and np.isfinite(r.array).all()
-    r = load_image(_f("JPEG-LL.dcm"))                      # JPEG lossless, process 14
+    r = load_image(_f("JPEG-LL.dcm"))  # JPEG lossless, process 14
     assert r.array.shape == (1, 1024, 256) and r.array.max() > 0
 
 
@@ -60,12 +64,13 @@ def test_monochrome1_inverted_bone_bright():
     assert r.modality == "cxr" and r.array.shape == (1,) + raw.shape
     # the file's window (a CR from an archive) first, then the inversion
     from pydicom.pixels import apply_voi_lut
+
     voi = apply_voi_lut(ds.pixel_array, ds).astype(np.float32)
     np.testing.assert_allclose(r.array[0], voi.max() + voi.min() - voi, rtol=1e-6)
     # bone (the spine, image centre column band) brighter than the lung fields beside it
     h, w = raw.shape
-    centre = r.array[0, h // 3: 2 * h // 3, w // 2 - w // 40: w // 2 + w // 40].mean()
-    lung = r.array[0, h // 3: 2 * h // 3, w // 4 - w // 20: w // 4 + w // 20].mean()
+    centre = r.array[0, h // 3 : 2 * h // 3, w // 2 - w // 40 : w // 2 + w // 40].mean()
+    lung = r.array[0, h // 3 : 2 * h // 3, w // 4 - w // 20 : w // 4 + w // 20].mean()
     assert centre > lung
 
 
@@ -77,7 +82,7 @@ def test_ct_in_hounsfield_units(name):
     assert r.modality == "ct"
     expect = ds.pixel_array.astype(np.float32) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
     np.testing.assert_array_equal(r.array[0], expect)
-    assert r.array.min() < -500 and r.array.max() < 4000   # air in HU, not raw stored values
+    assert r.array.min() < -500 and r.array.max() < 4000  # air in HU, not raw stored values
     assert r.spacing[1:] == (float(ds.PixelSpacing[0]), float(ds.PixelSpacing[1]))
 
 
@@ -111,8 +116,10 @@ def test_error_names_no_patient(tmp_path):
     assert "Secret" not in msg and "SECRET-ID" not in msg and str(p) in msg
 
 
-@pytest.mark.parametrize("name,reason", [("emri_small_jpeg_2k_lossless_too_short.dcm", None),
-                                          ("rtplan.dcm", "no pixel data")])
+@pytest.mark.parametrize(
+    "name,reason",
+    [("emri_small_jpeg_2k_lossless_too_short.dcm", None), ("rtplan.dcm", "no pixel data")],
+)
 def test_bad_dicoms(name, reason):
     with pytest.raises(ImageReadError, match=reason):
         load_image(_f(name))
@@ -148,8 +155,10 @@ def test_dicom_series_folder_sorted_by_position(tmp_path):
 
 # ---------------------------------------------------------------- NIfTI
 
+
 def _nib(name):
     import nibabel
+
     p = os.path.join(os.path.dirname(nibabel.__file__), "tests", "data", name)
     if not os.path.exists(p):
         pytest.skip(f"{name} not shipped")
@@ -158,6 +167,7 @@ def _nib(name):
 
 def test_nifti_shipped_anatomical():
     import nibabel as nib
+
     p = _nib("anatomical.nii")
     img = nib.load(p)
     r = load_image(p)
@@ -176,6 +186,7 @@ def test_nifti_shipped_4d_raises():
 
 def test_nifti_reorientation_and_overrides(tmp_path):
     import nibabel as nib
+
     rng = np.random.default_rng(0)
     canon = rng.normal(size=(6, 7, 8)).astype(np.float32)  # [z I->S, y A->P, x R->L]
     # store as voxels (i, j, k) = (x R->L, y A->P, z I->S) = LPS, spacing 2, 3, 4
@@ -188,14 +199,20 @@ def test_nifti_reorientation_and_overrides(tmp_path):
     # a header without orientation (CT-RATE): orientation + spacing + rescale from the manifest
     raw = nib.Nifti1Image(np.round(data * 100).astype(np.int16), np.eye(4))
     nib.save(raw, tmp_path / "raw.nii.gz")
-    r2 = load_image(tmp_path / "raw.nii.gz", orientation=[1, 0, 0, 0, 1, 0],
-                    spacing=[4.0, 3.0, 2.0], hu_slope=1.0, hu_intercept=-1024.0)
+    r2 = load_image(
+        tmp_path / "raw.nii.gz",
+        orientation=[1, 0, 0, 0, 1, 0],
+        spacing=[4.0, 3.0, 2.0],
+        hu_slope=1.0,
+        hu_intercept=-1024.0,
+    )
     np.testing.assert_allclose(r2.array, np.round(canon * 100) - 1024)
     assert r2.spacing == (4.0, 3.0, 2.0)
 
 
 def test_nifti_truncated_and_nan(tmp_path):
     import nibabel as nib
+
     src = _nib("standard.nii.gz")
     data = open(src, "rb").read()
     (tmp_path / "t.nii.gz").write_bytes(data[: len(data) // 2])
@@ -210,6 +227,7 @@ def test_nifti_truncated_and_nan(tmp_path):
 
 def test_png_jpg_npy(tmp_path):
     from PIL import Image
+
     img = (np.arange(40 * 30) % 251).reshape(40, 30).astype(np.uint8)
     Image.fromarray(img).save(tmp_path / "a.png")
     r = load_image(tmp_path / "a.png")
@@ -244,7 +262,7 @@ def test_coronal_dicom_series_reoriented(tmp_path):
     r = load_image(tmp_path)
     slope, inter = float(ds.RescaleSlope), float(ds.RescaleIntercept)
     stack = np.stack([(base + s) * slope + inter for s in range(4)])  # [A->P, S->I, R->L]
-    expect = stack.transpose(1, 0, 2)[::-1]                           # [I->S, A->P, R->L]
+    expect = stack.transpose(1, 0, 2)[::-1]  # [I->S, A->P, R->L]
     np.testing.assert_array_equal(r.array, expect)
     px = float(ds.PixelSpacing[0])
     assert r.spacing == pytest.approx((px, 3.0, float(ds.PixelSpacing[1])))
@@ -252,17 +270,22 @@ def test_coronal_dicom_series_reoriented(tmp_path):
 
 # ---------------------------------------------------------------- modality LUT and VOI LUT / window
 
+
 def _cxr_dicom(path, px, **tags):
     """A single-frame DX written with pydicom; ``tags`` set on the dataset (window, VOI LUT ...)."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
     meta.MediaStorageSOPInstanceUID = generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.SOPClassUID, ds.SOPInstanceUID = (
+        meta.MediaStorageSOPClassUID,
+        meta.MediaStorageSOPInstanceUID,
+    )
     ds.Modality = "DX"
     ds.PatientName, ds.PatientID = "Secret^Person", "SECRET-ID-123"
     ds.Rows, ds.Columns = px.shape
@@ -283,11 +306,12 @@ def _ramp():
 def test_window_applied_to_xray(tmp_path):
     px = _ramp()
     plain = load_image(_cxr_dicom(tmp_path / "plain.dcm", px))
-    np.testing.assert_array_equal(plain.array[0], px.astype(np.float32))   # no window: raw
+    np.testing.assert_array_equal(plain.array[0], px.astype(np.float32))  # no window: raw
     path = _cxr_dicom(tmp_path / "win.dcm", px, WindowCenter="1000", WindowWidth="800")
     r = load_image(path)
     ds = pydicom.dcmread(path)
     from pydicom.pixels import apply_voi_lut
+
     np.testing.assert_allclose(r.array[0], apply_voi_lut(px, ds).astype(np.float32))
     # LINEAR window 600..1400 onto the 12-bit range: saturated outside, a ramp inside
     row = r.array[0, 0]
@@ -295,14 +319,22 @@ def test_window_applied_to_xray(tmp_path):
     inside = (px[0] > 610) & (px[0] < 1390)
     assert inside.sum() >= 10 and np.all(np.diff(row[inside]) > 0)
     # MONOCHROME1: the window first, then the inversion (bright = dense)
-    m1 = load_image(_cxr_dicom(tmp_path / "m1.dcm", px, WindowCenter="1000", WindowWidth="800",
-                               PhotometricInterpretation="MONOCHROME1"))
+    m1 = load_image(
+        _cxr_dicom(
+            tmp_path / "m1.dcm",
+            px,
+            WindowCenter="1000",
+            WindowWidth="800",
+            PhotometricInterpretation="MONOCHROME1",
+        )
+    )
     np.testing.assert_allclose(m1.array[0], row.max() + row.min() - r.array[0])
 
 
 def test_voi_lut_sequence_applied(tmp_path):
     """pydicom-data's vlut_04.dcm (VOI LUT Sequence) and one written here."""
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
     src = _f("vlut_04.dcm")
     ds = pydicom.dcmread(src)
     want = apply_voi_lut(apply_modality_lut(ds.pixel_array, ds), ds).astype(np.float32)
@@ -312,24 +344,29 @@ def test_voi_lut_sequence_applied(tmp_path):
     assert not np.array_equal(r.array[0], ds.pixel_array.astype(np.float32))
 
     from pydicom.dataset import Dataset
+
     item = Dataset()
     item.LUTDescriptor = [4096, 0, 16]
     lut = (np.sqrt(np.arange(4096) / 4095) * 65535).round().astype(np.uint16)  # a gamma curve
-    item.add_new(0x00283006, "US", lut.tolist())   # LUTData; US (its VR is ambiguous: US or OW)
+    item.add_new(0x00283006, "US", lut.tolist())  # LUTData; US (its VR is ambiguous: US or OW)
     px = _ramp()
     # the VOI LUT Sequence wins over a window in the same file (pydicom's prefer_lut)
-    path = _cxr_dicom(tmp_path / "lut.dcm", px, VOILUTSequence=[item], WindowCenter="100",
-                      WindowWidth="10")
+    path = _cxr_dicom(
+        tmp_path / "lut.dcm", px, VOILUTSequence=[item], WindowCenter="100", WindowWidth="10"
+    )
     np.testing.assert_array_equal(load_image(path).array[0], lut[px].astype(np.float32))
 
 
 def test_modality_lut_sequence_applied():
     from pydicom.pixels import apply_modality_lut
+
     src = _f("mlut_18.dcm")
     ds = pydicom.dcmread(src)
     assert ds.get("ModalityLUTSequence")
     r = load_image(src)
-    np.testing.assert_array_equal(r.array[0], apply_modality_lut(ds.pixel_array, ds).astype(np.float32))
+    np.testing.assert_array_equal(
+        r.array[0], apply_modality_lut(ds.pixel_array, ds).astype(np.float32)
+    )
 
 
 def test_bad_window_named_by_category_not_value(tmp_path):
@@ -338,7 +375,9 @@ def test_bad_window_named_by_category_not_value(tmp_path):
         load_image(path)
     assert e.value.reason.startswith("VOI LUT failed") and str(path) in str(e.value)
     # identifier text in the wrong tag (pydicom refuses to write it: patch the file's bytes)
-    path = _cxr_dicom(tmp_path / "bad2.dcm", _ramp(), WindowCenter="1000", WindowWidth="800.0000000001")
+    path = _cxr_dicom(
+        tmp_path / "bad2.dcm", _ramp(), WindowCenter="1000", WindowWidth="800.0000000001"
+    )
     data = open(path, "rb").read()
     assert data.count(b"800.0000000001") == 1
     open(path, "wb").write(data.replace(b"800.0000000001", b"SECRET-ID-123 "))

@@ -1,4 +1,5 @@
 """Transforms, views and tokenisation (tests/test_data_views.py)."""
+
 import numpy as np
 import pytest
 
@@ -59,13 +60,19 @@ def test_crop_scale_ranges(dims, scale):
 @pytest.mark.parametrize("shape", [(1, 224, 186), (98, 112, 112)])
 def test_sample_views_counts_and_tokens(shape):
     img = np.random.default_rng(1).uniform(-1, 1, shape).astype(np.float32)
-    views = sample_views(img, np.random.default_rng(5), sample=3, modality=int(shape[0] > 1),
-                         flips=(0.5, 0.5, 0.5), **VK)
+    views = sample_views(
+        img,
+        np.random.default_rng(5),
+        sample=3,
+        modality=int(shape[0] > 1),
+        flips=(0.5, 0.5, 0.5),
+        **VK,
+    )
     assert len(views) == 10
     assert [v.index for v in views] == list(range(10))
     assert [v.is_global for v in views] == [True] * 2 + [False] * 8
     assert all(v.sample == 3 and v.modality == int(shape[0] > 1) for v in views)
-    width = PATCH * PATCH if shape[0] == 1 else PATCH ** 3
+    width = PATCH * PATCH if shape[0] == 1 else PATCH**3
     for v in views:
         assert v.patches.shape[1] == width and v.patches.dtype == np.float32
         assert v.coords.shape == (v.num_tokens, 3)
@@ -85,15 +92,29 @@ def test_view_tokens_are_the_token_counts_of_sample_views(shape):
         for scale in (VK["global_scale"], VK["local_scale"]):
             kw = dict(n_global=1, n_local=0, global_scale=scale)
             want = view_tokens(np.random.default_rng(seed), shape, **kw)
-            views = sample_views(img, np.random.default_rng(seed), sample=0,
-                                 modality=int(shape[0] > 1), flips=(0.0, 0.0, 0.0), **kw)
+            views = sample_views(
+                img,
+                np.random.default_rng(seed),
+                sample=0,
+                modality=int(shape[0] > 1),
+                flips=(0.0, 0.0, 0.0),
+                **kw,
+            )
             assert want == [views[0].num_tokens] == [len(views[0].patches)], (seed, scale)
 
 
 def test_views_patch_content_matches_crop():
     img = np.random.default_rng(2).uniform(-1, 1, (1, 224, 224)).astype(np.float32)
-    views = sample_views(img, np.random.default_rng(0), sample=0, modality=0,
-                         flips=(0.0, 0.0, 0.0), n_global=1, n_local=0, global_scale=(1.0, 1.0))
+    views = sample_views(
+        img,
+        np.random.default_rng(0),
+        sample=0,
+        modality=0,
+        flips=(0.0, 0.0, 0.0),
+        n_global=1,
+        n_local=0,
+        global_scale=(1.0, 1.0),
+    )
     v = views[0]
     assert v.num_tokens == 256
     np.testing.assert_array_equal(v.patches[0].reshape(PATCH, PATCH), img[0, :PATCH, :PATCH])
@@ -107,8 +128,10 @@ def test_views_deterministic_across_runs():
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x.patches, y.patches)
         np.testing.assert_array_equal(x.coords, y.coords)
-    assert any(x.patches.shape != y.patches.shape or not np.array_equal(x.patches, y.patches)
-               for x, y in zip(a, c))
+    assert any(
+        x.patches.shape != y.patches.shape or not np.array_equal(x.patches, y.patches)
+        for x, y in zip(a, c)
+    )
 
 
 def test_whole_view():

@@ -1,5 +1,6 @@
 """Analyses write their figures (PNG, non-empty) on small synthetic arrays; PCA maps and
 PCA probes behave."""
+
 import json
 import os
 
@@ -19,8 +20,12 @@ def png_ok(path):
 
 def make_data(seed=0, d=12):
     rng = np.random.default_rng(seed)
-    parts = [("mimic", "cxr", "train", 200), ("mimic", "cxr", "test", 100),
-             ("ct-rate", "ct", "train", 200), ("ct-rate", "ct", "test", 100)]
+    parts = [
+        ("mimic", "cxr", "train", 200),
+        ("mimic", "cxr", "test", 100),
+        ("ct-rate", "ct", "train", 200),
+        ("ct-rate", "ct", "test", 100),
+    ]
     ds, mod, sp = (np.concatenate([[p[i]] * p[3] for p in parts]) for i in range(3))
     n = ds.size
     y = (rng.random((n, 5)) < 0.4).astype(np.float32)
@@ -28,8 +33,14 @@ def make_data(seed=0, d=12):
     off = np.where(mod == "ct", 5, 0)
     for k in range(5):
         emb[np.arange(n), off + k] += 4.0 * y[:, k]
-    return dict(ids=np.array([str(i) for i in range(n)]), embeddings=emb, labels=y,
-                dataset=ds, modality=mod, split=sp)
+    return dict(
+        ids=np.array([str(i) for i in range(n)]),
+        embeddings=emb,
+        labels=y,
+        dataset=ds,
+        modality=mod,
+        split=sp,
+    )
 
 
 def test_pca_feature_map_shapes_and_range():
@@ -42,7 +53,7 @@ def test_pca_feature_map_shapes_and_range():
     np.testing.assert_allclose(rgb.reshape(-1, 3).max(0), 1, atol=1e-6)
     # 3D: the middle depth slice; tokens in z-major order
     tok3d = rng.normal(size=(3 * 4 * 5, 16))
-    tok3d[40:60] += 5.0                                   # slice z=2 differs strongly
+    tok3d[40:60] += 5.0  # slice z=2 differs strongly
     mid = analysis.pca_feature_map(tok3d, (3, 4, 5))
     last = analysis.pca_feature_map(tok3d, (3, 4, 5), slice_index=2)
     assert mid.shape == (4, 5, 3)
@@ -57,15 +68,31 @@ def test_pca_feature_map_shapes_and_range():
 
 def test_feature_map_and_loss_figures(tmp_path):
     rng = np.random.default_rng(1)
-    p = analysis.save_feature_map_figure(rng.random((56, 84)), rng.normal(size=(24, 16)),
-                                         (1, 4, 6), tmp_path / "fm2d.png", title="demo")
+    p = analysis.save_feature_map_figure(
+        rng.random((56, 84)),
+        rng.normal(size=(24, 16)),
+        (1, 4, 6),
+        tmp_path / "fm2d.png",
+        title="demo",
+    )
     assert png_ok(p)
-    p = analysis.save_feature_map_figure(rng.random((28, 56, 70)), rng.normal(size=(60, 16)),
-                                         (3, 4, 5), tmp_path / "fm3d.png")
+    p = analysis.save_feature_map_figure(
+        rng.random((28, 56, 70)), rng.normal(size=(60, 16)), (3, 4, 5), tmp_path / "fm3d.png"
+    )
     assert png_ok(p)
     m = tmp_path / "metrics.jsonl"
-    lines = [json.dumps({"step": s, "loss": 1.0 / (s + 1), "pred_loss": 0.5 / (s + 1),
-                         "sigreg_loss": 2.0 + s, "lr": 1e-4}) for s in range(20)]
+    lines = [
+        json.dumps(
+            {
+                "step": s,
+                "loss": 1.0 / (s + 1),
+                "pred_loss": 0.5 / (s + 1),
+                "sigreg_loss": 2.0 + s,
+                "lr": 1e-4,
+            }
+        )
+        for s in range(20)
+    ]
     m.write_text("\n".join(lines[:10] + ["not json", "{}"] + lines[10:]) + "\n")
     assert png_ok(analysis.plot_loss_curve(m, tmp_path / "curves" / "loss.png"))
     (tmp_path / "empty.jsonl").write_text("")
@@ -77,8 +104,7 @@ def test_robustness_grid_and_pca_probe(tmp_path):
     d = make_data()
     grid = analysis.robustness_grid(d, n_boot=20, c_grid=(1.0,))
     assert list(grid) == ["2D", "3D", "ALL"]
-    m = {lp: {t: r["macro"]["auroc"] for t, r in g["test_sets"].items()}
-         for lp, g in grid.items()}
+    m = {lp: {t: r["macro"]["auroc"] for t, r in g["test_sets"].items()} for lp, g in grid.items()}
     assert m["2D"]["mimic"] > 0.95 and m["2D"]["ct-rate"] < 0.75
     assert m["3D"]["ct-rate"] > 0.95 and m["ALL"]["mimic"] > 0.95
     md = analysis.robustness_markdown(grid)
@@ -97,20 +123,44 @@ def test_robustness_grid_and_pca_probe(tmp_path):
 
 def test_analysis_cli(tmp_path):
     from mmv_jax.eval.probe import save_embeddings
+
     e = save_embeddings(tmp_path / "e.npz", **make_data(1))
     m = tmp_path / "metrics.jsonl"
-    m.write_text("".join(json.dumps({"step": s, "loss": 1.0, "pred_loss": 0.5,
-                                     "sigreg_loss": 1.0}) + "\n" for s in range(3)))
+    m.write_text(
+        "".join(
+            json.dumps({"step": s, "loss": 1.0, "pred_loss": 0.5, "sigreg_loss": 1.0}) + "\n"
+            for s in range(3)
+        )
+    )
     out = tmp_path / "a"
-    assert analysis.main(["--embeddings", str(e), "--out", str(out), "--metrics", str(m),
-                          "--bootstrap", "10", "--n-components", "4"]) == 0
+    assert (
+        analysis.main(
+            [
+                "--embeddings",
+                str(e),
+                "--out",
+                str(out),
+                "--metrics",
+                str(m),
+                "--bootstrap",
+                "10",
+                "--n-components",
+                "4",
+            ]
+        )
+        == 0
+    )
     for f in ("robustness.png", "pca_shared.png", "pca_coef.png", "loss_curve.png"):
         assert png_ok(out / f)
     assert json.loads((out / "pca_probe.json").read_text())["3D-fit"]["n_fit"] == 200
     shared = json.loads((out / "pca_shared.json").read_text())
-    assert shared["n_fit"] == 400 and set(shared["probes"]) == {"2D-fitted", "3D-fitted", "joint-fitted"}
+    assert shared["n_fit"] == 400 and set(shared["probes"]) == {
+        "2D-fitted",
+        "3D-fitted",
+        "joint-fitted",
+    }
     assert "2D-fitted" in (out / "pca_shared.md").read_text()
-    assert analysis.main(["--out", str(out)]) == 2                       # nothing to analyse
+    assert analysis.main(["--out", str(out)]) == 2  # nothing to analyse
     assert analysis.main(["--checkpoint", str(tmp_path), "--out", str(out)]) == 2
 
 
@@ -120,7 +170,7 @@ def test_shared_pca_basis_shows_the_2d_probe_cannot_read_ct(tmp_path):
     and they lean on different components; the joint-fitted probe reads both."""
     d = make_data()
     res = analysis.shared_pca_probe(d, n_components=10, c_grid=(1.0,))
-    assert res["n_fit"] == 400 and res["n_components"] == 10       # ALL training rows, one basis
+    assert res["n_fit"] == 400 and res["n_components"] == 10  # ALL training rows, one basis
     assert res["findings"][0] == "cardiomegaly"
     p = res["probes"]
     assert list(p) == ["2D-fitted", "3D-fitted", "joint-fitted"]
@@ -131,7 +181,10 @@ def test_shared_pca_basis_shows_the_2d_probe_cannot_read_ct(tmp_path):
     assert card["3D-fitted"]["3D"]["cardiomegaly"] > 0.9
     assert card["3D-fitted"]["2D"]["cardiomegaly"] < 0.65
     assert min(card["joint-fitted"][m]["cardiomegaly"] for m in ("2D", "3D")) > 0.85
-    top2d, top3d = p["2D-fitted"]["top_pcs"]["cardiomegaly"], p["3D-fitted"]["top_pcs"]["cardiomegaly"]
+    top2d, top3d = (
+        p["2D-fitted"]["top_pcs"]["cardiomegaly"],
+        p["3D-fitted"]["top_pcs"]["cardiomegaly"],
+    )
     assert top2d[0] != top3d[0]
     assert {top2d[0], top3d[0]} <= set(p["joint-fitted"]["top_pcs"]["cardiomegaly"][:2])
     md = analysis.shared_pca_markdown(res)
@@ -141,16 +194,22 @@ def test_shared_pca_basis_shows_the_2d_probe_cannot_read_ct(tmp_path):
 
 def test_feature_maps_share_one_pca_across_images(tmp_path):
     from mmv_jax.eval import feature_maps
+
     rng = np.random.default_rng(2)
     a, b = rng.normal(size=(12, 16)), rng.normal(size=(12, 16))
-    b[:, 0] += 20.0                          # image b sits far along one direction
+    b[:, 0] += 20.0  # image b sits far along one direction
     ma, mb = feature_maps.pca_feature_maps([a, b], [(1, 3, 4), (1, 3, 4)])
     assert ma.shape == mb.shape == (3, 4, 3)
     # one PCA and one scaling across both: PC1 (red) separates the images, not pixels within one
     assert ma[..., 0].max() < 0.5 < mb[..., 0].min()
-    assert png_ok(feature_maps.save_feature_maps_figure(
-        [rng.random((42, 56)), rng.random((14, 42, 56))], [a, b], [(1, 3, 4), (1, 3, 4)],
-        tmp_path / "maps.png"))
+    assert png_ok(
+        feature_maps.save_feature_maps_figure(
+            [rng.random((42, 56)), rng.random((14, 42, 56))],
+            [a, b],
+            [(1, 3, 4), (1, 3, 4)],
+            tmp_path / "maps.png",
+        )
+    )
 
 
 def test_feature_map_figure_from_an_encoder(tmp_path):
@@ -161,6 +220,7 @@ def test_feature_map_figure_from_an_encoder(tmp_path):
     from mmv_jax.data.manifest import load_manifest
     from mmv_jax.eval import embed
     from mmv_jax.train import sharding as shd
+
     cfg = tiny_config(**{"model.depth": 1})
     cfg.data = pipeline.demo_config()
     records = load_manifest(synthetic.make_demo_dataset(str(tmp_path / "d"), n_cxr=1, n_ct=1))

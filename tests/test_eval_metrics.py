@@ -1,5 +1,6 @@
 """AUROC / macro AUROC against scikit-learn; bootstrap CIs (deterministic, cover the estimate,
 resample == weighted statistic); undefined labels."""
+
 import json
 import math
 
@@ -12,7 +13,7 @@ from mmv_jax.eval.metrics import auroc, bootstrap_auroc, macro_auroc, nan_to_non
 def data(seed=0, n=300, L=5):
     rng = np.random.default_rng(seed)
     y = (rng.random((n, L)) < 0.3).astype(np.float64)
-    s = np.round(y * 0.8 + rng.normal(size=(n, L)), 1)       # rounding -> many ties
+    s = np.round(y * 0.8 + rng.normal(size=(n, L)), 1)  # rounding -> many ties
     y[rng.random((n, L)) < 0.1] = -1
     y[rng.random((n, L)) < 0.1] = np.nan
     return y, s
@@ -22,8 +23,7 @@ def test_auroc_equals_sklearn_with_ties():
     y, s = data()
     for k in range(5):
         m = (y[:, k] == 0) | (y[:, k] == 1)
-        assert math.isclose(auroc(y[m, k], s[m, k]), roc_auc_score(y[m, k], s[m, k]),
-                            rel_tol=1e-12)
+        assert math.isclose(auroc(y[m, k], s[m, k]), roc_auc_score(y[m, k], s[m, k]), rel_tol=1e-12)
     per, macro = macro_auroc(y, s)
     want = [roc_auc_score(y[(y[:, k] >= 0), k], s[(y[:, k] >= 0), k]) for k in range(5)]
     np.testing.assert_allclose(per, want, rtol=1e-12)
@@ -59,7 +59,7 @@ def test_bootstrap_deterministic_and_covers_estimate():
 
 def test_single_class_label_is_undefined():
     y, s = data(3)
-    y[:, 1] = np.where(np.isnan(y[:, 1]), np.nan, 0.0)       # only negatives (and missing)
+    y[:, 1] = np.where(np.isnan(y[:, 1]), np.nan, 0.0)  # only negatives (and missing)
     per, macro = macro_auroc(y, s)
     assert math.isnan(per[1])
     assert math.isclose(macro, np.nanmean(np.delete(per, 1)))

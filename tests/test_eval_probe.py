@@ -1,5 +1,6 @@
 """Linear probe: embedding file round trip, planted signal vs noise, label policies, row
 selection, domain adaptation, the CLI (JSON nulls, Markdown n/a, --compare)."""
+
 import json
 
 import numpy as np
@@ -15,9 +16,14 @@ def make_data(seed=0, signal=4.0, d=12, val=True):
     """mimic (cxr: train/val/test), chexpert (cxr test), ct-rate (ct train/test); finding k
     shifts embedding dim k (cxr) or dim 5 + k (ct) by `signal`."""
     rng = np.random.default_rng(seed)
-    parts = [("mimic", "cxr", "train", 300), ("mimic", "cxr", "val" if val else "train", 80),
-             ("mimic", "cxr", "test", 150), ("chexpert", "cxr", "test", 120),
-             ("ct-rate", "ct", "train", 250), ("ct-rate", "ct", "test", 120)]
+    parts = [
+        ("mimic", "cxr", "train", 300),
+        ("mimic", "cxr", "val" if val else "train", 80),
+        ("mimic", "cxr", "test", 150),
+        ("chexpert", "cxr", "test", 120),
+        ("ct-rate", "ct", "train", 250),
+        ("ct-rate", "ct", "test", 120),
+    ]
     cols = {k: [] for k in ("dataset", "modality", "split")}
     for ds, mod, sp, n in parts:
         cols["dataset"] += [ds] * n
@@ -33,8 +39,7 @@ def make_data(seed=0, signal=4.0, d=12, val=True):
     lab[rng.random((n, 5)) < 0.08] = -1
     lab[rng.random((n, 5)) < 0.08] = np.nan
     ids = np.array([f"{ds}/img_{i:05d}" for i, ds in enumerate(cols["dataset"])])
-    return dict(ids=ids, embeddings=emb, labels=lab,
-                **{k: np.array(v) for k, v in cols.items()})
+    return dict(ids=ids, embeddings=emb, labels=lab, **{k: np.array(v) for k, v in cols.items()})
 
 
 def test_embedding_file_round_trip(tmp_path):
@@ -44,11 +49,11 @@ def test_embedding_file_round_trip(tmp_path):
     path = save_embeddings(tmp_path / "sub" / "e.npz", **d)
     back = load_embeddings(path)
     assert back["ids"].tolist() == d["ids"].tolist()
-    np.testing.assert_array_equal(back["labels"], d["labels"])      # NaN == NaN here
+    np.testing.assert_array_equal(back["labels"], d["labels"])  # NaN == NaN here
     np.testing.assert_array_equal(back["embeddings"], d["embeddings"])
     for k in ("modality", "dataset", "split", "extra"):
         assert back[k].tolist() == d[k].tolist()
-    with np.load(path, allow_pickle=False) as f:                     # no pickled objects
+    with np.load(path, allow_pickle=False) as f:  # no pickled objects
         assert f["ids"].dtype.kind == "U"
     bad = dict(d, labels=d["labels"][:, :4])
     with pytest.raises(ValueError, match="labels must be"):
@@ -95,8 +100,7 @@ def test_planted_signal_recovered_and_noise_near_chance():
         assert r["macro"]["auroc"] > 0.95, (name, r["macro"])
         assert all(r["per_label"][f]["auroc"] > 0.9 for f in FINDINGS)
         assert r["macro"]["ci_low"] <= r["macro"]["auroc"] <= r["macro"]["ci_high"]
-    noise = probe.run_probe(make_data(1, signal=0.0), lp_data="ALL", n_boot=50,
-                            c_grid=FAST_C)
+    noise = probe.run_probe(make_data(1, signal=0.0), lp_data="ALL", n_boot=50, c_grid=FAST_C)
     for name, r in noise["test_sets"].items():
         assert abs(r["macro"]["auroc"] - 0.5) < 0.1, (name, r["macro"])
     # LP on 2D only does not transfer to CT (signal in other dims)
@@ -114,12 +118,23 @@ def test_domain_adaptation_trains_on_target_only():
 
 def test_cli_undefined_label_json_markdown_and_compare(tmp_path, capsys):
     d = make_data(val=False)
-    test_chex = (d["dataset"] == "chexpert")
-    d["labels"][test_chex, 1] = 0.0                        # cardiomegaly: one class in chexpert
+    test_chex = d["dataset"] == "chexpert"
+    d["labels"][test_chex, 1] = 0.0  # cardiomegaly: one class in chexpert
     path = save_embeddings(tmp_path / "e.npz", **d)
     out = tmp_path / "out"
-    rc = probe.main(["--embeddings", str(path), "--out", str(out), "--bootstrap", "30",
-                     "--compare", "--stage", "3"])
+    rc = probe.main(
+        [
+            "--embeddings",
+            str(path),
+            "--out",
+            str(out),
+            "--bootstrap",
+            "30",
+            "--compare",
+            "--stage",
+            "3",
+        ]
+    )
     assert rc == 0
     js = json.loads((out / "probe_ALL.json").read_text())
     chex = js["test_sets"]["chexpert"]
@@ -151,17 +166,20 @@ def test_grouped_holdout_keeps_patients_whole():
 
 def test_validation_holdout_is_grouped_by_patient():
     d = make_data(val=False)
-    d["group"] = np.arange(len(d["ids"])) // 4            # four rows per patient
+    d["group"] = np.arange(len(d["ids"])) // 4  # four rows per patient
     tr, va, src = probe.select_rows(d, lp_data="ALL", seed=2)
     assert src == "holdout" and va.size and tr.size
     assert not set(d["group"][tr]) & set(d["group"][va])
-    assert not set(va) & set(np.flatnonzero(d["split"] == "test"))   # never the test split
+    assert not set(va) & set(np.flatnonzero(d["split"] == "test"))  # never the test split
 
 
 def test_external_test_sets_never_train_the_2d_3d_all_probes():
     d = make_data()
-    d["dataset"] = np.where((d["dataset"] == "ct-rate") & (np.arange(len(d["ids"])) % 7 == 0),
-                            "rad-chestct", d["dataset"])             # rad-chestct rows in train
+    d["dataset"] = np.where(
+        (d["dataset"] == "ct-rate") & (np.arange(len(d["ids"])) % 7 == 0),
+        "rad-chestct",
+        d["dataset"],
+    )  # rad-chestct rows in train
     with pytest.raises(ValueError, match="rad-chestct is an external test set"):
         probe.select_rows(d, lp_data="3D")
     with pytest.raises(ValueError, match="external test set"):
@@ -175,7 +193,7 @@ def test_adaptation_splits_an_all_test_dataset_80_20():
     ct_test = (d["dataset"] == "ct-rate") & (d["split"] == "test")
     ct_train = (d["dataset"] == "ct-rate") & (d["split"] == "train")
     d["dataset"] = np.where(ct_test | ct_train, "rad-chestct", d["dataset"])
-    d["split"] = np.where(ct_train, "test", d["split"])                # 370 volumes, all test
+    d["split"] = np.where(ct_train, "test", d["split"])  # 370 volumes, all test
     n_rad = int((d["dataset"] == "rad-chestct").sum())
     res = probe.run_probe(d, train_dataset="rad-chestct", n_boot=20, c_grid=FAST_C)
     cfg, test = res["config"], res["test_sets"]["rad-chestct"]
@@ -184,10 +202,10 @@ def test_adaptation_splits_an_all_test_dataset_80_20():
     assert test["macro"]["auroc"] > 0.9
     split = probe.adaptation_split(d, "rad-chestct", seed=0)["split"]
     assert (split == probe.adaptation_split(d, "rad-chestct", seed=0)["split"]).all()
-    d["group"] = np.arange(len(d["ids"])) // 3                       # three scans per patient
+    d["group"] = np.arange(len(d["ids"])) // 3  # three scans per patient
     split = probe.adaptation_split(d, "rad-chestct", seed=0)["split"]
     rad = d["dataset"] == "rad-chestct"
     assert not set(d["group"][rad & (split == "train")]) & set(d["group"][rad & (split == "test")])
     r_all = probe.run_probe(d, lp_data="ALL", n_boot=0, c_grid=FAST_C)
-    assert r_all["test_sets"]["rad-chestct"]["n"] == n_rad           # all of it stays test
-    assert r_all["config"]["n_train"] + r_all["config"]["n_val"] == 380   # mimic rows only
+    assert r_all["test_sets"]["rad-chestct"]["n"] == n_rad  # all of it stays test
+    assert r_all["config"]["n_train"] + r_all["config"]["n_val"] == 380  # mimic rows only

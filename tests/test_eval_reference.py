@@ -1,4 +1,5 @@
 """The comparison with the paper reproduces reference_results.csv exactly."""
+
 import csv
 
 import pytest
@@ -34,13 +35,21 @@ def test_paper_table_reproduces_csv(path):
 
 
 def fake_result(names, lp="ALL", train_dataset=None, macro=0.815):
-    per = {f: {"auroc": 0.8 + 0.01 * i, "ci_low": 0.7, "ci_high": 0.9}
-           for i, f in enumerate(FINDINGS)}
+    per = {
+        f: {"auroc": 0.8 + 0.01 * i, "ci_low": 0.7, "ci_high": 0.9} for i, f in enumerate(FINDINGS)
+    }
     per["consolidation"]["auroc"] = float("nan")
-    return {"config": {"lp_data": lp, "train_dataset": train_dataset},
-            "test_sets": {n: {"n": 10, "per_label": per,
-                              "macro": {"auroc": macro, "ci_low": 0.8, "ci_high": 0.83}}
-                          for n in names}}
+    return {
+        "config": {"lp_data": lp, "train_dataset": train_dataset},
+        "test_sets": {
+            n: {
+                "n": 10,
+                "per_label": per,
+                "macro": {"auroc": macro, "ci_low": 0.8, "ci_high": 0.83},
+            }
+            for n in names
+        },
+    }
 
 
 def test_compare_rows_deltas_and_ci():
@@ -50,13 +59,13 @@ def test_compare_rows_deltas_and_ci():
     mimic, chex, demo = comp
     assert mimic["paper_test_set"] == "MIMIC" and [p["table"] for p in mimic["paper"]] == [1, 3]
     t1 = mimic["paper"][0]
-    assert t1["raw"] == {k: v for k, v in raw[3].items()}          # MIMIC, MultiMedVision, ALL, 3
+    assert t1["raw"] == {k: v for k, v in raw[3].items()}  # MIMIC, MultiMedVision, ALL, 3
     assert t1["delta"]["ATEL"] == pytest.approx(0.80 - 0.81)
-    assert t1["delta"]["CONS"] is None                              # ours undefined
+    assert t1["delta"]["CONS"] is None  # ours undefined
     assert t1["delta"]["macro"] == pytest.approx(0.815 - 0.82)
     assert t1["inside_ci"] is True
-    assert mimic["paper"][1]["delta"]["ATEL"] is None               # table 3: macro only
-    assert chex["paper"][0]["inside_ci"] is True                    # [0.79, 0.88]
+    assert mimic["paper"][1]["delta"]["ATEL"] is None  # table 3: macro only
+    assert chex["paper"][0]["inside_ci"] is True  # [0.79, 0.88]
     assert demo["paper"] == [] and demo["note"] == "no paper row"
     md = reference.comparison_markdown(comp)
     assert "| 0.81 | 0.82 | 0.81 | 0.76 | 0.90 | 0.82 | [0.81, 0.83] | yes |" in md
@@ -74,8 +83,13 @@ def test_compare_domain_adaptation_and_names():
     assert out["paper_test_set"] == "RAD-ChestCT-adapted"
     assert [p["table"] for p in out["paper"]] == [2]
     assert out["paper"][0]["raw"]["macro"] == "0.75"
-    for name, want in [("mimic_cxr", "MIMIC"), ("CheXpert", "CheXpert"), ("ct_rate", "CT-RATE"),
-                       ("RAD-ChestCT", "RAD-ChestCT"), ("demo", None)]:
+    for name, want in [
+        ("mimic_cxr", "MIMIC"),
+        ("CheXpert", "CheXpert"),
+        ("ct_rate", "CT-RATE"),
+        ("RAD-ChestCT", "RAD-ChestCT"),
+        ("demo", None),
+    ]:
         assert reference.paper_test_set(name) == want
 
 
@@ -85,8 +99,12 @@ def test_compare_prints_test_set_sizes_beside_the_papers():
     res["test_sets"]["chexpert"]["n"] = 668
     comp = reference.compare(res, rows)
     by = {e["test_set"]: e for e in comp}
-    assert [by[n]["n_paper"] for n in ("mimic", "chexpert", "ct-rate", "rad-chestct")] == \
-        [33537, 668, 3002, 3630]
+    assert [by[n]["n_paper"] for n in ("mimic", "chexpert", "ct-rate", "rad-chestct")] == [
+        33537,
+        668,
+        3002,
+        3630,
+    ]
     assert by["chexpert"]["n_match"] is True and by["mimic"]["n_match"] is False
     assert by["demo"]["n_paper"] is None and by["demo"]["n_match"] is None
     md = reference.comparison_markdown(comp)
@@ -94,4 +112,4 @@ def test_compare_prints_test_set_sizes_beside_the_papers():
     assert "| chexpert (CheXpert) | 668 | 668 | same |" in md
     assert "| demo | 10 | n/a |  |" in md
     adapted = reference.compare(fake_result(["rad-chestct"], train_dataset="rad-chestct"), rows)[0]
-    assert adapted["n_paper"] is None      # the paper states no size for its adaptation split
+    assert adapted["n_paper"] is None  # the paper states no size for its adaptation split

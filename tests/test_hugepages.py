@@ -13,6 +13,7 @@ def thp(tmp_path):
         path = tmp_path / "enabled"
         path.write_text(text)
         return str(path)
+
     return write
 
 
@@ -54,11 +55,17 @@ def test_only_cpu_hosts_get_huge_pages(thp, tmp_path):
 
 
 def test_real_reexec_sets_the_variable_for_the_new_process():
-    code = ("import os; from mmv_jax.hugepages import reexec_with_hugepages; "
-            "reexec_with_hugepages(); print(os.environ.get('GLIBC_TUNABLES'))")
+    code = (
+        "import os; from mmv_jax.hugepages import reexec_with_hugepages; "
+        "reexec_with_hugepages(); print(os.environ.get('GLIBC_TUNABLES'))"
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "MMV_HUGEPAGES")}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         check=True).stdout.strip()
-    wanted = (sys.platform.startswith("linux") and hugepages._thp_mode() == "madvise"
-              and not hugepages.accelerator_host(env))
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    wanted = (
+        sys.platform.startswith("linux")
+        and hugepages._thp_mode() == "madvise"
+        and not hugepages.accelerator_host(env)
+    )
     assert out == (hugepages.TUNABLE if wanted else "None")

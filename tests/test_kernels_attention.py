@@ -60,6 +60,7 @@ def test_encoder_follows_the_mesh_it_is_traced_for(tpu_host):
     from mmv_jax.model.axes import axis_rules
     from mmv_jax.model.encoder import Encoder, encoder_config
     from mmv_jax.train.sharding import DEFAULT_RULES, make_mesh, rules_dict
+
     mesh = make_mesh((1, 1, 1), jax.devices("cpu")[:1])
     enc = Encoder(encoder_config("Ti/14", depth=1, max_segment_len=None), rngs=nnx.Rngs(0))
     batch = jax.tree.map(jnp.asarray, synthetic_batch())

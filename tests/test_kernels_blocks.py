@@ -1,5 +1,6 @@
 """Block-skipping bookkeeping: the kernels' device-side metadata and the numpy oracle agree with
 brute force and with each other; the benchmark statistics built on them."""
+
 import os
 import sys
 
@@ -10,7 +11,9 @@ import pytest
 
 from mmv_jax.kernels import blocks
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+sys.path.insert(
+    0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
+)
 import bench_kernels  # noqa: E402  (tools/ is not a package)
 import benchlib  # noqa: E402
 
@@ -25,7 +28,7 @@ def _packed_row(rng, s, *, max_len, pad_prob=0.0, monotone=True):
             pos += n
             continue
         sid += 1
-        row[pos:pos + n] = sid
+        row[pos : pos + n] = sid
         pos += n
     if not monotone:
         ids = np.unique(row[row != 0])
@@ -39,10 +42,10 @@ def _brute(row, bq, bk):
     mask = np.zeros((nq, nk), bool)
     share = np.zeros((nq, nk), bool)
     for i in range(nq):
-        qs = row[i * bq:(i + 1) * bq]
+        qs = row[i * bq : (i + 1) * bq]
         qs = qs[qs != 0]
         for j in range(nk):
-            ks = row[j * bk:(j + 1) * bk]
+            ks = row[j * bk : (j + 1) * bk]
             ks = ks[ks != 0]
             if len(qs) and len(ks):
                 mask[i, j] = qs.min() <= ks.max() and ks.min() <= qs.max()
@@ -58,8 +61,9 @@ def test_block_overlap_matches_brute_force(seed, bq, bk):
     row = _packed_row(rng, 64, max_len=int(rng.integers(1, 20)), pad_prob=0.2, monotone=monotone)
     want, share = _brute(row, bq, bk)
     np.testing.assert_array_equal(blocks_oracle.block_overlap(row, bq, bk), want)
-    np.testing.assert_array_equal(np.asarray(blocks.block_overlap_mask(jnp.asarray(row[None]), bq, bk))[0],
-                                  want)
+    np.testing.assert_array_equal(
+        np.asarray(blocks.block_overlap_mask(jnp.asarray(row[None]), bq, bk))[0], want
+    )
     # conservative always, exact for monotone ids (what the packer emits)
     assert not (share & ~want).any()
     if monotone:
@@ -68,22 +72,29 @@ def test_block_overlap_matches_brute_force(seed, bq, bk):
 
 def test_jax_block_metadata_agrees_with_numpy():
     rng = np.random.default_rng(7)
-    rows = np.stack([_packed_row(rng, 512, max_len=m, pad_prob=0.15, monotone=m % 2 == 0)
-                     for m in (1, 40, 130, 300)])
-    rows[3, 200:] = 0                                      # trailing padding, all-padding blocks
+    rows = np.stack(
+        [
+            _packed_row(rng, 512, max_len=m, pad_prob=0.15, monotone=m % 2 == 0)
+            for m in (1, 40, 130, 300)
+        ]
+    )
+    rows[3, 200:] = 0  # trailing padding, all-padding blocks
     for bq, bk in ((128, 128), (128, 64), (64, 256)):
-        for got, want in zip(blocks.block_metadata(jnp.asarray(rows), bq, bk),
-                             blocks_oracle.block_metadata(rows, bq, bk), strict=True):
+        for got, want in zip(
+            blocks.block_metadata(jnp.asarray(rows), bq, bk),
+            blocks_oracle.block_metadata(rows, bq, bk),
+            strict=True,
+        ):
             np.testing.assert_array_equal(np.asarray(got), want)
 
 
 def test_statistics_of_special_layouts():
     assert benchlib.skipped_fraction(np.ones(32, np.int32), 8, 8) == 0.0
     assert benchlib.skipped_fraction(np.zeros(32, np.int32), 8, 8) == 1.0
-    diag = np.repeat(np.arange(1, 5, dtype=np.int32), 8)     # 4 segments, one per block
+    diag = np.repeat(np.arange(1, 5, dtype=np.int32), 8)  # 4 segments, one per block
     assert benchlib.block_counts(np.stack([diag, diag]), 8, 8) == (8, 32)
     assert benchlib.skipped_fraction(diag, 8, 16) == pytest.approx(0.5)
-    assert benchlib.useful_fraction(diag) == pytest.approx(4 * 64 / 32 ** 2)
+    assert benchlib.useful_fraction(diag) == pytest.approx(4 * 64 / 32**2)
     assert benchlib.useful_fraction(np.stack([diag, np.ones(32, np.int32)])) == pytest.approx(0.625)
 
 
@@ -98,9 +109,10 @@ def test_bench_kernels_layouts():
     assert int((seg != 0).sum()) == sum(bk.batch_view_sizes(np.random.default_rng(0)))
     for row in seg:
         ids = row[row != 0]
-        assert (np.diff(ids) >= 0).all()                       # increasing along the row
-        assert len(np.unique(ids)) == int((np.diff(row) != 0).sum() + (row[0] != 0)
-                                          - (row[-1] == 0))    # one contiguous run per id
+        assert (np.diff(ids) >= 0).all()  # increasing along the row
+        assert len(np.unique(ids)) == int(
+            (np.diff(row) != 0).sum() + (row[0] != 0) - (row[-1] == 0)
+        )  # one contiguous run per id
     out = bk.run(["--seq-lens", "4096", "--batches", "1"])
     st = out["buckets"]["4096"]
     assert 0.8 < st["skipped_pallas_tpu"] < 1.0 and st["useful_fraction"] < 0.1

@@ -8,6 +8,7 @@ only a device runs the compiled kernels). Deselected by default; on a machine wi
 (tests/conftest.py defaults JAX_PLATFORMS to cpu, hence the explicit platform.) A selected test
 fails, rather than skips, when its accelerator is not what JAX runs on: asking for it and
 getting nothing checked should not look like a pass. Tolerances as in tools/device_check.py."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,22 +24,26 @@ def _layouts():
     rows = np.zeros((3, S), np.int32)
     pos = 0
     for sid, n in enumerate((100, 1, 60, 1, 1, 200), start=1):  # block edges crossed; padded tail
-        rows[0, pos:pos + n] = sid
+        rows[0, pos : pos + n] = sid
         pos += n
     rows[1] = np.arange(1, S + 1)  # one-token segments ...
-    rows[1, 70:140] = 0            # ... around a padding run
-    rows[2] = 7                    # one segment fills the row
+    rows[1, 70:140] = 0  # ... around a padding run
+    rows[2] = 7  # one segment fills the row
     return jnp.asarray(rows)
 
 
 def _check(platform, impl, head_dim, dtype):
     backend = "gpu" if jax.default_backend() in ("gpu", "cuda", "rocm") else jax.default_backend()
-    assert backend == platform, (f"-m {platform} selected but JAX runs on {backend!r}: run with "
-                                 f"JAX_PLATFORMS={'cuda' if platform == 'gpu' else platform}")
+    assert backend == platform, (
+        f"-m {platform} selected but JAX runs on {backend!r}: run with "
+        f"JAX_PLATFORMS={'cuda' if platform == 'gpu' else platform}"
+    )
     seg = _layouts()
     rng = np.random.default_rng(0)
-    q, k, v = (jnp.asarray(rng.standard_normal((3, S, H, head_dim)), jnp.float32).astype(dtype)
-               for _ in range(3))
+    q, k, v = (
+        jnp.asarray(rng.standard_normal((3, S, H, head_dim)), jnp.float32).astype(dtype)
+        for _ in range(3)
+    )
     cand = lambda q, k, v, s: segment_attention(q, k, v, s, impl=impl)
     want = outputs_and_grads(segment_attention_reference, q, k, v, seg, reference=True)
     got = outputs_and_grads(cand, q, k, v, seg)

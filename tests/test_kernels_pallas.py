@@ -6,6 +6,7 @@ The compile test builds the real Mosaic kernels for a TPU topology from CPU (nee
 which the `test` extra installs as jax[tpu]); it runs in a subprocess so libtpu's set-up does
 not leak into the rest of the suite.
 """
+
 import importlib.util
 import os
 import subprocess
@@ -32,7 +33,7 @@ def _layouts(s=S):
     pos, sid = 0, 0
     for n in (100, 1, 60, 1, 1, 90, 40):
         sid += 1
-        rows[0, pos:pos + n] = sid
+        rows[0, pos : pos + n] = sid
         pos += n
     # one-token segments everywhere, with a padding run in the middle
     rows[1, :] = np.arange(1, s + 1)
@@ -49,7 +50,7 @@ def _layouts(s=S):
     while pos < s:
         n = int(rng.integers(1, 70))
         if rng.random() > 0.2:
-            rows[4, pos:pos + n] = ids.pop()
+            rows[4, pos : pos + n] = ids.pop()
         pos += n
     return rows
 
@@ -62,8 +63,9 @@ def _reference(q, k, v, seg):
 def _inputs(dtype, seg, h=H, d=D, seed=0):
     rng = np.random.default_rng(seed)
     b, s = seg.shape
-    qkv = [jnp.asarray(rng.standard_normal((b, s, h, d)), jnp.float32).astype(dtype)
-           for _ in range(3)]
+    qkv = [
+        jnp.asarray(rng.standard_normal((b, s, h, d)), jnp.float32).astype(dtype) for _ in range(3)
+    ]
     return qkv, jnp.asarray(seg)
 
 
@@ -85,15 +87,16 @@ def test_forward_and_grad_fp32():
     seg = _layouts()
     (q, k, v), segj = _inputs(jnp.float32, seg)
     out = segment_attention_pallas(q, k, v, segj, interpret=True)
-    np.testing.assert_allclose(np.asarray(out), np.asarray(_reference(q, k, v, segj)), atol=1e-5,
-                               rtol=0)
-    assert not np.asarray(out)[seg == 0].any()          # padding query rows are exactly zero
+    np.testing.assert_allclose(
+        np.asarray(out), np.asarray(_reference(q, k, v, segj)), atol=1e-5, rtol=0
+    )
+    assert not np.asarray(out)[seg == 0].any()  # padding query rows are exactly zero
     g = jax.grad(_loss(_kernel(), segj, D), argnums=(0, 1, 2))(q, k, v)
     g_ref = jax.grad(_loss(_reference, segj, D), argnums=(0, 1, 2))(q, k, v)
     for name, a, b in zip("qkv", g, g_ref):
         assert np.isfinite(np.asarray(a)).all(), name
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0, err_msg=name)
-        assert not np.asarray(a)[seg == 0].any(), name     # padding tokens get zero gradients
+        assert not np.asarray(a)[seg == 0].any(), name  # padding tokens get zero gradients
 
 
 def test_forward_and_grad_bf16():
@@ -104,7 +107,8 @@ def test_forward_and_grad_bf16():
     assert _rel(out, _reference(q, k, v, segj)) <= 2e-2
     g = jax.grad(_loss(_kernel(), segj, D), argnums=(0, 1, 2))(q, k, v)
     g_ref = jax.grad(_loss(_reference, segj, D), argnums=(0, 1, 2))(
-        *(x.astype(jnp.float32) for x in (q, k, v)))
+        *(x.astype(jnp.float32) for x in (q, k, v))
+    )
     for name, a, b in zip("qkv", g, g_ref):
         assert a.dtype == jnp.bfloat16
         assert _rel(a, b) <= 2e-2, name
@@ -114,7 +118,9 @@ def test_rectangular_blocks_and_other_head_dim():
     seg = _layouts(512)[[0, 3]]
     (q, k, v), segj = _inputs(jnp.float32, seg, h=1, d=32, seed=2)
     kern = _kernel(block_q=128, block_k=256)
-    np.testing.assert_allclose(np.asarray(kern(q, k, v, segj)), _reference(q, k, v, segj), atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(kern(q, k, v, segj)), _reference(q, k, v, segj), atol=1e-5
+    )
     g = jax.grad(_loss(kern, segj, 32), argnums=(0, 1, 2))(q, k, v)
     g_ref = jax.grad(_loss(_reference, segj, 32), argnums=(0, 1, 2))(q, k, v)
     for a, b in zip(g, g_ref):
@@ -126,10 +132,11 @@ def test_skipped_blocks_are_never_read():
     seg = np.zeros((1, S), np.int32)
     seg[0, :100] = 1
     seg[0, 100:128] = 2
-    seg[0, 256:300] = 3          # block 1 (128..255) is all padding
+    seg[0, 256:300] = 3  # block 1 (128..255) is all padding
     (q, k, v), segj = _inputs(jnp.float32, seg, seed=4)
     nan_block1 = jnp.asarray(
-        np.where(np.arange(S)[None, :, None, None] // 128 == 1, np.nan, 0.0), jnp.float32)
+        np.where(np.arange(S)[None, :, None, None] // 128 == 1, np.nan, 0.0), jnp.float32
+    )
     qp, kp, vp = q + nan_block1, k + nan_block1, v + nan_block1
     out = segment_attention_pallas(qp, kp, vp, segj, interpret=True)
     assert np.isfinite(np.asarray(out)).all()
@@ -144,10 +151,10 @@ def test_skipped_blocks_are_never_read():
 def _short_segments_row(s, rng, max_len):
     row = np.zeros(s, np.int32)
     pos, sid = 0, 0
-    while pos < s - 40:                       # padding tail
+    while pos < s - 40:  # padding tail
         n = int(rng.integers(1, max_len + 1))
         sid += 1
-        row[pos:pos + n] = sid
+        row[pos : pos + n] = sid
         pos += n
     return row
 
@@ -161,7 +168,9 @@ def test_max_segment_len_bounds_the_grid():
     seg[1, 300:420] = 0
     (q, k, v), segj = _inputs(jnp.float32, seg, h=1, seed=6)
     kern = _kernel(max_segment_len=L)
-    np.testing.assert_allclose(np.asarray(kern(q, k, v, segj)), _reference(q, k, v, segj), atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(kern(q, k, v, segj)), _reference(q, k, v, segj), atol=1e-5
+    )
     g = jax.grad(_loss(kern, segj, D), argnums=(0, 1, 2))(q, k, v)
     g_ref = jax.grad(_loss(_reference, segj, D), argnums=(0, 1, 2))(q, k, v)
     for a, b in zip(g, g_ref):
@@ -171,11 +180,13 @@ def test_max_segment_len_bounds_the_grid():
 def test_max_segment_len_violation_stays_correct():
     """A segment longer than the promised bound runs the unbounded grid: same values, gradients."""
     seg = np.zeros((2, 768), np.int32)
-    seg[0, :700] = 1                          # one 700-token segment, promised <= 60
+    seg[0, :700] = 1  # one 700-token segment, promised <= 60
     seg[1] = _short_segments_row(768, np.random.default_rng(8), 60)
     (q, k, v), segj = _inputs(jnp.float32, seg, h=1, seed=7)
     kern = _kernel(max_segment_len=60)
-    np.testing.assert_allclose(np.asarray(kern(q, k, v, segj)), _reference(q, k, v, segj), atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(kern(q, k, v, segj)), _reference(q, k, v, segj), atol=1e-5
+    )
     g = jax.grad(_loss(kern, segj, D), argnums=(0, 1, 2))(q, k, v)
     g_ref = jax.grad(_loss(_reference, segj, D), argnums=(0, 1, 2))(q, k, v)
     for a, b in zip(g, g_ref):
@@ -184,12 +195,15 @@ def test_max_segment_len_violation_stays_correct():
         segment_attention_pallas(q, k, v, segj, interpret=True, max_segment_len=0)
 
 
-@pytest.mark.parametrize("kwargs,shape,dtype,match", [
-    ({}, (1, 200, 2, 64), jnp.float32, "multiple of block_q=128"),
-    ({}, (1, 256, 2, 64), jnp.float16, "float32 or bfloat16"),
-    ({}, (1, 256, 2, 96 + 100), jnp.float32, "head dim"),
-    ({"block_k": 64}, (1, 256, 2, 64), jnp.float32, "block_k=64 must be a positive multiple"),
-])
+@pytest.mark.parametrize(
+    "kwargs,shape,dtype,match",
+    [
+        ({}, (1, 200, 2, 64), jnp.float32, "multiple of block_q=128"),
+        ({}, (1, 256, 2, 64), jnp.float16, "float32 or bfloat16"),
+        ({}, (1, 256, 2, 96 + 100), jnp.float32, "head dim"),
+        ({"block_k": 64}, (1, 256, 2, 64), jnp.float32, "block_k=64 must be a positive multiple"),
+    ],
+)
 def test_unsupported_requests_raise(kwargs, shape, dtype, match):
     x = jnp.zeros(shape, dtype)
     seg = jnp.ones(shape[:2], jnp.int32)
@@ -228,14 +242,22 @@ _COMPILE_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
-                    reason="libtpu not installed (pip install 'jax[tpu]'; the test extra has it)")
+@pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None,
+    reason="libtpu not installed (pip install 'jax[tpu]'; the test extra has it)",
+)
 def test_compiles_for_tpu_topology():
     # ALLOW_MULTIPLE_LIBTPU_LOAD: compile-only use; do not contend for /tmp/libtpu_lockfile with
     # other processes that loaded libtpu (parallel test runs, other users).
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TPU_SKIP_MDS_QUERY="1",
-               ALLOW_MULTIPLE_LIBTPU_LOAD="1")
-    r = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True,
-                       text=True, timeout=600)
+    env = dict(
+        os.environ, JAX_PLATFORMS="cpu", TPU_SKIP_MDS_QUERY="1", ALLOW_MULTIPLE_LIBTPU_LOAD="1"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", _COMPILE_SCRIPT],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
     assert r.stdout.count("compiled") == 4, r.stdout

@@ -1,4 +1,5 @@
 """The XLA path (block-sparse pairs) against the dense reference, on packed rows of every kind."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,16 +10,20 @@ from mmv_jax.kernels.xla_blocksparse import _pairs, _ranges, halo_blocks, segmen
 
 
 def layout(lengths, total):
-    ids = np.concatenate([np.full(n, i + 1) for i, n in enumerate(lengths)] + [np.zeros(total - sum(lengths))])
+    ids = np.concatenate(
+        [np.full(n, i + 1) for i, n in enumerate(lengths)] + [np.zeros(total - sum(lengths))]
+    )
     return ids.astype(np.int32)
 
 
-ROWS = np.stack([
-    layout([1, 37, 64, 5, 1, 20, 70], 256),   # one-token segments, crossing blocks, padding
-    layout([256], 256),                        # one segment fills the row
-    layout([], 256),                           # a row of only padding
-    layout([100, 3, 90], 256),
-])
+ROWS = np.stack(
+    [
+        layout([1, 37, 64, 5, 1, 20, 70], 256),  # one-token segments, crossing blocks, padding
+        layout([256], 256),  # one segment fills the row
+        layout([], 256),  # a row of only padding
+        layout([100, 3, 90], 256),
+    ]
+)
 
 
 @pytest.mark.parametrize("max_len", [None, 100, 256])
@@ -33,9 +38,13 @@ def test_matches_reference_forward_and_grad(max_len):
 
     w = jax.random.normal(jax.random.PRNGKey(1), q.shape)
     loss = lambda fn: lambda q, k, v: jnp.sum(fn(q, k, v) * w)
-    grads = jax.grad(loss(lambda *a: segment_attention_xla(*a, seg, max_segment_len=max_len, block=32)),
-                     argnums=(0, 1, 2))(q, k, v)
-    for g, r in zip(grads, jax.grad(loss(lambda *a: reference(*a, seg)), argnums=(0, 1, 2))(q, k, v)):
+    grads = jax.grad(
+        loss(lambda *a: segment_attention_xla(*a, seg, max_segment_len=max_len, block=32)),
+        argnums=(0, 1, 2),
+    )(q, k, v)
+    for g, r in zip(
+        grads, jax.grad(loss(lambda *a: reference(*a, seg)), argnums=(0, 1, 2))(q, k, v)
+    ):
         np.testing.assert_allclose(g, r, atol=1e-4)
 
 
@@ -52,12 +61,14 @@ def test_bound_limits_the_blocks_and_overlong_segments_stay_correct():
     assert halo_blocks(4096, None, 64) == 63
     seg = jnp.asarray(ROWS[:2])  # row 1 holds a 256-token segment, over the promised 70
     q, k, v = jax.random.normal(jax.random.PRNGKey(4), (3, 2, 256, 1, 8))
-    out = jax.jit(lambda q, k, v: segment_attention_xla(q, k, v, seg, max_segment_len=70,
-                                                        block=32))(q, k, v)
+    out = jax.jit(
+        lambda q, k, v: segment_attention_xla(q, k, v, seg, max_segment_len=70, block=32)
+    )(q, k, v)
     np.testing.assert_allclose(out, reference(q, k, v, seg), atol=1e-5)
 
 
 # --- block-sparse pairs: hull ranges, non-contiguous ids ----------------------------------------
+
 
 def random_layout(rng, total, max_len, fill=0.9):
     lengths = []
@@ -69,13 +80,19 @@ def random_layout(rng, total, max_len, fill=0.9):
     return layout(lengths, total)
 
 
-SPARSE_ROWS = np.stack([
-    random_layout(np.random.default_rng(1), 192, 40),
-    layout([1] * 9 + [15, 17, 16, 1, 33, 40], 192),   # one-token runs, boundaries at 16 and off it
-    layout([40, 40, 40, 40, 32], 192),                # a full row of segments at the bound
-    layout([], 192),                                  # only padding
-    np.array([1] * 10 + [2] * 10 + [1] * 10 + [0] * 5 + [3] * 20 + [2] * 5 + [0] * 132, np.int32),
-])  # the last row reuses ids 1 and 2 in separate runs (spans 30 and 45 > 40: over the bound)
+SPARSE_ROWS = np.stack(
+    [
+        random_layout(np.random.default_rng(1), 192, 40),
+        layout(
+            [1] * 9 + [15, 17, 16, 1, 33, 40], 192
+        ),  # one-token runs, boundaries at 16 and off it
+        layout([40, 40, 40, 40, 32], 192),  # a full row of segments at the bound
+        layout([], 192),  # only padding
+        np.array(
+            [1] * 10 + [2] * 10 + [1] * 10 + [0] * 5 + [3] * 20 + [2] * 5 + [0] * 132, np.int32
+        ),
+    ]
+)  # the last row reuses ids 1 and 2 in separate runs (spans 30 and 45 > 40: over the bound)
 
 
 def test_sparse_pairs_match_dense():
@@ -89,8 +106,11 @@ def test_sparse_pairs_match_dense():
         f = lambda q, k, v: segment_attention_xla(q, k, v, seg, max_segment_len=40, block=16)
         loss = lambda q, k, v: jnp.sum(f(q, k, v) * w)
         ref = lambda q, k, v: jnp.sum(reference(q, k, v, seg) * w)
-        return (f(q, k, v), jax.grad(loss, argnums=(0, 1, 2))(q, k, v),
-                jax.grad(ref, argnums=(0, 1, 2))(q, k, v))
+        return (
+            f(q, k, v),
+            jax.grad(loss, argnums=(0, 1, 2))(q, k, v),
+            jax.grad(ref, argnums=(0, 1, 2))(q, k, v),
+        )
 
     out, grads, g_ref = run(q, k, v)
     want = reference(q, k, v, seg)
@@ -109,8 +129,9 @@ def hull_pairs(row, b):
     out = []
     for blk in row.reshape(-1, b):
         ids = set(blk.tolist()) - {0}
-        out.append(max(last[i] for i in ids) // b - min(first[i] for i in ids) // b + 1
-                   if ids else 0)
+        out.append(
+            max(last[i] for i in ids) // b - min(first[i] for i in ids) // b + 1 if ids else 0
+        )
     return np.array(out)
 
 
@@ -131,7 +152,7 @@ def test_ranges_are_the_hulls_within_the_band():
         assert count.max() <= 2 * m + 1
         qi, kj, valid, n = _pairs(lo, count.reshape(-1), s // b, len(rows) * (s // b) * (2 * m + 1))
         assert int(n) == count.sum() and np.asarray(valid).sum() == count.sum()
-        assert np.all(np.asarray(valid)[:int(n)])  # the live pairs come first
+        assert np.all(np.asarray(valid)[: int(n)])  # the live pairs come first
 
 
 def test_non_contiguous_ids_need_the_band_and_stay_exact():
@@ -146,6 +167,7 @@ def test_non_contiguous_ids_need_the_band_and_stay_exact():
     assert hull_pairs(pattern, 8).max() == 9  # 4 key blocks each way
     seg = jnp.asarray(pattern[None])
     q, k, v = jax.random.normal(jax.random.PRNGKey(4), (3, 1, 192, 1, 8))
-    out = jax.jit(lambda q, k, v: segment_attention_xla(q, k, v, seg, max_segment_len=40,
-                                                        block=8))(q, k, v)
+    out = jax.jit(lambda q, k, v: segment_attention_xla(q, k, v, seg, max_segment_len=40, block=8))(
+        q, k, v
+    )
     np.testing.assert_allclose(out, reference(q, k, v, seg), atol=1e-5)

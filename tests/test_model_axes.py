@@ -1,5 +1,6 @@
 """Logical-axis rules: logical names map to mesh axes, and a mesh axis shards at most one
 dimension of an array (XLA rejects a PartitionSpec that names an axis twice)."""
+
 import itertools
 
 import jax
@@ -9,7 +10,13 @@ from jax.sharding import PartitionSpec as P
 
 from mmv_jax.model.axes import axis_rules, constrain, logical_to_spec, shard_map_over
 
-RULES = {"batch": ("data", "fsdp"), "seq": None, "embed": "fsdp", "heads": "tensor", "mlp": "tensor"}
+RULES = {
+    "batch": ("data", "fsdp"),
+    "seq": None,
+    "embed": "fsdp",
+    "heads": "tensor",
+    "mlp": "tensor",
+}
 
 
 def _mesh_axes(spec):
@@ -45,8 +52,12 @@ def test_constrain_applies_inside_axis_rules_only():
     assert constrain(x, ("batch", None)) is x
     fn = lambda x: x + 1
     assert shard_map_over(fn, [("batch", None)], ("batch", None)) is fn
-    mesh = jax.make_mesh((1, 1, 1), ("data", "fsdp", "tensor"), devices=jax.devices()[:1],
-                         axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    mesh = jax.make_mesh(
+        (1, 1, 1),
+        ("data", "fsdp", "tensor"),
+        devices=jax.devices()[:1],
+        axis_types=(jax.sharding.AxisType.Auto,) * 3,
+    )
     with axis_rules(mesh, RULES):
         text = jax.jit(lambda x: constrain(x, ("batch", "embed"))).lower(x).as_text()
         assert 'sharding_constraint %arg0 <@mesh, [{"data", "fsdp"}, {}]>' in text  # fsdp once

@@ -16,7 +16,9 @@ def test_masked_batchnorm_uses_only_real_views():
     np.testing.assert_allclose(real.std(0), 1, atol=1e-3)
     # garbage in empty slots changes nothing for the real ones
     x2 = x.at[~mask].set(1e6)
-    np.testing.assert_allclose(np.asarray(MaskedBatchNorm(8)(x2, mask))[np.asarray(mask)], real, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(MaskedBatchNorm(8)(x2, mask))[np.asarray(mask)], real, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("norm", ["batch", "layer"])
@@ -30,7 +32,9 @@ def test_projector_views_meet_only_through_batch_statistics(norm):
     y = np.asarray(proj(model, x, mask))
     assert y.shape == (2, 4, 8)
     real = np.asarray(mask)
-    np.testing.assert_allclose(np.asarray(proj(model, x.at[~mask].set(1e3), mask))[real], y[real], atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(proj(model, x.at[~mask].set(1e3), mask))[real], y[real], atol=1e-5
+    )
     y2 = np.asarray(proj(model, x.at[0, 0].multiply(3.0).at[0, 0].add(1.0), mask))
     others = real.copy()
     others[0, 0] = False

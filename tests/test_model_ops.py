@@ -56,8 +56,10 @@ def test_cpu_matmul_matches_autodiff_of_the_product(dtype):
 
 def _batch():
     rng = np.random.default_rng(0)
-    views = [make_view(rng.uniform(-1, 1, s).astype(np.float32), sample=i, is_global=True, index=0)
-             for i, s in enumerate([(1, 28, 42), (14, 28, 28)])]
+    views = [
+        make_view(rng.uniform(-1, 1, s).astype(np.float32), sample=i, is_global=True, index=0)
+        for i, s in enumerate([(1, 28, 42), (14, 28, 28)])
+    ]
     return jax.tree.map(jnp.asarray, pack_into(views, 1, 128, 4))
 
 
@@ -66,8 +68,9 @@ def _jvp_through_encoder(platform):
     cfg = encoder_config("Ti/14", depth=2, attention_impl="reference")
     graphdef, params = nnx.split(Encoder(cfg, rngs=nnx.Rngs(0)))
     batch = _batch()
-    mesh = jax.sharding.AbstractMesh((1,), ("data",),
-                                     abstract_device=AbstractDevice("test", None, platform))
+    mesh = jax.sharding.AbstractMesh(
+        (1,), ("data",), abstract_device=AbstractDevice("test", None, platform)
+    )
     with jax.sharding.use_abstract_mesh(mesh):
         assert ops.for_platform() is (cpu_ops.OPS if platform == "cpu" else ops.PLAIN)
         return jax.jvp(lambda p: nnx.merge(graphdef, p)(batch), (params,), (params,))

@@ -1,5 +1,6 @@
 """LeJEPA objective: Epps-Pulley / SIGReg against an independent numpy evaluation, prediction
 loss against a naive loop on a packed layout, gradients, and sharded == single-device."""
+
 import os
 import subprocess
 import sys
@@ -20,8 +21,8 @@ def np_epps_pulley(x, t_max=3.0, knots=17):
     t = np.linspace(0.0, t_max, knots)
     out = []
     for k in range(x.shape[1]):
-        ecf = np.exp(1j * np.outer(t, x[:, k])).mean(axis=1)            # [T] complex
-        integrand = np.abs(ecf - np.exp(-t ** 2 / 2)) ** 2 * np.exp(-t ** 2 / 2)
+        ecf = np.exp(1j * np.outer(t, x[:, k])).mean(axis=1)  # [T] complex
+        integrand = np.abs(ecf - np.exp(-(t**2) / 2)) ** 2 * np.exp(-(t**2) / 2)
         out.append(n * 2.0 * np.trapezoid(integrand, t))
     return np.array(out)
 
@@ -53,7 +54,7 @@ def test_epps_pulley_matches_numpy():
 
 def test_sigreg_matches_numpy_views():
     rng = np.random.default_rng(1)
-    z = rng.normal(size=(3, 40, 16)) * 0.7 + 0.1              # [V, N, D]
+    z = rng.normal(size=(3, 40, 16)) * 0.7 + 0.1  # [V, N, D]
     key = jax.random.key(3)
     a = directions(key, 16, 32)
     want = np.mean([np_epps_pulley(z[v] @ a) for v in range(3)])
@@ -77,14 +78,14 @@ def test_sigreg_gaussian_small_collapsed_large():
 def random_layout(rng, num_samples=5, num_views=4, num_global=2, rows=4, slots=8, dim=6):
     """Every (sample, view) placed in a random slot of a random row; rest empty."""
     total = rows * slots
-    pos = rng.permutation(total)[:num_samples * num_views]
+    pos = rng.permutation(total)[: num_samples * num_views]
     vs = np.full(total, -1, np.int32)
     vi = np.full(total, -1, np.int32)
     vg = np.zeros(total, bool)
     for p, (s, v) in zip(pos, [(s, v) for s in range(num_samples) for v in range(num_views)]):
         vs[p], vi[p], vg[p] = s, v, v < num_global
     emb = rng.normal(size=(total, dim)).astype(np.float32)
-    emb[vs < 0] = np.nan                                      # empty slots must not matter
+    emb[vs < 0] = np.nan  # empty slots must not matter
     shape = (rows, slots)
     return emb.reshape(rows, slots, dim), vs.reshape(shape), vg.reshape(shape), vi.reshape(shape)
 
@@ -95,8 +96,10 @@ def naive_pred(emb, vs, vg, reduce="sum"):
     for sample in sorted(set(s[s >= 0].tolist())):
         views = [i for i in range(len(s)) if s[i] == sample]
         mu = np.mean([e[i] for i in views if g[i]], axis=0)
-        per = [np.sum((mu - e[i]) ** 2) if reduce == "sum" else np.mean((mu - e[i]) ** 2)
-               for i in views]
+        per = [
+            np.sum((mu - e[i]) ** 2) if reduce == "sum" else np.mean((mu - e[i]) ** 2)
+            for i in views
+        ]
         losses.append(np.mean(per))
     return float(np.mean(losses))
 
@@ -113,8 +116,11 @@ def test_lejepa_loss_total_scatter_and_grad():
     rng = np.random.default_rng(4)
     emb, vs, vg, vi = random_layout(rng)
     key = jax.random.key(7)
-    fn = jax.jit(lambda e: lejepa.lejepa_loss(e, vs, vg, vi, num_samples=5, num_views=4,
-                                              key=key, num_slices=16))
+    fn = jax.jit(
+        lambda e: lejepa.lejepa_loss(
+            e, vs, vg, vi, num_samples=5, num_views=4, key=key, num_slices=16
+        )
+    )
     loss, aux = fn(emb)
     # SIGReg on the dense [num_views, num_samples, D] tensor built by a loop
     dense = np.zeros((4, 5, emb.shape[-1]), np.float32)
@@ -165,6 +171,12 @@ SHARDED = textwrap.dedent("""
 
 def test_sharded_equals_single_device():
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    res = subprocess.run([sys.executable, "-c", SHARDED], capture_output=True, text=True,
-                         env=env, cwd=os.path.dirname(os.path.dirname(__file__)), timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-c", SHARDED],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+        timeout=120,
+    )
     assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]

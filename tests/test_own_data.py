@@ -1,6 +1,7 @@
 """Your own data with a sixth finding: a folder of DICOMs + a labels CSV goes through
 tools/build_manifest.py folder, mmv-manifest, training with evaluation during training,
 mmv-embed (a step folder) and mmv-probe; the finding is carried by name all the way."""
+
 import json
 import os
 
@@ -25,15 +26,25 @@ def _hospital_folder(root):
         rng = np.random.default_rng([7, i])
         labels = {"cardiomegaly": int(i % 2), "pleural_effusion": int(i % 3 == 0)}
         mu = synthetic.cxr_phantom(rng, 120, 100, {**dict.fromkeys(synthetic.LABELS, 0), **labels})
-        patient = f"MRN{1000 + i // 2}"        # identifier-like: must never reach the manifest
+        patient = f"MRN{1000 + i // 2}"  # identifier-like: must never reach the manifest
         rel = f"pt{i // 2}/img{i:02d}.dcm"
         os.makedirs(root / "images" / f"pt{i // 2}", exist_ok=True)
-        synthetic.write_cxr_dicom(str(root / "images" / rel), mu, index=i, spacing=3.0,
-                                  monochrome1=False, patient=f"p{i}")
+        synthetic.write_cxr_dicom(
+            str(root / "images" / rel), mu, index=i, spacing=3.0, monochrome1=False, patient=f"p{i}"
+        )
         # pneumothorax follows effusion here (the phantom draws no pneumothorax of its own)
-        rows.append([f"img{i:02d}", patient, labels["pleural_effusion"], labels["cardiomegaly"],
-                     "" if i == 5 else labels["pleural_effusion"]])
-    write_csv(root / "labels.csv", ["image", "patient", "Pneumothorax", "Cardiomegaly", "Effusion"], rows)
+        rows.append(
+            [
+                f"img{i:02d}",
+                patient,
+                labels["pleural_effusion"],
+                labels["cardiomegaly"],
+                "" if i == 5 else labels["pleural_effusion"],
+            ]
+        )
+    write_csv(
+        root / "labels.csv", ["image", "patient", "Pneumothorax", "Cardiomegaly", "Effusion"], rows
+    )
 
 
 @pytest.fixture(scope="module")
@@ -42,17 +53,38 @@ def own(tmp_path_factory):
     _hospital_folder(root)
     bm = load_build_manifest()
     out = root / "mine.jsonl"
-    bm.main(["folder", "--images", str(root / "images"), "--labels", str(root / "labels.csv"),
-             "--id-col", "image", "--patient-col", "patient", "--label-cols", "Pneumothorax",
-             "Cardiomegaly", "Effusion=pleural_effusion", "--out", str(out), "--val", "0.25",
-             "--test", "0.25", "--seed", "3"])
+    bm.main(
+        [
+            "folder",
+            "--images",
+            str(root / "images"),
+            "--labels",
+            str(root / "labels.csv"),
+            "--id-col",
+            "image",
+            "--patient-col",
+            "patient",
+            "--label-cols",
+            "Pneumothorax",
+            "Cardiomegaly",
+            "Effusion=pleural_effusion",
+            "--out",
+            str(out),
+            "--val",
+            "0.25",
+            "--test",
+            "0.25",
+            "--seed",
+            "3",
+        ]
+    )
     return root, out
 
 
 def test_folder_manifest_declares_the_findings_and_splits_by_patient(own, capsys):
     root, out = own
     text = out.read_text()
-    assert "MRN" not in text                       # patients are numbers, not their ids
+    assert "MRN" not in text  # patients are numbers, not their ids
     recs = load_manifest(out)
     assert recs.findings == ("pneumothorax", "cardiomegaly", "pleural_effusion")
     assert len(recs) == N and {r.split for r in recs} == {"train", "val", "test"}
@@ -78,11 +110,20 @@ def test_folder_manifest_declares_the_findings_and_splits_by_patient(own, capsys
 
 def test_sixth_finding_through_training_embedding_and_probing(own, tmp_path, capsys):
     from mmv_jax.train.loop import train_and_evaluate
+
     _, manifest = own
-    cfg = tiny_config(**{"model.depth": 1, "total_steps": 2, "log_every_steps": 1,
-                         "checkpoint_every_steps": 2, "async_checkpointing": False,
-                         "eval_every_steps": 2, "eval.max_images": 8,
-                         "peak_flops_per_device": 1e12})
+    cfg = tiny_config(
+        **{
+            "model.depth": 1,
+            "total_steps": 2,
+            "log_every_steps": 1,
+            "checkpoint_every_steps": 2,
+            "async_checkpointing": False,
+            "eval_every_steps": 2,
+            "eval.max_images": 8,
+            "peak_flops_per_device": 1e12,
+        }
+    )
     cfg.data = pipeline.demo_config()
     cfg.data.manifest = str(manifest)
     cfg.data.cxr_per_batch, cfg.data.ct_per_batch = 4, 0
@@ -99,6 +140,7 @@ def test_sixth_finding_through_training_embedding_and_probing(own, tmp_path, cap
     # the same command again: already finished, with its last loss and eval AUROC
     from launch.train import _train
     from mmv_jax import paths
+
     capsys.readouterr()
     _train(cfg, paths.resolve(str(work)))
     said = capsys.readouterr().out
@@ -106,8 +148,19 @@ def test_sixth_finding_through_training_embedding_and_probing(own, tmp_path, cap
     assert "eval macro AUROC" in said and "nan" not in said
 
     out = str(tmp_path / "emb.npz")
-    assert emb.main(["--checkpoint", str(work / "checkpoints" / "2"), "--manifest", str(manifest),
-                     "--out", out]) == 0
+    assert (
+        emb.main(
+            [
+                "--checkpoint",
+                str(work / "checkpoints" / "2"),
+                "--manifest",
+                str(manifest),
+                "--out",
+                out,
+            ]
+        )
+        == 0
+    )
     data = load_embeddings(out)
     assert data["labels"].shape == (N, 3)
     assert data["findings"].tolist() == ["pneumothorax", "cardiomegaly", "pleural_effusion"]
@@ -115,23 +168,38 @@ def test_sixth_finding_through_training_embedding_and_probing(own, tmp_path, cap
     assert probe.main(["--embeddings", out, "--bootstrap", "10", "--out", str(tmp_path / "p")]) == 0
     res = json.load(open(tmp_path / "p" / "probe_ALL.json"))
     assert res["findings"][0] == "pneumothorax"
-    assert set(res["test_sets"]["images"]["per_label"]) == {"pneumothorax", "cardiomegaly",
-                                                           "pleural_effusion"}
+    assert set(res["test_sets"]["images"]["per_label"]) == {
+        "pneumothorax",
+        "cardiomegaly",
+        "pleural_effusion",
+    }
     assert "| pneumothorax | CARD | EFF |" in capsys.readouterr().out
 
 
 def test_findings_header_is_checked_and_round_trips(tmp_path):
-    recs = [dict(id="a", path="a.png", modality="cxr", dataset="d", split="train",
-                 labels={"pneumothorax": 1})]
+    recs = [
+        dict(
+            id="a",
+            path="a.png",
+            modality="cxr",
+            dataset="d",
+            split="train",
+            labels={"pneumothorax": 1},
+        )
+    ]
     write_manifest(tmp_path / "m.jsonl", recs, findings=["pneumothorax"])
     assert load_manifest(tmp_path / "m.jsonl").findings == ("pneumothorax",)
-    for header, msg in (('{"findings": ["Pneumo thorax"]}', "must match"),
-                        ('{"findings": ["a", "a"]}', "duplicate"),
-                        ('{"findings": []}', "non-empty"),
-                        ('{"findings": ["a"], "x": 1}', "only 'findings'")):
+    for header, msg in (
+        ('{"findings": ["Pneumo thorax"]}', "must match"),
+        ('{"findings": ["a", "a"]}', "duplicate"),
+        ('{"findings": []}', "non-empty"),
+        ('{"findings": ["a"], "x": 1}', "only 'findings'"),
+    ):
         (tmp_path / "b.jsonl").write_text(header + "\n")
         with pytest.raises(ManifestError, match=msg):
             load_manifest(tmp_path / "b.jsonl")
-    (tmp_path / "c.jsonl").write_text(json.dumps(dict(recs[0], labels={})) + '\n{"findings": ["a"]}\n')
+    (tmp_path / "c.jsonl").write_text(
+        json.dumps(dict(recs[0], labels={})) + '\n{"findings": ["a"]}\n'
+    )
     with pytest.raises(ManifestError, match="c.jsonl:2: the findings header must come before"):
         load_manifest(tmp_path / "c.jsonl")

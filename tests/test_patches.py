@@ -11,7 +11,7 @@ P = PATCH
 def test_patchify_3d_roundtrip_order():
     vol = np.random.default_rng(0).standard_normal((1, 28, 42, 14)).astype(np.float32)
     patches, grid = patchify(vol)
-    assert grid == (2, 3, 1) and patches.shape == (6, P ** 3)
+    assert grid == (2, 3, 1) and patches.shape == (6, P**3)
     # token (z=1, y=2, x=0) is the cube vol[:, 14:28, 28:42, 0:14]
     np.testing.assert_array_equal(patches[1 * 3 + 2], vol[0, 14:28, 28:42, 0:14].reshape(-1))
 
@@ -44,9 +44,19 @@ def test_pack_views_accounts_for_every_token():
     views = []
     for s in range(5):
         for i in range(3):
-            shape = (1, 14 * rng.integers(1, 5), 14 * rng.integers(1, 5)) if s % 2 else (28, 28, 14 * rng.integers(1, 3))
-            views.append(make_view(rng.standard_normal(shape).astype(np.float32), sample=s,
-                                   is_global=i < 2, index=i))
+            shape = (
+                (1, 14 * rng.integers(1, 5), 14 * rng.integers(1, 5))
+                if s % 2
+                else (28, 28, 14 * rng.integers(1, 3))
+            )
+            views.append(
+                make_view(
+                    rng.standard_normal(shape).astype(np.float32),
+                    sample=s,
+                    is_global=i < 2,
+                    index=i,
+                )
+            )
     total = sum(v.num_tokens for v in views)
     b = pack_views(views, rows=4, seq_len=64, slots=8)
     assert (b.segment_ids > 0).sum() == total
@@ -57,7 +67,11 @@ def test_pack_views_accounts_for_every_token():
             if b.view_sample[r, j] < 0:
                 assert n == 0
                 continue
-            match = [v for v in views if v.sample == b.view_sample[r, j] and v.index == b.view_index[r, j]]
+            match = [
+                v
+                for v in views
+                if v.sample == b.view_sample[r, j] and v.index == b.view_index[r, j]
+            ]
             assert len(match) == 1 and match[0].num_tokens == n
             np.testing.assert_array_equal(b.patches[r][b.segment_ids[r] == j + 1], match[0].patches)
             idx = np.flatnonzero(b.segment_ids[r] == j + 1)
@@ -65,7 +79,7 @@ def test_pack_views_accounts_for_every_token():
 
 
 def test_pack_errors():
-    v = View(np.zeros((70, P ** 3), np.float32), np.zeros((70, 3), np.float32), 0, True, 0, 0)
+    v = View(np.zeros((70, P**3), np.float32), np.zeros((70, 3), np.float32), 0, True, 0, 0)
     with pytest.raises(ValueError, match="exceeds the row length"):
         first_fit_rows([70], 64, 4)
     with pytest.raises(ValueError, match="rows"):

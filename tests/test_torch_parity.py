@@ -1,5 +1,6 @@
 """PyTorch model (mmv_jax.torch) vs mmv_jax, fp32 on CPU, same weights, same packed
 mixed 2D/3D batch: per-view embeddings, LeJEPA loss and SIGReg (same directions), gradients."""
+
 import os
 import sys
 
@@ -8,7 +9,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+sys.path.insert(
+    0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
+)
 
 import convert_torch as ct  # noqa: E402
 import jax  # noqa: E402
@@ -33,12 +36,22 @@ def _rel(a, b):
 
 def _perturbed_jax_model():
     """Ti/14 depth 2 with every bias and norm param randomised (so each tensor's mapping counts)."""
-    model = MultiMedVision(encoder_config("Ti/14", depth=2, attention_impl="xla"), **PROJ,
-                           rngs=nnx.Rngs(0))
+    model = MultiMedVision(
+        encoder_config("Ti/14", depth=2, attention_impl="xla"), **PROJ, rngs=nnx.Rngs(0)
+    )
     pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     rng = np.random.default_rng(1)
-    pure = jax.tree.map(lambda x: x + (0.1 * rng.standard_normal(x.shape).astype(np.float32)
-                                       if x.ndim == 1 or x.shape == (3, 3, 64) else 0.0), pure)
+    pure = jax.tree.map(
+        lambda x: (
+            x
+            + (
+                0.1 * rng.standard_normal(x.shape).astype(np.float32)
+                if x.ndim == 1 or x.shape == (3, 3, 64)
+                else 0.0
+            )
+        ),
+        pure,
+    )
     state = nnx.state(model, nnx.Param)
     nnx.replace_by_pure_dict(state, pure)
     nnx.update(model, state)
@@ -50,11 +63,13 @@ def setup():
     model = _perturbed_jax_model()
     pure = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     tmodel = tr.MultiMedVisionTorch(width=192, depth=2, heads=3, **PROJ)
-    tmodel.load_state_dict({k: torch.tensor(v) for k, v in ct.jax_to_torch(pure).items()},
-                           strict=True)
-    batch = synthetic_batch(num_samples=NUM_SAMPLES, n_global=2, n_local=4, rows=2, seq_len=96,
-                            slots=16, seed=3)
-    assert batch.patches.shape[-1] == 14 ** 3 and set(np.unique(batch.view_modality)) == {0, 1}
+    tmodel.load_state_dict(
+        {k: torch.tensor(v) for k, v in ct.jax_to_torch(pure).items()}, strict=True
+    )
+    batch = synthetic_batch(
+        num_samples=NUM_SAMPLES, n_global=2, n_local=4, rows=2, seq_len=96, slots=16, seed=3
+    )
+    assert batch.patches.shape[-1] == 14**3 and set(np.unique(batch.view_modality)) == {0, 1}
     assert (batch.segment_ids == 0).any()  # padding present
     return model, pure, tmodel, batch
 
@@ -88,9 +103,11 @@ def test_embeddings_match_2d_depth_slice_bucket(setup):
     model, _, tmodel, _ = setup
     b2d = synthetic_batch(num_samples=1, n_global=2, n_local=2, rows=1, seq_len=48, slots=8, seed=5)
     assert (b2d.view_modality[b2d.view_sample >= 0] == 0).all()  # sample 0 is 2D
-    slim = b2d._replace(patches=np.ascontiguousarray(b2d.patches[..., :14 * 14]))
+    slim = b2d._replace(patches=np.ascontiguousarray(b2d.patches[..., : 14 * 14]))
     graphdef, params = nnx.split(model.encoder, nnx.Param)
-    emb_j = np.asarray(jax.jit(lambda p, b: nnx.merge(graphdef, p)(b))(params, jax.tree.map(jnp.asarray, slim)))
+    emb_j = np.asarray(
+        jax.jit(lambda p, b: nnx.merge(graphdef, p)(b))(params, jax.tree.map(jnp.asarray, slim))
+    )
     with torch.no_grad():
         emb_t = tmodel.encode(slim, impl="varlen").numpy()
         emb_full = tmodel.encode(b2d, impl="varlen").numpy()
@@ -111,8 +128,9 @@ def test_sigreg_matches_given_directions():
     for m in (None, mask):
         sj = float(lejepa.sigreg(z, key, num_slices=64, mask=m))
         sj2 = float(lejepa.epps_pulley(z @ a, mask=m).mean())
-        st = float(tr.sigreg(torch.tensor(z), torch.tensor(a),
-                             mask=None if m is None else torch.tensor(m)))
+        st = float(
+            tr.sigreg(torch.tensor(z), torch.tensor(a), mask=None if m is None else torch.tensor(m))
+        )
         assert st == pytest.approx(sj, rel=1e-5) and sj2 == pytest.approx(sj, rel=1e-6)
 
 
@@ -121,9 +139,17 @@ def _jax_loss(model, batch, key):
 
     def f(params):
         _, proj = nnx.merge(graphdef, params)(batch)
-        return lejepa.lejepa_loss(proj, batch.view_sample, batch.view_is_global, batch.view_index,
-                                  num_samples=NUM_SAMPLES, num_views=NUM_VIEWS, key=key,
-                                  num_slices=SLICES)
+        return lejepa.lejepa_loss(
+            proj,
+            batch.view_sample,
+            batch.view_is_global,
+            batch.view_index,
+            num_samples=NUM_SAMPLES,
+            num_views=NUM_VIEWS,
+            key=key,
+            num_slices=SLICES,
+        )
+
     (loss, aux), grads = jax.jit(jax.value_and_grad(f, has_aux=True))(state)
     return float(loss), {k: float(v) for k, v in aux.items()}, nnx.to_pure_dict(grads)
 
@@ -131,9 +157,15 @@ def _jax_loss(model, batch, key):
 def _torch_loss(tmodel, batch, directions, impl):
     tmodel.zero_grad()
     _, proj = tmodel(batch, impl=impl)
-    loss, aux = tr.lejepa_loss(proj, batch.view_sample, batch.view_is_global, batch.view_index,
-                               num_samples=NUM_SAMPLES, num_views=NUM_VIEWS,
-                               directions=torch.tensor(directions))
+    loss, aux = tr.lejepa_loss(
+        proj,
+        batch.view_sample,
+        batch.view_is_global,
+        batch.view_index,
+        num_samples=NUM_SAMPLES,
+        num_views=NUM_VIEWS,
+        directions=torch.tensor(directions),
+    )
     loss.backward()
     grads = {k: p.grad.numpy().copy() for k, p in tmodel.named_parameters()}
     return float(loss.detach()), {k: float(v.detach()) for k, v in aux.items()}, grads
@@ -143,7 +175,9 @@ def _torch_loss(tmodel, batch, directions, impl):
 def test_loss_and_gradients_match(setup, jax_out, impl):
     _, pure, tmodel, batch = setup
     loss_j, aux_j, grads_j = jax_out[2:]
-    loss_t, aux_t, grads_t = _torch_loss(tmodel, batch, _directions(KEY, PROJ["proj_dim"], SLICES), impl)
+    loss_t, aux_t, grads_t = _torch_loss(
+        tmodel, batch, _directions(KEY, PROJ["proj_dim"], SLICES), impl
+    )
     assert loss_t == pytest.approx(loss_j, rel=1e-4)
     assert aux_t["pred_loss"] == pytest.approx(aux_j["pred_loss"], rel=1e-4)
     assert aux_t["sigreg_loss"] == pytest.approx(aux_j["sigreg_loss"], rel=1e-4)
@@ -166,10 +200,11 @@ def test_loss_and_gradients_match(setup, jax_out, impl):
 
 def test_layernorm_projector_matches():
     from mmv_jax.model.heads import Projector
+
     jp = Projector(24, 40, 8, 3, norm="layer", rngs=nnx.Rngs(2))
     tp = tr.model.Projector(24, 40, 8, 3, norm="layer")
     pure = {"projector": jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(jp, nnx.Param)))}
-    sd = {k[len("projector."):]: torch.tensor(v) for k, v in ct.jax_to_torch(pure).items()}
+    sd = {k[len("projector.") :]: torch.tensor(v) for k, v in ct.jax_to_torch(pure).items()}
     tp.load_state_dict(sd, strict=True)
     x = np.random.default_rng(0).standard_normal((2, 5, 24)).astype(np.float32)
     mask = np.ones((2, 5), bool)

@@ -1,5 +1,6 @@
 """Checkpoint integrity: checksums that do not depend on sharding, and a damaged checkpoint
 reported and skipped for the newest intact one."""
+
 import json
 
 import jax
@@ -12,12 +13,18 @@ from mmv_jax.train import checkpoint
 
 def _state(seed=0):
     k = jax.random.PRNGKey(seed)
-    return {"w": jax.random.normal(k, (8, 16)), "b": jnp.zeros((16,), jnp.bfloat16),
-            "step": jnp.int32(3), "rng": k}
+    return {
+        "w": jax.random.normal(k, (8, 16)),
+        "b": jnp.zeros((16,), jnp.bfloat16),
+        "step": jnp.int32(3),
+        "rng": k,
+    }
 
 
 def _abstract(state):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+    )
 
 
 def test_checksums_see_any_change_and_ignore_layout():

@@ -1,27 +1,38 @@
 """Launch-environment detection, the settings jax.distributed is initialised with (recorded, not
 run), the platform guard, the device table and the single-process collectives (multi-process
 runs: tests/integration)."""
+
 import numpy as np
 import pytest
 
 from mmv_jax.train import distributed
 
 
-@pytest.mark.parametrize("env,kind", [
-    ({}, "single"),
-    ({"MMV_COORDINATOR": "host:1234"}, "explicit"),
-    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "8"}, "slurm"),
-    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}, "single"),  # one task: nothing to join
-    ({"TPU_WORKER_HOSTNAMES": "a,b"}, "tpu"),
-    ({"CLOUD_TPU_TASK_ID": "0"}, "tpu"),
-    ({"TPU_WORKER_ID": "1", "TPU_ACCELERATOR_TYPE": "v5litepod-16"}, "tpu"),
-    ({"TPU_WORKER_ID": "0"}, "single"),  # a worker id alone is not a slice
-    ({"SLURM_NTASKS": "4"}, "single"),  # no job id: an inherited variable, not a SLURM task
-    ({"MMV_COORDINATOR": "h:1", "SLURM_JOB_ID": "7", "SLURM_NTASKS": "8"}, "explicit"),
-])
+@pytest.mark.parametrize(
+    "env,kind",
+    [
+        ({}, "single"),
+        ({"MMV_COORDINATOR": "host:1234"}, "explicit"),
+        ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "8"}, "slurm"),
+        ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}, "single"),  # one task: nothing to join
+        ({"TPU_WORKER_HOSTNAMES": "a,b"}, "tpu"),
+        ({"CLOUD_TPU_TASK_ID": "0"}, "tpu"),
+        ({"TPU_WORKER_ID": "1", "TPU_ACCELERATOR_TYPE": "v5litepod-16"}, "tpu"),
+        ({"TPU_WORKER_ID": "0"}, "single"),  # a worker id alone is not a slice
+        ({"SLURM_NTASKS": "4"}, "single"),  # no job id: an inherited variable, not a SLURM task
+        ({"MMV_COORDINATOR": "h:1", "SLURM_JOB_ID": "7", "SLURM_NTASKS": "8"}, "explicit"),
+    ],
+)
 def test_detect(monkeypatch, env, kind):
-    for k in ("MMV_COORDINATOR", "SLURM_JOB_ID", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES",
-              "CLOUD_TPU_TASK_ID", "TPU_WORKER_ID", "TPU_ACCELERATOR_TYPE"):
+    for k in (
+        "MMV_COORDINATOR",
+        "SLURM_JOB_ID",
+        "SLURM_NTASKS",
+        "TPU_WORKER_HOSTNAMES",
+        "CLOUD_TPU_TASK_ID",
+        "TPU_WORKER_ID",
+        "TPU_ACCELERATOR_TYPE",
+    ):
         monkeypatch.delenv(k, raising=False)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
@@ -41,8 +52,17 @@ def test_single_process_gather_is_the_identity():
     assert table.shape == (1, 2) and table.tolist() == [[3, 4]]
 
 
-_ENV = ("MMV_COORDINATOR", "MMV_NUM_PROCESSES", "MMV_PROCESS_ID", "SLURM_JOB_ID", "SLURM_NTASKS",
-        "TPU_WORKER_HOSTNAMES", "CLOUD_TPU_TASK_ID", "TPU_WORKER_ID", "TPU_ACCELERATOR_TYPE")
+_ENV = (
+    "MMV_COORDINATOR",
+    "MMV_NUM_PROCESSES",
+    "MMV_PROCESS_ID",
+    "SLURM_JOB_ID",
+    "SLURM_NTASKS",
+    "TPU_WORKER_HOSTNAMES",
+    "CLOUD_TPU_TASK_ID",
+    "TPU_WORKER_ID",
+    "TPU_ACCELERATOR_TYPE",
+)
 
 
 @pytest.fixture
@@ -58,6 +78,7 @@ def init_calls(monkeypatch):
 
 def _dist_cfg(**overrides):
     import configs.base as base
+
     cfg = base.get_config().distributed
     cfg.update(overrides)
     return cfg
@@ -69,9 +90,16 @@ def test_explicit_settings_from_the_environment(init_calls, monkeypatch):
     monkeypatch.setenv("MMV_PROCESS_ID", "3")
     cfg = _dist_cfg(heartbeat_timeout_s=7)
     assert distributed.initialize(cfg) == "explicit"
-    assert init_calls == [dict(coordinator_address="10.0.0.1:1234", num_processes=4, process_id=3,
-                               initialization_timeout=300, heartbeat_timeout_seconds=7,
-                               shutdown_timeout_seconds=300)]
+    assert init_calls == [
+        dict(
+            coordinator_address="10.0.0.1:1234",
+            num_processes=4,
+            process_id=3,
+            initialization_timeout=300,
+            heartbeat_timeout_seconds=7,
+            shutdown_timeout_seconds=300,
+        )
+    ]
     assert distributed.initialize(cfg) == "explicit" and len(init_calls) == 1  # once per process
 
 
@@ -82,7 +110,11 @@ def test_config_settings_win_over_the_environment(init_calls, monkeypatch):
     # process 0 is a setting, not "unset" (unset is -1)
     distributed.initialize(_dist_cfg(coordinator="cfg:2", num_processes=2, process_id=0))
     call = init_calls[0]
-    assert (call["coordinator_address"], call["num_processes"], call["process_id"]) == ("cfg:2", 2, 0)
+    assert (call["coordinator_address"], call["num_processes"], call["process_id"]) == (
+        "cfg:2",
+        2,
+        0,
+    )
 
 
 def test_cluster_and_single_initialisation(init_calls, monkeypatch):
@@ -106,10 +138,19 @@ class _Device:
 
 def test_devices_by_process(monkeypatch):
     assert distributed.devices_by_process() == [
-        dict(process=0, count=len(distributed.jax.devices()), kind=distributed.jax.devices()[0].device_kind)]
+        dict(
+            process=0,
+            count=len(distributed.jax.devices()),
+            kind=distributed.jax.devices()[0].device_kind,
+        )
+    ]
     fake = [_Device(1, "TPU v4"), _Device(0, "TPU v4"), _Device(1, "TPU v4"), _Device(2, "TPU v4")]
     monkeypatch.setattr(distributed.jax, "devices", lambda *a: fake)
-    assert [(e["process"], e["count"]) for e in distributed.devices_by_process()] == [(0, 1), (1, 2), (2, 1)]
+    assert [(e["process"], e["count"]) for e in distributed.devices_by_process()] == [
+        (0, 1),
+        (1, 2),
+        (2, 1),
+    ]
 
 
 def test_kv_allgather_needs_jax_distributed():

@@ -1,5 +1,6 @@
 """The loop feeds the devices ahead: data waits overlap the step, nothing comes back from the
 devices between log steps, and the metrics rows tell the wall-clock truth."""
+
 import time
 
 import numpy as np
@@ -43,13 +44,27 @@ def demo(tmp_path_factory):
 
 
 def _cfg(manifest, **kw):
-    c = tiny_config(**{"model.depth": 1, "total_steps": 9, "log_every_steps": 4,
-                       "checkpoint_every_steps": 100, "async_checkpointing": False,
-                       "data.manifest": manifest, "data.cxr_per_batch": 4, "data.ct_per_batch": 2,
-                       "data.patch_dtype": "float32", "data.worker_count": 0,
-                       "data.buckets.seq_len": 256, "data.buckets.slots": 64,
-                       "data.views.long_side_2d": 112, "data.views.long_side_3d": 70,
-                       "data.buckets.rows_2d": (4,), "data.buckets.rows_3d": (4,), **kw})
+    c = tiny_config(
+        **{
+            "model.depth": 1,
+            "total_steps": 9,
+            "log_every_steps": 4,
+            "checkpoint_every_steps": 100,
+            "async_checkpointing": False,
+            "data.manifest": manifest,
+            "data.cxr_per_batch": 4,
+            "data.ct_per_batch": 2,
+            "data.patch_dtype": "float32",
+            "data.worker_count": 0,
+            "data.buckets.seq_len": 256,
+            "data.buckets.slots": 64,
+            "data.views.long_side_2d": 112,
+            "data.views.long_side_3d": 70,
+            "data.buckets.rows_2d": (4,),
+            "data.buckets.rows_3d": (4,),
+            **kw,
+        }
+    )
     return c
 
 
@@ -57,10 +72,14 @@ def _run(monkeypatch, cfg, workdir, sleep_s, on_next=None):
     real = pipeline.make_train_iterator(cfg.data, seed=0)
     batch, stats = next(real)
     real.close()
-    monkeypatch.setattr(pipeline, "make_train_iterator",
-                        lambda *a, **k: _FixedIterator(batch, stats, sleep_s, on_next))
+    monkeypatch.setattr(
+        pipeline,
+        "make_train_iterator",
+        lambda *a, **k: _FixedIterator(batch, stats, sleep_s, on_next),
+    )
     loop.train_and_evaluate(cfg, str(workdir))
     from mmv_jax.train.metrics import read_metrics
+
     return read_metrics(workdir / "metrics.jsonl")
 
 
@@ -73,9 +92,11 @@ def test_overlap_honest_metrics_and_no_sync_between_logs(demo, tmp_path, monkeyp
         assert r["step_s"] == pytest.approx(r["window_s"] / r["window_steps"])
         assert 0 <= r["data_wait_s"] <= r["window_s"]
         assert 0 < r["mfu"] < 1
-        assert r["window_tokens"] == r["window_steps"] * int(fast[0]["window_tokens"] / fast[0]["window_steps"])
+        assert r["window_tokens"] == r["window_steps"] * int(
+            fast[0]["window_tokens"] / fast[0]["window_steps"]
+        )
     assert fast[1]["time"] > fast[0]["time"] and fast[1]["window_steps"] == 4
-    step_s = fast[1]["step_s"]   # the step alone: this iterator costs nothing
+    step_s = fast[1]["step_s"]  # the step alone: this iterator costs nothing
 
     # data as slow as the step: overlapped, a step takes about max(data, step), not the sum
     slow = _run(monkeypatch, _cfg(demo), tmp_path / "slow", step_s)
@@ -90,6 +111,7 @@ def test_no_device_read_between_log_steps(demo, tmp_path, monkeypatch):
     the whole run's data has been drawn. (The loop also runs those steps under JAX's
     device-to-host transfer guard, which fires on GPU and TPU; on CPU it never does.)"""
     from jax._src import array
+
     reads, it = [], []
     value, as_array = array.ArrayImpl._value, array.ArrayImpl.__array__
 
@@ -105,8 +127,9 @@ def test_no_device_read_between_log_steps(demo, tmp_path, monkeypatch):
         return as_array(self, *a, **k)
 
     real = pipeline.make_train_iterator
-    monkeypatch.setattr(pipeline, "make_train_iterator",
-                        lambda *a, **k: it.append(real(*a, **k)) or it[-1])
+    monkeypatch.setattr(
+        pipeline, "make_train_iterator", lambda *a, **k: it.append(real(*a, **k)) or it[-1]
+    )
     cfg = _cfg(demo, total_steps=12, log_every_steps=100)
     monkeypatch.setattr(array.ArrayImpl, "_value", property(counted_value))
     monkeypatch.setattr(array.ArrayImpl, "__array__", counted_array)

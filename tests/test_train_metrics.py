@@ -1,4 +1,5 @@
 """metrics.jsonl: rewritten whole at each row, truncated on resume, robust to a torn last line."""
+
 import json
 
 import pytest

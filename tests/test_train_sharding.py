@@ -1,4 +1,5 @@
 """Sharded train steps on 8 CPU devices equal the single-device step."""
+
 import json
 import os
 import subprocess
@@ -34,12 +35,20 @@ print("RESULT" + json.dumps(out))
 
 
 def test_meshes_match_single_device():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=900, cwd=os.path.dirname(os.path.dirname(__file__)))
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")][0]
-    res = json.loads(line[len("RESULT"):])
+    res = json.loads(line[len("RESULT") :])
     ref = res["(1, 1, 1)"]
     for shape in ["(8, 1, 1)", "(2, 4, 1)", "(2, 2, 2)"]:
         np.testing.assert_allclose(res[shape]["losses"], ref["losses"], rtol=1e-5)

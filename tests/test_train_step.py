@@ -24,7 +24,9 @@ def test_step_updates_and_skips_nonfinite():
     state, m = step(state, batch)  # lr(0) = 0 (warm-up from zero): params unchanged
     state, m = step(state, batch)
     assert bool(m["finite"]) and np.isfinite(float(m["loss"]))
-    assert float(m["loss"]) == pytest.approx((1 - 0.025) * float(m["pred_loss"]) + 0.025 * float(m["sigreg_loss"]), rel=1e-5)
+    assert float(m["loss"]) == pytest.approx(
+        (1 - 0.025) * float(m["pred_loss"]) + 0.025 * float(m["sigreg_loss"]), rel=1e-5
+    )
     changed = jax.tree.map(lambda a, b: not np.allclose(a, np.asarray(b)), before, state.params)
     assert any(jax.tree.leaves(changed))
     assert int(state.step) == 2
@@ -57,6 +59,7 @@ def test_weight_decay_mask_and_schedule():
     Seen through the optimizer itself: all parameters at one, zero gradients, three updates
     (step 0 has lr 0): what moved is what decays."""
     from flax import nnx
+
     cfg = tiny_config(**{"model.depth": 1})
     _, abstract = nnx.split(nnx.eval_shape(lambda: st.build_model(cfg)), nnx.Param)
     tx = st.make_optimizer(cfg)
@@ -71,11 +74,18 @@ def test_weight_decay_mask_and_schedule():
 
     new = three_updates(jax.tree.map(lambda x: jnp.ones(x.shape, x.dtype), abstract))
     key = lambda k: str(getattr(k, "key", getattr(k, "name", k)))
-    moved = {"/".join(key(k) for k in path if key(k) != "value"): bool((np.asarray(x) != 1).any())
-             for path, x in jax.tree_util.tree_flatten_with_path(new)[0]}
+    moved = {
+        "/".join(key(k) for k in path if key(k) != "value"): bool((np.asarray(x) != 1).any())
+        for path, x in jax.tree_util.tree_flatten_with_path(new)[0]
+    }
     leaf = lambda name: name.split("/")[-1]
     assert {leaf(n) for n, m in moved.items() if m} == {"kernel", "qkv", "proj"}
-    assert {leaf(n) for n, m in moved.items() if not m} == {"bias", "scale", "qkv_bias", "proj_bias"}
+    assert {leaf(n) for n, m in moved.items() if not m} == {
+        "bias",
+        "scale",
+        "qkv_bias",
+        "proj_bias",
+    }
     assert not any("norm" in n and m for n, m in moved.items())
     assert float(st.learning_rate(cfg, 0)) == 0.0
     assert float(st.learning_rate(cfg, 2)) == pytest.approx(cfg.optim.lr)
@@ -98,7 +108,9 @@ def test_remat_cuts_compiled_memory_on_cpu():
     batch = jax.tree.map(jnp.asarray, synthetic_batch(rows=2, seq_len=512))
     temp = {}
     for remat in (False, True):
-        cfg = tiny_config(**{"model.remat_policy": "nothing_saveable" if remat else "none", "model.depth": 4})
+        cfg = tiny_config(
+            **{"model.remat_policy": "nothing_saveable" if remat else "none", "model.depth": 4}
+        )
         state, step = _setup(cfg)
         temp[remat] = step.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
     assert temp[True] < 0.75 * temp[False], temp
@@ -109,14 +121,18 @@ def test_remat_cuts_compiled_memory_on_cpu():
 
 def _views(seed=0):
     from mmv_jax.data.patches import make_view
+
     rng = np.random.default_rng(seed)
     views = []
     for s in range(4):
         for i in range(4):
             g = 2 if i < 2 else 1
             shape = (14 * g, 14 * g, 14) if s % 2 else (1, 14 * (g + 1), 14 * g)
-            views.append(make_view(rng.uniform(-1, 1, shape).astype(np.float32), sample=s,
-                                   is_global=i < 2, index=i))
+            views.append(
+                make_view(
+                    rng.uniform(-1, 1, shape).astype(np.float32), sample=s, is_global=i < 2, index=i
+                )
+            )
     return views
 
 
@@ -128,16 +144,28 @@ def test_row_groups_give_the_same_loss_and_gradients_as_one_batch():
 
     from mmv_jax.data import packing
     from mmv_jax.train.step import loss_fn
+
     cfg = tiny_config(**{"model.depth": 2})
     views = _views()
-    one = packing.pack_into(views, 4, 128, 12, 14 ** 3)
+    one = packing.pack_into(views, 4, 128, 12, 14**3)
     grouped, need = packing.pack_groups(views, ("2d", "3d"), 128, 12)
-    assert [g.patches.shape[-1] for g in grouped] == [14 * 14, 14 ** 3] and need.tolist() == [1, 1]
+    assert [g.patches.shape[-1] for g in grouped] == [14 * 14, 14**3] and need.tolist() == [1, 1]
     grouped = tuple(packing.pad_rows(g, r) for g, r in zip(grouped, (2, 3)))  # with padding rows
     graphdef, params = nnx.split(st.build_model(cfg), nnx.Param)
-    f = jax.jit(jax.value_and_grad(
-        lambda p, b: loss_fn(p, graphdef, b, jax.random.PRNGKey(1), num_samples=4, num_views=4,
-                             lam=0.1, num_slices=32)[0]))
+    f = jax.jit(
+        jax.value_and_grad(
+            lambda p, b: loss_fn(
+                p,
+                graphdef,
+                b,
+                jax.random.PRNGKey(1),
+                num_samples=4,
+                num_views=4,
+                lam=0.1,
+                num_slices=32,
+            )[0]
+        )
+    )
     l1, g1 = f(params, jax.tree.map(jnp.asarray, one))
     l2, g2 = f(params, jax.tree.map(jnp.asarray, grouped))
     assert float(l1) == pytest.approx(float(l2), rel=1e-5)
@@ -152,13 +180,15 @@ def test_wire_dtypes():
 
     from mmv_jax.batch import to_wire, wire_dtype
     from mmv_jax.model.encoder import Encoder, encoder_config
+
     rng = np.random.default_rng(0)
-    x = rng.uniform(-1, 1, (2, 128, 14 ** 3)).astype(np.float32)
+    x = rng.uniform(-1, 1, (2, 128, 14**3)).astype(np.float32)
     q = to_wire(x, wire_dtype("uint8"))
     assert q.dtype == np.uint8 and np.abs(q / 127.5 - 1 - x).max() <= 1 / 255 + 1e-6  # half a level
     for dtype, wire in (("bfloat16", "bfloat16"), ("float32", "uint8")):
-        enc = Encoder(encoder_config("Ti/14", depth=1, dtype=dtype, max_segment_len=None),
-                      rngs=nnx.Rngs(0))
+        enc = Encoder(
+            encoder_config("Ti/14", depth=1, dtype=dtype, max_segment_len=None), rngs=nnx.Rngs(0)
+        )
         w = to_wire(x, wire_dtype(wire))
         ref = x if wire == "bfloat16" else (w.astype(np.float32) / 127.5 - 1)
         a = np.asarray(enc.embed_patches(jnp.asarray(w)), np.float32)

@@ -2,6 +2,7 @@
 
 Each prints one JSON object on stdout. Speed and memory targets are checked here, never in tests.
 """
+
 from __future__ import annotations
 
 import importlib

@@ -25,6 +25,7 @@ Targets: packing efficiency >= 0.97, <= 4 shapes, from the cache >= 200 CXR and 
 samples/s per worker (issue 3); <= 2,500 wire bytes per real token and >= 150,000 tokens/s per
 worker on the mix (issue 17).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -82,8 +83,12 @@ def _write_originals(root: str, n_cxr: int, n_ct: int) -> str:
 
 
 def _per_sample_rate(records, cfg, reps: int = 1) -> float:
-    views = dict(P._view_kwargs(cfg), long_side_2d=int(cfg.views.long_side_2d),
-                 long_side_3d=int(cfg.views.long_side_3d), flips=tuple(cfg.views.flips))
+    views = dict(
+        P._view_kwargs(cfg),
+        long_side_2d=int(cfg.views.long_side_2d),
+        long_side_3d=int(cfg.views.long_side_3d),
+        flips=tuple(cfg.views.flips),
+    )
     P.prepare_views(records[0], np.random.default_rng(0), 0, views, tuple(cfg.ct_window))  # warm
     t = time.perf_counter()
     n = 0
@@ -113,7 +118,10 @@ def _batch_build(manifest: str, steps: int) -> dict:
         batch, info = src[step]
         tokens += int(info["real_tokens"])
     dt = time.perf_counter() - t
-    return {"tokens_per_s_per_worker_mix": round(tokens / dt), "batch_build_s_mix": round(dt / steps, 3)}
+    return {
+        "tokens_per_s_per_worker_mix": round(tokens / dt),
+        "batch_build_s_mix": round(dt / steps, 3),
+    }
 
 
 def _wire_bytes(cxr_shapes, ct_shapes, batches: int = 8) -> dict:
@@ -121,6 +129,7 @@ def _wire_bytes(cxr_shapes, ct_shapes, batches: int = 8) -> dict:
     iterator ships a step (row groups padded to their buckets), by wire dtype; and the
     one-group float32 layout (every token P**3 wide) it replaced."""
     from mmv_jax.batch import View, nbytes, wire_dtype
+
     rng = np.random.default_rng(3)
     out: dict = {}
     for name in ("bfloat16", "float32", "uint8", "one_group_float32"):
@@ -134,12 +143,20 @@ def _wire_bytes(cxr_shapes, ct_shapes, batches: int = 8) -> dict:
                 is_ct = smp >= 192
                 shapes = ct_shapes if is_ct else cxr_shapes
                 shape = shapes[int(rng.integers(len(shapes)))]
-                width = PATCH ** 3 if is_ct else PATCH * PATCH
+                width = PATCH**3 if is_ct else PATCH * PATCH
                 for idx, n in enumerate(view_tokens(rng, shape, **P._view_kwargs(mix))):
-                    views.append(View(np.zeros((n, width), np.float32), np.zeros((n, 3), np.float32),
-                                      smp, idx < 2, int(is_ct), idx))
+                    views.append(
+                        View(
+                            np.zeros((n, width), np.float32),
+                            np.zeros((n, 3), np.float32),
+                            smp,
+                            idx < 2,
+                            int(is_ct),
+                            idx,
+                        )
+                    )
             if name == "one_group_float32":
-                batch, _ = packing.pack_compact(views, s, slots, PATCH ** 3)  # (no bucket padding)
+                batch, _ = packing.pack_compact(views, s, slots, PATCH**3)  # (no bucket padding)
             else:
                 parts, need = packing.pack_groups(views, groups, s, slots, wire_dtype(name))
                 rows = packing.bucket_for(tuple(int(n) for n in need), buckets)
@@ -172,9 +189,14 @@ def _packing_sim(cfg, n_batches: int, cxr_shapes, ct_shapes, seed: int = 0) -> d
         shape = packing.bucket_for(tuple(need), buckets)
         shapes.add(shape)
         eff.append(real / (sum(shape) * s))
-    return dict(packing_efficiency=float(np.mean(eff)), packing_efficiency_min=float(np.min(eff)),
-                distinct_shapes=len(shapes), buckets=[list(b) for b in buckets],
-                groups=list(groups), seq_len=s)
+    return dict(
+        packing_efficiency=float(np.mean(eff)),
+        packing_efficiency_min=float(np.min(eff)),
+        distinct_shapes=len(shapes),
+        buckets=[list(b) for b in buckets],
+        groups=list(groups),
+        seq_len=s,
+    )
 
 
 def run(argv) -> dict:
@@ -196,9 +218,12 @@ def run(argv) -> dict:
         j2k = [r for r in recs if r.split == "j2k"]
         ct = [r for r in recs if r.modality == "ct"]
         out["cxr_samples_per_s_per_worker_original"] = round(_per_sample_rate(jpg, cfg), 2)
-        out["cxr_j2k_dicom_samples_per_s_per_worker_original"] = round(_per_sample_rate(j2k, cfg), 2)
+        out["cxr_j2k_dicom_samples_per_s_per_worker_original"] = round(
+            _per_sample_rate(j2k, cfg), 2
+        )
         out["ct_samples_per_s_per_worker_original"] = round(_per_sample_rate(ct, cfg), 2)
         from mmv_jax.data.cache import build_cache
+
         t = time.perf_counter()
         build_cache(man, os.path.join(tmp, "cache"), workers=1, progress=False)
         out["cache_build_s_per_image"] = round((time.perf_counter() - t) / len(recs), 3)
@@ -206,14 +231,19 @@ def run(argv) -> dict:
         c_cxr = [r for r in cached if r.modality == "cxr"]
         c_ct = [r for r in cached if r.modality == "ct"]
         out["cxr_samples_per_s_per_worker"] = round(
-            _per_sample_rate(c_cxr * max(1, 40 // len(c_cxr)), cfg, a.reps), 1)
+            _per_sample_rate(c_cxr * max(1, 40 // len(c_cxr)), cfg, a.reps), 1
+        )
         out["ct_samples_per_s_per_worker"] = round(
-            _per_sample_rate(c_ct * max(1, 12 // len(c_ct)), cfg, a.reps), 1)
+            _per_sample_rate(c_ct * max(1, 12 // len(c_ct)), cfg, a.reps), 1
+        )
         out.update(_batch_build(os.path.join(tmp, "cache", "manifest.jsonl"), a.build_steps))
     # packing on the paper's mix (view sizes from MIMIC-CXR-JPG / CT-RATE-like resized shapes)
     prng = np.random.default_rng(0)
-    cxr_shapes = [(1, 224, int(224 * prng.uniform(0.78, 0.9))) for _ in range(64)] + \
-                 [(1, int(224 * prng.uniform(0.8, 0.95)), 224) for _ in range(8)] + [(1, 224, 224)] * 8
+    cxr_shapes = (
+        [(1, 224, int(224 * prng.uniform(0.78, 0.9))) for _ in range(64)]
+        + [(1, int(224 * prng.uniform(0.8, 0.95)), 224) for _ in range(8)]
+        + [(1, 224, 224)] * 8
+    )
     ct_shapes = [(int(112 * prng.uniform(0.7, 1.0)), 112, 112) for _ in range(64)]
     mix = _mix_config()
     out.update(_wire_bytes(cxr_shapes, ct_shapes))
@@ -221,40 +251,64 @@ def run(argv) -> dict:
     out.update(_packing_sim(mix, a.batches, cxr_shapes, ct_shapes))
     s1 = _mix_config()
     s1.cxr_per_batch, s1.ct_per_batch = 256, 0
-    out.update({f"stage1_{k}": v for k, v in
-                _packing_sim(s1, max(1, a.batches // 4), cxr_shapes, ct_shapes).items()})
+    out.update(
+        {
+            f"stage1_{k}": v
+            for k, v in _packing_sim(s1, max(1, a.batches // 4), cxr_shapes, ct_shapes).items()
+        }
+    )
     out["packing_sim_s"] = round(time.perf_counter() - t, 1)
     # packer speed (steady state: the first call of a process also pays the page faults)
     rng = np.random.default_rng(0)
     from mmv_jax.batch import View, nbytes, wire_dtype
+
     for name, cfg_ in (("stage1", s1), ("mix", mix)):
         views = []
         n_cxr = int(cfg_.cxr_per_batch)
         for smp in range(n_cxr + int(cfg_.ct_per_batch)):
             is_ct = smp >= n_cxr
             shape = ct_shapes[smp % len(ct_shapes)] if is_ct else cxr_shapes[smp % len(cxr_shapes)]
-            width = PATCH ** 3 if is_ct else PATCH * PATCH
+            width = PATCH**3 if is_ct else PATCH * PATCH
             for idx, n in enumerate(view_tokens(rng, shape, **P._view_kwargs(cfg_))):
-                views.append(View(np.ones((n, width), np.float32), np.zeros((n, 3), np.float32),
-                                  smp, idx < 2, int(is_ct), idx))
+                views.append(
+                    View(
+                        np.ones((n, width), np.float32),
+                        np.zeros((n, 3), np.float32),
+                        smp,
+                        idx < 2,
+                        int(is_ct),
+                        idx,
+                    )
+                )
         groups, _ = P.bucket_rows(cfg_, shapes={"cxr": cxr_shapes, "ct": ct_shapes})
         times = []
         for _ in range(3):
             t = time.perf_counter()
-            b, _ = packing.pack_groups(views, groups, int(cfg_.buckets.seq_len),
-                                       int(cfg_.buckets.slots), wire_dtype(cfg_.patch_dtype))
+            b, _ = packing.pack_groups(
+                views,
+                groups,
+                int(cfg_.buckets.seq_len),
+                int(cfg_.buckets.slots),
+                wire_dtype(cfg_.patch_dtype),
+            )
             times.append(time.perf_counter() - t)
             out[f"{name}_batch_gb"] = round(nbytes(b) / 1e9, 3)
             del b
         out[f"pack_seconds_per_batch_{name}"] = round(float(np.median(times[1:])), 3)
         out[f"pack_seconds_first_batch_{name}"] = round(times[0], 3)
-    out["targets"] = dict(packing_efficiency=0.97, distinct_shapes=4,
-                          cxr_samples_per_s_per_worker=200, ct_samples_per_s_per_worker=20,
-                          wire_bytes_per_real_token_mix=2500, tokens_per_s_per_worker_mix=150_000)
+    out["targets"] = dict(
+        packing_efficiency=0.97,
+        distinct_shapes=4,
+        cxr_samples_per_s_per_worker=200,
+        ct_samples_per_s_per_worker=20,
+        wire_bytes_per_real_token_mix=2500,
+        tokens_per_s_per_worker_mix=150_000,
+    )
     return out
 
 
 if __name__ == "__main__":
     import json
     import sys
+
     print(json.dumps(run(sys.argv[1:]), indent=1, sort_keys=True))

@@ -1,4 +1,5 @@
 """``bench.py encoder``: forward+backward of the encoder on one packed row of the paper's mix."""
+
 from __future__ import annotations
 
 import argparse
@@ -33,6 +34,7 @@ def run(argv):
     def step(params, batch):
         def loss(p):
             return jnp.mean(jnp.square(nnx.merge(graphdef, p)(batch)))
+
         return jax.value_and_grad(loss)(params)
 
     def call():
@@ -40,12 +42,21 @@ def run(argv):
 
     seconds = time_fn(call, args.reps)
     lengths = [v.num_tokens for v in views]
-    flops = 3 * encoder_flops(cfg.width, cfg.depth, cfg.mlp_ratio, lengths, [v.modality for v in views])
+    flops = 3 * encoder_flops(
+        cfg.width, cfg.depth, cfg.mlp_ratio, lengths, [v.modality for v in views]
+    )
     peak = measure_matmul_peak()
     tokens = int(np.sum(lengths))
     return {
-        "variant": args.variant, "seq_len": args.seq_len, "views": len(views), "real_tokens": tokens,
-        "max_segment_len": max_len, "step_s": seconds, "tokens_per_s": tokens / seconds,
-        "useful_flops": flops, "peak_flops": peak, "mfu": flops / seconds / peak,
+        "variant": args.variant,
+        "seq_len": args.seq_len,
+        "views": len(views),
+        "real_tokens": tokens,
+        "max_segment_len": max_len,
+        "step_s": seconds,
+        "tokens_per_s": tokens / seconds,
+        "useful_flops": flops,
+        "peak_flops": peak,
+        "mfu": flops / seconds / peak,
         "backend": jax.default_backend(),
     }

@@ -10,6 +10,7 @@ k-block) pairs each kernel skips (Pallas TPU 128x128, Triton forward 128x64 and 
 and the useful fraction of dense S^2 work (sum of squared segment lengths / S^2). A human table
 goes to stderr; `run` returns the numbers (bench.py prints them as JSON).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,16 +23,22 @@ from benchlib import sample_view_grids, skipped_fraction, useful_fraction
 from mmv_jax.data.packing import ffd_rows
 from mmv_jax.kernels import pallas_tpu, triton_gpu
 
-N_2D, N_3D = 192, 64      # samples of each modality per batch
-KERNEL_BLOCKS = {"pallas_tpu": (pallas_tpu.BLOCK_Q, pallas_tpu.BLOCK_K),
-                 "triton_fwd": (triton_gpu.BLOCK_M, triton_gpu.BLOCK_N),
-                 "triton_bwd": (triton_gpu.BLOCK_M_BWD, triton_gpu.BLOCK_N_BWD)}
+N_2D, N_3D = 192, 64  # samples of each modality per batch
+KERNEL_BLOCKS = {
+    "pallas_tpu": (pallas_tpu.BLOCK_Q, pallas_tpu.BLOCK_K),
+    "triton_fwd": (triton_gpu.BLOCK_M, triton_gpu.BLOCK_N),
+    "triton_bwd": (triton_gpu.BLOCK_M_BWD, triton_gpu.BLOCK_N_BWD),
+}
 
 
 def batch_view_sizes(rng) -> list[int]:
     """Token counts of all views of one batch (N_2D 2D + N_3D 3D samples)."""
-    return [math.prod(g) for modality, n in ((0, N_2D), (1, N_3D)) for _ in range(n)
-            for g in sample_view_grids(rng, modality)]
+    return [
+        math.prod(g)
+        for modality, n in ((0, N_2D), (1, N_3D))
+        for _ in range(n)
+        for g in sample_view_grids(rng, modality)
+    ]
 
 
 def ffd_pack(sizes, seq_len: int) -> list[list[int]]:
@@ -45,7 +52,7 @@ def segment_rows(rows, seq_len: int) -> np.ndarray:
     for r, items in enumerate(rows):
         pos = 0
         for sid, n in enumerate(items, start=1):
-            out[r, pos:pos + n] = sid
+            out[r, pos : pos + n] = sid
             pos += n
     return out
 
@@ -65,7 +72,7 @@ def synthetic_row(seq_len: int, n_segments: int, *, fill: float = 1.0) -> np.nda
     bounds = np.linspace(0, used, n_segments + 1).astype(int)
     row = np.zeros(seq_len, np.int32)
     for i in range(n_segments):
-        row[bounds[i]:bounds[i + 1]] = i + 1
+        row[bounds[i] : bounds[i + 1]] = i + 1
     return row
 
 
@@ -88,18 +95,23 @@ def run(argv) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     out = {}
-    hdr = (f"{'S':>6} {'rows':>5} {'pack':>6} {'segs/row':>8} {'useful':>7} "
-           + " ".join(f"{'skip ' + k:>17}" for k in KERNEL_BLOCKS))
+    hdr = f"{'S':>6} {'rows':>5} {'pack':>6} {'segs/row':>8} {'useful':>7} " + " ".join(
+        f"{'skip ' + k:>17}" for k in KERNEL_BLOCKS
+    )
     print(hdr, file=sys.stderr)
     for s in args.seq_lens:
         st = layout_stats(packed_layouts(s, batches=args.batches, seed=args.seed))
         out[str(s)] = st
-        print(f"{s:>6} {st['rows']:>5} {st['packing_efficiency']:>6.3f} {st['segments_per_row']:>8.1f} "
-              f"{st['useful_fraction']:>7.4f} "
-              + " ".join(f"{st['skipped_' + k]:>17.4f}" for k in KERNEL_BLOCKS), file=sys.stderr)
+        print(
+            f"{s:>6} {st['rows']:>5} {st['packing_efficiency']:>6.3f} {st['segments_per_row']:>8.1f} "
+            f"{st['useful_fraction']:>7.4f} "
+            + " ".join(f"{st['skipped_' + k]:>17.4f}" for k in KERNEL_BLOCKS),
+            file=sys.stderr,
+        )
     return {"suite": "kernels", "buckets": out}
 
 
 if __name__ == "__main__":
     import json
+
     print(json.dumps(run(sys.argv[1:]), indent=1))

@@ -1,6 +1,7 @@
 """Shared pieces of the benchmarks: views drawn as the data pipeline draws them, a packed row of
 them, timing, and the attention work statistics of packed rows (the FLOP count and the matmul
 peak live in mmv_jax.train.metrics)."""
+
 from __future__ import annotations
 
 import time
@@ -51,8 +52,16 @@ def paper_mix_row(seq_len: int, seed: int = 0, ratio_3d: float = 0.25, slots: in
         new = []
         for i, g in enumerate(grids):
             n = int(np.prod(g))
-            new.append(View(rng.uniform(-1, 1, (n, PATCH ** 3)).astype(np.float32),
-                            grid_coords(g), sample, i < 2, modality, i))
+            new.append(
+                View(
+                    rng.uniform(-1, 1, (n, PATCH**3)).astype(np.float32),
+                    grid_coords(g),
+                    sample,
+                    i < 2,
+                    modality,
+                    i,
+                )
+            )
         if sum(v.num_tokens for v in views + new) > seq_len or len(views) + len(new) > slots:
             break
         views += new

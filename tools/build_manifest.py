@@ -86,6 +86,7 @@ by patient: ``--test`` of the images go to ``test``, then ``--val`` to ``val``, 
 No patient names, dates or other identifiers are read or written; ``patient`` is the dataset's
 own de-identified subject id (``folder``: a number).
 """
+
 from __future__ import annotations
 
 import ast
@@ -108,18 +109,31 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from manifest_folder import _find, _label, _require, _rows, folder  # noqa: E402
 
 # per-dataset column names of the five findings
-MIMIC_COLS = {"atelectasis": "Atelectasis", "cardiomegaly": "Cardiomegaly",
-              "consolidation": "Consolidation", "lung_opacity": "Lung Opacity",
-              "pleural_effusion": "Pleural Effusion"}
-CTRATE_COLS = {"atelectasis": "Atelectasis", "cardiomegaly": "Cardiomegaly",
-               "consolidation": "Consolidation", "lung_opacity": "Lung opacity",
-               "pleural_effusion": "Pleural effusion"}
-RAD_COLS = {"atelectasis": "atelectasis", "cardiomegaly": "cardiomegaly",
-            "consolidation": "consolidation", "lung_opacity": "opacity",
-            "pleural_effusion": "pleural_effusion"}
+MIMIC_COLS = {
+    "atelectasis": "Atelectasis",
+    "cardiomegaly": "Cardiomegaly",
+    "consolidation": "Consolidation",
+    "lung_opacity": "Lung Opacity",
+    "pleural_effusion": "Pleural Effusion",
+}
+CTRATE_COLS = {
+    "atelectasis": "Atelectasis",
+    "cardiomegaly": "Cardiomegaly",
+    "consolidation": "Consolidation",
+    "lung_opacity": "Lung opacity",
+    "pleural_effusion": "Pleural effusion",
+}
+RAD_COLS = {
+    "atelectasis": "atelectasis",
+    "cardiomegaly": "cardiomegaly",
+    "consolidation": "consolidation",
+    "lung_opacity": "opacity",
+    "pleural_effusion": "pleural_effusion",
+}
 
 
 # ---------------------------------------------------------------- MIMIC-CXR-JPG
+
 
 def _mimic_label(v) -> int:
     return 0 if v is None or str(v).strip() == "" else _label(v)
@@ -155,9 +169,17 @@ def mimic_cxr(root: str, split_mode: str = "paper", seed: int = 0) -> list[dict]
         row = lab.get((subj, study))
         labels_ = {k: _mimic_label(row.get(c)) for k, c in MIMIC_COLS.items()} if row else {}
         path = os.path.join("files", f"p{subj[:2]}", f"p{subj}", f"s{study}", f"{dicom_id}.jpg")
-        out.append(dict(id=f"mimic-{dicom_id}", patient=f"mimic-{subj}", modality="cxr",
-                        dataset="mimic-cxr", split=names[sp], labels=labels_,
-                        path=os.path.join(os.path.abspath(root), path)))
+        out.append(
+            dict(
+                id=f"mimic-{dicom_id}",
+                patient=f"mimic-{subj}",
+                modality="cxr",
+                dataset="mimic-cxr",
+                split=names[sp],
+                labels=labels_,
+                path=os.path.join(os.path.abspath(root), path),
+            )
+        )
     if split_mode == "paper":
         test = grouped_holdout([r["patient"] for r in out], 0.2, seed)
         for r, t in zip(out, test):
@@ -167,6 +189,7 @@ def mimic_cxr(root: str, split_mode: str = "paper", seed: int = 0) -> list[dict]
 
 # ---------------------------------------------------------------- CheXpert test
 
+
 def chexpert(root: str) -> list[dict]:
     labels = _find(root, "test_labels.csv")
     base = os.path.dirname(labels)
@@ -175,17 +198,35 @@ def chexpert(root: str) -> list[dict]:
         rel = r["Path"]
         m = re.search(r"patient(\d+)", rel)
         # Path may start with "CheXpert-v1.0/" or "test/"; resolve against the CSV's folder or root
-        path = next((p for p in (os.path.join(base, rel), os.path.join(root, rel),
-                                 os.path.join(root, rel.split("/", 1)[-1])) if os.path.exists(p)),
-                    os.path.join(base, rel))
+        path = next(
+            (
+                p
+                for p in (
+                    os.path.join(base, rel),
+                    os.path.join(root, rel),
+                    os.path.join(root, rel.split("/", 1)[-1]),
+                )
+                if os.path.exists(p)
+            ),
+            os.path.join(base, rel),
+        )
         labels_ = {k: v for k, c in MIMIC_COLS.items() if (v := _label(r.get(c))) is not None}
-        out.append(dict(id="chexpert-" + re.sub(r"[^A-Za-z0-9]+", "-", rel).strip("-"),
-                        patient=f"chexpert-{m.group(1)}" if m else None, modality="cxr",
-                        dataset="chexpert", split="test", labels=labels_, path=os.path.abspath(path)))
+        out.append(
+            dict(
+                id="chexpert-" + re.sub(r"[^A-Za-z0-9]+", "-", rel).strip("-"),
+                patient=f"chexpert-{m.group(1)}" if m else None,
+                modality="cxr",
+                dataset="chexpert",
+                split="test",
+                labels=labels_,
+                path=os.path.abspath(path),
+            )
+        )
     return [{k: v for k, v in d.items() if v is not None} for d in out]
 
 
 # ---------------------------------------------------------------- CT-RATE
+
 
 def _floats(s) -> list[float]:
     v = ast.literal_eval(s) if isinstance(s, str) else s
@@ -195,8 +236,9 @@ def _floats(s) -> list[float]:
 def ct_rate(root: str) -> list[dict]:
     out = []
     for part, split, lab_name, meta_name in (
-            ("train", "train", "train_predicted_labels.csv", "train_metadata.csv"),
-            ("valid", "test", "valid_predicted_labels.csv", "validation_metadata.csv")):
+        ("train", "train", "train_predicted_labels.csv", "train_metadata.csv"),
+        ("valid", "test", "valid_predicted_labels.csv", "validation_metadata.csv"),
+    ):
         try:
             meta = {r["VolumeName"]: r for r in _rows(_find(root, meta_name))}
         except SystemExit:
@@ -207,10 +249,17 @@ def ct_rate(root: str) -> list[dict]:
             folder = os.path.join(root, part, "_".join(parts[:2]), "_".join(parts[:3]), name)
             xy = _floats(m["XYSpacing"])
             z = _floats(m["ZSpacing"])[0]
-            rec = dict(id=f"ctrate-{name.replace('.nii.gz', '')}", patient=f"ctrate-{'_'.join(parts[:2])}",
-                       modality="ct", dataset="ct-rate", split=split, path=os.path.abspath(folder),
-                       spacing=[z, xy[0], xy[-1]], hu_slope=float(m["RescaleSlope"]),
-                       hu_intercept=float(m["RescaleIntercept"]))
+            rec = dict(
+                id=f"ctrate-{name.replace('.nii.gz', '')}",
+                patient=f"ctrate-{'_'.join(parts[:2])}",
+                modality="ct",
+                dataset="ct-rate",
+                split=split,
+                path=os.path.abspath(folder),
+                spacing=[z, xy[0], xy[-1]],
+                hu_slope=float(m["RescaleSlope"]),
+                hu_intercept=float(m["RescaleIntercept"]),
+            )
             iop = m.get("ImageOrientationPatient")
             if iop:
                 try:
@@ -220,7 +269,9 @@ def ct_rate(root: str) -> list[dict]:
                 except (ValueError, SyntaxError):
                     pass
             row = labs.get(name, {})
-            rec["labels"] = {k: v for k, c in CTRATE_COLS.items() if (v := _label(row.get(c))) is not None}
+            rec["labels"] = {
+                k: v for k, c in CTRATE_COLS.items() if (v := _label(row.get(c))) is not None
+            }
             out.append(rec)
     if not out:
         raise SystemExit(f"no CT-RATE metadata CSVs found under {root}")
@@ -229,14 +280,20 @@ def ct_rate(root: str) -> list[dict]:
 
 # ---------------------------------------------------------------- RAD-ChestCT
 
+
 def _rad_columns(header) -> dict:
     """``{finding: [columns]}`` of a RAD-ChestCT label header (empty: not a label file)."""
-    cols = {k: [h for h in header[1:] if h == c or h.startswith(c + "*")] for k, c in RAD_COLS.items()}
+    cols = {
+        k: [h for h in header[1:] if h == c or h.startswith(c + "*")] for k, c in RAD_COLS.items()
+    }
     return {k: v for k, v in cols.items() if v}
 
 
 def rad_chestct(root: str, spacing) -> list[dict]:
-    vols = {os.path.basename(p)[:-4]: p for p in glob.glob(os.path.join(root, "**", "*.npz"), recursive=True)}
+    vols = {
+        os.path.basename(p)[:-4]: p
+        for p in glob.glob(os.path.join(root, "**", "*.npz"), recursive=True)
+    }
     if not vols:
         raise SystemExit(f"no .npz volumes under {root}")
     labels: dict[str, dict] = {}
@@ -249,8 +306,11 @@ def rad_chestct(root: str, spacing) -> list[dict]:
             header = next(reader, [])
             if "NoteAcc_DEID" in header and "MRN_DEID" in header:  # the scan metadata
                 i, j = header.index("NoteAcc_DEID"), header.index("MRN_DEID")
-                patient.update((row[i], row[j]) for row in reader
-                               if len(row) > max(i, j) and row[i] in vols and row[j])
+                patient.update(
+                    (row[i], row[j])
+                    for row in reader
+                    if len(row) > max(i, j) and row[i] in vols and row[j]
+                )
                 continue
             cols = _rad_columns(header)
             if not cols:
@@ -264,17 +324,29 @@ def rad_chestct(root: str, spacing) -> list[dict]:
                     continue  # the label files list volumes the public release does not hold
                 lab = labels.setdefault(key, {})
                 for k, names in cols.items():
-                    vals = [x for x in (_label(row[index[c]]) for c in names
-                                        if index[c] < len(row)) if x is not None]
+                    vals = [
+                        x
+                        for x in (_label(row[index[c]]) for c in names if index[c] < len(row))
+                        if x is not None
+                    ]
                     if vals:
                         lab[k] = max(lab.get(k, 0), max(vals))
     if not n_files:
-        raise SystemExit(f"no RAD-ChestCT label CSV under {root} (a header with columns like "
-                         f"{', '.join(RAD_COLS.values())} or 'atelectasis*left_lung')")
+        raise SystemExit(
+            f"no RAD-ChestCT label CSV under {root} (a header with columns like "
+            f"{', '.join(RAD_COLS.values())} or 'atelectasis*left_lung')"
+        )
     out = []
     for name, path in sorted(vols.items()):
-        rec = dict(id=f"radchest-{name}", modality="ct", dataset="rad-chestct", split="test",
-                   path=os.path.abspath(path), spacing=list(spacing), labels=labels.get(name, {}))
+        rec = dict(
+            id=f"radchest-{name}",
+            modality="ct",
+            dataset="rad-chestct",
+            split="test",
+            path=os.path.abspath(path),
+            spacing=list(spacing),
+            labels=labels.get(name, {}),
+        )
         if name in patient:
             rec["patient"] = f"radchest-{patient[name]}"
         out.append(rec)
@@ -283,22 +355,35 @@ def rad_chestct(root: str, spacing) -> list[dict]:
 
 def main(argv=None) -> None:
     ap = cli.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("dataset", choices=["mimic-cxr", "chexpert", "ct-rate", "rad-chestct", "merge",
-                                        "folder"])
+    ap.add_argument(
+        "dataset", choices=["mimic-cxr", "chexpert", "ct-rate", "rad-chestct", "merge", "folder"]
+    )
     ap.add_argument("inputs", nargs="*", help="manifests to merge (merge only)")
     ap.add_argument("--root", help="the release's folder")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--spacing", type=float, nargs=3, default=(0.8, 0.8, 0.8),
-                    help="RAD-ChestCT voxel size z y x (mm)")
-    ap.add_argument("--split-mode", "--split", dest="split", default="paper",
-                    choices=["paper", "official"],
-                    help="MIMIC-CXR: paper = seeded patient-grouped 80/20 train/test; "
-                         "official = the release's train/validate/test")
+    ap.add_argument(
+        "--spacing",
+        type=float,
+        nargs=3,
+        default=(0.8, 0.8, 0.8),
+        help="RAD-ChestCT voxel size z y x (mm)",
+    )
+    ap.add_argument(
+        "--split-mode",
+        "--split",
+        dest="split",
+        default="paper",
+        choices=["paper", "official"],
+        help="MIMIC-CXR: paper = seeded patient-grouped 80/20 train/test; "
+        "official = the release's train/validate/test",
+    )
     ap.add_argument("--seed", type=int, default=0, help="seed of the paper / folder split")
     own = ap.add_argument_group("folder (your own data)")
     own.add_argument("--images", help="folder of images")
     own.add_argument("--labels", help="CSV, one row per image")
-    own.add_argument("--id-col", help="CSV column naming the image (path under --images or file name)")
+    own.add_argument(
+        "--id-col", help="CSV column naming the image (path under --images or file name)"
+    )
     own.add_argument("--patient-col", help="CSV column of the patient (replaced by a number)")
     own.add_argument("--label-cols", nargs="+", help="finding columns: Column or Column=name")
     own.add_argument("--dataset-name", help="dataset name (default: the --images folder's name)")
@@ -312,21 +397,36 @@ def main(argv=None) -> None:
         findings = list(dict.fromkeys(f for m in manifests for f in m.findings))
         write_manifest(a.out, [r for m in manifests for r in m], findings=findings)
     elif a.dataset == "folder":
-        missing = [f"--{k.replace('_', '-')}" for k in ("images", "labels", "id_col", "patient_col",
-                                                        "label_cols") if not getattr(a, k)]
+        missing = [
+            f"--{k.replace('_', '-')}"
+            for k in ("images", "labels", "id_col", "patient_col", "label_cols")
+            if not getattr(a, k)
+        ]
         if missing:
             ap.error(f"folder needs {', '.join(missing)}")
         recs, findings, unlisted = folder(
-            a.images, a.labels, id_col=a.id_col, patient_col=a.patient_col,
-            label_cols=a.label_cols, dataset=a.dataset_name, modality=a.modality, val=a.val,
-            test=a.test, seed=a.seed)
+            a.images,
+            a.labels,
+            id_col=a.id_col,
+            patient_col=a.patient_col,
+            label_cols=a.label_cols,
+            dataset=a.dataset_name,
+            modality=a.modality,
+            val=a.val,
+            test=a.test,
+            seed=a.seed,
+        )
         write_manifest(a.out, recs, findings=findings)
         load_manifest(a.out)  # validate what was written
     else:
         if not a.root:
             ap.error("--root is required")
-        fn = {"mimic-cxr": lambda r: mimic_cxr(r, a.split, a.seed), "chexpert": chexpert,
-              "ct-rate": ct_rate, "rad-chestct": lambda r: rad_chestct(r, a.spacing)}[a.dataset]
+        fn = {
+            "mimic-cxr": lambda r: mimic_cxr(r, a.split, a.seed),
+            "chexpert": chexpert,
+            "ct-rate": ct_rate,
+            "rad-chestct": lambda r: rad_chestct(r, a.spacing),
+        }[a.dataset]
         recs = fn(a.root)
         write_manifest(a.out, recs)
         load_manifest(a.out)  # validate what was written

@@ -21,6 +21,7 @@ Layouts (JAX <- PyTorch): Dense kernel ``[in, out]`` <- Linear weight ``[out, in
 ``proj.weight [d, d]``; patch kernel ``[P^3, d]`` <- Conv3d weight ``[d, 1, P, P, P]``;
 LayerNorm scale/bias <- weight/bias.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,17 +68,22 @@ def load_torch_state(path: str) -> OrderedDict[str, np.ndarray]:
         raise ConversionError(f"--in {path!r}: no such file")
     if path.endswith(".safetensors"):
         from safetensors.numpy import load_file
+
         try:
             return OrderedDict((k, v.astype(np.float32)) for k, v in load_file(path).items())
         except Exception as e:  # bf16 tensors: numpy has no bfloat16; go through torch
             from safetensors.torch import load_file as load_torch
+
             try:
                 return OrderedDict((k, v.float().numpy()) for k, v in load_torch(path).items())
             except Exception:
-                raise ConversionError(f"--in {path!r}: not a readable safetensors file ({e})") from None
+                raise ConversionError(
+                    f"--in {path!r}: not a readable safetensors file ({e})"
+                ) from None
     import pickle
 
     import torch
+
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -85,7 +91,8 @@ def load_torch_state(path: str) -> OrderedDict[str, np.ndarray]:
             f"--in {path!r}: refusing to load: the file holds pickled objects beyond tensors and "
             f"containers, and untrusted pickles may run code (torch.load weights_only=True said: "
             f"{str(e).splitlines()[0]}). Save `model.state_dict()` with torch.save, or better as "
-            f".safetensors, and convert that.") from None
+            f".safetensors, and convert that."
+        ) from None
     except Exception as e:
         raise ConversionError(f"--in {path!r}: not a readable PyTorch checkpoint ({e})") from None
     return _tensor_dict(obj, path)
@@ -93,17 +100,22 @@ def load_torch_state(path: str) -> OrderedDict[str, np.ndarray]:
 
 def _tensor_dict(obj, path) -> OrderedDict[str, np.ndarray]:
     import torch
+
     is_t = lambda v: isinstance(v, torch.Tensor)
     for _ in range(4):  # Lightning {"state_dict": ...}, {"model": ...}, DDP wrappers ...
         if isinstance(obj, dict) and obj and all(is_t(v) for v in obj.values()):
             break
-        inner = next((obj[k] for k in _NESTED if isinstance(obj, dict) and isinstance(obj.get(k), dict)),
-                     None)
+        inner = next(
+            (obj[k] for k in _NESTED if isinstance(obj, dict) and isinstance(obj.get(k), dict)),
+            None,
+        )
         if inner is None:
             break
         obj = inner
     if not isinstance(obj, dict):
-        raise ConversionError(f"--in {path!r}: expected a state_dict (name -> tensor), got {type(obj).__name__}")
+        raise ConversionError(
+            f"--in {path!r}: expected a state_dict (name -> tensor), got {type(obj).__name__}"
+        )
     tensors = OrderedDict((k, v.detach().float().numpy()) for k, v in obj.items() if is_t(v))
     if not tensors:
         raise ConversionError(f"--in {path!r}: no tensors found (keys: {list(obj)[:10]})")
@@ -119,24 +131,30 @@ def strip_prefix(state: dict, expected, prefix: str | None = None) -> OrderedDic
         for k in state:
             for e in expected:
                 if k.endswith(e) and (len(k) == len(e) or k[-len(e) - 1] == "."):
-                    votes[k[:len(k) - len(e)]] = votes.get(k[:len(k) - len(e)], 0) + 1
+                    votes[k[: len(k) - len(e)]] = votes.get(k[: len(k) - len(e)], 0) + 1
         prefix = max(votes, key=lambda p: (votes[p], -len(p))) if votes else ""
-    return OrderedDict((k[len(prefix):] if prefix and k.startswith(prefix) else k, v)
-                       for k, v in state.items())
+    return OrderedDict(
+        (k[len(prefix) :] if prefix and k.startswith(prefix) else k, v) for k, v in state.items()
+    )
 
 
 def save_torch_state(state: dict, path: str) -> None:
     import torch
-    tensors = OrderedDict((k, torch.from_numpy(np.array(v, dtype=np.float32))) for k, v in state.items())
+
+    tensors = OrderedDict(
+        (k, torch.from_numpy(np.array(v, dtype=np.float32))) for k, v in state.items()
+    )
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if path.endswith(".safetensors"):
         from safetensors.torch import save_file
+
         save_file(tensors, path)
     else:
         torch.save(tensors, path)
 
 
 # --------------------------------------------------------------------------- Orbax side
+
 
 def load_config(path: str, overrides=()):
     """A python config file's ``get_config()`` with ``--config.a.b=value`` overrides applied."""
@@ -149,7 +167,7 @@ def load_config(path: str, overrides=()):
     spec.loader.exec_module(mod)
     cfg = mod.get_config()
     for item in overrides:
-        key, _, raw = item[len("--config."):].partition("=")
+        key, _, raw = item[len("--config.") :].partition("=")
         try:
             value = ast.literal_eval(raw)
         except (ValueError, SyntaxError):
@@ -166,6 +184,7 @@ def _single_device_state(cfg):
     import jax
 
     from mmv_jax.train import sharding as shd, state as st
+
     mesh = shd.make_mesh((1, 1, 1), jax.devices()[:1])
     tx = st.make_optimizer(cfg)
     return st.create(cfg, mesh, tx)
@@ -178,6 +197,7 @@ def save_jax_checkpoint(params: dict, cfg, out_dir: str, created=None) -> str:
     from flax import nnx
 
     from mmv_jax.train.checkpoint import Checkpointer
+
     _, state, shardings = created or _single_device_state(cfg)
     p = state.params
     nnx.replace_by_pure_dict(p, jax.tree.map(np.asarray, params))
@@ -185,7 +205,9 @@ def save_jax_checkpoint(params: dict, cfg, out_dir: str, created=None) -> str:
     ckpt = Checkpointer(out_dir, keep=1, async_save=False)
     try:
         if ckpt.latest_step() is not None:
-            raise ConversionError(f"--out {out_dir!r} already holds a checkpoint; choose an empty folder")
+            raise ConversionError(
+                f"--out {out_dir!r} already holds a checkpoint; choose an empty folder"
+            )
         ckpt.save(0, state, force=True)
     finally:
         ckpt.close()
@@ -197,18 +219,23 @@ def abstract_params(cfg) -> dict:
     from flax import nnx
 
     from mmv_jax.train import state as st
-    return nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: st.build_model(cfg, seed=cfg.seed)), nnx.Param))
+
+    return nnx.to_pure_dict(
+        nnx.state(nnx.eval_shape(lambda: st.build_model(cfg, seed=cfg.seed)), nnx.Param)
+    )
 
 
 def fresh_params(cfg, created=None) -> dict:
     """The config's freshly initialised params as a pure dict of numpy arrays."""
     import jax
     from flax import nnx
+
     _, state, _ = created or _single_device_state(cfg)
     return jax.tree.map(np.asarray, nnx.to_pure_dict(state.params))
 
 
 # --------------------------------------------------------------------------- CLI
+
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -220,10 +247,20 @@ def main(argv=None) -> int:
     t2j.add_argument("--in", dest="src", required=True)
     t2j.add_argument("--config", required=True, help="python config file (model shape, seed)")
     t2j.add_argument("--out", required=True, help="new folder for the Orbax checkpoint")
-    t2j.add_argument("--allow-missing", action="append", default=[], metavar="PATTERN",
-                     help="PyTorch names (fnmatch) that may be missing; they keep the fresh init")
-    t2j.add_argument("--ignore", action="append", default=[], metavar="PATTERN",
-                     help="PyTorch tensors (fnmatch) to drop, e.g. 'head.*'")
+    t2j.add_argument(
+        "--allow-missing",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="PyTorch names (fnmatch) that may be missing; they keep the fresh init",
+    )
+    t2j.add_argument(
+        "--ignore",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="PyTorch tensors (fnmatch) to drop, e.g. 'head.*'",
+    )
     t2j.add_argument("--prefix", default=None, help="key prefix to strip (default: detected)")
     j2t = sub.add_parser("jax2torch", help="Orbax run/checkpoint folder -> PyTorch state_dict")
     j2t.add_argument("--in", dest="src", required=True)
@@ -238,10 +275,11 @@ def main(argv=None) -> int:
             if os.path.isdir(args.out) and os.listdir(args.out):
                 raise ConversionError(f"--out {args.out!r} is not empty; choose a new folder")
             source = load_torch_state(args.src)
-            abstract = abstract_params(cfg)   # names and shapes checked before anything is built
+            abstract = abstract_params(cfg)  # names and shapes checked before anything is built
             state = strip_prefix(source, name_map(abstract), args.prefix)
-            params, report = torch_to_jax(state, abstract, allow_missing=args.allow_missing,
-                                          ignore=args.ignore)
+            params, report = torch_to_jax(
+                state, abstract, allow_missing=args.allow_missing, ignore=args.ignore
+            )
             created = _single_device_state(cfg)
             if report["allowed_missing"]:  # these keep the config's fresh init
                 fresh = flatten(fresh_params(cfg, created))
@@ -251,10 +289,12 @@ def main(argv=None) -> int:
                         flat[path] = fresh[path]
                 params = unflatten(flat)
             out = save_jax_checkpoint(params, cfg, args.out, created)
-            print(f"convert_torch: {report['mapped']} tensors converted; "
-                  f"kept fresh init: {report['allowed_missing'] or 'none'}; "
-                  f"ignored: {report['ignored'] or 'none'}; checkpoint in {out} "
-                  f"(use --config.init_from={out})")
+            print(
+                f"convert_torch: {report['mapped']} tensors converted; "
+                f"kept fresh init: {report['allowed_missing'] or 'none'}; "
+                f"ignored: {report['ignored'] or 'none'}; checkpoint in {out} "
+                f"(use --config.init_from={out})"
+            )
         else:
             state = jax_to_torch(load_jax_params(args.src, args.step))
             save_torch_state(state, args.out)

@@ -22,6 +22,7 @@ step (compile, loader start), hence `--e2e-timeout`.
 Sections are functions in SECTIONS (`name -> fn(args) -> ok`).
 Exit status 0 when every check passed, 1 otherwise, 2 when something needed is missing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,10 +35,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-MISSING = []   # human-readable lines about what is not installed / not usable
+MISSING = []  # human-readable lines about what is not installed / not usable
 
 
 # ----------------------------------------------------------------------------- environment
+
 
 def _version(mod):
     try:
@@ -49,10 +51,19 @@ def _version(mod):
 
 def environment(args) -> dict:
     import jax
+
     info = {"python": sys.version.split()[0], "jax": jax.__version__}
     import jaxlib
+
     info["jaxlib"] = jaxlib.__version__
-    for mod in ("jax_cuda13_plugin", "jax_cuda12_plugin", "triton", "jax_triton", "torch", "libtpu"):
+    for mod in (
+        "jax_cuda13_plugin",
+        "jax_cuda12_plugin",
+        "triton",
+        "jax_triton",
+        "torch",
+        "libtpu",
+    ):
         info[mod] = _version(mod)
     info["backend"] = jax.default_backend()
     devs = jax.devices()
@@ -62,44 +73,59 @@ def environment(args) -> dict:
     if not args.dry_run:
         want = {"triton_gpu": "gpu", "pallas_tpu": "tpu"}.get(args.impl)
         if want and info["backend"] != want:
-            MISSING.append(f"impl={args.impl} needs a {want.upper()} backend but jax.default_backend() = "
-                           f"{info['backend']!r}" + (f"; install 'jax[cuda13]' (or cuda12) matching jax "
-                                                     f"{jax.__version__}" if want == "gpu" else ""))
+            MISSING.append(
+                f"impl={args.impl} needs a {want.upper()} backend but jax.default_backend() = "
+                f"{info['backend']!r}"
+                + (
+                    f"; install 'jax[cuda13]' (or cuda12) matching jax {jax.__version__}"
+                    if want == "gpu"
+                    else ""
+                )
+            )
         if args.impl == "triton_gpu":
             if str(info["triton"]).startswith("missing"):
                 MISSING.append("triton is not installed: pip install triton")
             if str(info["jax_triton"]).startswith("missing"):
-                MISSING.append("jax-triton is not importable: pip install jax-triton "
-                               "(0.3.x for jax 0.10, 0.4.x for jax >= 0.11); " + str(info["jax_triton"]))
+                MISSING.append(
+                    "jax-triton is not importable: pip install jax-triton "
+                    "(0.3.x for jax 0.10, 0.4.x for jax >= 0.11); " + str(info["jax_triton"])
+                )
     return info
 
 
 # ----------------------------------------------------------------------------- attention variants
 
+
 def _impls(args, max_len):
     """name -> fn(q, k, v, seg), in table order. The 'kernel' slot is the XLA path on dry runs."""
     from mmv_jax.kernels.attention import segment_attention
     from mmv_jax.kernels.reference import segment_attention_reference
+
     out = {}
     kernel_impl = "xla" if args.dry_run else args.impl
-    if args.kernel_ok and kernel_impl == "pallas_tpu":   # pass the static span bound
+    if args.kernel_ok and kernel_impl == "pallas_tpu":  # pass the static span bound
         from mmv_jax.kernels.pallas_tpu import segment_attention_pallas
-        out["kernel"] = lambda q, k, v, s: segment_attention_pallas(q, k, v, s,
-                                                                    max_segment_len=max_len)
+
+        out["kernel"] = lambda q, k, v, s: segment_attention_pallas(
+            q, k, v, s, max_segment_len=max_len
+        )
     elif args.kernel_ok:
         out["kernel"] = lambda q, k, v, s: segment_attention(q, k, v, s, impl=kernel_impl)
-    out["xla"] = lambda q, k, v, s: segment_attention(q, k, v, s, impl="xla",
-                                                      max_segment_len=max_len)
+    out["xla"] = lambda q, k, v, s: segment_attention(
+        q, k, v, s, impl="xla", max_segment_len=max_len
+    )
     out["dense"] = segment_attention_reference
     return out
 
 
 # ----------------------------------------------------------------------------- layouts
 
+
 def layouts(seq_len, segments, *, include_packed=True):
     import bench_kernels
+
     rows = [(f"{n} seg", bench_kernels.synthetic_row(seq_len, n)[None]) for n in segments]
-    if include_packed and seq_len >= 512:        # a 3D view is up to 512 tokens
+    if include_packed and seq_len >= 512:  # a 3D view is up to 512 tokens
         rows.append(("packed mix", bench_kernels.packed_layouts(seq_len, batches=1, seed=0)[:1]))
     return rows
 
@@ -111,27 +137,32 @@ def _max_len(seg):
 
 # ----------------------------------------------------------------------------- correctness
 
+
 def check_correctness(args) -> bool:
     import jax.numpy as jnp
 
     from mmv_jax.kernels.attention import segment_attention
     from mmv_jax.kernels.reference import outputs_and_grads, segment_attention_reference
+
     ok_all = True
     s = args.check_seq
     seg = np.concatenate([lay for _, lay in layouts(s, [1, 5])])
-    seg[0, -100:] = 0                              # padding at the end of a row
+    seg[0, -100:] = 0  # padding at the end of a row
     segj = jnp.asarray(seg)
     kernel_impl = "xla" if args.dry_run else args.impl
     rng = np.random.default_rng(0)
     for d in args.check_head_dims:
         for dtype, tol in ((jnp.bfloat16, 2e-2), (jnp.float32, 1e-4)):
-            q, k, v = (jnp.asarray(rng.standard_normal((len(seg), s, args.check_heads, d)),
-                                   jnp.float32).astype(dtype) for _ in range(3))
+            q, k, v = (
+                jnp.asarray(
+                    rng.standard_normal((len(seg), s, args.check_heads, d)), jnp.float32
+                ).astype(dtype)
+                for _ in range(3)
+            )
             cand = lambda q, k, v, sg: segment_attention(q, k, v, sg, impl=kernel_impl)
             label = f"{kernel_impl} vs reference  D={d} {jnp.dtype(dtype).name:8s}"
             try:
-                want = outputs_and_grads(segment_attention_reference, q, k, v, segj,
-                                         reference=True)
+                want = outputs_and_grads(segment_attention_reference, q, k, v, segj, reference=True)
                 got = outputs_and_grads(cand, q, k, v, segj)
                 errs = []
                 for g, r in zip(got, want):
@@ -142,10 +173,13 @@ def check_correctness(args) -> bool:
                         errs.append(float(np.abs(g - r).max()))
                     else:
                         errs.append(float(np.linalg.norm(g - r) / max(np.linalg.norm(r), 1e-30)))
-                ok = all(e <= tol for e in errs)       # NaN fails
+                ok = all(e <= tol for e in errs)  # NaN fails
                 kind = "max abs" if dtype == jnp.float32 else "rel L2"
-                print(f"  {'PASS' if ok else 'FAIL'}  {label}  {kind} o/dq/dk/dv = "
-                      + " ".join(f"{e:.2e}" for e in errs) + f"  (tol {tol:g})")
+                print(
+                    f"  {'PASS' if ok else 'FAIL'}  {label}  {kind} o/dq/dk/dv = "
+                    + " ".join(f"{e:.2e}" for e in errs)
+                    + f"  (tol {tol:g})"
+                )
             except Exception as e:  # noqa: BLE001
                 ok = False
                 print(f"  FAIL  {label}  {type(e).__name__}: {str(e).splitlines()[0][:300]}")
@@ -157,28 +191,34 @@ def check_correctness(args) -> bool:
 
 # ----------------------------------------------------------------------------- timing
 
+
 def time_kernels(args) -> list[dict]:
     import jax
     import jax.numpy as jnp
     from benchlib import block_counts, time_fn, useful_fraction
+
     rng = np.random.default_rng(1)
     h, d = args.heads, args.head_dim
     dtype = jnp.dtype(args.dtype)
     block_q, block_k = args.skip_blocks
     rows = []
-    hdr = (f"  {'S':>6} {'layout':>10} {'skip':>6} {'impl':>7} {'pass':>8} {'ms':>9} "
-           f"{'TF/s useful':>11} {'TF/s blocks':>11}")
+    hdr = (
+        f"  {'S':>6} {'layout':>10} {'skip':>6} {'impl':>7} {'pass':>8} {'ms':>9} "
+        f"{'TF/s useful':>11} {'TF/s blocks':>11}"
+    )
     print(hdr)
     for s in args.seq_lens:
         for name, seg in layouts(s, args.segments):
             segj = jnp.asarray(seg)
-            useful = useful_fraction(seg) * seg.size * s       # sum of len^2 over the segments
+            useful = useful_fraction(seg) * seg.size * s  # sum of len^2 over the segments
             computed, total = block_counts(seg, block_q, block_k)
             skipped = 1.0 - computed / total
             fl_useful = 4.0 * h * d * useful
             fl_blocks = 4.0 * h * d * computed * block_q * block_k
-            q, k, v = (jnp.asarray(rng.standard_normal((1, s, h, d)), jnp.float32).astype(dtype)
-                       for _ in range(3))
+            q, k, v = (
+                jnp.asarray(rng.standard_normal((1, s, h, d)), jnp.float32).astype(dtype)
+                for _ in range(3)
+            )
             for impl, fn in _impls(args, _max_len(seg)).items():
                 if impl == "dense" and s > args.dense_max_seq:
                     continue
@@ -186,24 +226,41 @@ def time_kernels(args) -> list[dict]:
                     if pas == "fwd":
                         f = jax.jit(lambda q, k, v, fn=fn, sg=segj: fn(q, k, v, sg))
                     else:
-                        f = jax.jit(jax.grad(lambda q, k, v, fn=fn, sg=segj: jnp.sum(fn(q, k, v, sg).astype(
-                            jnp.float32)), argnums=(0, 1, 2)))
+                        f = jax.jit(
+                            jax.grad(
+                                lambda q, k, v, fn=fn, sg=segj: jnp.sum(
+                                    fn(q, k, v, sg).astype(jnp.float32)
+                                ),
+                                argnums=(0, 1, 2),
+                            )
+                        )
                     rec = dict(seq_len=s, layout=name, skipped=skipped, impl=impl, pass_=pas)
                     try:
-                        t = time_fn(lambda f=f, a=(q, k, v): jax.block_until_ready(f(*a)), args.repeats)
-                        rec.update(ms=1e3 * t, tflops_useful=mult * fl_useful / t / 1e12,
-                                   tflops_blocks=mult * fl_blocks / t / 1e12)
-                        print(f"  {s:>6} {name:>10} {skipped:>6.3f} {impl:>7} {pas:>8} {1e3 * t:>9.3f} "
-                              f"{rec['tflops_useful']:>11.2f} {rec['tflops_blocks']:>11.2f}", flush=True)
+                        t = time_fn(
+                            lambda f=f, a=(q, k, v): jax.block_until_ready(f(*a)), args.repeats
+                        )
+                        rec.update(
+                            ms=1e3 * t,
+                            tflops_useful=mult * fl_useful / t / 1e12,
+                            tflops_blocks=mult * fl_blocks / t / 1e12,
+                        )
+                        print(
+                            f"  {s:>6} {name:>10} {skipped:>6.3f} {impl:>7} {pas:>8} {1e3 * t:>9.3f} "
+                            f"{rec['tflops_useful']:>11.2f} {rec['tflops_blocks']:>11.2f}",
+                            flush=True,
+                        )
                     except Exception as e:  # noqa: BLE001 - OOM of the dense path is expected at 32k
                         rec.update(error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
-                        print(f"  {s:>6} {name:>10} {skipped:>6.3f} {impl:>7} {pas:>8}   {rec['error']}",
-                              flush=True)
+                        print(
+                            f"  {s:>6} {name:>10} {skipped:>6.3f} {impl:>7} {pas:>8}   {rec['error']}",
+                            flush=True,
+                        )
                     rows.append(rec)
     return rows
 
 
 # ----------------------------------------------------------------------------- sections
+
 
 def section_kernels(args) -> bool:
     print("== environment")
@@ -217,12 +274,16 @@ def section_kernels(args) -> bool:
         args.kernel_ok = False
     ok = True
     if args.kernel_ok:
-        print(f"== correctness ({'xla (dry run)' if args.dry_run else args.impl} vs the dense reference)")
+        print(
+            f"== correctness ({'xla (dry run)' if args.dry_run else args.impl} vs the dense reference)"
+        )
         ok = check_correctness(args)
     else:
         print(f"== correctness: SKIPPED ({args.impl} unavailable)")
-    print(f"== timing (1 row, H={args.heads}, D={args.head_dim}, {args.dtype}; skip fraction for "
-          f"{args.skip_blocks[0]}x{args.skip_blocks[1]} blocks)")
+    print(
+        f"== timing (1 row, H={args.heads}, D={args.head_dim}, {args.dtype}; skip fraction for "
+        f"{args.skip_blocks[0]}x{args.skip_blocks[1]} blocks)"
+    )
     time_kernels(args)
     return ok
 
@@ -233,6 +294,7 @@ def section_train(args) -> bool:
     import jax
     from bench_train import _config, step_bench
     from benchlib import paper_mix_row
+
     print("== train steps (real LeJEPA step, sharded over all local devices)")
     ok = True
     rows = []
@@ -246,24 +308,33 @@ def section_train(args) -> bool:
             if args.dry_run:
                 cfg.model.depth = 1
             try:
-                r = step_bench(cfg, host_batch, num_samples=n, num_views=10, steps=1 if args.dry_run else 5)
+                r = step_bench(
+                    cfg, host_batch, num_samples=n, num_views=10, steps=1 if args.dry_run else 5
+                )
             except Exception:  # noqa: BLE001 - report and go on with the next shape
                 traceback.print_exc()
                 ok = False
                 continue
             ok &= bool(np.isfinite(r["loss"]))
             rows.append((variant, seq, r))
-    print(f"  {'model':8s} {'seq':>6s} {'step ms':>9s} {'tokens/s':>10s} {'MFU':>6s} {'compile s':>9s} {'loss':>8s}")
+    print(
+        f"  {'model':8s} {'seq':>6s} {'step ms':>9s} {'tokens/s':>10s} {'MFU':>6s} {'compile s':>9s} {'loss':>8s}"
+    )
     for variant, seq, r in rows:
-        print(f"  {variant:8s} {seq:6d} {r['step_s'] * 1e3:9.1f} {r['tokens_per_s']:10.0f} "
-              f"{r['mfu']:6.1%} {r['compile_s']:9.1f} {r['loss']:8.4f}")
-    print(f"  devices: {jax.device_count()} x {jax.devices()[0].device_kind}; "
-          f"MFU denominator {rows[0][2]['peak_flops'] / 1e12 if rows else 0:.0f} TFLOP/s")
+        print(
+            f"  {variant:8s} {seq:6d} {r['step_s'] * 1e3:9.1f} {r['tokens_per_s']:10.0f} "
+            f"{r['mfu']:6.1%} {r['compile_s']:9.1f} {r['loss']:8.4f}"
+        )
+    print(
+        f"  devices: {jax.device_count()} x {jax.devices()[0].device_kind}; "
+        f"MFU denominator {rows[0][2]['peak_flops'] / 1e12 if rows else 0:.0f} TFLOP/s"
+    )
     return ok
 
 
 def section_e2e(args) -> bool:
     import device_e2e  # the launcher end to end lives in its own module
+
     return device_e2e.section_e2e(args)
 
 
@@ -273,20 +344,36 @@ SECTIONS = {"kernels": section_kernels, "train": section_train, "e2e": section_e
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--section", choices=sorted(SECTIONS), nargs="+", default=["kernels", "train"])
-    ap.add_argument("--dry-run", action="store_true",
-                    help="CPU: tiny shapes, the XLA path in the kernel slot, one repeat")
-    ap.add_argument("--impl", default="triton_gpu", choices=["triton_gpu", "pallas_tpu", "xla"],
-                    help="the kernel under test (default triton_gpu)")
+    ap.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="CPU: tiny shapes, the XLA path in the kernel slot, one repeat",
+    )
+    ap.add_argument(
+        "--impl",
+        default="triton_gpu",
+        choices=["triton_gpu", "pallas_tpu", "xla"],
+        help="the kernel under test (default triton_gpu)",
+    )
     ap.add_argument("--seq-lens", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
     ap.add_argument("--segments", type=int, nargs="+", default=[1, 8, 64])
     ap.add_argument("--heads", type=int, default=12)
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--dense-max-seq", type=int, default=16384,
-                    help="skip dense attention above this length (S^2 logits)")
-    ap.add_argument("--skip-blocks", type=int, nargs=2, default=[128, 64],
-                    help="block sizes for the skipped-fraction column (Triton forward: 128 64)")
+    ap.add_argument(
+        "--dense-max-seq",
+        type=int,
+        default=16384,
+        help="skip dense attention above this length (S^2 logits)",
+    )
+    ap.add_argument(
+        "--skip-blocks",
+        type=int,
+        nargs=2,
+        default=[128, 64],
+        help="block sizes for the skipped-fraction column (Triton forward: 128 64)",
+    )
     ap.add_argument("--check-seq", type=int, default=1024)
     ap.add_argument("--check-heads", type=int, default=4)
     ap.add_argument("--check-head-dims", type=int, nargs="+", default=[64, 128])
@@ -296,8 +383,13 @@ def parse_args(argv=None):
     ap.add_argument("--e2e-variant", default="S/14", help="S/14 or B/14 (run once for each)")
     ap.add_argument("--e2e-batch", type=int, nargs=2, default=[96, 32], help="CXR and CT per step")
     ap.add_argument("--e2e-seq-len", type=int, default=65536)
-    ap.add_argument("--e2e-long-sides", type=int, nargs=2, default=[224, 112],
-                    help="X-ray and CT long sides (the paper's)")
+    ap.add_argument(
+        "--e2e-long-sides",
+        type=int,
+        nargs=2,
+        default=[224, 112],
+        help="X-ray and CT long sides (the paper's)",
+    )
     ap.add_argument("--e2e-no-cache", action="store_true", help="train from the original files")
     ap.add_argument("--e2e-workers", type=int, default=-1)
     ap.add_argument("--e2e-images", type=int, default=240, help="demo CXR to write (CT: a third)")

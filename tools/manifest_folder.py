@@ -1,5 +1,6 @@
 """``tools/build_manifest.py folder``: a manifest of your own images and labels (see that
 file's doc), and the CSV helpers every subcommand of it uses."""
+
 from __future__ import annotations
 
 import csv
@@ -47,6 +48,7 @@ def _require(path: str, columns) -> None:
 
 # ---------------------------------------------------------------- your own data
 
+
 def _finding_spec(spec: str) -> tuple[str, str]:
     """``Column`` or ``Column=name`` -> (column, finding name)."""
     col, _, name = spec.partition("=")
@@ -65,9 +67,19 @@ def _image_index(images: str) -> dict:
     return index
 
 
-def folder(images: str, labels_csv: str, *, id_col: str, patient_col: str, label_cols,
-           dataset: str | None = None, modality: str = "cxr", val: float = 0.1,
-           test: float = 0.2, seed: int = 0) -> tuple[list[dict], tuple, int]:
+def folder(
+    images: str,
+    labels_csv: str,
+    *,
+    id_col: str,
+    patient_col: str,
+    label_cols,
+    dataset: str | None = None,
+    modality: str = "cxr",
+    val: float = 0.1,
+    test: float = 0.2,
+    seed: int = 0,
+) -> tuple[list[dict], tuple, int]:
     """Records of a folder of images + a labels CSV (see the module doc); returns
     ``(records, findings, images under the folder the CSV does not list)``."""
     if not os.path.isdir(images):
@@ -94,8 +106,9 @@ def folder(images: str, labels_csv: str, *, id_col: str, patient_col: str, label
         if not os.path.exists(path):
             path = index.get(name) or index.get(os.path.basename(name).split(".")[0])
         if path is None:
-            raise SystemExit(f"{where}: no image (or more than one) named by column {id_col!r} "
-                             f"under {images}")
+            raise SystemExit(
+                f"{where}: no image (or more than one) named by column {id_col!r} under {images}"
+            )
         path = os.path.normpath(path)
         if path in used:
             raise SystemExit(f"{where}: a second row for the same image")
@@ -111,8 +124,16 @@ def folder(images: str, labels_csv: str, *, id_col: str, patient_col: str, label
             if v is not None:
                 labels[f] = v
         pid = patients.setdefault(patient, f"{dataset}-p{len(patients)}")
-        out.append(dict(id=name, patient=pid, modality=modality, dataset=dataset, labels=labels,
-                        path=os.path.abspath(path)))
+        out.append(
+            dict(
+                id=name,
+                patient=pid,
+                modality=modality,
+                dataset=dataset,
+                labels=labels,
+                path=os.path.abspath(path),
+            )
+        )
     if not out:
         raise SystemExit(f"{labels_csv}: no rows")
     pids = np.array([r["patient"] for r in out])
@@ -131,7 +152,9 @@ def _unlisted(images: str, used: set) -> int:
     n = 0
     for root, _, files in os.walk(images):
         inside = any(os.path.normpath(p) in used for p in _parents(root, images))
-        n += 0 if inside else sum(os.path.normpath(os.path.join(root, f)) not in used for f in files)
+        n += (
+            0 if inside else sum(os.path.normpath(os.path.join(root, f)) not in used for f in files)
+        )
     return n
 
 

@@ -18,6 +18,7 @@ With ``--checkpoint`` (a run folder of ``mmv-train``) the embeddings are compute
 (``DIR/embeddings.npz``), the loss curve is read from ``RUN/metrics.jsonl``, and ``--maps`` test
 images per modality get PCA maps, one PCA across all of them (``DIR/pca_maps.png``).
 """
+
 from __future__ import annotations
 
 import json
@@ -48,24 +49,38 @@ from mmv_jax.eval.probe import (
     select_rows,
 )
 
-__all__ = ["robustness_grid", "robustness_markdown", "plot_robustness_grid", "shared_pca_probe",
-           "shared_pca_markdown", "plot_shared_pca", "pca_probe", "pca_analysis",
-           "plot_pca_coefficients", "pca_feature_map", "save_feature_map_figure",
-           "plot_loss_curve", "main"]
+__all__ = [
+    "robustness_grid",
+    "robustness_markdown",
+    "plot_robustness_grid",
+    "shared_pca_probe",
+    "shared_pca_markdown",
+    "plot_shared_pca",
+    "pca_probe",
+    "pca_analysis",
+    "plot_pca_coefficients",
+    "pca_feature_map",
+    "save_feature_map_figure",
+    "plot_loss_curve",
+    "main",
+]
 
 
 # --- modality robustness ---------------------------------------------------------------------
 
-def robustness_grid(data, *, lp_datas=("2D", "3D", "ALL"), policy="ignore", n_boot=200,
-                    seed=0, c_grid=C_GRID) -> dict:
+
+def robustness_grid(
+    data, *, lp_datas=("2D", "3D", "ALL"), policy="ignore", n_boot=200, seed=0, c_grid=C_GRID
+) -> dict:
     """``{lp_data: run_probe result}`` for each LP training set that has training rows."""
     grid = {}
     mods = set(_lower(data["modality"]).tolist())
     for lp in lp_datas:
         if not set(LP_DATA[lp]) & mods:
             continue
-        grid[lp] = run_probe(data, lp_data=lp, policy=policy, n_boot=n_boot, seed=seed,
-                             c_grid=c_grid)
+        grid[lp] = run_probe(
+            data, lp_data=lp, policy=policy, n_boot=n_boot, seed=seed, c_grid=c_grid
+        )
     return grid
 
 
@@ -91,8 +106,13 @@ def robustness_markdown(grid) -> str:
 def plot_robustness_grid(grid, out_png) -> str:
     tests = _test_sets(grid)
     lps = list(grid)
-    m = np.array([[grid[lp]["test_sets"].get(t, {}).get("macro", {}).get("auroc", np.nan)
-                   for t in tests] for lp in lps], float)
+    m = np.array(
+        [
+            [grid[lp]["test_sets"].get(t, {}).get("macro", {}).get("auroc", np.nan) for t in tests]
+            for lp in lps
+        ],
+        float,
+    )
     fig = _figure(1.6 + 1.3 * len(tests), 1.2 + 0.6 * len(lps))
     ax = fig.add_subplot(1, 1, 1)
     im = ax.imshow(m, vmin=0.4, vmax=1.0, cmap="viridis")
@@ -128,12 +148,15 @@ def _abs_coef(probe, k):
 
 
 def _top(coef, findings, n=3):
-    return {f: ([int(j) for j in np.argsort(-coef[i])[:n]] if not np.isnan(coef[i]).any() else [])
-            for i, f in enumerate(findings)}
+    return {
+        f: ([int(j) for j in np.argsort(-coef[i])[:n]] if not np.isnan(coef[i]).any() else [])
+        for i, f in enumerate(findings)
+    }
 
 
-def shared_pca_probe(data, *, n_components=16, policy="ignore", n_boot=0, seed=0,
-                     c_grid=C_GRID) -> dict:
+def shared_pca_probe(
+    data, *, n_components=16, policy="ignore", n_boot=0, seed=0, c_grid=C_GRID
+) -> dict:
     """The paper's Fig. 2a analysis. One PCA basis, fitted on the ALL training rows (both
     modalities); probes on the first ``n_components`` components trained on the 2D, 3D and ALL
     training rows (those with rows). Returns ``{"n_components", "n_fit",
@@ -142,6 +165,7 @@ def shared_pca_probe(data, *, n_components=16, policy="ignore", n_boot=0, seed=0
     "per_modality": {"2D" | "3D": {finding: auroc}}, "test_sets"}}}`` — per-modality AUROC pools
     every test row of that modality."""
     from sklearn.decomposition import PCA
+
     x = np.asarray(data["embeddings"], np.float64)
     fit_rows = np.flatnonzero(_lower(data["split"]) == "train")
     if fit_rows.size == 0:
@@ -149,8 +173,9 @@ def shared_pca_probe(data, *, n_components=16, policy="ignore", n_boot=0, seed=0
     k = int(min(n_components, fit_rows.size, x.shape[1]))
     pca = PCA(n_components=k, random_state=seed).fit(x[fit_rows])
     proj = dict(data, embeddings=pca.transform(x).astype(np.float32))
-    by_modality = dict(proj, dataset=np.array([MODALITY_NAMES.get(m, m)
-                                               for m in _lower(data["modality"])]))
+    by_modality = dict(
+        proj, dataset=np.array([MODALITY_NAMES.get(m, m) for m in _lower(data["modality"])])
+    )
     mods = set(_lower(data["modality"]).tolist())
     findings = findings_of(data)
     fig_findings = _fig_findings(findings)
@@ -159,20 +184,35 @@ def shared_pca_probe(data, *, n_components=16, policy="ignore", n_boot=0, seed=0
         if not set(LP_DATA[lp]) & mods:
             continue
         train, val, _ = select_rows(proj, lp_data=lp, seed=seed)
-        probe = fit_probe(proj["embeddings"][train], proj["labels"][train],
-                          proj["embeddings"][val], proj["labels"][val], policy=policy,
-                          c_grid=c_grid, seed=seed)
+        probe = fit_probe(
+            proj["embeddings"][train],
+            proj["labels"][train],
+            proj["embeddings"][val],
+            proj["labels"][val],
+            policy=policy,
+            c_grid=c_grid,
+            seed=seed,
+        )
         coef = _abs_coef(probe, k)
         per_mod = evaluate_probe(probe, by_modality, n_boot=0, seed=seed)
         probes[name] = {
-            "lp_data": lp, "n_train": int(train.size), "abs_coef": coef.tolist(),
+            "lp_data": lp,
+            "n_train": int(train.size),
+            "abs_coef": coef.tolist(),
             "top_pcs": {f: _top(coef, findings)[f] for f in fig_findings},
-            "per_modality": {m: {f: r["per_label"][f]["auroc"] for f in fig_findings}
-                             for m, r in per_mod.items()},
-            "test_sets": evaluate_probe(probe, proj, n_boot=n_boot, seed=seed)}
-    return {"n_components": k, "n_fit": int(fit_rows.size),
-            "explained_variance_ratio": pca.explained_variance_ratio_.tolist(),
-            "findings": list(fig_findings), "coef_findings": list(findings), "probes": probes}
+            "per_modality": {
+                m: {f: r["per_label"][f]["auroc"] for f in fig_findings} for m, r in per_mod.items()
+            },
+            "test_sets": evaluate_probe(probe, proj, n_boot=n_boot, seed=seed),
+        }
+    return {
+        "n_components": k,
+        "n_fit": int(fit_rows.size),
+        "explained_variance_ratio": pca.explained_variance_ratio_.tolist(),
+        "findings": list(fig_findings),
+        "coef_findings": list(findings),
+        "probes": probes,
+    }
 
 
 def shared_pca_markdown(result) -> str:
@@ -180,14 +220,22 @@ def shared_pca_markdown(result) -> str:
     mods = sorted({m for p in result["probes"].values() for m in p["per_modality"]})
     first = result["findings"][0]
     cols = [f"{m} {abbrev(f)}" for f in result["findings"] for m in mods]
-    lines = [f"One PCA basis ({result['n_components']} components) fitted on all "
-             f"{result['n_fit']} training embeddings; test AUROC per modality.", "",
-             "| Probe | " + " | ".join(cols) + f" | top PCs ({abbrev(first)}) |",
-             "|---|" + "---:|" * len(cols) + "---|"]
+    lines = [
+        f"One PCA basis ({result['n_components']} components) fitted on all "
+        f"{result['n_fit']} training embeddings; test AUROC per modality.",
+        "",
+        "| Probe | " + " | ".join(cols) + f" | top PCs ({abbrev(first)}) |",
+        "|---|" + "---:|" * len(cols) + "---|",
+    ]
     for name, p in result["probes"].items():
         cells = [fmt(p["per_modality"].get(m, {}).get(f)) for f in result["findings"] for m in mods]
-        lines.append(f"| {name} | " + " | ".join(cells) + " | "
-                     + ", ".join(f"PC{j + 1}" for j in p["top_pcs"][first]) + " |")
+        lines.append(
+            f"| {name} | "
+            + " | ".join(cells)
+            + " | "
+            + ", ".join(f"PC{j + 1}" for j in p["top_pcs"][first])
+            + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -207,8 +255,9 @@ def plot_shared_pca(result, out_png) -> str:
         ax.set_yticks(range(len(names)), names)
         ax.set_xticks(range(c.shape[1]), [str(j + 1) for j in range(c.shape[1])], fontsize=6)
         ax.set_xlabel("shared principal component")
-        card = ", ".join(f"{m} {fmt(v.get('cardiomegaly'), 2)}"
-                         for m, v in sorted(p["per_modality"].items()))
+        card = ", ".join(
+            f"{m} {fmt(v.get('cardiomegaly'), 2)}" for m, v in sorted(p["per_modality"].items())
+        )
         ax.set_title(f"{name}\nCARD AUROC: {card}", fontsize=9)
         fig.colorbar(im, ax=ax)
     return _save(fig, out_png)
@@ -216,36 +265,60 @@ def plot_shared_pca(result, out_png) -> str:
 
 # --- extra: the PCA itself fitted per modality, the probe on ALL -----------------------------
 
-def pca_probe(data, *, fit_on="ALL", n_components=16, lp_data="ALL", policy="ignore",
-              n_boot=0, seed=0, c_grid=C_GRID) -> dict:
+
+def pca_probe(
+    data,
+    *,
+    fit_on="ALL",
+    n_components=16,
+    lp_data="ALL",
+    policy="ignore",
+    n_boot=0,
+    seed=0,
+    c_grid=C_GRID,
+) -> dict:
     """PCA fitted on the training rows of modality ``fit_on`` ("2D"/"3D"/"ALL"), applied to all
     rows; a logistic-regression probe per finding on the first ``n_components`` PCs (training
     rows of ``lp_data``); returns explained variance, ``abs_coef [L, k]`` (|coef| per PC on
     standardised PCs, NaN row for a finding without a probe), the top PCs per finding, and the
     test-set AUROCs."""
     from sklearn.decomposition import PCA
+
     x = np.asarray(data["embeddings"], np.float64)
     if fit_on not in LP_DATA:
         raise ValueError(f"fit_on must be one of {list(LP_DATA)}, got {fit_on!r}")
-    fit_rows = np.flatnonzero((_lower(data["split"]) == "train")
-                              & np.isin(_lower(data["modality"]), LP_DATA[fit_on]))
+    fit_rows = np.flatnonzero(
+        (_lower(data["split"]) == "train") & np.isin(_lower(data["modality"]), LP_DATA[fit_on])
+    )
     if fit_rows.size == 0:
         raise ValueError(f"no training rows to fit the {fit_on} PCA on")
     k = int(min(n_components, fit_rows.size, x.shape[1]))
     pca = PCA(n_components=k, random_state=seed).fit(x[fit_rows])
     proj = dict(data, embeddings=pca.transform(x).astype(np.float32))
     train, val, _ = select_rows(proj, lp_data=lp_data, seed=seed)
-    probe = fit_probe(proj["embeddings"][train], proj["labels"][train],
-                      proj["embeddings"][val], proj["labels"][val], policy=policy,
-                      c_grid=c_grid, seed=seed)
+    probe = fit_probe(
+        proj["embeddings"][train],
+        proj["labels"][train],
+        proj["embeddings"][val],
+        proj["labels"][val],
+        policy=policy,
+        c_grid=c_grid,
+        seed=seed,
+    )
     coef = _abs_coef(probe, k)
     findings = findings_of(data)
     top = _top(coef, findings)
     tests = evaluate_probe(probe, proj, n_boot=n_boot, seed=seed)
-    return {"fit_on": fit_on, "n_components": k, "n_fit": int(fit_rows.size),
-            "explained_variance_ratio": pca.explained_variance_ratio_.tolist(),
-            "abs_coef": coef.tolist(), "findings": list(findings), "top_pcs": top,
-            "test_sets": tests}
+    return {
+        "fit_on": fit_on,
+        "n_components": k,
+        "n_fit": int(fit_rows.size),
+        "explained_variance_ratio": pca.explained_variance_ratio_.tolist(),
+        "abs_coef": coef.tolist(),
+        "findings": list(findings),
+        "top_pcs": top,
+        "test_sets": tests,
+    }
 
 
 PCA_FITS = {"2D-fit": "2D", "3D-fit": "3D", "joint-fit": "ALL"}
@@ -254,8 +327,11 @@ PCA_FITS = {"2D-fit": "2D", "3D-fit": "3D", "joint-fit": "ALL"}
 def pca_analysis(data, *, n_components=16, **kw) -> dict:
     """:func:`pca_probe` for the 2D-fit, 3D-fit and joint-fit PCAs (those with training rows)."""
     mods = set(_lower(data["modality"]).tolist())
-    return {name: pca_probe(data, fit_on=on, n_components=n_components, **kw)
-            for name, on in PCA_FITS.items() if set(LP_DATA[on]) & mods}
+    return {
+        name: pca_probe(data, fit_on=on, n_components=n_components, **kw)
+        for name, on in PCA_FITS.items()
+        if set(LP_DATA[on]) & mods
+    }
 
 
 def plot_pca_coefficients(analysis, out_png) -> str:
@@ -321,6 +397,7 @@ def feature_map_figure(cfg, encoder, records, out_png, per_modality=3) -> str | 
     """PCA maps of ``per_modality`` test images of each modality (test split first, else any),
     one PCA across all of them; ``None`` when there is no image."""
     from mmv_jax.eval.feature_maps import patch_tokens, save_feature_maps_figure
+
     chosen = []
     for mod in ("cxr", "ct"):
         pool = [r for r in records if r.modality == mod]
@@ -329,10 +406,13 @@ def feature_map_figure(cfg, encoder, records, out_png, per_modality=3) -> str | 
     if not chosen:
         return None
     got = patch_tokens(cfg, encoder, chosen)
-    return save_feature_maps_figure([g[0] for g in got], [g[1] for g in got],
-                                    [g[2] for g in got], out_png,
-                                    titles=[f"{MODALITY_NAMES[r.modality]} test image {i + 1}"
-                                            for i, r in enumerate(chosen)])
+    return save_feature_maps_figure(
+        [g[0] for g in got],
+        [g[1] for g in got],
+        [g[2] for g in got],
+        out_png,
+        titles=[f"{MODALITY_NAMES[r.modality]} test image {i + 1}" for i, r in enumerate(chosen)],
+    )
 
 
 def main(argv=None) -> int:
@@ -360,17 +440,20 @@ def main(argv=None) -> int:
             from mmv_jax.data.manifest import load_manifest
             from mmv_jax.eval import embed
             from mmv_jax.train import sharding as shd
+
             cfg = embed.load_run_config(args.checkpoint, args.config)
             records = load_manifest(args.manifest)
             mesh = shd.make_mesh((-1, 1, 1))
-            encoder = embed.build_encoder(cfg, args.checkpoint, mesh,
-                                          modalities={r.modality for r in records})
+            encoder = embed.build_encoder(
+                cfg, args.checkpoint, mesh, modalities={r.modality for r in records}
+            )
             if not args.embeddings:
                 args.embeddings = os.path.join(args.out, "embeddings.npz")
                 embed.embed(cfg, records, encoder, args.embeddings, mesh)
             if args.maps > 0:
-                fig = feature_map_figure(cfg, encoder, records,
-                                         os.path.join(args.out, "pca_maps.png"), args.maps)
+                fig = feature_map_figure(
+                    cfg, encoder, records, os.path.join(args.out, "pca_maps.png"), args.maps
+                )
                 figures += [fig] if fig else []
             run_metrics = os.path.join(args.checkpoint, "metrics.jsonl")
             metrics = metrics or (run_metrics if os.path.exists(run_metrics) else None)

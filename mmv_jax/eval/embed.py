@@ -9,6 +9,7 @@ The run's ``config.json`` (written by ``mmv-train``) gives the model and data se
 sharded over all devices, in one or several processes (launched like ``mmv-train``). Resumable: finished batches are kept in ``OUT.partial/``; a rerun
 embeds only the images not there yet, then writes ``OUT`` (see ``eval/io.py`` for the format).
 """
+
 from __future__ import annotations
 
 import glob
@@ -55,13 +56,21 @@ def embed_config(cfg, modalities=("cxr", "ct")) -> ml_collections.ConfigDict:
     cfg = cfg.copy_and_resolve_references()
     if cfg.model.max_segment_len:
         t2, t3 = pipeline.max_view_tokens(cfg.data)
-        cfg.model.max_segment_len = max(t2 if "cxr" in modalities else 0,
-                                        t3 if "ct" in modalities else 0, 1)
+        cfg.model.max_segment_len = max(
+            t2 if "cxr" in modalities else 0, t3 if "ct" in modalities else 0, 1
+        )
     return cfg
 
 
-def build_encoder(cfg, run_dir: str | None, mesh, *, random_init: bool = False,
-                  modalities=("cxr", "ct"), step: int | None = None):
+def build_encoder(
+    cfg,
+    run_dir: str | None,
+    mesh,
+    *,
+    random_init: bool = False,
+    modalities=("cxr", "ct"),
+    step: int | None = None,
+):
     """The encoder with params restored from ``run_dir`` at ``step`` (default the latest; or a
     seeded random init), sharded, able to embed whole images of ``modalities``
     (:func:`embed_config`)."""
@@ -70,8 +79,9 @@ def build_encoder(cfg, run_dir: str | None, mesh, *, random_init: bool = False,
     if random_init:
         params = st.init_params(cfg, p_shard)
     else:
-        params = checkpoint.load_params(run_dir, checkpoint.abstract_of(abstract_params, p_shard),
-                                        step=step)
+        params = checkpoint.load_params(
+            run_dir, checkpoint.abstract_of(abstract_params, p_shard), step=step
+        )
     return nnx.merge(graphdef, params).encoder
 
 
@@ -80,17 +90,30 @@ def patient_groups(records) -> np.ndarray:
     the probe's hold-outs never split a patient, without writing the patient id itself. A record
     without a patient is its own group."""
     index: dict = {}
-    return np.array([index.setdefault(r.patient or ("", r.id), len(index)) for r in records],
-                    np.int32)
+    return np.array(
+        [index.setdefault(r.patient or ("", r.id), len(index)) for r in records], np.int32
+    )
 
 
 def _labels(rec, findings) -> np.ndarray:
-    return np.array([float(rec.labels[f]) if rec.labels.get(f) is not None else np.nan
-                     for f in findings], np.float32)
+    return np.array(
+        [float(rec.labels[f]) if rec.labels.get(f) is not None else np.nan for f in findings],
+        np.float32,
+    )
 
 
-def embed(cfg, records, encoder, out: str, mesh, *, batch_size: int = 16, progress: bool = True,
-          findings=None, forward=None) -> dict:
+def embed(
+    cfg,
+    records,
+    encoder,
+    out: str,
+    mesh,
+    *,
+    batch_size: int = 16,
+    progress: bool = True,
+    findings=None,
+    forward=None,
+) -> dict:
     """Embeds ``records`` (skipping those already in ``out.partial/``) and writes ``out``.
 
     ``findings``: the label columns (default: the manifest's, ``records.findings`` of
@@ -117,18 +140,25 @@ def embed(cfg, records, encoder, out: str, mesh, *, batch_size: int = 16, progre
     forward = forward or jax.jit(lambda batch: encoder(batch))
 
     if todo:
-        it = pipeline.make_eval_iterator(data_cfg, todo, batch_size=batch_size,
-                                         process_index=proc, process_count=nproc)
+        it = pipeline.make_eval_iterator(
+            data_cfg, todo, batch_size=batch_size, process_index=proc, process_count=nproc
+        )
         bar = None
         if progress and sys.stderr.isatty() and proc == 0:
             from tqdm import tqdm
+
             bar = tqdm(total=len(todo), unit="img", desc="embed")
         n_chunks = len(glob.glob(os.path.join(partial, f"chunk_p{proc:03d}_*.npz")))
         with axis_rules(mesh, rules):
             for batch, ids in it:
                 emb = forward(shd.global_batch(batch, batch_sh))
-                emb = np.asarray(multihost_utils.global_array_to_host_local_array(
-                    emb, mesh, batch_sh.spec)) if nproc > 1 else np.asarray(emb)
+                emb = (
+                    np.asarray(
+                        multihost_utils.global_array_to_host_local_array(emb, mesh, batch_sh.spec)
+                    )
+                    if nproc > 1
+                    else np.asarray(emb)
+                )
                 if ids:
                     vecs = images.gather(batch, emb, len(ids))
                     name = f"chunk_p{proc:03d}_{n_chunks:06d}"
@@ -148,11 +178,15 @@ def embed(cfg, records, encoder, out: str, mesh, *, batch_size: int = 16, progre
         vecs.update(zip(z["ids"].tolist(), z["embeddings"]))
     kept = [r for r in records if r.id in vecs]  # unreadable images were skipped and logged
     arrays = dict(
-        ids=np.array([r.id for r in kept]), embeddings=np.stack([vecs[r.id] for r in kept]),
-        modality=np.array([r.modality for r in kept]), dataset=np.array([r.dataset for r in kept]),
+        ids=np.array([r.id for r in kept]),
+        embeddings=np.stack([vecs[r.id] for r in kept]),
+        modality=np.array([r.modality for r in kept]),
+        dataset=np.array([r.dataset for r in kept]),
         split=np.array([r.split for r in kept]),
         labels=np.stack([_labels(r, findings) for r in kept]).reshape(len(kept), len(findings)),
-        findings=np.array(findings), group=patient_groups(kept))
+        findings=np.array(findings),
+        group=patient_groups(kept),
+    )
     if nproc > 1:  # every process has read every chunk before process 0 removes them
         multihost_utils.sync_global_devices("mmv-embed: chunks read")
     if proc == 0:
@@ -167,25 +201,34 @@ def _resolve_checkpoint(path: str, step: int | None):
     """(run folder, step) of ``--checkpoint`` (a run folder, its ``checkpoints`` folder or one
     step folder ``run/checkpoints/N``) and ``--step``; raises ``ValueError`` naming them."""
     from mmv_jax.api import _run_and_checkpoints
+
     if not os.path.isdir(path):
-        raise ValueError(f"--checkpoint {path!r} is not a folder (a run folder of mmv-train or "
-                         "RUN/checkpoints/N)")
+        raise ValueError(
+            f"--checkpoint {path!r} is not a folder (a run folder of mmv-train or "
+            "RUN/checkpoints/N)"
+        )
     run, ckpt_dir, folder_step = _run_and_checkpoints(path)
     if folder_step is not None and step is not None and step != folder_step:
-        raise ValueError(f"--checkpoint {path!r} is step {folder_step}, but --step {step} was given")
+        raise ValueError(
+            f"--checkpoint {path!r} is step {folder_step}, but --step {step} was given"
+        )
     return run, ckpt_dir, step if folder_step is None else folder_step
 
 
 def main(argv=None) -> int:
     ap = cli.ArgumentParser("mmv-embed", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--checkpoint", required=True,
-                    help="run folder written by mmv-train, or one of its checkpoints (RUN/checkpoints/N)")
+    ap.add_argument(
+        "--checkpoint",
+        required=True,
+        help="run folder written by mmv-train, or one of its checkpoints (RUN/checkpoints/N)",
+    )
     ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     ap.add_argument("--manifest", required=True)
     ap.add_argument("--out", required=True, help="output .npz")
     ap.add_argument("--config", help="config file (default: the run's config.json)")
-    ap.add_argument("--splits", "--split", nargs="*", dest="splits",
-                    help="only these splits (default: all)")
+    ap.add_argument(
+        "--splits", "--split", nargs="*", dest="splits", help="only these splits (default: all)"
+    )
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--random-init", action="store_true", help="untrained encoder baseline")
     args = ap.parse_args(argv)
@@ -200,19 +243,30 @@ def main(argv=None) -> int:
         run, ckpt_dir, step = _resolve_checkpoint(args.checkpoint, args.step)
         records = load_manifest(args.manifest, splits=args.splits)
         if not records:
-            raise ValueError(f"{args.manifest}: no records"
-                             + (f" in split(s) {args.splits}" if args.splits else ""))
+            raise ValueError(
+                f"{args.manifest}: no records"
+                + (f" in split(s) {args.splits}" if args.splits else "")
+            )
         cfg = load_run_config(run, args.config)
     except (ValueError, ManifestError) as e:
         return cli.fail("mmv-embed", e)
     distributed.initialize()  # several processes: MMV_COORDINATOR etc., SLURM or a TPU slice
     mesh = shd.make_mesh((-1, 1, 1))
     try:
-        encoder = build_encoder(cfg, ckpt_dir, mesh, random_init=args.random_init,
-                                modalities={r.modality for r in records}, step=step)
+        encoder = build_encoder(
+            cfg,
+            ckpt_dir,
+            mesh,
+            random_init=args.random_init,
+            modalities={r.modality for r in records},
+            step=step,
+        )
     except FileNotFoundError:
-        return cli.fail("mmv-embed", f"--checkpoint {args.checkpoint!r}: no Orbax checkpoint"
-                                     f"{'' if step is None else f' at step {step}'} there")
+        return cli.fail(
+            "mmv-embed",
+            f"--checkpoint {args.checkpoint!r}: no Orbax checkpoint"
+            f"{'' if step is None else f' at step {step}'} there",
+        )
     except checkpoint.CheckpointError as e:
         return cli.fail("mmv-embed", f"--checkpoint {args.checkpoint!r}: {e}")
     arrays = embed(cfg, records, encoder, args.out, mesh, batch_size=args.batch_size)

@@ -7,6 +7,7 @@
 - :func:`patch_tokens`: an encoder's final-norm patch tokens and the model input (un-patchified)
   of whole-image views of manifest records (JAX; imported lazily).
 """
+
 from __future__ import annotations
 
 import os
@@ -15,13 +16,19 @@ import numpy as np
 
 PATCH = 14
 
-__all__ = ["pca_feature_maps", "pca_feature_map", "save_feature_maps_figure",
-           "save_feature_map_figure", "patch_tokens"]
+__all__ = [
+    "pca_feature_maps",
+    "pca_feature_map",
+    "save_feature_maps_figure",
+    "save_feature_map_figure",
+    "patch_tokens",
+]
 
 
 def figure(w, h):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+
     fig = Figure(figsize=(w, h))
     FigureCanvasAgg(fig)
     return fig
@@ -55,14 +62,14 @@ def pca_feature_maps(tokens_list, grids, slice_index=None) -> list:
     vt = vt[:3]
     vt = vt * np.sign(vt[np.arange(vt.shape[0]), np.abs(vt).argmax(1)])[:, None]
     pcs = np.zeros((allt.shape[0], 3))
-    pcs[:, :vt.shape[0]] = (allt - mean) @ vt.T
+    pcs[:, : vt.shape[0]] = (allt - mean) @ vt.T
     lo, hi = pcs.min(0), pcs.max(0)
     rgb = (pcs - lo) / np.where(hi - lo > 1e-12, hi - lo, 1.0)
     out, start = [], 0
     for t, g in zip(toks, grids):
         gz, gy, gx = (int(x) for x in g)
         z = gz // 2 if slice_index is None else int(slice_index)
-        out.append(rgb[start:start + t.shape[0]].reshape(gz, gy, gx, 3)[z].astype(np.float32))
+        out.append(rgb[start : start + t.shape[0]].reshape(gz, gy, gx, 3)[z].astype(np.float32))
         start += t.shape[0]
     return out
 
@@ -88,8 +95,10 @@ def save_feature_maps_figure(images, tokens_list, grids, out_png, titles=None) -
         a, b = fig.add_subplot(2, n, i + 1), fig.add_subplot(2, n, n + i + 1)
         a.imshow(img, cmap="gray")
         b.imshow(rgb, interpolation="nearest", extent=(0, img.shape[1], img.shape[0], 0))
-        a.set_title(titles[i] if titles else ("input" + (" (mid slice)" if np.ndim(image) == 3 else "")),
-                    fontsize=8)
+        a.set_title(
+            titles[i] if titles else ("input" + (" (mid slice)" if np.ndim(image) == 3 else "")),
+            fontsize=8,
+        )
         for ax in (a, b):
             ax.axis("off")
     fig.suptitle("PCA of patch features (PC1-3 = RGB, one PCA across the images)")
@@ -121,6 +130,7 @@ def patch_tokens(cfg, encoder, records):
     import jax.numpy as jnp
 
     from mmv_jax.data import pipeline
+
     forward = jax.jit(encoder.tokens)
     out = []
     for rec in records:
@@ -132,9 +142,17 @@ def patch_tokens(cfg, encoder, records):
         patches = np.asarray(batch.patches)[0][seg == 1]
         p = PATCH
         if rec.modality == "cxr":
-            img = patches[:, :p * p].reshape(gy, gx, p, p).transpose(0, 2, 1, 3).reshape(gy * p, gx * p)
+            img = (
+                patches[:, : p * p]
+                .reshape(gy, gx, p, p)
+                .transpose(0, 2, 1, 3)
+                .reshape(gy * p, gx * p)
+            )
         else:
-            img = (patches.reshape(gz, gy, gx, p, p, p).transpose(0, 3, 1, 4, 2, 5)
-                   .reshape(gz * p, gy * p, gx * p))
+            img = (
+                patches.reshape(gz, gy, gx, p, p, p)
+                .transpose(0, 3, 1, 4, 2, 5)
+                .reshape(gz * p, gy * p, gx * p)
+            )
         out.append((img, tokens[seg == 1], (gz, gy, gx)))
     return out

@@ -21,6 +21,7 @@ Optional:
 Extra arrays are kept as they are. Strings are stored as fixed-width unicode (never pickled
 objects), so ``np.load(..., allow_pickle=False)`` reads the file.
 """
+
 from __future__ import annotations
 
 import os
@@ -39,7 +40,9 @@ __all__ = ["FINDINGS", "REQUIRED", "findings_of", "load_embeddings", "save_embed
 
 def findings_of(data: dict) -> tuple[str, ...]:
     """The finding names of an embedding file's arrays (the ``labels`` columns)."""
-    return tuple(np.asarray(data["findings"]).astype(str).tolist()) if "findings" in data else FINDINGS
+    return (
+        tuple(np.asarray(data["findings"]).astype(str).tolist()) if "findings" in data else FINDINGS
+    )
 
 
 def validate(arrays: dict, source: str = "embeddings") -> dict:
@@ -63,13 +66,17 @@ def validate(arrays: dict, source: str = "embeddings") -> dict:
     if emb.ndim != 2 or emb.shape[0] != n:
         raise ValueError(f"{source}: embeddings must be [N={n}, d], got {emb.shape}")
     if lab.shape != (n, len(findings)):
-        raise ValueError(f"{source}: labels must be [N={n}, {len(findings)}] "
-                         f"({', '.join(findings)}), got {lab.shape}")
+        raise ValueError(
+            f"{source}: labels must be [N={n}, {len(findings)}] "
+            f"({', '.join(findings)}), got {lab.shape}"
+        )
     for k in STRING_FIELDS:
         if out[k].shape != (n,):
             raise ValueError(f"{source}: {k} must be [N={n}], got {out[k].shape}")
     if "group" in arrays and np.asarray(arrays["group"]).shape != (n,):
-        raise ValueError(f"{source}: group must be [N={n}], got {np.asarray(arrays['group']).shape}")
+        raise ValueError(
+            f"{source}: group must be [N={n}], got {np.asarray(arrays['group']).shape}"
+        )
     bad = sorted(set(out["modality"].tolist()) - set(MODALITIES))
     if bad:
         raise ValueError(f"{source}: modality must be one of {MODALITIES}, found {bad}")

@@ -10,6 +10,7 @@ Mann-Whitney statistic over that label's evaluated rows (its rows with a 0/1 lab
 resample the macro AUROC is the mean of the per-label AUROCs defined in it. The CI is the
 percentile interval of the resamples where the value is defined.
 """
+
 from __future__ import annotations
 
 import math
@@ -38,9 +39,9 @@ def weighted_auroc(y, score, weights):
     order, starts = _sorted_groups(y, score)
     w = w[..., order]
     ys = y[order]
-    wp = np.add.reduceat(np.where(ys, w, 0.0), starts, axis=-1)      # [..., G]
+    wp = np.add.reduceat(np.where(ys, w, 0.0), starts, axis=-1)  # [..., G]
     wn = np.add.reduceat(np.where(ys, 0.0, w), starts, axis=-1)
-    below = np.cumsum(wn, axis=-1) - wn                               # negatives strictly lower
+    below = np.cumsum(wn, axis=-1) - wn  # negatives strictly lower
     num = (wp * (below + 0.5 * wn)).sum(-1)
     den = wp.sum(-1) * wn.sum(-1)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -65,8 +66,9 @@ def macro_auroc(labels, scores):
     labels = np.asarray(labels, np.float64)
     scores = np.asarray(scores, np.float64)
     ok = _valid(labels)
-    per = np.array([auroc(labels[ok[:, k], k], scores[ok[:, k], k])
-                    for k in range(labels.shape[1])])
+    per = np.array(
+        [auroc(labels[ok[:, k], k], scores[ok[:, k], k]) for k in range(labels.shape[1])]
+    )
     return per, _nanmean(per)
 
 
@@ -78,8 +80,9 @@ def _nanmean(a, axis=None):
         return np.where(cnt > 0, tot / np.maximum(cnt, 1), np.nan)
 
 
-def bootstrap_auroc(labels, scores, *, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05,
-                    chunk: int = 100):
+def bootstrap_auroc(
+    labels, scores, *, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05, chunk: int = 100
+):
     """Per-label and macro AUROC with percentile bootstrap CIs over rows (images).
 
     Returns a dict: ``per_label`` = list of ``{"auroc", "ci_low", "ci_high", "n_pos", "n_neg"}``
@@ -114,8 +117,15 @@ def bootstrap_auroc(labels, scores, *, n_boot: int = 1000, seed: int = 0, alpha:
     for k in range(L):
         lo, hi = ci(boot[:, k])
         yk = labels[ok[:, k], k]
-        out["per_label"].append({"auroc": float(per[k]), "ci_low": lo, "ci_high": hi,
-                                 "n_pos": int((yk == 1).sum()), "n_neg": int((yk == 0).sum())})
+        out["per_label"].append(
+            {
+                "auroc": float(per[k]),
+                "ci_low": lo,
+                "ci_high": hi,
+                "n_pos": int((yk == 1).sum()),
+                "n_neg": int((yk == 0).sum()),
+            }
+        )
     lo, hi = ci(boot_macro)
     out["macro"] = {"auroc": float(macro), "ci_low": lo, "ci_high": hi}
     return out

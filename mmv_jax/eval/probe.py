@@ -30,6 +30,7 @@ in Markdown.
     mmv-probe --embeddings E.npz [--lp-data ALL] [--train-dataset NAME] [--policy ignore]
               [--out DIR] [--compare --stage 3] [--bootstrap 1000] [--seed 0]
 """
+
 from __future__ import annotations
 
 import json
@@ -46,17 +47,31 @@ from mmv_jax.eval.io import FINDINGS, findings_of, load_embeddings, save_embeddi
 from mmv_jax.eval.metrics import auroc, bootstrap_auroc, nan_to_none
 from mmv_jax.eval.reference import paper_test_set
 
-ABBREV = ("ATEL", "CARD", "CONS", "LO", "EFF")   # reference_results.csv column names (FINDINGS)
+ABBREV = ("ATEL", "CARD", "CONS", "LO", "EFF")  # reference_results.csv column names (FINDINGS)
 VAL_SPLITS = ("val", "valid", "validate", "validation")
 LP_DATA = {"2D": ("cxr",), "3D": ("ct",), "ALL": ("cxr", "ct")}
 POLICIES = ("ignore", "zeros", "ones")
 C_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 
-EXTERNAL_TEST_SETS = ("CheXpert", "RAD-ChestCT")   # the paper's external tests (reference names)
+EXTERNAL_TEST_SETS = ("CheXpert", "RAD-ChestCT")  # the paper's external tests (reference names)
 
-__all__ = ["FINDINGS", "ABBREV", "abbrev", "load_embeddings", "save_embeddings", "grouped_holdout",
-           "adaptation_split", "select_rows", "probe_targets", "LinearProbe", "fit_probe",
-           "evaluate_probe", "run_probe", "results_markdown", "main"]
+__all__ = [
+    "FINDINGS",
+    "ABBREV",
+    "abbrev",
+    "load_embeddings",
+    "save_embeddings",
+    "grouped_holdout",
+    "adaptation_split",
+    "select_rows",
+    "probe_targets",
+    "LinearProbe",
+    "fit_probe",
+    "evaluate_probe",
+    "run_probe",
+    "results_markdown",
+    "main",
+]
 
 
 def _lower(a):
@@ -69,7 +84,7 @@ def grouped_holdout(groups, fraction: float = 0.2, seed: int = 0) -> np.ndarray:
     groups = np.asarray(groups)
     uniq, inverse, counts = np.unique(groups, return_inverse=True, return_counts=True)
     order = np.random.default_rng(seed).permutation(uniq.size)
-    held_sizes = np.cumsum(counts[order]) - counts[order]    # rows held before each group
+    held_sizes = np.cumsum(counts[order]) - counts[order]  # rows held before each group
     held = np.zeros(uniq.size, bool)
     held[order] = held_sizes < fraction * groups.size
     return held[inverse.ravel()]
@@ -82,8 +97,9 @@ def _groups(data: dict) -> np.ndarray:
     return np.asarray(data["ids"]).astype(str)
 
 
-def adaptation_split(data: dict, dataset: str, *, test_fraction: float = 0.2,
-                     seed: int = 0) -> dict:
+def adaptation_split(
+    data: dict, dataset: str, *, test_fraction: float = 0.2, seed: int = 0
+) -> dict:
     """``data`` with ``dataset``'s test rows split for domain adaptation (Table 2): a seeded,
     patient-grouped ``1 - test_fraction`` of them become ``train``, the rest stay ``test``.
     A dataset with its own train rows is returned unchanged."""
@@ -100,8 +116,14 @@ def adaptation_split(data: dict, dataset: str, *, test_fraction: float = 0.2,
     return dict(data, split=new.astype(str))
 
 
-def select_rows(data: dict, *, lp_data: str = "ALL", train_dataset: str | None = None,
-                val_fraction: float = 0.2, seed: int = 0):
+def select_rows(
+    data: dict,
+    *,
+    lp_data: str = "ALL",
+    train_dataset: str | None = None,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+):
     """Indices ``(train, val, val_source)`` of the probe's training and validation rows;
     ``val_source`` is ``"split"`` or ``"holdout"`` (patient-grouped, see :func:`grouped_holdout`)."""
     if lp_data not in LP_DATA:
@@ -110,8 +132,10 @@ def select_rows(data: dict, *, lp_data: str = "ALL", train_dataset: str | None =
     if train_dataset is not None:
         ds = _lower(data["dataset"])
         if not (ds == train_dataset.lower()).any():
-            raise ValueError(f"train dataset {train_dataset!r} not in the file "
-                             f"(datasets: {sorted(set(data['dataset'].tolist()))})")
+            raise ValueError(
+                f"train dataset {train_dataset!r} not in the file "
+                f"(datasets: {sorted(set(data['dataset'].tolist()))})"
+            )
         keep &= ds == train_dataset.lower()
     split = _lower(data["split"])
     train = np.flatnonzero(keep & (split == "train"))
@@ -120,13 +144,17 @@ def select_rows(data: dict, *, lp_data: str = "ALL", train_dataset: str | None =
         used = np.asarray(data["dataset"])[np.concatenate([train, val])]
         external = sorted({d for d in used.tolist() if paper_test_set(d) in EXTERNAL_TEST_SETS})
         if external:
-            raise ValueError(f"{', '.join(external)} rows are in split train/val, but "
-                             f"{', '.join(external)} is an external test set and must not train "
-                             f"the {lp_data} probe; rebuild its manifest with "
-                             "tools/build_manifest.py (every volume split test)")
+            raise ValueError(
+                f"{', '.join(external)} rows are in split train/val, but "
+                f"{', '.join(external)} is an external test set and must not train "
+                f"the {lp_data} probe; rebuild its manifest with "
+                "tools/build_manifest.py (every volume split test)"
+            )
     if train.size == 0:
-        raise ValueError(f"no training rows (split 'train', lp_data {lp_data}"
-                         f"{', dataset ' + train_dataset if train_dataset else ''})")
+        raise ValueError(
+            f"no training rows (split 'train', lp_data {lp_data}"
+            f"{', dataset ' + train_dataset if train_dataset else ''})"
+        )
     if val.size:
         return train, val, "split"
     if train.size < 2:
@@ -154,6 +182,7 @@ def probe_targets(labels, policy: str = "ignore"):
 @dataclass
 class LinearProbe:
     """Standardisation + one logistic regression per finding (None = no probe)."""
+
     mean: np.ndarray
     scale: np.ndarray
     models: list = field(default_factory=list)
@@ -174,15 +203,24 @@ class LinearProbe:
 
 def _fit_lr(x, y, C, seed):
     from sklearn.linear_model import LogisticRegression
+
     m = LogisticRegression(C=C, max_iter=2000, random_state=seed)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")       # ConvergenceWarning on tiny/separable data
+        warnings.simplefilter("ignore")  # ConvergenceWarning on tiny/separable data
         m.fit(x, y)
     return m
 
 
-def fit_probe(x_train, labels_train, x_val, labels_val, *, policy: str = "ignore",
-              c_grid=C_GRID, seed: int = 0) -> LinearProbe:
+def fit_probe(
+    x_train,
+    labels_train,
+    x_val,
+    labels_val,
+    *,
+    policy: str = "ignore",
+    c_grid=C_GRID,
+    seed: int = 0,
+) -> LinearProbe:
     """Fits a :class:`LinearProbe`; ``labels_* [n, L]``. C per finding maximises validation
     AUROC (the first grid value on ties; C = 1 when the validation rows hold one class)."""
     x_train = np.asarray(x_train, np.float64)
@@ -200,7 +238,7 @@ def fit_probe(x_train, labels_train, x_val, labels_val, *, policy: str = "ignore
             continue
         val_ok = len(set(yv[mv].tolist())) == 2
         best, best_c, best_m = -np.inf, 1.0, None
-        for c in (c_grid if val_ok else (1.0,)):
+        for c in c_grid if val_ok else (1.0,):
             m = _fit_lr(zt[mt], yt[mt], c, seed)
             score = auroc(yv[mv], m.decision_function(zv[mv])) if val_ok else 0.0
             if score > best:
@@ -210,8 +248,9 @@ def fit_probe(x_train, labels_train, x_val, labels_val, *, policy: str = "ignore
     return probe
 
 
-def evaluate_probe(probe: LinearProbe, data: dict, *, datasets=None, n_boot: int = 1000,
-                   seed: int = 0) -> dict:
+def evaluate_probe(
+    probe: LinearProbe, data: dict, *, datasets=None, n_boot: int = 1000, seed: int = 0
+) -> dict:
     """Per test set (``split == "test"`` rows grouped by dataset): per-label and macro AUROC with
     bootstrap CIs. Returns ``{dataset: {"n", "modality", "per_label": {finding: {...}},
     "macro": {...}}}`` with NaN for undefined values."""
@@ -226,37 +265,59 @@ def evaluate_probe(probe: LinearProbe, data: dict, *, datasets=None, n_boot: int
         idx = np.flatnonzero((split == "test") & (ds_all == name))
         scores = probe.decision(data["embeddings"][idx])
         labels = np.asarray(data["labels"][idx], np.float64).copy()
-        labels[:, np.isnan(scores).any(0)] = np.nan          # no probe -> undefined
+        labels[:, np.isnan(scores).any(0)] = np.nan  # no probe -> undefined
         scores = np.nan_to_num(scores)
         b = bootstrap_auroc(labels, scores, n_boot=n_boot, seed=seed)
-        out[name] = {"n": int(idx.size),
-                     "modality": sorted(set(np.asarray(data["modality"])[idx].tolist())),
-                     "per_label": dict(zip(findings_of(data), b["per_label"])),
-                     "macro": b["macro"]}
+        out[name] = {
+            "n": int(idx.size),
+            "modality": sorted(set(np.asarray(data["modality"])[idx].tolist())),
+            "per_label": dict(zip(findings_of(data), b["per_label"])),
+            "macro": b["macro"],
+        }
     return out
 
 
-def run_probe(data: dict, *, lp_data: str = "ALL", train_dataset: str | None = None,
-              policy: str = "ignore", n_boot: int = 1000, seed: int = 0, c_grid=C_GRID,
-              test_datasets=None) -> dict:
+def run_probe(
+    data: dict,
+    *,
+    lp_data: str = "ALL",
+    train_dataset: str | None = None,
+    policy: str = "ignore",
+    n_boot: int = 1000,
+    seed: int = 0,
+    c_grid=C_GRID,
+    test_datasets=None,
+) -> dict:
     """Select rows, fit, evaluate. With ``train_dataset`` only that dataset's test split is
     evaluated (unless ``test_datasets`` says otherwise). Returns a JSON-ready dict (NaN kept;
     use :func:`mmv_jax.eval.metrics.nan_to_none` before ``json.dump``)."""
     if train_dataset is not None:
         data = adaptation_split(data, train_dataset, seed=seed)
-    train, val, val_source = select_rows(data, lp_data=lp_data, train_dataset=train_dataset,
-                                         seed=seed)
+    train, val, val_source = select_rows(
+        data, lp_data=lp_data, train_dataset=train_dataset, seed=seed
+    )
     x, lab = data["embeddings"], data["labels"]
-    probe = fit_probe(x[train], lab[train], x[val], lab[val], policy=policy, c_grid=c_grid,
-                      seed=seed)
+    probe = fit_probe(
+        x[train], lab[train], x[val], lab[val], policy=policy, c_grid=c_grid, seed=seed
+    )
     if test_datasets is None and train_dataset is not None:
         test_datasets = [train_dataset]
     tests = evaluate_probe(probe, data, datasets=test_datasets, n_boot=n_boot, seed=seed)
-    return {"config": {"lp_data": lp_data, "train_dataset": train_dataset, "policy": policy,
-                       "n_boot": n_boot, "seed": seed, "n_train": int(train.size),
-                       "n_val": int(val.size), "val_source": val_source,
-                       "C": dict(zip(findings_of(data), probe.C))},
-            "findings": list(findings_of(data)), "test_sets": tests}
+    return {
+        "config": {
+            "lp_data": lp_data,
+            "train_dataset": train_dataset,
+            "policy": policy,
+            "n_boot": n_boot,
+            "seed": seed,
+            "n_train": int(train.size),
+            "n_val": int(val.size),
+            "val_source": val_source,
+            "C": dict(zip(findings_of(data), probe.C)),
+        },
+        "findings": list(findings_of(data)),
+        "test_sets": tests,
+    }
 
 
 def fmt(v, digits: int = 3) -> str:
@@ -272,18 +333,25 @@ def results_markdown(result: dict, digits: int = 3) -> str:
     cfg = result["config"]
     findings = result["findings"]
     train = f"{cfg['train_dataset']} train" if cfg.get("train_dataset") else cfg["lp_data"]
-    lines = [f"LP data: {train} (policy {cfg['policy']}, {cfg['n_train']} train / "
-             f"{cfg['n_val']} val rows [{cfg['val_source']}], {cfg['n_boot']} bootstrap "
-             f"resamples, seed {cfg['seed']})", "",
-             "| Test set | n | " + " | ".join(map(abbrev, findings)) + " | Macro | 95% CI |",
-             "|---|---:|" + "---:|" * len(findings) + "---:|---|"]
+    lines = [
+        f"LP data: {train} (policy {cfg['policy']}, {cfg['n_train']} train / "
+        f"{cfg['n_val']} val rows [{cfg['val_source']}], {cfg['n_boot']} bootstrap "
+        f"resamples, seed {cfg['seed']})",
+        "",
+        "| Test set | n | " + " | ".join(map(abbrev, findings)) + " | Macro | 95% CI |",
+        "|---|---:|" + "---:|" * len(findings) + "---:|---|",
+    ]
     for name, r in result["test_sets"].items():
         cells = [fmt(r["per_label"][f]["auroc"], digits) for f in findings]
         m = r["macro"]
-        ci = ("n/a" if fmt(m["ci_low"]) == "n/a"
-              else f"[{fmt(m['ci_low'], digits)}, {fmt(m['ci_high'], digits)}]")
-        lines.append(f"| {name} | {r['n']} | " + " | ".join(cells)
-                     + f" | {fmt(m['auroc'], digits)} | {ci} |")
+        ci = (
+            "n/a"
+            if fmt(m["ci_low"]) == "n/a"
+            else f"[{fmt(m['ci_low'], digits)}, {fmt(m['ci_high'], digits)}]"
+        )
+        lines.append(
+            f"| {name} | {r['n']} | " + " | ".join(cells) + f" | {fmt(m['auroc'], digits)} | {ci} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -295,18 +363,33 @@ def main(argv=None) -> int:
     ap = cli.ArgumentParser(prog="mmv-probe", description=__doc__.split("\n")[0])
     ap.add_argument("--embeddings", required=True, help="embedding .npz from mmv-embed")
     ap.add_argument("--lp-data", default="ALL", choices=list(LP_DATA))
-    ap.add_argument("--train-dataset", default=None,
-                    help="domain adaptation: train on this dataset's train split only (a "
-                         "dataset that is all test data, e.g. rad-chestct: a seeded 80%% of it) "
-                         "and test on its test rows")
-    ap.add_argument("--policy", default="ignore", choices=list(POLICIES),
-                    help="uncertain labels in training: ignore (exclude), zeros, ones")
+    ap.add_argument(
+        "--train-dataset",
+        default=None,
+        help="domain adaptation: train on this dataset's train split only (a "
+        "dataset that is all test data, e.g. rad-chestct: a seeded 80%% of it) "
+        "and test on its test rows",
+    )
+    ap.add_argument(
+        "--policy",
+        default="ignore",
+        choices=list(POLICIES),
+        help="uncertain labels in training: ignore (exclude), zeros, ones",
+    )
     ap.add_argument("--test-datasets", nargs="*", default=None)
     ap.add_argument("--out", default=None, help="output dir (default: <embeddings dir>/probe)")
-    ap.add_argument("--compare", action="store_true",
-                    help="compare with the paper's rows (reference_results.csv)")
-    ap.add_argument("--stage", type=int, default=3, choices=(1, 2, 3),
-                    help="training stage for --compare (the paper's stages 1, 2, 3)")
+    ap.add_argument(
+        "--compare",
+        action="store_true",
+        help="compare with the paper's rows (reference_results.csv)",
+    )
+    ap.add_argument(
+        "--stage",
+        type=int,
+        default=3,
+        choices=(1, 2, 3),
+        help="training stage for --compare (the paper's stages 1, 2, 3)",
+    )
     ap.add_argument("--reference", default=None, help="reference_results.csv (default: bundled)")
     ap.add_argument("--bootstrap", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
@@ -315,9 +398,15 @@ def main(argv=None) -> int:
         ap.error("--bootstrap must be >= 0")
     try:
         data = load_embeddings(args.embeddings)
-        result = run_probe(data, lp_data=args.lp_data, train_dataset=args.train_dataset,
-                           policy=args.policy, n_boot=args.bootstrap, seed=args.seed,
-                           test_datasets=args.test_datasets)
+        result = run_probe(
+            data,
+            lp_data=args.lp_data,
+            train_dataset=args.train_dataset,
+            policy=args.policy,
+            n_boot=args.bootstrap,
+            seed=args.seed,
+            test_datasets=args.test_datasets,
+        )
     except ValueError as e:
         print(f"mmv-probe: error: {e}", file=sys.stderr)
         return 2
@@ -333,6 +422,7 @@ def main(argv=None) -> int:
     print(md)
     if args.compare:
         from mmv_jax.eval import reference
+
         try:
             rows = reference.load_reference(args.reference)
         except ValueError as e:

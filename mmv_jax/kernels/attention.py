@@ -55,8 +55,17 @@ def resolve_impl(impl: str = "auto", *, platform: str | None = None) -> str:
     return _AUTO.get(platform or resolve_platform(), "xla")
 
 
-def segment_attention(q, k, v, segment_ids, *, impl: str = "auto", platform: str | None = None,
-                      interpret: bool = False, max_segment_len: int | None = None):
+def segment_attention(
+    q,
+    k,
+    v,
+    segment_ids,
+    *,
+    impl: str = "auto",
+    platform: str | None = None,
+    interpret: bool = False,
+    max_segment_len: int | None = None,
+):
     impl = resolve_impl(impl, platform=platform)
     if interpret and impl != "pallas_tpu":
         raise ValueError(f"interpret=True applies to impl='pallas_tpu' only, not {impl!r}")
@@ -69,8 +78,9 @@ def segment_attention(q, k, v, segment_ids, *, impl: str = "auto", platform: str
     if impl == "pallas_tpu":
         from mmv_jax.kernels.pallas_tpu import segment_attention_pallas
 
-        return segment_attention_pallas(q, k, v, segment_ids, interpret=interpret,
-                                        max_segment_len=max_segment_len)
+        return segment_attention_pallas(
+            q, k, v, segment_ids, interpret=interpret, max_segment_len=max_segment_len
+        )
     from mmv_jax.kernels.triton_gpu import segment_attention_triton
 
     return segment_attention_triton(q, k, v, segment_ids)

@@ -25,19 +25,27 @@ def check_qkv(kernel: str, q, k, v, segment_ids, dtypes=None) -> tuple[int, int,
     constraint. ``dtypes``: those ``q`` may have (``None``: any one dtype for all three).
     Returns ``(B, S, D)``."""
     if q.ndim != 4 or q.shape != k.shape or q.shape != v.shape:
-        raise ValueError(f"{kernel}: q, k, v must share one [B, S, H, D] shape, got {q.shape}, "
-                         f"{k.shape}, {v.shape}")
+        raise ValueError(
+            f"{kernel}: q, k, v must share one [B, S, H, D] shape, got {q.shape}, "
+            f"{k.shape}, {v.shape}"
+        )
     b, s, _, d = q.shape
     if segment_ids.shape != (b, s):
-        raise ValueError(f"{kernel}: segment_ids must be [B, S] = {(b, s)}, got {segment_ids.shape}")
+        raise ValueError(
+            f"{kernel}: segment_ids must be [B, S] = {(b, s)}, got {segment_ids.shape}"
+        )
     if not np.issubdtype(np.dtype(segment_ids.dtype), np.integer):
         raise ValueError(f"{kernel}: segment_ids must be integer, got {segment_ids.dtype}")
     if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"{kernel}: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise ValueError(
+            f"{kernel}: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}"
+        )
     if dtypes is not None and q.dtype not in dtypes:
         names = [np.dtype(t).name for t in dtypes]
         names = ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
-        raise ValueError(f"{kernel}: q, k, v must all be {names}, got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise ValueError(
+            f"{kernel}: q, k, v must all be {names}, got {q.dtype}, {k.dtype}, {v.dtype}"
+        )
     return b, s, d
 
 
@@ -47,7 +55,9 @@ def block_segment_ranges(segment_ids, block: int):
     b, s = segment_ids.shape
     seg = segment_ids.astype(jnp.int32).reshape(b, s // block, block)
     valid = seg != 0
-    return jnp.where(valid, seg, _EMPTY_MIN).min(axis=-1), jnp.where(valid, seg, _EMPTY_MAX).max(axis=-1)
+    return jnp.where(valid, seg, _EMPTY_MIN).min(axis=-1), jnp.where(valid, seg, _EMPTY_MAX).max(
+        axis=-1
+    )
 
 
 def _overlap(qlo, qhi, klo, khi):
@@ -56,7 +66,9 @@ def _overlap(qlo, qhi, klo, khi):
 
 def block_overlap_mask(segment_ids, block_q: int, block_k: int):
     """[B, nq, nk] bool: the (q-block, k-block) pairs a kernel computes."""
-    return _overlap(*block_segment_ranges(segment_ids, block_q), *block_segment_ranges(segment_ids, block_k))
+    return _overlap(
+        *block_segment_ranges(segment_ids, block_q), *block_segment_ranges(segment_ids, block_k)
+    )
 
 
 def _spans(mask):
@@ -76,4 +88,6 @@ def block_metadata(segment_ids, block_q: int, block_k: int):
     mask = _overlap(qlo, qhi, klo, khi)
     kstart, kend = _spans(mask)
     qstart, qend = _spans(jnp.swapaxes(mask, 1, 2))
-    return tuple(x.reshape(-1).astype(jnp.int32) for x in (qlo, qhi, klo, khi, kstart, kend, qstart, qend))
+    return tuple(
+        x.reshape(-1).astype(jnp.int32) for x in (qlo, qhi, klo, khi, kstart, kend, qstart, qend)
+    )

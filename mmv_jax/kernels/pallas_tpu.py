@@ -27,6 +27,7 @@ this inside `jax.shard_map` with the batch sharded (each device runs the kernel 
 Modelled on jax's splash attention (SegmentIds, lane-replicated row statistics, separate dQ
 and dK/dV backward kernels); the block skipping here is data-dependent instead of a static mask.
 """
+
 from __future__ import annotations
 
 import functools
@@ -46,7 +47,7 @@ BLOCK_K = SEQ_MULTIPLE
 NUM_LANES = 128
 
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
-_MASK_VALUE = -1e30    # finite: masked logits never make inf - inf
+_MASK_VALUE = -1e30  # finite: masked logits never make inf - inf
 
 _SQUEEZED = pl.Squeezed()
 _TRANS_B = (((1,), (1,)), ((), ()))
@@ -61,14 +62,17 @@ def check_supported(q, k, v, segment_ids, *, block_q: int = BLOCK_Q, block_k: in
         if s % blk:
             raise ValueError(
                 f"pallas_tpu: sequence length S={s} must be a multiple of {name}={blk} "
-                f"(pack into buckets whose length is a multiple of {SEQ_MULTIPLE})")
+                f"(pack into buckets whose length is a multiple of {SEQ_MULTIPLE})"
+            )
     if not ((d <= NUM_LANES and d % 8 == 0) or d % NUM_LANES == 0):
         raise ValueError(
             f"pallas_tpu: head dim D={d} must be <= {NUM_LANES} and a multiple of 8, "
-            f"or a multiple of {NUM_LANES}")
+            f"or a multiple of {NUM_LANES}"
+        )
 
 
 # ----------------------------------------------------------------------------- grid steps
+
 
 def _clamp_step(start, end, j):
     """Block index visited at step j of a span [start, end]: stays put past the end (no DMA)."""
@@ -76,6 +80,7 @@ def _clamp_step(start, end, j):
 
 
 # ----------------------------------------------------------------------------- kernel helpers
+
 
 def _lanes_to(x, n):
     """Lane-replicated [rows, 128] statistic -> [rows, n]."""
@@ -87,8 +92,8 @@ def _lanes_to(x, n):
 
 
 def _mask(qseg_ref, kseg_ref, bk):
-    qseg = _lanes_to(qseg_ref[...], bk)      # [bq, bk]
-    kseg = kseg_ref[...]                     # [1, bk]
+    qseg = _lanes_to(qseg_ref[...], bk)  # [bq, bk]
+    kseg = kseg_ref[...]  # [1, bk]
     return (qseg == kseg) & (qseg != 0)
 
 
@@ -106,8 +111,9 @@ def _q_major_step(qlo, qhi, klo, khi, kstart, kend, *, nq, nk):
     return j, (start + j <= end) & _pair_overlaps(qlo, qhi, klo, khi, row, b * nk + kb)
 
 
-def _probs_and_dlogits(q_ref, k_ref, v_ref, do_ref, qseg_ref, kseg_ref, lse_ref, di_ref, *,
-                       scale, bk, heads):
+def _probs_and_dlogits(
+    q_ref, k_ref, v_ref, do_ref, qseg_ref, kseg_ref, lse_ref, di_ref, *, scale, bk, heads
+):
     """Backward of a (q-block, k-block) pair, head by head: ``(h, q, k, do, p, ds)`` with the
     probabilities p and dlogits ds of head h, [bq, bk]."""
     mask = _mask(qseg_ref, kseg_ref, bk)
@@ -135,10 +141,34 @@ def span_bound(block_a: int, block_b: int, max_segment_len: int | None, n_b: int
 # Every program handles all H heads of one (row, q-block) (the mask is head-independent), so the
 # grid is (B, nq, k-steps): H times fewer grid steps than a per-head grid.
 
-def _fwd_kernel(qlo, qhi, klo, khi, kstart, kend, qstart, qend,
-                q_ref, k_ref, v_ref, qseg_ref, kseg_ref,
-                o_ref, lse_ref,
-                m_scr, l_scr, acc_scr, *, scale, nq, nk, bk, heads, steps):
+
+def _fwd_kernel(
+    qlo,
+    qhi,
+    klo,
+    khi,
+    kstart,
+    kend,
+    qstart,
+    qend,
+    q_ref,
+    k_ref,
+    v_ref,
+    qseg_ref,
+    kseg_ref,
+    o_ref,
+    lse_ref,
+    m_scr,
+    l_scr,
+    acc_scr,
+    *,
+    scale,
+    nq,
+    nk,
+    bk,
+    heads,
+    steps,
+):
     del qstart, qend
     j, run = _q_major_step(qlo, qhi, klo, khi, kstart, kend, nq=nq, nk=nk)
 
@@ -155,7 +185,7 @@ def _fwd_kernel(qlo, qhi, klo, khi, kstart, kend, qstart, qend,
             q, k, v = q_ref[h], k_ref[h], v_ref[h]
             s = lax.dot_general(q, k, _TRANS_B, preferred_element_type=jnp.float32) * scale
             s = jnp.where(mask, s, _MASK_VALUE)
-            m_prev = m_scr[h]                                             # [bq, 128]
+            m_prev = m_scr[h]  # [bq, 128]
             m_next = jnp.maximum(m_prev, s.max(axis=-1, keepdims=True))  # [bq, 128]
             p = jnp.where(mask, jnp.exp(s - _lanes_to(m_next, bk)), 0.0)
             alpha = jnp.exp(m_prev - m_next)
@@ -188,11 +218,13 @@ def _block_specs(q_map, kv_map, qseg_map, kseg_map, block_q, block_k, heads, d):
         kv=pl.BlockSpec((sq, heads, block_k, d), kv_map),
         qseg=pl.BlockSpec((sq, block_q, NUM_LANES), qseg_map),
         kseg=pl.BlockSpec((sq, 1, block_k), kseg_map),
-        row=pl.BlockSpec((sq, heads, block_q, NUM_LANES), q_map))
+        row=pl.BlockSpec((sq, heads, block_q, NUM_LANES), q_map),
+    )
 
 
 def _q_major_specs(nq, block_q, block_k, heads, d):
     """Index maps of a grid (B, q-block i, step j) walking k-blocks kstart[i]..kend[i]."""
+
     def q_map(bi, i, j, *m):
         return bi, 0, i, 0
 
@@ -210,6 +242,7 @@ def _q_major_specs(nq, block_q, block_k, heads, d):
 
 def _k_major_specs(nk, block_q, block_k, heads, d):
     """Index maps of a grid (B, k-block kb, step j) walking q-blocks qstart[kb]..qend[kb]."""
+
     def q_map(bi, kb, j, qlo, qhi, klo, khi, kstart, kend, qstart, qend):
         return bi, 0, _clamp_step(qstart[bi * nk + kb], qend[bi * nk + kb], j), 0
 
@@ -225,18 +258,24 @@ def _k_major_specs(nk, block_q, block_k, heads, d):
     return _block_specs(q_map, kv_map, qseg_map, kseg_map, block_q, block_k, heads, d)
 
 
-def _pallas(kernel, name, meta, grid, in_specs, out_specs, scratch_shapes, out_shape, interpret,
-            *args):
+def _pallas(
+    kernel, name, meta, grid, in_specs, out_specs, scratch_shapes, out_shape, interpret, *args
+):
     """``kernel`` over ``grid`` (batch, blocks, steps: the last one walks the other side's
     blocks), with the block metadata ``meta`` as scalar prefetch."""
     return pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=len(meta), grid=grid, in_specs=in_specs, out_specs=out_specs,
-            scratch_shapes=scratch_shapes),
+            num_scalar_prefetch=len(meta),
+            grid=grid,
+            in_specs=in_specs,
+            out_specs=out_specs,
+            scratch_shapes=scratch_shapes,
+        ),
         out_shape=out_shape,
         compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("parallel", "parallel", "arbitrary")),
+            dimension_semantics=("parallel", "parallel", "arbitrary")
+        ),
         interpret=interpret,
         name=name,
     )(*meta, *args)
@@ -248,25 +287,65 @@ def _forward(q, k, v, segment_ids, meta, *, block_q, block_k, ksteps, interpret)
     nq, nk = s // block_q, s // block_k
     qseg, kseg = _seg_operands(segment_ids)
     sp = _q_major_specs(nq, block_q, block_k, h, d)
-    kernel = functools.partial(_fwd_kernel, scale=1.0 / math.sqrt(d), nq=nq, nk=nk, bk=block_k,
-                               heads=h, steps=ksteps)
+    kernel = functools.partial(
+        _fwd_kernel, scale=1.0 / math.sqrt(d), nq=nq, nk=nk, bk=block_k, heads=h, steps=ksteps
+    )
     o, lse = _pallas(
-        kernel, "segment_attention_fwd", meta, (b, nq, ksteps),
-        [sp["q"], sp["kv"], sp["kv"], sp["qseg"], sp["kseg"]], [sp["q"], sp["row"]],
-        [pltpu.VMEM((h, block_q, NUM_LANES), jnp.float32),
-         pltpu.VMEM((h, block_q, NUM_LANES), jnp.float32),
-         pltpu.VMEM((h, block_q, d), jnp.float32)],
-        [jax.ShapeDtypeStruct((b, h, s, d), q.dtype),
-         jax.ShapeDtypeStruct((b, h, s, NUM_LANES), jnp.float32)],
-        interpret, q, k, v, qseg, kseg)
+        kernel,
+        "segment_attention_fwd",
+        meta,
+        (b, nq, ksteps),
+        [sp["q"], sp["kv"], sp["kv"], sp["qseg"], sp["kseg"]],
+        [sp["q"], sp["row"]],
+        [
+            pltpu.VMEM((h, block_q, NUM_LANES), jnp.float32),
+            pltpu.VMEM((h, block_q, NUM_LANES), jnp.float32),
+            pltpu.VMEM((h, block_q, d), jnp.float32),
+        ],
+        [
+            jax.ShapeDtypeStruct((b, h, s, d), q.dtype),
+            jax.ShapeDtypeStruct((b, h, s, NUM_LANES), jnp.float32),
+        ],
+        interpret,
+        q,
+        k,
+        v,
+        qseg,
+        kseg,
+    )
     return o, lse
 
 
 # ----------------------------------------------------------------------------- backward
 
-def _dq_kernel(qlo, qhi, klo, khi, kstart, kend, qstart, qend,
-               q_ref, k_ref, v_ref, qseg_ref, kseg_ref, lse_ref, di_ref, do_ref,
-               dq_ref, dq_scr, *, scale, nq, nk, bk, heads, steps):
+
+def _dq_kernel(
+    qlo,
+    qhi,
+    klo,
+    khi,
+    kstart,
+    kend,
+    qstart,
+    qend,
+    q_ref,
+    k_ref,
+    v_ref,
+    qseg_ref,
+    kseg_ref,
+    lse_ref,
+    di_ref,
+    do_ref,
+    dq_ref,
+    dq_scr,
+    *,
+    scale,
+    nq,
+    nk,
+    bk,
+    heads,
+    steps,
+):
     del qstart, qend
     j, run = _q_major_step(qlo, qhi, klo, khi, kstart, kend, nq=nq, nk=nk)
 
@@ -276,8 +355,19 @@ def _dq_kernel(qlo, qhi, klo, khi, kstart, kend, qstart, qend,
 
     @pl.when(run)
     def _compute():
-        for h, _, k, _, _, ds in _probs_and_dlogits(q_ref, k_ref, v_ref, do_ref, qseg_ref, kseg_ref,
-                                                    lse_ref, di_ref, scale=scale, bk=bk, heads=heads):
+        for h, _, k, _, _, ds in _probs_and_dlogits(
+            q_ref,
+            k_ref,
+            v_ref,
+            do_ref,
+            qseg_ref,
+            kseg_ref,
+            lse_ref,
+            di_ref,
+            scale=scale,
+            bk=bk,
+            heads=heads,
+        ):
             dq_scr[h] += lax.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
 
     @pl.when(j == steps - 1)
@@ -285,11 +375,37 @@ def _dq_kernel(qlo, qhi, klo, khi, kstart, kend, qstart, qend,
         dq_ref[...] = (dq_scr[...] * scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(qlo, qhi, klo, khi, kstart, kend, qstart, qend,
-                q_ref, k_ref, v_ref, qseg_ref, kseg_ref, lse_ref, di_ref, do_ref,
-                dk_ref, dv_ref, dk_scr, dv_scr, *, scale, nq, nk, bk, heads, steps):
+def _dkv_kernel(
+    qlo,
+    qhi,
+    klo,
+    khi,
+    kstart,
+    kend,
+    qstart,
+    qend,
+    q_ref,
+    k_ref,
+    v_ref,
+    qseg_ref,
+    kseg_ref,
+    lse_ref,
+    di_ref,
+    do_ref,
+    dk_ref,
+    dv_ref,
+    dk_scr,
+    dv_scr,
+    *,
+    scale,
+    nq,
+    nk,
+    bk,
+    heads,
+    steps,
+):
     del kstart, kend
-    b, kb, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)   # axis 1 walks k-blocks
+    b, kb, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)  # axis 1 walks k-blocks
     col = b * nk + kb
     start, end = qstart[col], qend[col]
     qb = _clamp_step(start, end, j)
@@ -303,8 +419,19 @@ def _dkv_kernel(qlo, qhi, klo, khi, kstart, kend, qstart, qend,
 
     @pl.when(run)
     def _compute():
-        for h, q, _, do, p, ds in _probs_and_dlogits(q_ref, k_ref, v_ref, do_ref, qseg_ref, kseg_ref,
-                                                     lse_ref, di_ref, scale=scale, bk=bk, heads=heads):
+        for h, q, _, do, p, ds in _probs_and_dlogits(
+            q_ref,
+            k_ref,
+            v_ref,
+            do_ref,
+            qseg_ref,
+            kseg_ref,
+            lse_ref,
+            di_ref,
+            scale=scale,
+            bk=bk,
+            heads=heads,
+        ):
             dv_scr[h] += lax.dot(p.T.astype(do.dtype), do, preferred_element_type=jnp.float32)
             dk_scr[h] += lax.dot(ds.T.astype(q.dtype), q, preferred_element_type=jnp.float32)
 
@@ -314,8 +441,9 @@ def _dkv_kernel(qlo, qhi, klo, khi, kstart, kend, qstart, qend,
         dv_ref[...] = dv_scr[...].astype(dv_ref.dtype)
 
 
-def _backward(q, k, v, segment_ids, meta, o, lse, do, *, block_q, block_k, ksteps, qsteps,
-              interpret):
+def _backward(
+    q, k, v, segment_ids, meta, o, lse, do, *, block_q, block_k, ksteps, qsteps, interpret
+):
     b, h, s, d = q.shape
     nq, nk = s // block_q, s // block_k
     qseg, kseg = _seg_operands(segment_ids)
@@ -327,26 +455,44 @@ def _backward(q, k, v, segment_ids, meta, o, lse, do, *, block_q, block_k, kstep
     args = (q, k, v, qseg, kseg, lse, di, do)
     operands = ("q", "kv", "kv", "qseg", "kseg", "row", "row", "q")
     sp = _q_major_specs(nq, block_q, block_k, h, d)
-    dq = _pallas(functools.partial(_dq_kernel, steps=ksteps, **common), "segment_attention_dq",
-                 meta, (b, nq, ksteps), [sp[x] for x in operands], sp["q"],
-                 [pltpu.VMEM((h, block_q, d), jnp.float32)],
-                 jax.ShapeDtypeStruct(q.shape, q.dtype), interpret, *args)
+    dq = _pallas(
+        functools.partial(_dq_kernel, steps=ksteps, **common),
+        "segment_attention_dq",
+        meta,
+        (b, nq, ksteps),
+        [sp[x] for x in operands],
+        sp["q"],
+        [pltpu.VMEM((h, block_q, d), jnp.float32)],
+        jax.ShapeDtypeStruct(q.shape, q.dtype),
+        interpret,
+        *args,
+    )
     tp = _k_major_specs(nk, block_q, block_k, h, d)
-    dk, dv = _pallas(functools.partial(_dkv_kernel, steps=qsteps, **common), "segment_attention_dkv",
-                     meta, (b, nk, qsteps), [tp[x] for x in operands], [tp["kv"], tp["kv"]],
-                     [pltpu.VMEM((h, block_k, d), jnp.float32)] * 2,
-                     [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-                     interpret, *args)
+    dk, dv = _pallas(
+        functools.partial(_dkv_kernel, steps=qsteps, **common),
+        "segment_attention_dkv",
+        meta,
+        (b, nk, qsteps),
+        [tp[x] for x in operands],
+        [tp["kv"], tp["kv"]],
+        [pltpu.VMEM((h, block_k, d), jnp.float32)] * 2,
+        [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        interpret,
+        *args,
+    )
     return dq, dk, dv
 
 
 # ----------------------------------------------------------------------------- custom_vjp
 
+
 def _steps(segment_ids, block_q, block_k, max_segment_len):
     s = segment_ids.shape[1]
     nq, nk = s // block_q, s // block_k
-    return (span_bound(block_q, block_k, max_segment_len, nk),
-            span_bound(block_k, block_q, max_segment_len, nq))
+    return (
+        span_bound(block_q, block_k, max_segment_len, nk),
+        span_bound(block_k, block_q, max_segment_len, nq),
+    )
 
 
 def _span_ok(meta, ksteps, qsteps):
@@ -363,9 +509,20 @@ def _attention_bhsd(q, k, v, segment_ids, block_q, block_k, max_segment_len, int
 def _attention_fwd(q, k, v, segment_ids, block_q, block_k, max_segment_len, interpret):
     meta = block_metadata(segment_ids, block_q, block_k)
     ksteps, qsteps = _steps(segment_ids, block_q, block_k, max_segment_len)
-    o, lse = _forward(q, k, v, segment_ids, meta, block_q=block_q, block_k=block_k,
-                      ksteps=ksteps, interpret=interpret)
-    if max_segment_len is not None:   # a segment longer than promised: fail loudly (NaN), not wrongly
+    o, lse = _forward(
+        q,
+        k,
+        v,
+        segment_ids,
+        meta,
+        block_q=block_q,
+        block_k=block_k,
+        ksteps=ksteps,
+        interpret=interpret,
+    )
+    if (
+        max_segment_len is not None
+    ):  # a segment longer than promised: fail loudly (NaN), not wrongly
         o = jnp.where(_span_ok(meta, ksteps, qsteps), o, jnp.nan).astype(o.dtype)
     return o, (q, k, v, segment_ids, o, lse)
 
@@ -374,17 +531,38 @@ def _attention_bwd(block_q, block_k, max_segment_len, interpret, res, do):
     q, k, v, segment_ids, o, lse = res
     meta = block_metadata(segment_ids, block_q, block_k)
     ksteps, qsteps = _steps(segment_ids, block_q, block_k, max_segment_len)
-    dq, dk, dv = _backward(q, k, v, segment_ids, meta, o, lse, do, block_q=block_q,
-                           block_k=block_k, ksteps=ksteps, qsteps=qsteps, interpret=interpret)
+    dq, dk, dv = _backward(
+        q,
+        k,
+        v,
+        segment_ids,
+        meta,
+        o,
+        lse,
+        do,
+        block_q=block_q,
+        block_k=block_k,
+        ksteps=ksteps,
+        qsteps=qsteps,
+        interpret=interpret,
+    )
     return dq, dk, dv, None
 
 
 _attention_bhsd.defvjp(_attention_fwd, _attention_bwd)
 
 
-def segment_attention_pallas(q, k, v, segment_ids, *, interpret=False,
-                             block_q: int = BLOCK_Q, block_k: int = BLOCK_K,
-                             max_segment_len: int | None = None):
+def segment_attention_pallas(
+    q,
+    k,
+    v,
+    segment_ids,
+    *,
+    interpret=False,
+    block_q: int = BLOCK_Q,
+    block_k: int = BLOCK_K,
+    max_segment_len: int | None = None,
+):
     """Segment-masked attention, [B, S, H, D] in and out (see the module docstring).
 
     `max_segment_len` (static; the packer's largest view) bounds how many blocks a block's

@@ -22,6 +22,7 @@ Triton's interpreter (TRITON_INTERPRET=1, CPU torch tensors). jax-triton is impo
 
 Constraints (ValueError otherwise): S a multiple of SEQ_MULTIPLE (128); D in HEAD_DIMS.
 """
+
 from __future__ import annotations
 
 import functools
@@ -44,10 +45,10 @@ except ImportError as e:  # pragma: no cover - exercised where triton is absent
 else:
     _TRITON_IMPORT_ERROR = None
 
-BLOCK_M = 128        # forward q-block
-BLOCK_N = 64         # forward k-block
-BLOCK_M_BWD = 64     # backward q-block
-BLOCK_N_BWD = 64     # backward k-block
+BLOCK_M = 128  # forward q-block
+BLOCK_N = 64  # forward k-block
+BLOCK_M_BWD = 64  # backward q-block
+BLOCK_N_BWD = 64  # backward k-block
 HEAD_DIMS = (64, 128)
 
 SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
@@ -67,7 +68,8 @@ def check_supported(q, k, v, segment_ids):
     if s % SEQ_MULTIPLE:
         raise ValueError(
             f"triton_gpu: sequence length S={s} must be a multiple of {SEQ_MULTIPLE} "
-            f"(pack into buckets whose length is a multiple of {SEQ_MULTIPLE})")
+            f"(pack into buckets whose length is a multiple of {SEQ_MULTIPLE})"
+        )
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -84,8 +86,14 @@ if triton is not None:
             return tl.dot(a, b)
 
     @triton.jit
-    def _program(STARTS, ENDS, SEQ: tl.constexpr, NHEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                 BLOCK: tl.constexpr):
+    def _program(
+        STARTS,
+        ENDS,
+        SEQ: tl.constexpr,
+        NHEADS: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
         """This program's block (grid axis 0 runs over the blocks of a row, axis 1 over B * H):
         ``(batch, batch * H + head, offset of that (batch, head) in a [B, S, H, D] array, the
         block's token offsets, the first and the last block of the other side it meets)``."""
@@ -94,8 +102,14 @@ if triton is not None:
         b = pid_bh // NHEADS
         base = b * SEQ * NHEADS * HEAD_DIM + (pid_bh % NHEADS) * HEAD_DIM
         i = b * (SEQ // BLOCK) + pid
-        return (b, pid_bh, base, pid * BLOCK + tl.arange(0, BLOCK), tl.load(STARTS + i),
-                tl.load(ENDS + i))
+        return (
+            b,
+            pid_bh,
+            base,
+            pid * BLOCK + tl.arange(0, BLOCK),
+            tl.load(STARTS + i),
+            tl.load(ENDS + i),
+        )
 
     @triton.jit
     def _rows(base, offs, NHEADS: tl.constexpr, HEAD_DIM: tl.constexpr):
@@ -103,8 +117,9 @@ if triton is not None:
         return base + offs[:, None] * (NHEADS * HEAD_DIM) + tl.arange(0, HEAD_DIM)[None, :]
 
     @triton.jit
-    def _load_pair(X, Y, SEG, b, base, offs, SEQ: tl.constexpr, NHEADS: tl.constexpr,
-                   HEAD_DIM: tl.constexpr):
+    def _load_pair(
+        X, Y, SEG, b, base, offs, SEQ: tl.constexpr, NHEADS: tl.constexpr, HEAD_DIM: tl.constexpr
+    ):
         """The tokens ``offs`` of X and Y (k and v, or q and dO) and their segment ids, and
         the offsets they were read at."""
         ptrs = _rows(base, offs, NHEADS, HEAD_DIM)
@@ -116,8 +131,9 @@ if triton is not None:
         return tl.load(LSE + pid_bh * SEQ + offs), tl.load(DELTA + pid_bh * SEQ + offs)
 
     @triton.jit
-    def _probs_and_dlogits(q, k, v, do, qseg, kseg, lse, delta, SM_SCALE: tl.constexpr,
-                           IEEE: tl.constexpr):
+    def _probs_and_dlogits(
+        q, k, v, do, qseg, kseg, lse, delta, SM_SCALE: tl.constexpr, IEEE: tl.constexpr
+    ):
         """Backward of a (q-block, k-block) pair: probabilities p and dlogits ds, [BM, BN]."""
         s = _dot(q, tl.trans(k), IEEE)
         dp = _dot(do, tl.trans(v), IEEE)
@@ -126,10 +142,23 @@ if triton is not None:
         return p, p * (dp - delta[:, None])
 
     @triton.jit
-    def _fwd_kernel(Q, K, V, SEG, KSTART, KEND, O, LSE,
-                    SM_SCALE: tl.constexpr, SEQ: tl.constexpr, NHEADS: tl.constexpr,
-                    HEAD_DIM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                    IEEE: tl.constexpr):
+    def _fwd_kernel(
+        Q,
+        K,
+        V,
+        SEG,
+        KSTART,
+        KEND,
+        O,
+        LSE,
+        SM_SCALE: tl.constexpr,
+        SEQ: tl.constexpr,
+        NHEADS: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BM: tl.constexpr,
+        BN: tl.constexpr,
+        IEEE: tl.constexpr,
+    ):
         """One program: a BM-row q-block of one (batch, head); walks its span of k-blocks."""
         b, pid_bh, base, offs_m, kstart, kend = _program(KSTART, KEND, SEQ, NHEADS, HEAD_DIM, BM)
         q_ptrs = _rows(base, offs_m, NHEADS, HEAD_DIM)
@@ -139,8 +168,9 @@ if triton is not None:
         l_i = tl.zeros([BM], dtype=tl.float32)
         acc = tl.zeros([BM, HEAD_DIM], dtype=tl.float32)
         for kb in range(kstart, kend + 1):
-            _, k, v, kseg = _load_pair(K, V, SEG, b, base, kb * BN + tl.arange(0, BN), SEQ,
-                                       NHEADS, HEAD_DIM)
+            _, k, v, kseg = _load_pair(
+                K, V, SEG, b, base, kb * BN + tl.arange(0, BN), SEQ, NHEADS, HEAD_DIM
+            )
             s = _dot(q, tl.trans(k), IEEE) * SM_SCALE
             mask = (qseg[:, None] == kseg[None, :]) & (qseg[:, None] != 0)
             s = tl.where(mask, s, -1e30)
@@ -159,28 +189,60 @@ if triton is not None:
         tl.store(LSE + pid_bh * SEQ + offs_m, lse)
 
     @triton.jit
-    def _bwd_dq_kernel(Q, K, V, SEG, KSTART, KEND, DO, LSE, DELTA, DQ,
-                       SM_SCALE: tl.constexpr, SEQ: tl.constexpr, NHEADS: tl.constexpr,
-                       HEAD_DIM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                       IEEE: tl.constexpr):
+    def _bwd_dq_kernel(
+        Q,
+        K,
+        V,
+        SEG,
+        KSTART,
+        KEND,
+        DO,
+        LSE,
+        DELTA,
+        DQ,
+        SM_SCALE: tl.constexpr,
+        SEQ: tl.constexpr,
+        NHEADS: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BM: tl.constexpr,
+        BN: tl.constexpr,
+        IEEE: tl.constexpr,
+    ):
         """One program: dQ of a BM-row q-block; walks its span of k-blocks."""
         b, pid_bh, base, offs_m, kstart, kend = _program(KSTART, KEND, SEQ, NHEADS, HEAD_DIM, BM)
         q_ptrs, q, do, qseg = _load_pair(Q, DO, SEG, b, base, offs_m, SEQ, NHEADS, HEAD_DIM)
         lse, delta = _load_stats(LSE, DELTA, pid_bh, offs_m, SEQ)
         dq = tl.zeros([BM, HEAD_DIM], dtype=tl.float32)
         for kb in range(kstart, kend + 1):
-            _, k, v, kseg = _load_pair(K, V, SEG, b, base, kb * BN + tl.arange(0, BN), SEQ,
-                                       NHEADS, HEAD_DIM)
+            _, k, v, kseg = _load_pair(
+                K, V, SEG, b, base, kb * BN + tl.arange(0, BN), SEQ, NHEADS, HEAD_DIM
+            )
             _, ds = _probs_and_dlogits(q, k, v, do, qseg, kseg, lse, delta, SM_SCALE, IEEE)
             dq += _dot(ds.to(k.dtype), k, IEEE)
         dq = dq * SM_SCALE
         tl.store(DQ + q_ptrs, dq.to(DQ.dtype.element_ty))
 
     @triton.jit
-    def _bwd_dkv_kernel(Q, K, V, SEG, QSTART, QEND, DO, LSE, DELTA, DK, DV,
-                        SM_SCALE: tl.constexpr, SEQ: tl.constexpr, NHEADS: tl.constexpr,
-                        HEAD_DIM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                        IEEE: tl.constexpr):
+    def _bwd_dkv_kernel(
+        Q,
+        K,
+        V,
+        SEG,
+        QSTART,
+        QEND,
+        DO,
+        LSE,
+        DELTA,
+        DK,
+        DV,
+        SM_SCALE: tl.constexpr,
+        SEQ: tl.constexpr,
+        NHEADS: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BM: tl.constexpr,
+        BN: tl.constexpr,
+        IEEE: tl.constexpr,
+    ):
         """One program: dK, dV of a BN-row k-block; walks its span of q-blocks."""
         b, pid_bh, base, offs_n, qstart, qend = _program(QSTART, QEND, SEQ, NHEADS, HEAD_DIM, BN)
         kv_ptrs, k, v, kseg = _load_pair(K, V, SEG, b, base, offs_n, SEQ, NHEADS, HEAD_DIM)
@@ -200,6 +262,7 @@ if triton is not None:
 
 # ----------------------------------------------------------------------------- jax-triton glue
 
+
 def _jax_triton():
     if triton is None:
         raise ValueError(f"impl='triton_gpu' needs the triton package: {_TRITON_IMPORT_ERROR}")
@@ -208,7 +271,8 @@ def _jax_triton():
     except ImportError as e:
         raise ValueError(
             "impl='triton_gpu' needs jax-triton and a CUDA jaxlib "
-            f"(pip install jax-triton 'jax[cuda12]'): {e}") from e
+            f"(pip install jax-triton 'jax[cuda12]'): {e}"
+        ) from e
     return jt
 
 
@@ -224,24 +288,36 @@ def _call(kernel, args, outs, grid, *, num_warps, compute_capability=None, **met
     kw = {_out_kwarg(jt.triton_call): outs}
     if compute_capability is not None:
         kw["compute_capability"] = compute_capability
-    return jt.triton_call(*args, kernel=kernel, grid=grid, num_warps=num_warps,
-                          num_stages=NUM_STAGES, **kw, **meta)
+    return jt.triton_call(
+        *args, kernel=kernel, grid=grid, num_warps=num_warps, num_stages=NUM_STAGES, **kw, **meta
+    )
 
 
 def _meta(q):
     _, s, h, d = q.shape
-    return dict(SM_SCALE=1.0 / math.sqrt(d), SEQ=s, NHEADS=h, HEAD_DIM=d,
-                IEEE=jnp.dtype(q.dtype) == jnp.float32)
+    return dict(
+        SM_SCALE=1.0 / math.sqrt(d),
+        SEQ=s,
+        NHEADS=h,
+        HEAD_DIM=d,
+        IEEE=jnp.dtype(q.dtype) == jnp.float32,
+    )
 
 
 def _forward(q, k, v, seg, cc):
     b, s, h, _ = q.shape
     _, _, _, _, kstart, kend, _, _ = block_metadata(seg, BLOCK_M, BLOCK_N)
-    o, lse = _call(_fwd_kernel, (q, k, v, seg, kstart, kend),
-                   [jax.ShapeDtypeStruct(q.shape, q.dtype),
-                    jax.ShapeDtypeStruct((b, h, s), jnp.float32)],
-                   (s // BLOCK_M, b * h), num_warps=num_warps(q.shape[-1]),
-                   compute_capability=cc, BM=BLOCK_M, BN=BLOCK_N, **_meta(q))
+    o, lse = _call(
+        _fwd_kernel,
+        (q, k, v, seg, kstart, kend),
+        [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, s), jnp.float32)],
+        (s // BLOCK_M, b * h),
+        num_warps=num_warps(q.shape[-1]),
+        compute_capability=cc,
+        BM=BLOCK_M,
+        BN=BLOCK_N,
+        **_meta(q),
+    )
     return o, lse
 
 
@@ -250,14 +326,24 @@ def _backward(q, k, v, seg, o, lse, do, cc):
     _, _, _, _, kstart, kend, qstart, qend = block_metadata(seg, BLOCK_M_BWD, BLOCK_N_BWD)
     delta = jnp.einsum("bshd,bshd->bhs", do.astype(jnp.float32), o.astype(jnp.float32))
     meta = dict(BM=BLOCK_M_BWD, BN=BLOCK_N_BWD, **_meta(q))
-    dq = _call(_bwd_dq_kernel, (q, k, v, seg, kstart, kend, do, lse, delta),
-               jax.ShapeDtypeStruct(q.shape, q.dtype), (s // BLOCK_M_BWD, b * h),
-               num_warps=num_warps(q.shape[-1]), compute_capability=cc, **meta)
-    dk, dv = _call(_bwd_dkv_kernel,
-                   (q, k, v, seg, qstart, qend, do, lse, delta),
-                   [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-                   (s // BLOCK_N_BWD, b * h), num_warps=num_warps(q.shape[-1]),
-                   compute_capability=cc, **meta)
+    dq = _call(
+        _bwd_dq_kernel,
+        (q, k, v, seg, kstart, kend, do, lse, delta),
+        jax.ShapeDtypeStruct(q.shape, q.dtype),
+        (s // BLOCK_M_BWD, b * h),
+        num_warps=num_warps(q.shape[-1]),
+        compute_capability=cc,
+        **meta,
+    )
+    dk, dv = _call(
+        _bwd_dkv_kernel,
+        (q, k, v, seg, qstart, qend, do, lse, delta),
+        [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        (s // BLOCK_N_BWD, b * h),
+        num_warps=num_warps(q.shape[-1]),
+        compute_capability=cc,
+        **meta,
+    )
     return dq, dk, dv
 
 
@@ -288,5 +374,10 @@ def segment_attention_triton(q, k, v, segment_ids, *, compute_capability: int | 
     """
     check_supported(q, k, v, segment_ids)
     _jax_triton()  # fail early, with a clear message, when jax-triton is missing
-    return _attention(q, k, v, segment_ids.astype(jnp.int32),
-                      None if compute_capability is None else int(compute_capability))
+    return _attention(
+        q,
+        k,
+        v,
+        segment_ids.astype(jnp.int32),
+        None if compute_capability is None else int(compute_capability),
+    )

@@ -24,6 +24,7 @@ is a promise about the data that the data may break (a whole CT embedded by a 2D
 id spans more than L tokens (``lax.cond``: correct attention, at the cost of no bound), as the
 Pallas kernel does; the Triton kernel needs no bound.
 """
+
 from __future__ import annotations
 
 import functools
@@ -145,8 +146,11 @@ def _fwd_pairs(qh, kh, vh, segb, pairs):
         num = num.at[qi].add(rescale[..., None] * num[qi] + pv, indices_are_sorted=True)
         return mx, den, num
 
-    init = (jnp.full((g, h, b), NEG, jnp.float32), jnp.zeros((g, h, b), jnp.float32),
-            jnp.zeros((g, h, b, d), jnp.float32))
+    init = (
+        jnp.full((g, h, b), NEG, jnp.float32),
+        jnp.zeros((g, h, b), jnp.float32),
+        jnp.zeros((g, h, b, d), jnp.float32),
+    )
     mx, den, num = _over_chunks(pairs, h, b, step, init)
     live = mx > 0.5 * NEG  # the query sees at least one key
     out = jnp.where(live[..., None], num / jnp.where(live, den, 1.0)[..., None], 0.0)
@@ -240,8 +244,9 @@ def _attention_bwd(max_segment_len, block, res, dout):
     if padded != s:
         dout = jnp.pad(dout, [(0, 0), (0, padded - s), (0, 0), (0, 0)])
     doh = _heads_major(dout, b)
-    dq, dk, dv = _bwd_pairs(qh, kh, vh, seg.reshape(-1, b), oh, lse, doh,
-                            _pairs(*ranges, padded // b, cap))
+    dq, dk, dv = _bwd_pairs(
+        qh, kh, vh, seg.reshape(-1, b), oh, lse, doh, _pairs(*ranges, padded // b, cap)
+    )
     dq = dq * (1.0 / math.sqrt(d))
     dq, dk, dv = (_tokens_major(t.astype(qh.dtype), bsz, s) for t in (dq, dk, dv))
     return dq, dk, dv, None  # no gradient for segment_ids
@@ -255,8 +260,9 @@ def _attention(q, k, v, segment_ids, max_segment_len, block):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def segment_attention_xla(q, k, v, segment_ids, *, max_segment_len: int | None = None,
-                          block: int = 64):
+def segment_attention_xla(
+    q, k, v, segment_ids, *, max_segment_len: int | None = None, block: int = 64
+):
     """``softmax(q k^T / sqrt(D) + mask) v`` restricted to equal non-zero segment ids.
 
     q, k, v ``[B, S, H, D]``; segment_ids ``[B, S]``. Padding queries return 0, never NaN,
@@ -271,6 +277,4 @@ def segment_attention_xla(q, k, v, segment_ids, *, max_segment_len: int | None =
     first, last = _id_spans(segment_ids.astype(jnp.int32))
     span = jnp.max(jnp.where(segment_ids > 0, last - first + 1, 0))
     run = lambda bound: lambda *a: _attention(*a, bound, block)
-    return lax.cond(span <= max_segment_len, run(max_segment_len), run(None),
-                    q, k, v, segment_ids)
-
+    return lax.cond(span <= max_segment_len, run(max_segment_len), run(None), q, k, v, segment_ids)

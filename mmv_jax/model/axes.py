@@ -5,6 +5,7 @@ Model code names logical axes (``batch``, ``seq``, ``embed``, ``heads``, ``mlp``
 their logical axes as ``nnx.Param(..., logical_axes=(...))`` metadata. Outside
 :func:`axis_rules` (single device, tests) :func:`constrain` is the identity.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -54,8 +55,13 @@ def shard_map_over(fn, in_names, out_names):
         return fn
     mesh, rules = _CTX[-1]
     in_specs = tuple(logical_to_spec(n, rules) for n in in_names)
-    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=logical_to_spec(out_names, rules),
-                         check_vma=False)
+    return jax.shard_map(
+        fn,
+        mesh=mesh,
+        in_specs=in_specs,
+        out_specs=logical_to_spec(out_names, rules),
+        check_vma=False,
+    )
 
 
 def constrain(x, names: Sequence[str | None]):

@@ -7,6 +7,7 @@ and segment-masked attention -> final norm -> per-view mean pooling over each se
 Parameters are fp32 with logical axis names (``logical_axes`` metadata); compute runs in
 ``config.dtype`` (bf16 on accelerators, fp32 on CPU tests).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -62,13 +63,17 @@ def encoder_config(variant: str = "Ti/14", **overrides) -> EncoderConfig:
         width, depth, heads = VARIANTS[name]
         patch = int(patch)
     except (ValueError, KeyError):
-        raise ConfigError(f"config.model.variant must be one of {[v + '/14' for v in VARIANTS]}, "
-                          f"got {variant!r}") from None
+        raise ConfigError(
+            f"config.model.variant must be one of {[v + '/14' for v in VARIANTS]}, got {variant!r}"
+        ) from None
     policy = overrides.get("remat_policy", "none")
     if policy not in REMAT_POLICIES:
-        raise ConfigError(f"config.model.remat_policy must be one of {REMAT_POLICIES}, got {policy!r}")
-    return dataclasses.replace(EncoderConfig(width=width, depth=depth, heads=heads, patch=patch),
-                               **overrides)
+        raise ConfigError(
+            f"config.model.remat_policy must be one of {REMAT_POLICIES}, got {policy!r}"
+        )
+    return dataclasses.replace(
+        EncoderConfig(width=width, depth=depth, heads=heads, patch=patch), **overrides
+    )
 
 
 def _init(key, shape, fan_in):
@@ -97,7 +102,9 @@ class Dense(nnx.Module):
         self.bias = param(jnp.zeros((dout,), jnp.float32), out_axis)
 
     def __call__(self, x):
-        return ops.for_platform().matmul(x, self.kernel[...].astype(x.dtype)) + self.bias[...].astype(x.dtype)
+        return ops.for_platform().matmul(x, self.kernel[...].astype(x.dtype)) + self.bias[
+            ...
+        ].astype(x.dtype)
 
 
 class Attention(nnx.Module):
@@ -122,7 +129,9 @@ class Attention(nnx.Module):
         # "auto" follows the platform of the mesh the step is traced for (a TPU topology
         # compiled ahead of time on a CPU gets the TPU kernel), else the default backend
         impl = resolve_impl(self.cfg.attention_impl, platform=platform)
-        attend = functools.partial(segment_attention, impl=impl, max_segment_len=self.cfg.max_segment_len)
+        attend = functools.partial(
+            segment_attention, impl=impl, max_segment_len=self.cfg.max_segment_len
+        )
         if impl != "xla":  # Mosaic / Triton kernels run per device with the batch sharded
             qkv_names = ("batch", None, "heads", None)
             attend = shard_map_over(attend, [qkv_names] * 3 + [("batch", None)], qkv_names)
@@ -143,7 +152,9 @@ class Block(nnx.Module):
 
     def __call__(self, x, cos, sin, segment_ids):
         x = x + self.attn(self.norm1(x), cos, sin, segment_ids)
-        h = constrain(jax.nn.gelu(self.fc1(self.norm2(x)), approximate=False), ("batch", "seq", "mlp"))
+        h = constrain(
+            jax.nn.gelu(self.fc1(self.norm2(x)), approximate=False), ("batch", "seq", "mlp")
+        )
         return constrain(x + self.fc2(h), ("batch", "seq", "embed"))
 
 
@@ -152,24 +163,28 @@ class Encoder(nnx.Module):
 
     def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        p3 = cfg.patch ** 3
+        p3 = cfg.patch**3
         self.patch_embed = Dense(p3, cfg.width, None, "embed", rngs=rngs)
         self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.depth)])
         self.norm = LayerNorm(cfg.width, cfg.ln_eps)
 
     def embed_patches(self, patches):
         """``[R, S, P^3]`` or (2D-only bucket) ``[R, S, P^2]`` -> ``[R, S, d]``."""
-        p2, p3 = self.cfg.patch ** 2, self.cfg.patch ** 3
+        p2, p3 = self.cfg.patch**2, self.cfg.patch**3
         dt = jnp.dtype(self.cfg.dtype)
         kernel = self.patch_embed.kernel[...]
         if patches.shape[-1] == p2:
             kernel = kernel[:p2]  # depth slice 0 of the cube: the 2D shortcut
         elif patches.shape[-1] != p3:
-            raise ValueError(f"patches must have {p3} (P^3) or {p2} (P^2, 2D only) entries, "
-                             f"got {patches.shape[-1]}")
+            raise ValueError(
+                f"patches must have {p3} (P^3) or {p2} (P^2, 2D only) entries, "
+                f"got {patches.shape[-1]}"
+            )
         if patches.dtype == jnp.uint8:  # the uint8 wire format: [-1, 1] in 255 levels
             patches = patches.astype(jnp.float32) / 127.5 - 1.0
-        x = ops.for_platform().matmul(patches.astype(dt), kernel.astype(dt)) + self.patch_embed.bias[...].astype(dt)
+        x = ops.for_platform().matmul(
+            patches.astype(dt), kernel.astype(dt)
+        ) + self.patch_embed.bias[...].astype(dt)
         return constrain(x, ("batch", "seq", "embed"))
 
     def tokens(self, batch: PackedBatch):

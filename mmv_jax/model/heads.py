@@ -6,6 +6,7 @@ over the real views of the whole (global) batch, empty view slots masked out, ba
 always (the projector only serves the training loss). ``norm="layer"`` normalises each view on
 its own instead.
 """
+
 from __future__ import annotations
 
 import jax
@@ -33,15 +34,27 @@ class MaskedBatchNorm(nnx.Module):
 
 
 class Projector(nnx.Module):
-    def __init__(self, din: int, hidden: int = 2048, dout: int = 128, layers: int = 3, *,
-                 norm: str = "batch", rngs: nnx.Rngs):
+    def __init__(
+        self,
+        din: int,
+        hidden: int = 2048,
+        dout: int = 128,
+        layers: int = 3,
+        *,
+        norm: str = "batch",
+        rngs: nnx.Rngs,
+    ):
         if layers < 1:
             raise ValueError(f"config.model.proj_layers must be >= 1, got {layers}")
         if norm not in ("batch", "layer"):
             raise ValueError(f"config.model.proj_norm must be 'batch' or 'layer', got {norm!r}")
         dims = [din] + [hidden] * (layers - 1)
-        self.hidden = nnx.List([Dense(a, b, "embed", "mlp" if i == 0 else None, rngs=rngs)
-                                for i, (a, b) in enumerate(zip(dims[:-1], dims[1:]))])
+        self.hidden = nnx.List(
+            [
+                Dense(a, b, "embed", "mlp" if i == 0 else None, rngs=rngs)
+                for i, (a, b) in enumerate(zip(dims[:-1], dims[1:]))
+            ]
+        )
         norm_cls = MaskedBatchNorm if norm == "batch" else LayerNorm
         self.norms = nnx.List([norm_cls(b) for b in dims[1:]])
         self.out = Dense(dims[-1], dout, None, None, rngs=rngs)
@@ -58,11 +71,20 @@ class MultiMedVision(nnx.Module):
     """``model(batch)`` -> ``(embeddings [R, V, d], projections [R, V, k])``, both fp32 (``R``:
     the rows of all groups, in order)."""
 
-    def __init__(self, cfg: EncoderConfig, *, proj_hidden: int = 2048, proj_dim: int = 128,
-                 proj_layers: int = 3, proj_norm: str = "batch", rngs: nnx.Rngs):
+    def __init__(
+        self,
+        cfg: EncoderConfig,
+        *,
+        proj_hidden: int = 2048,
+        proj_dim: int = 128,
+        proj_layers: int = 3,
+        proj_norm: str = "batch",
+        rngs: nnx.Rngs,
+    ):
         self.encoder = Encoder(cfg, rngs=rngs)
-        self.projector = Projector(cfg.width, proj_hidden, proj_dim, proj_layers, norm=proj_norm,
-                                   rngs=rngs)
+        self.projector = Projector(
+            cfg.width, proj_hidden, proj_dim, proj_layers, norm=proj_norm, rngs=rngs
+        )
 
     def __call__(self, batch: PackedBatch | tuple[PackedBatch, ...]):
         """One PackedBatch, or a train batch's row groups: each group runs through the encoder

@@ -6,6 +6,7 @@ input has depth coordinate 0). The head dimension is split equally over the thre
 ``head_dim - 6 n`` leftover dims pass unrotated. Axis ``a`` owns dims ``[2 n a, 2 n (a + 1))``,
 rotated in rotate-half form: the first ``n`` of them pair with the next ``n``.
 """
+
 from __future__ import annotations
 
 import jax.numpy as jnp
@@ -22,7 +23,9 @@ def axis_coords(g: int, alpha: float = ALPHA) -> np.ndarray:
 def pairs_per_axis(head_dim: int) -> int:
     n = head_dim // 6
     if n < 1:
-        raise ValueError(f"3D RoPE needs head_dim >= 6 (one rotary pair per axis); got head_dim={head_dim}")
+        raise ValueError(
+            f"3D RoPE needs head_dim >= 6 (one rotary pair per axis); got head_dim={head_dim}"
+        )
     return n
 
 
@@ -39,7 +42,7 @@ def apply_rope(x, cos, sin):
     """Rotates ``x [B, S, H, D]`` by per-token tables ``cos, sin [B, S, 3 n]``."""
     d = x.shape[-1]
     n = cos.shape[-1] // 3
-    rot, rest = x[..., : 6 * n], x[..., 6 * n:]
+    rot, rest = x[..., : 6 * n], x[..., 6 * n :]
     r = rot.reshape(*x.shape[:-1], 3, 2, n).astype(jnp.float32)
     x1, x2 = r[..., 0, :], r[..., 1, :]
     c = cos.reshape(*cos.shape[:-1], 3, n)[:, :, None]

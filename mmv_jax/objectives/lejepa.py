@@ -20,6 +20,7 @@ Conventions (METHOD.md, Balestriero & LeCun 2025, and the LeJEPA minimal referen
   D). The run configs use ``"mean"``, the weighting lam = 0.025 was tuned with.
 - ``lejepa_loss = (1 - lam) * L_pred + lam * SIGReg``, lam = 0.025.
 """
+
 from __future__ import annotations
 
 import jax
@@ -49,16 +50,16 @@ def epps_pulley(x, *, t_max: float = 3.0, knots: int = 17, mask=None):
     """
     x = jnp.asarray(x, jnp.float32)
     t, phi, weights = _quadrature(t_max, knots)
-    xt = x[..., None] * t                                   # [..., N, K, T]
+    xt = x[..., None] * t  # [..., N, K, T]
     if mask is None:
         n = jnp.asarray(x.shape[-2], jnp.float32)
-        cos_mean = jnp.cos(xt).mean(axis=-3)                # [..., K, T]
+        cos_mean = jnp.cos(xt).mean(axis=-3)  # [..., K, T]
         sin_mean = jnp.sin(xt).mean(axis=-3)
     else:
         m = jnp.broadcast_to(jnp.asarray(mask, jnp.float32), x.shape[:-1])  # [..., N]
-        n = m.sum(axis=-1)[..., None]                        # [..., 1]
+        n = m.sum(axis=-1)[..., None]  # [..., 1]
         wm = m[..., None, None]
-        denom = jnp.maximum(n, 1.0)[..., None]               # [..., 1, 1]
+        denom = jnp.maximum(n, 1.0)[..., None]  # [..., 1, 1]
         cos_mean = (jnp.cos(xt) * wm).sum(axis=-3) / denom
         sin_mean = (jnp.sin(xt) * wm).sum(axis=-3) / denom
     err = jnp.square(cos_mean - phi) + jnp.square(sin_mean)  # [..., K, T]
@@ -90,8 +91,9 @@ def _flat(emb, view_sample):
     return e, s, valid
 
 
-def prediction_loss(emb, view_sample, view_is_global, *, num_samples: int,
-                    pred_reduce: str = "sum"):
+def prediction_loss(
+    emb, view_sample, view_is_global, *, num_samples: int, pred_reduce: str = "sum"
+):
     """LeJEPA prediction loss on packed per-view embeddings.
 
     emb ``[R, V, D]``; view_sample ``[R, V]`` (-1 = empty slot); view_is_global ``[R, V]``.
@@ -101,13 +103,13 @@ def prediction_loss(emb, view_sample, view_is_global, *, num_samples: int,
     if pred_reduce not in ("sum", "mean"):
         raise ValueError(f"pred_reduce must be 'sum' or 'mean', got {pred_reduce!r}")
     e, s, valid = _flat(emb, view_sample)
-    seg = jnp.where(valid, s, num_samples)                  # empty slots -> dump bucket
+    seg = jnp.where(valid, s, num_samples)  # empty slots -> dump bucket
     glob = (valid & jnp.asarray(view_is_global, bool).reshape(-1)).astype(jnp.float32)
     nseg = num_samples + 1
     g_sum = jax.ops.segment_sum(e * glob[:, None], seg, nseg)[:num_samples]
     g_cnt = jax.ops.segment_sum(glob, seg, nseg)[:num_samples]
     v_cnt = jax.ops.segment_sum(valid.astype(jnp.float32), seg, nseg)[:num_samples]
-    mu = g_sum / jnp.maximum(g_cnt, 1.0)[:, None]           # [num_samples, D]
+    mu = g_sum / jnp.maximum(g_cnt, 1.0)[:, None]  # [num_samples, D]
     diff = mu[jnp.clip(seg, 0, num_samples - 1)] - e
     d = jnp.square(diff)
     d = d.sum(-1) if pred_reduce == "sum" else d.mean(-1)
@@ -128,15 +130,29 @@ def scatter_views(emb, view_sample, view_index, *, num_samples: int, num_views: 
     vi = jnp.where(valid, vi, 0)
     si = jnp.where(valid, s, 0)
     z = jnp.zeros((num_views, num_samples, e.shape[-1]), jnp.float32).at[vi, si].add(e)
-    present = jnp.zeros((num_views, num_samples), jnp.float32).at[vi, si].add(
-        valid.astype(jnp.float32)) > 0
+    present = (
+        jnp.zeros((num_views, num_samples), jnp.float32).at[vi, si].add(valid.astype(jnp.float32))
+        > 0
+    )
     return z, present
 
 
-def lejepa_loss(emb, view_sample, view_is_global, view_index, *, num_samples: int,
-                num_views: int, key, lam: float = 0.025, num_slices: int = 256,
-                t_max: float = 3.0, knots: int = 17, pred_reduce: str = "sum",
-                mask_absent: bool = True):
+def lejepa_loss(
+    emb,
+    view_sample,
+    view_is_global,
+    view_index,
+    *,
+    num_samples: int,
+    num_views: int,
+    key,
+    lam: float = 0.025,
+    num_slices: int = 256,
+    t_max: float = 3.0,
+    knots: int = 17,
+    pred_reduce: str = "sum",
+    mask_absent: bool = True,
+):
     """``(1 - lam) * prediction_loss + lam * sigreg`` on a PackedBatch's per-view projector
     outputs ``emb [R, V, D]``. Returns ``(loss, aux)``; aux holds jax scalars ``pred_loss``,
     ``sigreg_loss``, ``num_views`` (number of non-empty view slots).
@@ -147,13 +163,24 @@ def lejepa_loss(emb, view_sample, view_is_global, view_index, *, num_samples: in
     (view index, sample) pair that is absent is left out of that view index's statistic rather
     than entering as a zero embedding (identical when nothing is absent).
     """
-    pred = prediction_loss(emb, view_sample, view_is_global, num_samples=num_samples,
-                           pred_reduce=pred_reduce)
-    z, present = scatter_views(emb, view_sample, view_index, num_samples=num_samples,
-                               num_views=num_views)
-    sig = sigreg(z, key, num_slices=num_slices, t_max=t_max, knots=knots,
-                 mask=present if mask_absent else None)
+    pred = prediction_loss(
+        emb, view_sample, view_is_global, num_samples=num_samples, pred_reduce=pred_reduce
+    )
+    z, present = scatter_views(
+        emb, view_sample, view_index, num_samples=num_samples, num_views=num_views
+    )
+    sig = sigreg(
+        z,
+        key,
+        num_slices=num_slices,
+        t_max=t_max,
+        knots=knots,
+        mask=present if mask_absent else None,
+    )
     loss = (1.0 - lam) * pred + lam * sig
-    aux = {"pred_loss": pred, "sigreg_loss": sig,
-           "num_views": (jnp.asarray(view_sample) >= 0).sum()}
+    aux = {
+        "pred_loss": pred,
+        "sigreg_loss": sig,
+        "num_views": (jnp.asarray(view_sample) >= 0).sum(),
+    }
     return loss, aux

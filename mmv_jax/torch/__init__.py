@@ -11,15 +11,30 @@
 Importing ``mmv_jax`` never imports torch; this package imports it on first use of a name
 below (``mmv_jax.torch.names`` needs no torch at all).
 """
+
 from __future__ import annotations
 
 import importlib
 
 _EXPORTS = {
-    "model": ["VARIANTS", "MaskedBatchNorm", "MultiMedVisionTorch", "SegmentLayout", "apply_rope",
-              "pool_views", "rope_tables", "segment_attention"],
-    "lejepa": ["epps_pulley", "lejepa_loss", "prediction_loss", "random_directions",
-               "scatter_views", "sigreg"],
+    "model": [
+        "VARIANTS",
+        "MaskedBatchNorm",
+        "MultiMedVisionTorch",
+        "SegmentLayout",
+        "apply_rope",
+        "pool_views",
+        "rope_tables",
+        "segment_attention",
+    ],
+    "lejepa": [
+        "epps_pulley",
+        "lejepa_loss",
+        "prediction_loss",
+        "random_directions",
+        "scatter_views",
+        "sigreg",
+    ],
     "encoder": ["TorchEncoder", "load_encoder"],
 }
 _WHERE = {name: mod for mod, names in _EXPORTS.items() for name in names}
@@ -34,7 +49,9 @@ def __getattr__(name):
         except ModuleNotFoundError as e:
             if e.name != "torch":
                 raise
-            raise ImportError(f"mmv_jax.torch.{name} needs PyTorch: pip install 'mmv_jax[torch]' "
-                              "(or pip install torch)") from None
+            raise ImportError(
+                f"mmv_jax.torch.{name} needs PyTorch: pip install 'mmv_jax[torch]' "
+                "(or pip install torch)"
+            ) from None
         return getattr(module, name)
     raise AttributeError(f"module 'mmv_jax.torch' has no attribute {name!r}")

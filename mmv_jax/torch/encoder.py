@@ -9,6 +9,7 @@ inferior -> superior) with its spacing in mm; file paths work too. The preproces
 whole-image view and the packing are the JAX side's own (numpy, :mod:`mmv_jax.images`), so a
 CXR and a CT embed as ``mmv_jax.load_encoder(folder).embed`` does (fp32, within 1e-4).
 """
+
 from __future__ import annotations
 
 import os
@@ -28,18 +29,29 @@ class TorchEncoder(MultiMedVisionTorch):
     def __init__(self, conf: dict, attn_impl: str = "varlen"):
         m = conf["model"]
         # the smallest projector, dropped at once: the export carries the encoder only
-        super().__init__(width=int(m["width"]), depth=int(m["depth"]), heads=int(m["heads"]),
-                         mlp_ratio=int(m["mlp_ratio"]), patch=int(m["patch_size"]),
-                         rope_base=float(m["rope"]["base"]), proj_hidden=1, proj_dim=1,
-                         proj_layers=1, proj_norm="layer", eps=float(m["ln_eps"]),
-                         attn_impl=attn_impl)
+        super().__init__(
+            width=int(m["width"]),
+            depth=int(m["depth"]),
+            heads=int(m["heads"]),
+            mlp_ratio=int(m["mlp_ratio"]),
+            patch=int(m["patch_size"]),
+            rope_base=float(m["rope"]["base"]),
+            proj_hidden=1,
+            proj_dim=1,
+            proj_layers=1,
+            proj_norm="layer",
+            eps=float(m["ln_eps"]),
+            attn_impl=attn_impl,
+        )
         del self.projector
         p = conf["preprocessing"]
         self.conf = conf
         self.preprocessing = im.Preprocessing(
-            int(p["long_side_2d"]), int(p["long_side_3d"]),
+            int(p["long_side_2d"]),
+            int(p["long_side_3d"]),
             (float(p["ct_window"]["width"]), float(p["ct_window"]["level"])),
-            p.get("max_image_voxels") or None)
+            p.get("max_image_voxels") or None,
+        )
 
     @property
     def dim(self) -> int:
@@ -51,11 +63,17 @@ class TorchEncoder(MultiMedVisionTorch):
 
     def _packed(self, prepared):
         views = im.views_of(prepared)
-        seq_len = max(v.num_tokens for v in views)   # any row length is exact here (varlen)
+        seq_len = max(v.num_tokens for v in views)  # any row length is exact here (varlen)
         batch, _ = packing.pack_compact(
-            views, seq_len, len(views), packing.patch_dim_for(any(p.modality == "ct" for p in prepared)))
+            views,
+            seq_len,
+            len(views),
+            packing.patch_dim_for(any(p.modality == "ct" for p in prepared)),
+        )
         dev = next(self.parameters()).device
-        return batch, type(batch)(*(torch.from_numpy(np.ascontiguousarray(x)).to(dev) for x in batch))
+        return batch, type(batch)(
+            *(torch.from_numpy(np.ascontiguousarray(x)).to(dev) for x in batch)
+        )
 
     @torch.no_grad()
     def embed(self, images, *, spacing=None, modality=None, batch_size: int = 16) -> torch.Tensor:
@@ -64,7 +82,7 @@ class TorchEncoder(MultiMedVisionTorch):
         prepared = im.prepare_all(images, self.preprocessing, spacing=spacing, modality=modality)
         out = [np.zeros((0, self.width), np.float32)]
         for start in range(0, len(prepared), int(batch_size)):
-            chunk = prepared[start:start + int(batch_size)]
+            chunk = prepared[start : start + int(batch_size)]
             batch, tb = self._packed(chunk)
             pooled = self.encode(tb).float().cpu().numpy()
             out.append(im.gather(batch, pooled, len(chunk)))
@@ -94,7 +112,9 @@ def load_encoder(folder, attn_impl: str = "varlen") -> TorchEncoder:
     extra = sorted(set(state) - set(want))
     shapes = sorted(k for k in set(want) & set(state) if tuple(want[k].shape) != state[k].shape)
     if missing or extra or shapes:
-        raise ex.ExportError(f"{os.path.join(folder, ex.WEIGHTS)} does not match config.json: "
-                             f"missing {missing[:5]}, unexpected {extra[:5]}, wrong shape {shapes[:5]}")
+        raise ex.ExportError(
+            f"{os.path.join(folder, ex.WEIGHTS)} does not match config.json: "
+            f"missing {missing[:5]}, unexpected {extra[:5]}, wrong shape {shapes[:5]}"
+        )
     model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True)
     return model.eval()

@@ -3,6 +3,7 @@ projections against N(0, 1), 17-knot trapezoid on [0, 3], doubled, window exp(-t
 the sample count). SIGReg takes the projection directions explicitly (``directions [D, K]``,
 unit columns), so the same directions can be fed to the JAX and PyTorch implementations.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -52,7 +53,9 @@ def epps_pulley(x, *, t_max: float = 3.0, knots: int = 17, mask=None):
 def sigreg(z, directions, *, t_max: float = 3.0, knots: int = 17, mask=None):
     """Mean Epps-Pulley statistic of ``z [..., N, D] @ directions [D, K]``."""
     z = _t(z, torch.float32)
-    return epps_pulley(z @ _t(directions, torch.float32), t_max=t_max, knots=knots, mask=mask).mean()
+    return epps_pulley(
+        z @ _t(directions, torch.float32), t_max=t_max, knots=knots, mask=mask
+    ).mean()
 
 
 def _flat(emb, view_sample):
@@ -62,7 +65,9 @@ def _flat(emb, view_sample):
     return torch.where(valid[:, None], e, torch.zeros_like(e)), s, valid
 
 
-def prediction_loss(emb, view_sample, view_is_global, *, num_samples: int, pred_reduce: str = "sum"):
+def prediction_loss(
+    emb, view_sample, view_is_global, *, num_samples: int, pred_reduce: str = "sum"
+):
     """``mean_s (1/V_s) sum_v ||mu_s - z_v||^2`` with mu_s the mean of sample s's global views;
     samples without a global view are left out."""
     if pred_reduce not in ("sum", "mean"):
@@ -97,14 +102,28 @@ def scatter_views(emb, view_sample, view_index, *, num_samples: int, num_views: 
     return (z.reshape(num_views, num_samples, -1), present.reshape(num_views, num_samples))
 
 
-def lejepa_loss(emb, view_sample, view_is_global, view_index, *, num_samples: int, num_views: int,
-                directions, lam: float = 0.025, t_max: float = 3.0, knots: int = 17,
-                pred_reduce: str = "sum", mask_absent: bool = True):
+def lejepa_loss(
+    emb,
+    view_sample,
+    view_is_global,
+    view_index,
+    *,
+    num_samples: int,
+    num_views: int,
+    directions,
+    lam: float = 0.025,
+    t_max: float = 3.0,
+    knots: int = 17,
+    pred_reduce: str = "sum",
+    mask_absent: bool = True,
+):
     """``(1 - lam) * prediction_loss + lam * sigreg`` -> ``(loss, aux)`` (aux: pred_loss,
     sigreg_loss). SIGReg on the ``[num_views, num_samples, D]`` scatter, absent pairs masked."""
-    pred = prediction_loss(emb, view_sample, view_is_global, num_samples=num_samples,
-                           pred_reduce=pred_reduce)
-    z, present = scatter_views(emb, view_sample, view_index, num_samples=num_samples,
-                               num_views=num_views)
+    pred = prediction_loss(
+        emb, view_sample, view_is_global, num_samples=num_samples, pred_reduce=pred_reduce
+    )
+    z, present = scatter_views(
+        emb, view_sample, view_index, num_samples=num_samples, num_views=num_views
+    )
     sig = sigreg(z, directions, t_max=t_max, knots=knots, mask=present if mask_absent else None)
     return (1.0 - lam) * pred + lam * sig, {"pred_loss": pred, "sigreg_loss": sig}

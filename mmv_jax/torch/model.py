@@ -13,6 +13,7 @@ Attention has two paths, both exact:
 
 Padding query rows output zeros in both (as the JAX kernels do).
 """
+
 from __future__ import annotations
 
 import functools
@@ -34,6 +35,7 @@ def _t(x, dtype=None):
 
 
 # --------------------------------------------------------------------------- 3D RoPE
+
 
 def pairs_per_axis(head_dim: int) -> int:
     n = head_dim // 6
@@ -66,10 +68,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     c = cos.reshape(*cos.shape[:-1], 3, n)
     s = sin.reshape(*sin.shape[:-1], 3, n)
     out = torch.stack([x1 * c - x2 * s, x2 * c + x1 * s], dim=-2).reshape(*x.shape[:-1], 6 * n)
-    return torch.cat([out, x[..., 6 * n:]], dim=-1) if d > 6 * n else out
+    return torch.cat([out, x[..., 6 * n :]], dim=-1) if d > 6 * n else out
 
 
 # --------------------------------------------------------------------------- segments
+
 
 @dataclass
 class SegmentLayout:
@@ -79,6 +82,7 @@ class SegmentLayout:
     ``mask`` = ``[R, 1, S, S]`` bool block mask (padding queries see themselves only, so the
     softmax stays finite; their outputs are zeroed); ``valid`` = ``[R, S, 1, 1]`` float.
     """
+
     runs: list
     seq_len: int
     segment_ids: torch.Tensor
@@ -86,7 +90,9 @@ class SegmentLayout:
 
     @classmethod
     def from_segment_ids(cls, segment_ids) -> SegmentLayout:
-        seg = np.asarray(segment_ids.cpu() if isinstance(segment_ids, torch.Tensor) else segment_ids)
+        seg = np.asarray(
+            segment_ids.cpu() if isinstance(segment_ids, torch.Tensor) else segment_ids
+        )
         runs = []
         for row in seg:
             change = np.flatnonzero(np.diff(row)) + 1
@@ -141,14 +147,19 @@ def segment_attention(q, k, v, layout: SegmentLayout, impl: str = "varlen"):
         raise ValueError(f"attention impl must be 'varlen' or 'mask', got {impl!r}")
     rows = []
     for r, (sizes, real) in enumerate(layout.chunks):
-        qs, ks, vs = (torch.split(t[r:r + 1], sizes, dim=2) for t in (q, k, v))
-        parts = [F.scaled_dot_product_attention(a.contiguous(), b.contiguous(), c.contiguous())
-                 if keep else torch.zeros_like(a) for a, b, c, keep in zip(qs, ks, vs, real)]
+        qs, ks, vs = (torch.split(t[r : r + 1], sizes, dim=2) for t in (q, k, v))
+        parts = [
+            F.scaled_dot_product_attention(a.contiguous(), b.contiguous(), c.contiguous())
+            if keep
+            else torch.zeros_like(a)
+            for a, b, c, keep in zip(qs, ks, vs, real)
+        ]
         rows.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
     return torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
 
 
 # --------------------------------------------------------------------------- modules
+
 
 class PatchEmbed(nn.Module):
     """timm-style ``proj = Conv3d(1, d, P, stride=P)``; applied to already-flattened
@@ -161,7 +172,7 @@ class PatchEmbed(nn.Module):
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         w = self.proj.weight.reshape(self.proj.weight.shape[0], -1)
-        p2, p3 = self.patch ** 2, self.patch ** 3
+        p2, p3 = self.patch**2, self.patch**3
         if patches.shape[-1] == p2:
             w = w[:, :p2]
         elif patches.shape[-1] != p3:
@@ -176,15 +187,15 @@ class Attention(nn.Module):
             raise ValueError(f"width {dim} is not divisible by heads {heads}")
         self.heads, self.head_dim = heads, dim // heads
         pairs_per_axis(self.head_dim)
-        self.qkv = nn.Linear(dim, 3 * dim)   # output index (t, h, k) in C order
-        self.proj = nn.Linear(dim, dim)      # input index (h, k)
+        self.qkv = nn.Linear(dim, 3 * dim)  # output index (t, h, k) in C order
+        self.proj = nn.Linear(dim, dim)  # input index (h, k)
 
     def forward(self, x, cos, sin, layout: SegmentLayout, impl: str):
         """``cos, sin``: ``[B, 1, S, 3 n]`` (head-major layout)."""
         b, s, _ = x.shape
         qkv = self.qkv(x).reshape(b, s, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)                                   # [B, H, S, D]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)   # H in the role of S: same math
+        q, k, v = qkv.unbind(0)  # [B, H, S, D]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # H in the role of S: same math
         o = segment_attention(q, k, v, layout, impl)
         return self.proj(o.transpose(1, 2).reshape(b, s, -1))
 
@@ -196,7 +207,7 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))   # exact (erf) GELU
+        return self.fc2(F.gelu(self.fc1(x)))  # exact (erf) GELU
 
 
 class Block(nn.Module):
@@ -236,15 +247,23 @@ class Projector(nn.Module):
     """``layers - 1`` times (Linear -> norm -> GELU), then Linear ``out``; ``norm="batch"``
     (masked BatchNorm over the batch's real views, the default) or ``"layer"`` (LayerNorm)."""
 
-    def __init__(self, din: int, hidden: int = 2048, dout: int = 128, layers: int = 3,
-                 eps: float = 1e-6, norm: str = "batch"):
+    def __init__(
+        self,
+        din: int,
+        hidden: int = 2048,
+        dout: int = 128,
+        layers: int = 3,
+        eps: float = 1e-6,
+        norm: str = "batch",
+    ):
         super().__init__()
         if norm not in ("batch", "layer"):
             raise ValueError(f"projector norm must be 'batch' or 'layer', got {norm!r}")
         dims = [din] + [hidden] * (layers - 1)
         self.layers = nn.ModuleList([nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:])])
-        self.norms = nn.ModuleList([MaskedBatchNorm(b) if norm == "batch" else nn.LayerNorm(b, eps=eps)
-                                    for b in dims[1:]])
+        self.norms = nn.ModuleList(
+            [MaskedBatchNorm(b) if norm == "batch" else nn.LayerNorm(b, eps=eps) for b in dims[1:]]
+        )
         self.out = nn.Linear(dims[-1], dout)
 
     def forward(self, x, mask):
@@ -257,8 +276,9 @@ class Projector(nn.Module):
 
 def pool_views(tokens: torch.Tensor, segment_ids: torch.Tensor, slots: int) -> torch.Tensor:
     """Mean of each segment's tokens ``[R, S, d]`` -> ``[R, V, d]`` fp32 (empty slots -> 0)."""
-    onehot = (segment_ids.to(torch.int64)[..., None] ==
-              torch.arange(1, slots + 1, dtype=torch.int64)).to(torch.float32)
+    onehot = (
+        segment_ids.to(torch.int64)[..., None] == torch.arange(1, slots + 1, dtype=torch.int64)
+    ).to(torch.float32)
     sums = torch.einsum("rsv,rsd->rvd", onehot, tokens.to(torch.float32))
     return sums / onehot.sum(1)[..., None].clamp_min(1.0)
 
@@ -270,9 +290,21 @@ class MultiMedVisionTorch(nn.Module):
     PackedBatch (numpy or torch fields). ``attn_impl`` = ``"varlen"`` | ``"mask"``.
     """
 
-    def __init__(self, width=192, depth=12, heads=3, mlp_ratio=4, patch=PATCH, rope_base=10_000.0,
-                 proj_hidden=2048, proj_dim=128, proj_layers=3, proj_norm="batch", eps=1e-6,
-                 attn_impl="varlen"):
+    def __init__(
+        self,
+        width=192,
+        depth=12,
+        heads=3,
+        mlp_ratio=4,
+        patch=PATCH,
+        rope_base=10_000.0,
+        proj_hidden=2048,
+        proj_dim=128,
+        proj_layers=3,
+        proj_norm="batch",
+        eps=1e-6,
+        attn_impl="varlen",
+    ):
         super().__init__()
         self.width, self.heads, self.rope_base, self.attn_impl = width, heads, rope_base, attn_impl
         self.patch_embed = PatchEmbed(width, patch)
@@ -298,13 +330,19 @@ class MultiMedVisionTorch(nn.Module):
                     nn.init.trunc_normal_(m.weight, std=1.0, a=-2.0, b=2.0).div_(math.sqrt(fan_in))
                     m.bias.zero_()
 
-    def tokens(self, patches, segment_ids, coords, layout: SegmentLayout | None = None,
-               impl: str | None = None) -> torch.Tensor:
+    def tokens(
+        self,
+        patches,
+        segment_ids,
+        coords,
+        layout: SegmentLayout | None = None,
+        impl: str | None = None,
+    ) -> torch.Tensor:
         layout = layout or SegmentLayout.from_segment_ids(segment_ids)
         impl = impl or self.attn_impl
         x = self.patch_embed(_t(patches, torch.float32))
         cos, sin = rope_tables(_t(coords, torch.float32), self.width // self.heads, self.rope_base)
-        cos, sin = cos[:, None], sin[:, None]   # [B, 1, S, 3n] for [B, H, S, D]
+        cos, sin = cos[:, None], sin[:, None]  # [B, 1, S, 3n] for [B, H, S, D]
         for blk in self.blocks:
             x = blk(x, cos, sin, layout, impl)
         return self.norm(x)

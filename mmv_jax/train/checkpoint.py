@@ -13,6 +13,7 @@ recomputes them; a checkpoint that fails to read or whose checksums differ (a tr
 flipped bit) is reported by name, moved aside as ``<step>.corrupt``, and the newest intact one
 is restored instead.
 """
+
 from __future__ import annotations
 
 import json
@@ -43,7 +44,9 @@ def _leaf_checksum(x):
     elif size == 2:
         bits = jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
     elif size == 1:
-        bits = x.astype(jnp.uint8).astype(jnp.uint32) if x.dtype != jnp.bool_ else x.astype(jnp.uint32)
+        bits = (
+            x.astype(jnp.uint8).astype(jnp.uint32) if x.dtype != jnp.bool_ else x.astype(jnp.uint32)
+        )
     else:
         raise TypeError(f"no checksum for dtype {x.dtype}")
     idx = jax.lax.broadcasted_iota(jnp.uint32, x.shape, 0) if x.ndim else jnp.uint32(0)
@@ -69,8 +72,9 @@ def checksums(state) -> dict[str, int]:
 class Checkpointer:
     def __init__(self, directory, *, keep: int = 3, async_save: bool = True):
         self.directory = paths.resolve(directory)
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                               enable_async_checkpointing=async_save)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=async_save
+        )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
@@ -79,9 +83,13 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
-    def save(self, step: int, state, data_state: dict | None = None, *, force: bool = False) -> bool:
-        items = {"state": ocp.args.StandardSave(state),
-                 "checksums": ocp.args.JsonSave(checksums(state))}
+    def save(
+        self, step: int, state, data_state: dict | None = None, *, force: bool = False
+    ) -> bool:
+        items = {
+            "state": ocp.args.StandardSave(state),
+            "checksums": ocp.args.JsonSave(checksums(state)),
+        }
         if data_state is not None:
             items["data_state"] = ocp.args.JsonSave(data_state)
         return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
@@ -98,14 +106,18 @@ class Checkpointer:
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # any damage to the files: report it, let the caller fall back
-            raise CheckpointError(f"checkpoint {step_dir} cannot be read "
-                                  f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+            raise CheckpointError(
+                f"checkpoint {step_dir} cannot be read "
+                f"({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+            ) from e
         if "checksums" in items:
             want, got = out["checksums"], checksums(out["state"])
             bad = sorted(k for k in want if got.get(k) != want[k])
             if bad:
-                raise CheckpointError(f"checkpoint {step_dir} is corrupted: {len(bad)} arrays "
-                                      f"differ from their checksums (first: {bad[0]})")
+                raise CheckpointError(
+                    f"checkpoint {step_dir} is corrupted: {len(bad)} arrays "
+                    f"differ from their checksums (first: {bad[0]})"
+                )
         data_state = out["data_state"] if "data_state" in items else _grain_state(step_dir / "data")
         return out["state"], data_state
 
@@ -122,14 +134,19 @@ class Checkpointer:
                 self._move_aside(step)
                 continue
             if data_state is None or int(data_state["step"]) != step:
-                log.error("checkpoint %s has no data state for step %d; trying the previous "
-                          "checkpoint", self.directory / str(step), step)
+                log.error(
+                    "checkpoint %s has no data state for step %d; trying the previous checkpoint",
+                    self.directory / str(step),
+                    step,
+                )
                 self._move_aside(step)
                 continue
             return step, state, data_state
         if steps:
-            raise CheckpointError(f"no intact checkpoint in {self.directory} (tried steps {steps}); "
-                                  f"the damaged ones were moved aside as <step>.corrupt")
+            raise CheckpointError(
+                f"no intact checkpoint in {self.directory} (tried steps {steps}); "
+                f"the damaged ones were moved aside as <step>.corrupt"
+            )
         return None, None, None
 
     def _move_aside(self, step: int) -> None:
@@ -144,6 +161,7 @@ class Checkpointer:
             src.rename(dst)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
+
             multihost_utils.sync_global_devices(f"mmv: checkpoint {step} moved aside")
         self.manager.reload()
 
@@ -167,12 +185,17 @@ def _grain_state(folder) -> dict | None:
     if not files:
         return None
     states = [json.loads(f.read_text()) for f in files]
-    return dict(step=int(states[0]["step"]), bad_files=sum(int(s["bad_files"]) for s in states),
-                tried=sum(int(s["tried"]) for s in states))
+    return dict(
+        step=int(states[0]["step"]),
+        bad_files=sum(int(s["bad_files"]) for s in states),
+        tried=sum(int(s["tried"]) for s in states),
+    )
 
 
 def abstract_of(state, shardings):
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
+    )
 
 
 def load_params(path, abstract_params, step: int | None = None):
@@ -187,21 +210,30 @@ def load_params(path, abstract_params, step: int | None = None):
                 steps = sorted(mgr.all_steps())
                 mgr.close()
                 if steps:
-                    raise FileNotFoundError(f"{str(path)!r}: no checkpoint at step {step} "
-                                            f"(steps there: {steps})")
+                    raise FileNotFoundError(
+                        f"{str(path)!r}: no checkpoint at step {step} (steps there: {steps})"
+                    )
                 continue
             step = mgr.latest_step() if step is None else step
             if step is not None:
                 try:
-                    restored = mgr.restore(step, args=ocp.args.Composite(
-                        state=ocp.args.PyTreeRestore(
-                            item={"params": abstract_params},
-                            restore_args=ocp.checkpoint_utils.construct_restore_args(
-                                {"params": abstract_params}),
-                            partial_restore=True)))
+                    restored = mgr.restore(
+                        step,
+                        args=ocp.args.Composite(
+                            state=ocp.args.PyTreeRestore(
+                                item={"params": abstract_params},
+                                restore_args=ocp.checkpoint_utils.construct_restore_args(
+                                    {"params": abstract_params}
+                                ),
+                                partial_restore=True,
+                            )
+                        ),
+                    )
                 except Exception as e:  # a damaged or foreign folder: name it, not a traceback
-                    raise CheckpointError(f"{directory / str(step)}: cannot be read as a "
-                                          f"checkpoint ({type(e).__name__})") from None
+                    raise CheckpointError(
+                        f"{directory / str(step)}: cannot be read as a "
+                        f"checkpoint ({type(e).__name__})"
+                    ) from None
                 finally:
                     mgr.close()
                 log.info("init_from %s (step %d)", directory, step)

@@ -15,6 +15,7 @@ error naming the failed task, instead of leaving them blocked in a collective fo
 ``distributed.shutdown_timeout_s`` bounds how long a finished process waits for the others at
 exit; ``distributed.initialization_timeout_s`` how long processes wait for each other at start.
 """
+
 from __future__ import annotations
 
 import logging
@@ -41,8 +42,11 @@ def detect(cfg=None) -> str:
         return "explicit"
     if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in os.environ:
         return "slurm"
-    if os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("CLOUD_TPU_TASK_ID") or (
-            os.environ.get("TPU_WORKER_ID") is not None and os.environ.get("TPU_ACCELERATOR_TYPE")):
+    if (
+        os.environ.get("TPU_WORKER_HOSTNAMES")
+        or os.environ.get("CLOUD_TPU_TASK_ID")
+        or (os.environ.get("TPU_WORKER_ID") is not None and os.environ.get("TPU_ACCELERATOR_TYPE"))
+    ):
         return "tpu"
     return "single"
 
@@ -54,20 +58,29 @@ def initialize(cfg=None) -> str:
         return kind
     timeouts = {}
     if cfg is not None:
-        timeouts = dict(initialization_timeout=int(cfg.get("initialization_timeout_s", 300)),
-                        heartbeat_timeout_seconds=int(cfg.get("heartbeat_timeout_s", 100)),
-                        shutdown_timeout_seconds=int(cfg.get("shutdown_timeout_s", 300)))
+        timeouts = dict(
+            initialization_timeout=int(cfg.get("initialization_timeout_s", 300)),
+            heartbeat_timeout_seconds=int(cfg.get("heartbeat_timeout_s", 100)),
+            shutdown_timeout_seconds=int(cfg.get("shutdown_timeout_s", 300)),
+        )
     if kind == "explicit":
         jax.distributed.initialize(
             coordinator_address=_setting(cfg, "coordinator", "MMV_COORDINATOR"),
             num_processes=int(_setting(cfg, "num_processes", "MMV_NUM_PROCESSES")),
             process_id=int(_setting(cfg, "process_id", "MMV_PROCESS_ID")),
-            **timeouts)
+            **timeouts,
+        )
     else:  # slurm / tpu: JAX's own cluster detection
         jax.distributed.initialize(**timeouts)
     initialize._done = True
-    log.info("jax.distributed (%s): process %d of %d, %d local / %d global devices", kind,
-             jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
+    log.info(
+        "jax.distributed (%s): process %d of %d, %d local / %d global devices",
+        kind,
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )
     return kind
 
 
@@ -82,7 +95,8 @@ def check_platform(expected: str) -> str:
         raise ConfigError(
             f"config.require_platform={expected!r} but JAX runs on {platform!r} "
             f"({jax.devices()[0].device_kind}); install the '{expected}' extra "
-            f"(pip install -e '.[{expected}]') and check that the accelerator is visible")
+            f"(pip install -e '.[{expected}]') and check that the accelerator is visible"
+        )
     return platform
 
 
@@ -90,8 +104,9 @@ def devices_by_process() -> list[dict]:
     """``[{"process", "count", "kind"}, ...]``: every process's devices (from the global list)."""
     out: dict[int, dict] = {}
     for d in jax.devices():
-        entry = out.setdefault(d.process_index, dict(process=d.process_index, count=0,
-                                                     kind=d.device_kind))
+        entry = out.setdefault(
+            d.process_index, dict(process=d.process_index, count=0, kind=d.device_kind)
+        )
         entry["count"] += 1
     return [out[p] for p in sorted(out)]
 
@@ -104,6 +119,7 @@ def host_allgather(local: np.ndarray) -> np.ndarray:
     if jax.process_count() == 1:
         return local[None]
     from jax.experimental import multihost_utils
+
     return np.asarray(multihost_utils.process_allgather(local)).reshape(jax.process_count(), -1)
 
 
@@ -119,6 +135,7 @@ class KVAllgather:
 
     def __init__(self, prefix: str = "mmv_jax/agree", timeout_s: float = 3600.0):
         from jax._src import distributed as jax_distributed  # the client of jax.distributed
+
         self._client = jax_distributed.global_state.client
         if self._client is None:
             raise RuntimeError("KVAllgather needs jax.distributed to be initialised")
@@ -128,10 +145,14 @@ class KVAllgather:
 
     def __call__(self, local) -> np.ndarray:
         n, c = self._round, self._client
-        c.key_value_set(f"{self._prefix}/{n}/{self._proc}",
-                        ",".join(str(int(v)) for v in np.asarray(local).ravel()))
-        rows = [c.blocking_key_value_get(f"{self._prefix}/{n}/{p}", self._timeout_ms)
-                for p in range(self._nproc)]
+        c.key_value_set(
+            f"{self._prefix}/{n}/{self._proc}",
+            ",".join(str(int(v)) for v in np.asarray(local).ravel()),
+        )
+        rows = [
+            c.blocking_key_value_get(f"{self._prefix}/{n}/{p}", self._timeout_ms)
+            for p in range(self._nproc)
+        ]
         if n:
             c.key_value_delete(f"{self._prefix}/{n - 1}/{self._proc}")
         self._round += 1
@@ -142,4 +163,5 @@ def preemption_requested(step: int) -> bool:
     """True on every process at the same step once any of them got SIGTERM (JAX's preemption
     sync point: call it at every step, on every process)."""
     from jax.experimental import multihost_utils
+
     return multihost_utils.reached_preemption_sync_point(step)

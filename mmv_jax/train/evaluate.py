@@ -16,6 +16,7 @@ collectives everywhere), reads all of them back, and fits the same probe; so the
 a file system every process sees (as a cluster's run folder is), not a URI. With one process a
 URI workdir keeps the eval embeddings in a local temporary folder.
 """
+
 from __future__ import annotations
 
 import glob
@@ -51,13 +52,14 @@ def probe_auroc(data: dict, *, val_split: str, c: float, seed: int = 0) -> dict:
     from mmv_jax.eval.io import findings_of
     from mmv_jax.eval.metrics import macro_auroc
     from mmv_jax.eval.probe import fit_probe
+
     split = np.asarray(data["split"]).astype(str)
     train, val = split == "train", split == val_split
     x, lab = data["embeddings"], np.asarray(data["labels"], np.float64)
     probe = fit_probe(x[train], lab[train], x[train], lab[train], c_grid=(float(c),), seed=seed)
     scores = probe.decision(x[val])
     labels = lab[val].copy()
-    labels[:, np.isnan(scores).any(0)] = np.nan   # a finding without a probe is undefined
+    labels[:, np.isnan(scores).any(0)] = np.nan  # a finding without a probe is undefined
     per, macro = macro_auroc(labels, np.nan_to_num(scores))
     return {"macro": float(macro), "per_finding": dict(zip(findings_of(data), map(float, per)))}
 
@@ -66,7 +68,9 @@ def validate(cfg) -> None:
     """The eval keys, named on failure (before any compile)."""
     every = cfg.get("eval_every_steps", 0)
     if not isinstance(every, int) or every < 0:
-        raise ConfigError(f"config.eval_every_steps must be an integer >= 0 (0: off), got {every!r}")
+        raise ConfigError(
+            f"config.eval_every_steps must be an integer >= 0 (0: off), got {every!r}"
+        )
     if not every:
         return
     e = cfg.eval
@@ -91,6 +95,7 @@ class Evaluator:
 
         from mmv_jax.eval import embed
         from mmv_jax.train import state as st
+
         manifest = pipeline.manifest_path(cfg.data)
         records = load_manifest(manifest)
         split, cap = cfg.data.eval_split, int(cfg.eval.max_images)
@@ -98,9 +103,11 @@ class Evaluator:
         val = _subset([r for r in records if r.split == split], cap, cfg.seed + 1)
         for name, rows in (("train", train), (split, val)):
             if not rows:
-                raise ConfigError(f"config.eval_every_steps={self.every}: {manifest} has no "
-                                  f"labelled record in split {name!r} (config.data.eval_split "
-                                  "names the validation split)")
+                raise ConfigError(
+                    f"config.eval_every_steps={self.every}: {manifest} has no "
+                    f"labelled record in split {name!r} (config.data.eval_split "
+                    "names the validation split)"
+                )
         self.records = Records(train + val, records.findings)
         self.val_split, self.c, self.seed = split, float(cfg.eval.probe_c), int(cfg.seed)
         self.batch_size, self.mesh = int(cfg.eval.batch_size), mesh
@@ -111,13 +118,16 @@ class Evaluator:
         self._forward = jax.jit(lambda params, batch: nnx.merge(graphdef, params).encoder(batch))
         if paths.is_uri(os.fspath(workdir)):
             if jax.process_count() > 1:
-                raise ConfigError(f"config.eval_every_steps with {jax.process_count()} processes "
-                                  f"needs a workdir on a shared file system, not {workdir}")
+                raise ConfigError(
+                    f"config.eval_every_steps with {jax.process_count()} processes "
+                    f"needs a workdir on a shared file system, not {workdir}"
+                )
             self.folder = tempfile.mkdtemp(prefix="mmv-eval-")
         else:
             self.folder = os.path.join(os.fspath(workdir), "eval")
-        log.info("eval every %d steps: %d train + %d %s images", self.every, len(train),
-                 len(val), split)
+        log.info(
+            "eval every %d steps: %d train + %d %s images", self.every, len(train), len(val), split
+        )
 
     def due(self, step: int) -> bool:
         return bool(self.every) and step % self.every == 0
@@ -126,23 +136,39 @@ class Evaluator:
         if not self.every or step % self.every:
             return None
         from mmv_jax.eval import embed
+
         t0 = time.perf_counter()
         out = os.path.join(self.folder, f"step_{step}.npz")
-        data = embed.embed(self.cfg, self.records, None, out, self.mesh,
-                           batch_size=self.batch_size, progress=False,
-                           forward=lambda batch: self._forward(state.params, batch))
+        data = embed.embed(
+            self.cfg,
+            self.records,
+            None,
+            out,
+            self.mesh,
+            batch_size=self.batch_size,
+            progress=False,
+            forward=lambda batch: self._forward(state.params, batch),
+        )
         res = probe_auroc(data, val_split=self.val_split, c=self.c, seed=self.seed)
         if jax.process_index() == 0:  # keep the latest eval's embeddings only
             for f in glob.glob(os.path.join(self.folder, "step_*.npz")):
                 if f != out:
                     os.remove(f)
         split = np.asarray(data["split"]).astype(str)
-        row = {"eval/macro_auroc": res["macro"],
-               **{f"eval/auroc/{f}": v for f, v in res["per_finding"].items()},
-               "eval/n_train": int((split == "train").sum()),
-               "eval/n_val": int((split == self.val_split).sum()),
-               "eval/seconds": time.perf_counter() - t0}
-        log.info("step %d: eval macro AUROC %.4f (%d train / %d %s images, %.1f s)", step,
-                 res["macro"], row["eval/n_train"], row["eval/n_val"], self.val_split,
-                 row["eval/seconds"])
+        row = {
+            "eval/macro_auroc": res["macro"],
+            **{f"eval/auroc/{f}": v for f, v in res["per_finding"].items()},
+            "eval/n_train": int((split == "train").sum()),
+            "eval/n_val": int((split == self.val_split).sum()),
+            "eval/seconds": time.perf_counter() - t0,
+        }
+        log.info(
+            "step %d: eval macro AUROC %.4f (%d train / %d %s images, %.1f s)",
+            step,
+            res["macro"],
+            row["eval/n_train"],
+            row["eval/n_val"],
+            self.val_split,
+            row["eval/seconds"],
+        )
         return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}

@@ -11,6 +11,7 @@ cross-process bucket agreement (a host-side key-value exchange) stays in the sam
 everywhere. Each batch carries the iterator state right after it was drawn, so a checkpoint of
 step ``N`` stores the data position of step ``N``, not of the prefetched batches.
 """
+
 from __future__ import annotations
 
 import collections
@@ -31,7 +32,7 @@ class DeviceFeed:
         self._it, self._sharding, self._depth = iterator, sharding, int(depth)
         self._left = limit
         self._queue: collections.deque = collections.deque()
-        self.wait_s = 0.0   # time spent blocked on the host pipeline, since the last reset
+        self.wait_s = 0.0  # time spent blocked on the host pipeline, since the last reset
 
     @property
     def depth(self) -> int:
@@ -45,7 +46,9 @@ class DeviceFeed:
             self.wait_s += time.perf_counter() - t
             state = self._it.get_state()
             device = jax.tree.map(
-                lambda x: jax.make_array_from_process_local_data(self._sharding, np.asarray(x)), host)
+                lambda x: jax.make_array_from_process_local_data(self._sharding, np.asarray(x)),
+                host,
+            )
             self._queue.append((device, host, stats, state))
             if self._left is not None:
                 self._left -= 1

@@ -7,6 +7,7 @@ every ``checkpoint_every_steps``, at the end, and on preemption (SIGTERM to any 
 several processes all of them save the same step, then exit). ``workdir`` may be a URI
 (``gs://bucket/run``).
 """
+
 from __future__ import annotations
 
 import collections
@@ -44,8 +45,14 @@ def _require(ok: bool, key: str, what: str, value) -> None:
 
 def validate(cfg) -> None:
     """Fails before any compile, naming the config key."""
-    for key in ("total_steps", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
-                "max_nonfinite_steps", "prefetch_to_device"):
+    for key in (
+        "total_steps",
+        "log_every_steps",
+        "checkpoint_every_steps",
+        "keep_checkpoints",
+        "max_nonfinite_steps",
+        "prefetch_to_device",
+    ):
         _require(int(cfg[key]) > 0, key, "positive", cfg[key])
     o = cfg.optim
     finite = lambda x: isinstance(x, (int, float)) and math.isfinite(x)
@@ -56,12 +63,20 @@ def validate(cfg) -> None:
     _require(finite(o.eps) and o.eps > 0, "optim.eps", "positive", o.eps)
     for key in ("weight_decay", "grad_clip"):
         _require(finite(o[key]) and o[key] >= 0, f"optim.{key}", ">= 0", o[key])
-    _require(finite(o.final_lr_ratio) and 0 <= o.final_lr_ratio <= 1, "optim.final_lr_ratio",
-             "in [0, 1]", o.final_lr_ratio)
+    _require(
+        finite(o.final_lr_ratio) and 0 <= o.final_lr_ratio <= 1,
+        "optim.final_lr_ratio",
+        "in [0, 1]",
+        o.final_lr_ratio,
+    )
     _require(finite(cfg.loss.lam) and cfg.loss.lam >= 0, "loss.lam", ">= 0", cfg.loss.lam)
     _require(int(cfg.loss.num_slices) >= 1, "loss.num_slices", ">= 1", cfg.loss.num_slices)
-    _require(cfg.require_platform in distributed.PLATFORMS, "require_platform",
-             f"one of {distributed.PLATFORMS}", cfg.require_platform)
+    _require(
+        cfg.require_platform in distributed.PLATFORMS,
+        "require_platform",
+        f"one of {distributed.PLATFORMS}",
+        cfg.require_platform,
+    )
     if cfg.init_from and not paths.resolve(cfg.init_from).exists():
         raise ConfigError(f"config.init_from={cfg.init_from!r} does not exist")
     pipeline.validate_config(cfg.data)
@@ -69,7 +84,9 @@ def validate(cfg) -> None:
     if not paths.resolve(manifest).exists():
         raise ConfigError(f"config.data.manifest={manifest!r} does not exist")
     if cfg.model.dtype not in ("float32", "bfloat16", "float16"):
-        raise ConfigError(f"config.model.dtype must be float32/bfloat16/float16, got {cfg.model.dtype!r}")
+        raise ConfigError(
+            f"config.model.dtype must be float32/bfloat16/float16, got {cfg.model.dtype!r}"
+        )
     st.encoder_config_from(cfg)  # raises on model.variant / attention_impl
 
 
@@ -99,11 +116,16 @@ def _diverged(ckpt, cfg, step: int, streak_start: int) -> str:
         ckpt.delete(s)
     healthy = ckpt.latest_step()
     removed = f"Removed checkpoint(s) {dropped} of the diverging state. " if dropped else ""
-    resume = (f"A rerun resumes from the healthy checkpoint at step {healthy}." if healthy is not None
-              else "No healthy checkpoint is left; a rerun starts afresh.")
-    return (f"{cfg.max_nonfinite_steps} consecutive non-finite steps from step {streak_start} "
-            f"(config.max_nonfinite_steps); stopping at step {step}. {removed}{resume} Lower "
-            f"config.optim.lr (rerun with --config.allow_config_change=True) or check the data.")
+    resume = (
+        f"A rerun resumes from the healthy checkpoint at step {healthy}."
+        if healthy is not None
+        else "No healthy checkpoint is left; a rerun starts afresh."
+    )
+    return (
+        f"{cfg.max_nonfinite_steps} consecutive non-finite steps from step {streak_start} "
+        f"(config.max_nonfinite_steps); stopping at step {step}. {removed}{resume} Lower "
+        f"config.optim.lr (rerun with --config.allow_config_change=True) or check the data."
+    )
 
 
 class _Window:
@@ -120,10 +142,16 @@ class _Window:
 
     def row(self, peak: float, compile_s: float | None) -> dict:
         wall = time.perf_counter() - self.t0
-        out = dict(time=time.time(), window_steps=self.steps, window_tokens=self.tokens,
-                   window_s=wall, tokens_per_s=self.tokens / wall if wall else 0.0,
-                   step_s=wall / self.steps if self.steps else 0.0, data_wait_s=self.data_wait_s,
-                   mfu=self.flops / wall / peak if wall else 0.0)
+        out = dict(
+            time=time.time(),
+            window_steps=self.steps,
+            window_tokens=self.tokens,
+            window_s=wall,
+            tokens_per_s=self.tokens / wall if wall else 0.0,
+            step_s=wall / self.steps if self.steps else 0.0,
+            data_wait_s=self.data_wait_s,
+            mfu=self.flops / wall / peak if wall else 0.0,
+        )
         if compile_s is not None:
             out["compile_s"] = compile_s
         return out
@@ -150,18 +178,26 @@ def build_step(cfg, mesh, *, abstract: bool = False, process_count: int | None =
     nproc = jax.process_count() if process_count is None else process_count
     multiple = shd.rows_per_process_multiple(mesh, shd.rules_dict(cfg.mesh.rules), nproc)
     cfg.data.rows_multiple_of = math.lcm(int(cfg.data.rows_multiple_of), multiple)
-    return setup(cfg, mesh, abstract=abstract,
-                 num_samples=pipeline.num_samples_global(cfg.data, nproc),
-                 num_views=pipeline.num_views_per_sample(cfg.data))
+    return setup(
+        cfg,
+        mesh,
+        abstract=abstract,
+        num_samples=pipeline.num_samples_global(cfg.data, nproc),
+        num_views=pipeline.num_views_per_sample(cfg.data),
+    )
 
 
 def train_iterator(cfg):
     """This process's train iterator (after :func:`build_step`); sets ``cfg.data.worker_count``."""
     nproc = jax.process_count()
     cfg.data.worker_count = pipeline.workers(cfg.data, jax.local_device_count())
-    return pipeline.make_train_iterator(cfg.data, seed=cfg.seed, process_index=jax.process_index(),
-                                        process_count=nproc,
-                                        gather=distributed.KVAllgather() if nproc > 1 else None)
+    return pipeline.make_train_iterator(
+        cfg.data,
+        seed=cfg.seed,
+        process_index=jax.process_index(),
+        process_count=nproc,
+        gather=distributed.KVAllgather() if nproc > 1 else None,
+    )
 
 
 def train_and_evaluate(cfg, workdir) -> dict:
@@ -183,7 +219,9 @@ def _acquire_lock(cfg, workdir) -> wd.Lock:
     except wd.WorkdirBusy as e:
         busy = e
     if distributed.host_allgather(np.array([busy is not None])).any():
-        raise busy or wd.WorkdirBusy(f"{workdir} is in use by another trainer (see process 0's log)")
+        raise busy or wd.WorkdirBusy(
+            f"{workdir} is in use by another trainer (see process 0's log)"
+        )
     return lock
 
 
@@ -192,14 +230,23 @@ def _train(cfg, workdir, platform, lock) -> dict:
     evaluator = Evaluator(cfg, workdir, mesh)
     proc, nproc = jax.process_index(), jax.process_count()
     step_fn, state, state_sh, batch_sh = build_step(cfg, mesh)
-    log.info("%s: %d x %s in %d process(es); mesh %s", platform, jax.device_count(),
-             jax.devices()[0].device_kind, nproc, dict(mesh.shape))
+    log.info(
+        "%s: %d x %s in %d process(es); mesh %s",
+        platform,
+        jax.device_count(),
+        jax.devices()[0].device_kind,
+        nproc,
+        dict(mesh.shape),
+    )
     log.debug("parameter shardings:\n%s", shd.describe(state_sh.params))
     it = train_iterator(cfg)
-    ckpt = checkpoint.Checkpointer(workdir / "checkpoints", keep=cfg.keep_checkpoints,
-                                   async_save=cfg.async_checkpointing)
+    ckpt = checkpoint.Checkpointer(
+        workdir / "checkpoints", keep=cfg.keep_checkpoints, async_save=cfg.async_checkpointing
+    )
     wd.check_and_record_config(cfg, workdir, resuming=ckpt.latest_step() is not None)
-    start, restored, data_state = ckpt.restore_latest_intact(checkpoint.abstract_of(state, state_sh))
+    start, restored, data_state = ckpt.restore_latest_intact(
+        checkpoint.abstract_of(state, state_sh)
+    )
     if start is not None:
         state = restored
         it.set_state(data_state)
@@ -208,16 +255,20 @@ def _train(cfg, workdir, platform, lock) -> dict:
         start = 0
         if cfg.init_from:
             try:
-                params = checkpoint.load_params(cfg.init_from,
-                                                checkpoint.abstract_of(state.params, state_sh.params))
+                params = checkpoint.load_params(
+                    cfg.init_from, checkpoint.abstract_of(state.params, state_sh.params)
+                )
             except FileNotFoundError as e:
                 raise ConfigError(f"config.init_from: {e}") from None
             state = state._replace(params=params)
     wd.record_start(workdir, start, platform)
     writer = metrics.MetricWriter(workdir, start=start, enabled=proc == 0)
     if start >= cfg.total_steps:
-        done = [r for r in metrics.read_metrics(workdir / "metrics.jsonl")] if proc == 0 and \
-            (workdir / "metrics.jsonl").exists() else []
+        done = (
+            [r for r in metrics.read_metrics(workdir / "metrics.jsonl")]
+            if proc == 0 and (workdir / "metrics.jsonl").exists()
+            else []
+        )
         log.info("run already finished at step %d (config.total_steps=%d)", start, cfg.total_steps)
         it.close()
         ckpt.close()
@@ -228,7 +279,9 @@ def _train(cfg, workdir, platform, lock) -> dict:
     peak = metrics.peak_flops(cfg.peak_flops_per_device, cfg.model.dtype)
     sigterm = _Sigterm() if nproc == 1 else None
     preempted = sigterm or distributed.preemption_requested
-    feed = DeviceFeed(it, batch_sh, depth=int(cfg.prefetch_to_device), limit=cfg.total_steps - start)
+    feed = DeviceFeed(
+        it, batch_sh, depth=int(cfg.prefetch_to_device), limit=cfg.total_steps - start
+    )
     window = _Window()
     in_flight: collections.deque = collections.deque()
     last, compile_s, first_row = {}, None, True
@@ -241,8 +294,11 @@ def _train(cfg, workdir, platform, lock) -> dict:
             save = step % cfg.checkpoint_every_steps == 0 or step == cfg.total_steps or stop
             # Between log and checkpoint steps nothing comes back from the devices: the step is
             # dispatched and the loop goes on to draw the next batch while it runs.
-            with contextlib.nullcontext() if log_step or save or eval_step or compile_s is None else \
-                    jax.transfer_guard_device_to_host("disallow"):
+            with (
+                contextlib.nullcontext()
+                if log_step or save or eval_step or compile_s is None
+                else jax.transfer_guard_device_to_host("disallow")
+            ):
                 t_dispatch = time.perf_counter()
                 state, m = step_fn(state, batch)
                 in_flight.append(m["loss"])
@@ -253,38 +309,53 @@ def _train(cfg, workdir, platform, lock) -> dict:
                     window = _Window()
                     in_flight.clear()
                 else:
-                    window.add(stats, metrics.batch_flops(host_batch, enc.width, enc.depth,
-                                                          enc.mlp_ratio) * nproc)
+                    window.add(
+                        stats,
+                        metrics.batch_flops(host_batch, enc.width, enc.depth, enc.mlp_ratio)
+                        * nproc,
+                    )
                 feed.fill()
                 while len(in_flight) > feed.depth:  # back-pressure: a wait, not a transfer
                     jax.block_until_ready(in_flight.popleft())
             if not (log_step or save or eval_step):
                 continue
-            nonfinite = int(state.nonfinite)   # the length of the current non-finite run
+            nonfinite = int(state.nonfinite)  # the length of the current non-finite run
             if log_step:
                 window.data_wait_s += feed.take_wait()
                 last = {k: float(v) for k, v in jax.device_get(m).items() if k != "finite"}
                 last.update(window.row(peak, compile_s if first_row else None))
                 first_row = False
-                last.update(packing_efficiency=float(stats["packing_efficiency"]),
-                            bad_files=int(stats["bad_files"]), compiles=step_fn.compiles,
-                            rows=int(stats["rows"]), bucket_agree_s=float(stats["agree_s"]),
-                            wire_bytes=int(stats["wire_bytes"]), nonfinite_run=nonfinite)
+                last.update(
+                    packing_efficiency=float(stats["packing_efficiency"]),
+                    bad_files=int(stats["bad_files"]),
+                    compiles=step_fn.compiles,
+                    rows=int(stats["rows"]),
+                    bucket_agree_s=float(stats["agree_s"]),
+                    wire_bytes=int(stats["wire_bytes"]),
+                    nonfinite_run=nonfinite,
+                )
                 writer.write(step, last)
                 lock.refresh()
                 if nonfinite:
-                    log.warning("step %d: non-finite loss or gradient in the last %d step(s), "
-                                "updates skipped", step, nonfinite)
+                    log.warning(
+                        "step %d: non-finite loss or gradient in the last %d step(s), "
+                        "updates skipped",
+                        step,
+                        nonfinite,
+                    )
                 if proc == 0:
                     eta = (cfg.total_steps - step) * last["step_s"]
-                    print(f"step {step}/{cfg.total_steps}  loss {last['loss']:.4f}  "
-                          f"tokens/s {last['tokens_per_s']:,.0f}  mfu {last['mfu']:.3f}  "
-                          f"data wait {last['data_wait_s']:.1f}s  eta {_eta(eta)}", flush=True)
+                    print(
+                        f"step {step}/{cfg.total_steps}  loss {last['loss']:.4f}  "
+                        f"tokens/s {last['tokens_per_s']:,.0f}  mfu {last['mfu']:.3f}  "
+                        f"data wait {last['data_wait_s']:.1f}s  eta {_eta(eta)}",
+                        flush=True,
+                    )
                 window = _Window()
             if eval_step:
                 t_eval = time.perf_counter()
                 writer.write(step, evaluator.maybe_run(step, state))
-                window.t0 += time.perf_counter() - t_eval   # the eval is not training time
+                window.t0 += time.perf_counter() - t_eval  # the eval is not training time
             if nonfinite >= cfg.max_nonfinite_steps:
                 raise DivergedError(_diverged(ckpt, cfg, step, step - nonfinite + 1))
             if save:
@@ -293,8 +364,13 @@ def _train(cfg, workdir, platform, lock) -> dict:
                 else:
                     ckpt.save(step, state, data_state, force=stop)
             if stop:
-                log.warning("preemption (SIGTERM): %s at step %d, exiting", "no checkpoint written (a run of "
-                            "non-finite steps)" if nonfinite else "checkpoint written", step)
+                log.warning(
+                    "preemption (SIGTERM): %s at step %d, exiting",
+                    "no checkpoint written (a run of non-finite steps)"
+                    if nonfinite
+                    else "checkpoint written",
+                    step,
+                )
                 last = dict(last, step=step, preempted=True)
                 break
     finally:

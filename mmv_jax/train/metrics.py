@@ -1,5 +1,6 @@
 """Metrics: ``metrics.jsonl`` + TensorBoard, useful FLOPs and MFU. (The step counts its own
 compiles: ``Step.compiles`` in :mod:`mmv_jax.train.step`.)"""
+
 from __future__ import annotations
 
 import json
@@ -16,10 +17,19 @@ log = logging.getLogger(__name__)
 
 # Dense bf16 peak FLOP/s per chip (vendor figures); CPUs are measured at start-up.
 PEAK_FLOPS = {
-    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
-    "TPU v5": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12,
-    "H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
+    "H100": 989e12,
+    "H200": 989e12,
+    "A100": 312e12,
+    "B200": 2250e12,
 }
+
 
 def peak_flops(override: float = 0.0, dtype: str = "bfloat16") -> float:
     """The MFU denominator for all devices together, FLOP/s: ``override`` per device (config),
@@ -36,14 +46,18 @@ def peak_flops(override: float = 0.0, dtype: str = "bfloat16") -> float:
     for name, flops in PEAK_FLOPS.items():
         if name.lower() in kind.lower():
             return flops * len(devices)
-    log.warning("no peak FLOP/s known for %r; MFU is reported against 1 PFLOP/s per device "
-                "(set config.peak_flops_per_device)", kind)
+    log.warning(
+        "no peak FLOP/s known for %r; MFU is reported against 1 PFLOP/s per device "
+        "(set config.peak_flops_per_device)",
+        kind,
+    )
     return 1e15 * len(devices)
 
 
 def measure_matmul_peak(n: int = 2048, reps: int = 5, dtype: str = "float32") -> float:
     """Best ``dtype`` matmul FLOP/s of one device through XLA (the MFU denominator on CPU)."""
     import jax.numpy as jnp
+
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.dtype(dtype))
     f = jax.jit(lambda a: a @ a)
     f(a).block_until_ready()
@@ -52,19 +66,20 @@ def measure_matmul_peak(n: int = 2048, reps: int = 5, dtype: str = "float32") ->
         t = time.perf_counter()
         f(a).block_until_ready()
         best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best
+    return 2 * n**3 / best
 
 
-def encoder_flops(width: int, depth: int, mlp_ratio: int, seg_lengths, modalities,
-                  patch: int = PATCH) -> float:
+def encoder_flops(
+    width: int, depth: int, mlp_ratio: int, seg_lengths, modalities, patch: int = PATCH
+) -> float:
     """Useful forward FLOPs of the encoder: patch embed (P^2 inputs for 2D tokens, P^3 for 3D),
     the dense layers, and block-diagonal attention only (sum of squared segment lengths)."""
     seg_lengths = np.asarray(seg_lengths, np.float64)
     tokens = seg_lengths.sum()
-    embed_in = np.where(np.asarray(modalities) == 1, patch ** 3, patch ** 2)
+    embed_in = np.where(np.asarray(modalities) == 1, patch**3, patch**2)
     embed = 2.0 * width * float((seg_lengths * embed_in).sum())
     dense = 2.0 * tokens * (4 * width * width + 2 * mlp_ratio * width * width)
-    attn = 4.0 * width * float((seg_lengths ** 2).sum())
+    attn = 4.0 * width * float((seg_lengths**2).sum())
     return embed + depth * (dense + attn)
 
 
@@ -81,8 +96,9 @@ def batch_flops(batch, width: int, depth: int, mlp_ratio: int) -> float:
             keep = counts > 0
             lengths.append(counts[keep])
             modalities.append(mod[r][keep])
-    return 3.0 * encoder_flops(width, depth, mlp_ratio, np.concatenate(lengths),
-                               np.concatenate(modalities))
+    return 3.0 * encoder_flops(
+        width, depth, mlp_ratio, np.concatenate(lengths), np.concatenate(modalities)
+    )
 
 
 class MetricWriter:
@@ -106,6 +122,7 @@ class MetricWriter:
         if self._path.exists():
             self._lines = [json.dumps(r) for r in read_metrics(self._path) if r["step"] <= start]
         from tensorboardX import SummaryWriter
+
         self._tb = SummaryWriter(str(workdir / "tb"), purge_step=start + 1 if start else None)
 
     def write(self, step: int, values: dict):

@@ -4,6 +4,7 @@ Mesh axes are ``("data", "fsdp", "tensor")``. The model names logical axes (``ba
 ``embed``, ``heads``, ``mlp``); ``config.mesh.rules`` maps them to mesh axes (one table). A
 parameter dimension that a mesh axis does not divide stays replicated on that axis (logged).
 """
+
 from __future__ import annotations
 
 import logging
@@ -32,24 +33,32 @@ log = logging.getLogger(__name__)
 
 
 def rules_dict(rules) -> dict:
-    return {name: (tuple(axes) if isinstance(axes, (list, tuple)) else axes) for name, axes in rules}
+    return {
+        name: (tuple(axes) if isinstance(axes, (list, tuple)) else axes) for name, axes in rules
+    }
 
 
 def mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
     """Resolves one ``-1`` entry; raises naming ``mesh.shape`` when it cannot match the devices."""
     shape = [int(s) for s in shape]
     if len(shape) != len(MESH_AXES):
-        raise ConfigError(f"config.mesh.shape must have {len(MESH_AXES)} entries {MESH_AXES}, got {shape}")
+        raise ConfigError(
+            f"config.mesh.shape must have {len(MESH_AXES)} entries {MESH_AXES}, got {shape}"
+        )
     if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
         raise ConfigError(f"config.mesh.shape {shape}: positive sizes and at most one -1")
     known = math.prod(s for s in shape if s != -1)
     if -1 in shape:
         if num_devices % known:
-            raise ConfigError(f"config.mesh.shape {shape} does not divide the {num_devices} devices")
+            raise ConfigError(
+                f"config.mesh.shape {shape} does not divide the {num_devices} devices"
+            )
         shape[shape.index(-1)] = num_devices // known
     if math.prod(shape) != num_devices:
-        raise ConfigError(f"config.mesh.shape {tuple(shape)} needs {math.prod(shape)} devices, "
-                          f"but {num_devices} are available")
+        raise ConfigError(
+            f"config.mesh.shape {tuple(shape)} needs {math.prod(shape)} devices, "
+            f"but {num_devices} are available"
+        )
     return tuple(shape)
 
 
@@ -58,6 +67,7 @@ def make_mesh(shape: Sequence[int], devices: Sequence[Any] | None = None) -> Mes
     resolved = mesh_shape(shape, len(devices))
     try:
         from jax.experimental import mesh_utils
+
         arr = mesh_utils.create_device_mesh(resolved, devices=devices)
     except Exception:  # topologies mesh_utils does not know: plain reshape keeps process order
         arr = np.asarray(devices, dtype=object).reshape(resolved)
@@ -71,7 +81,13 @@ def _fit_spec(spec: PartitionSpec, shape, mesh: Mesh, name: str) -> PartitionSpe
             names = (axes,) if isinstance(axes, str) else axes
             size = math.prod(mesh.shape[a] for a in names)
             if dim % size:
-                log.info("param %s: dim %d not divisible by mesh %s=%d, replicated", name, dim, axes, size)
+                log.info(
+                    "param %s: dim %d not divisible by mesh %s=%d, replicated",
+                    name,
+                    dim,
+                    axes,
+                    size,
+                )
                 axes = None
         out.append(axes)
     return PartitionSpec(*out)
@@ -79,21 +95,25 @@ def _fit_spec(spec: PartitionSpec, shape, mesh: Mesh, name: str) -> PartitionSpe
 
 def param_shardings(abstract_state, mesh: Mesh, rules: dict):
     """NamedShardings for an (abstract) ``nnx.State`` from each Param's ``logical_axes``."""
+
     def one(path, var):
         axes = var.get_metadata().get("logical_axes") or (None,) * len(var.shape)
         name = "/".join(str(getattr(p, "key", p)) for p in path)
         spec = _fit_spec(logical_to_spec(axes, rules), var.shape, mesh, name)
         return var.replace(NamedSharding(mesh, spec))
-    return jax.tree_util.tree_map_with_path(one, abstract_state,
-                                            is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+    return jax.tree_util.tree_map_with_path(
+        one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable)
+    )
 
 
 def opt_state_shardings(tx: optax.GradientTransformation, abstract_params, p_shardings, mesh: Mesh):
     """Optimizer state mirrors the params' shardings; scalars (counts) are replicated."""
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
     replicated = NamedSharding(mesh, PartitionSpec())
-    return optax.tree_map_params(tx, lambda _, s: s, abstract_opt, p_shardings,
-                                 transform_non_params=lambda _: replicated)
+    return optax.tree_map_params(
+        tx, lambda _, s: s, abstract_opt, p_shardings, transform_non_params=lambda _: replicated
+    )
 
 
 def batch_shardings(mesh: Mesh, rules: dict) -> NamedSharding:
@@ -108,16 +128,19 @@ def rows_per_process_multiple(mesh: Mesh, rules: dict, process_count: int) -> in
     names = () if spec is None else (spec,) if isinstance(spec, str) else spec
     shards = math.prod(mesh.shape[a] for a in names)
     if shards % process_count:
-        raise ConfigError(f"config.mesh.shape {tuple(mesh.shape.values())}: the batch axes {names} "
-                          f"({shards} shards) must be a multiple of the {process_count} processes")
+        raise ConfigError(
+            f"config.mesh.shape {tuple(mesh.shape.values())}: the batch axes {names} "
+            f"({shards} shards) must be a multiple of the {process_count} processes"
+        )
     return shards // process_count
 
 
 def global_batch(local, sharding: NamedSharding):
     """This process's rows (a PackedBatch or a tuple of row groups, numpy) -> global jax arrays
     (rows concatenated over processes)."""
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
-                        local)
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local
+    )
 
 
 def describe(p_shardings) -> str:

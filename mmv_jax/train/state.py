@@ -1,4 +1,5 @@
 """Train state, the model and optimizer built from config, created already sharded."""
+
 from __future__ import annotations
 
 import functools
@@ -19,43 +20,59 @@ from mmv_jax.train import sharding as shd
 
 
 class TrainState(NamedTuple):
-    params: Any          # nnx.State of the model's Params (fp32)
+    params: Any  # nnx.State of the model's Params (fp32)
     opt_state: Any
-    step: Any            # int32 scalar
-    rng: Any             # base PRNG key; step keys are fold_in(rng, step)
-    nonfinite: Any       # int32: consecutive skipped (non-finite) updates
+    step: Any  # int32 scalar
+    rng: Any  # base PRNG key; step keys are fold_in(rng, step)
+    nonfinite: Any  # int32: consecutive skipped (non-finite) updates
 
 
 def encoder_config_from(cfg) -> EncoderConfig:
     m = cfg.model
     if m.attention_impl not in IMPLS:
-        raise ConfigError(f"config.model.attention_impl must be one of {IMPLS}, got {m.attention_impl!r}")
+        raise ConfigError(
+            f"config.model.attention_impl must be one of {IMPLS}, got {m.attention_impl!r}"
+        )
     extra = {"depth": m.depth} if m.get("depth") else {}
     max_len = m.max_segment_len
     if max_len == -1:  # the largest view the data config can produce
         max_2d, max_3d = pipeline.max_view_tokens(cfg.data)
         max_len = max_3d if cfg.data.ct_per_batch else max_2d
-    return encoder_config(m.variant, dtype=m.dtype, remat_policy=m.remat_policy,
-                          scan_layers=bool(m.scan_layers), attention_impl=m.attention_impl,
-                          max_segment_len=max_len or None, **extra)
+    return encoder_config(
+        m.variant,
+        dtype=m.dtype,
+        remat_policy=m.remat_policy,
+        scan_layers=bool(m.scan_layers),
+        attention_impl=m.attention_impl,
+        max_segment_len=max_len or None,
+        **extra,
+    )
 
 
 def build_model(cfg, *, seed: int = 0) -> MultiMedVision:
     m = cfg.model
-    return MultiMedVision(encoder_config_from(cfg), proj_hidden=m.proj_hidden, proj_dim=m.proj_dim,
-                          proj_layers=m.proj_layers, proj_norm=m.proj_norm, rngs=nnx.Rngs(seed))
+    return MultiMedVision(
+        encoder_config_from(cfg),
+        proj_hidden=m.proj_hidden,
+        proj_dim=m.proj_dim,
+        proj_layers=m.proj_layers,
+        proj_norm=m.proj_norm,
+        rngs=nnx.Rngs(seed),
+    )
 
 
 def _decay_mask(params):
     """Weight decay on weights only, decided by parameter name: never on biases (``bias``,
     ``qkv_bias``, ``proj_bias``) nor on a norm's parameters. Not by shape: ``qkv_bias`` is
     ``[3, H, Dh]`` and a multi-dimensional bias is still a bias."""
+
     def decay(path, _):
         names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
         names = [n for n in names if n != "value"]  # nnx.Variable's own attribute
         leaf = names[-1] if names else ""
         is_bias = leaf == "bias" or leaf.endswith("_bias")
         return not (is_bias or leaf == "scale" or any("norm" in n for n in names))
+
     return jax.tree_util.tree_map_with_path(decay, params)
 
 
@@ -64,15 +81,27 @@ def learning_rate(cfg, step):
     to ``lr * final_lr_ratio`` at ``total_steps`` (the optimizer's schedule)."""
     o = cfg.optim
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=o.lr, warmup_steps=o.warmup_steps,
-        decay_steps=max(cfg.total_steps, o.warmup_steps + 1), end_value=o.lr * o.final_lr_ratio)(step)
+        init_value=0.0,
+        peak_value=o.lr,
+        warmup_steps=o.warmup_steps,
+        decay_steps=max(cfg.total_steps, o.warmup_steps + 1),
+        end_value=o.lr * o.final_lr_ratio,
+    )(step)
 
 
 def make_optimizer(cfg) -> optax.GradientTransformation:
     o = cfg.optim
     parts = [optax.clip_by_global_norm(o.grad_clip)] if o.grad_clip > 0 else []
-    parts.append(optax.adamw(functools.partial(learning_rate, cfg), b1=o.b1, b2=o.b2, eps=o.eps,
-                             weight_decay=o.weight_decay, mask=_decay_mask))
+    parts.append(
+        optax.adamw(
+            functools.partial(learning_rate, cfg),
+            b1=o.b1,
+            b2=o.b2,
+            eps=o.eps,
+            weight_decay=o.weight_decay,
+            mask=_decay_mask,
+        )
+    )
     return optax.chain(*parts)
 
 
@@ -98,12 +127,20 @@ def _shardings_and_init(cfg, mesh, tx):
     shardings = TrainState(
         params=p_shard,
         opt_state=shd.opt_state_shardings(tx, params, p_shard, mesh),
-        step=replicated, rng=replicated, nonfinite=replicated)
+        step=replicated,
+        rng=replicated,
+        nonfinite=replicated,
+    )
 
     def init():
         params = _init_params(cfg)
-        return TrainState(params, tx.init(params), jnp.zeros((), jnp.int32),
-                          jax.random.PRNGKey(cfg.seed + 1), jnp.zeros((), jnp.int32))
+        return TrainState(
+            params,
+            tx.init(params),
+            jnp.zeros((), jnp.int32),
+            jax.random.PRNGKey(cfg.seed + 1),
+            jnp.zeros((), jnp.int32),
+        )
 
     return graphdef, shardings, init
 
@@ -119,5 +156,7 @@ def abstract(cfg, mesh, tx):
     this works for meshes over devices this machine does not have (AOT compiles)."""
     graphdef, shardings, init = _shardings_and_init(cfg, mesh, tx)
     shapes = jax.eval_shape(init)
-    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+    state = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings
+    )
     return graphdef, state, shardings

@@ -6,6 +6,7 @@ A resume whose config changes the math of the run (model, loss, optimizer, seed,
 is refused, naming the keys, unless ``config.allow_config_change=True``; the schedule of logs and
 checkpoints, ``total_steps``, the mesh, the data loading and the distributed set-up may change.
 """
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -29,8 +30,17 @@ log = logging.getLogger(__name__)
 # Config prefixes whose change alters what is trained; everything else may change on a resume.
 # these change how, not what, the model computes (model.remat: the key before remat_policy)
 # data.buckets is layout, not math: any packing gives the same loss (the topology tests show it)
-MATH_KEYS = ("seed", "model.", "loss.", "optim.", "data.cxr_per_batch", "data.ct_per_batch",
-             "data.shuffle_seed", "data.views.", "data.ct_window")
+MATH_KEYS = (
+    "seed",
+    "model.",
+    "loss.",
+    "optim.",
+    "data.cxr_per_batch",
+    "data.ct_per_batch",
+    "data.shuffle_seed",
+    "data.views.",
+    "data.ct_window",
+)
 FREE_KEYS = ("model.remat", "model.remat_policy", "model.scan_layers", "model.attention_impl")
 VERSIONED = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy")
 
@@ -56,7 +66,9 @@ def math_changes(old: dict, new: dict) -> list[str]:
 
 
 def _as_json(cfg) -> dict:
-    return json.loads(cfg.to_json() if isinstance(cfg, ml_collections.ConfigDict) else json.dumps(cfg))
+    return json.loads(
+        cfg.to_json() if isinstance(cfg, ml_collections.ConfigDict) else json.dumps(cfg)
+    )
 
 
 def check_and_record_config(cfg, workdir, *, resuming: bool) -> None:
@@ -68,13 +80,18 @@ def check_and_record_config(cfg, workdir, *, resuming: bool) -> None:
         old = json.loads(path.read_text())
         changed = math_changes(old, new)
         if changed and not cfg.get("allow_config_change", False):
-            listing = ", ".join(f"{k}: {_flat(old).get(k)!r} -> {_flat(new).get(k)!r}" for k in changed)
+            listing = ", ".join(
+                f"{k}: {_flat(old).get(k)!r} -> {_flat(new).get(k)!r}" for k in changed
+            )
             raise ConfigError(
                 f"config: resuming {workdir} with a config that changes the math of the run "
                 f"({listing}); rerun with the original values, use a new --workdir, or pass "
-                f"--config.allow_config_change=True")
+                f"--config.allow_config_change=True"
+            )
         if changed:
-            log.warning("resuming with changed config (allow_config_change): %s", ", ".join(changed))
+            log.warning(
+                "resuming with changed config (allow_config_change): %s", ", ".join(changed)
+            )
     if jax.process_index() == 0:
         paths.write_text_atomic(path, json.dumps(new, indent=1))
 
@@ -82,14 +99,19 @@ def check_and_record_config(cfg, workdir, *, resuming: bool) -> None:
 def _git_commit() -> str | None:
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     try:
-        out = subprocess.run(["git", "-C", repo, "rev-parse", "HEAD"], capture_output=True,
-                             text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "-C", repo, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     if out.returncode:
         return None
-    dirty = subprocess.run(["git", "-C", repo, "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True, timeout=10).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "-C", repo, "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+    ).stdout.strip()
     return out.stdout.strip() + ("-dirty" if dirty else "")
 
 
@@ -102,11 +124,17 @@ def _version(name: str) -> str | None:
 
 def run_info(start_step: int, platform: str) -> dict:
     return dict(
-        time=time.strftime("%Y-%m-%dT%H:%M:%S%z"), start_step=int(start_step), platform=platform,
-        process_count=jax.process_count(), device_count=jax.device_count(),
+        time=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        start_step=int(start_step),
+        platform=platform,
+        process_count=jax.process_count(),
+        device_count=jax.device_count(),
         devices=distributed.devices_by_process(),
-        versions={n: _version(n) for n in VERSIONED}, python=sys.version.split()[0],
-        git_commit=_git_commit(), argv=list(sys.argv))
+        versions={n: _version(n) for n in VERSIONED},
+        python=sys.version.split()[0],
+        git_commit=_git_commit(),
+        argv=list(sys.argv),
+    )
 
 
 def record_start(workdir, start_step: int, platform: str) -> dict:
@@ -136,8 +164,13 @@ class Lock:
         self.held = False
 
     def _mine(self) -> dict:
-        return dict(host=socket.gethostname(), pid=os.getpid(), started=self._started,
-                    refreshed=time.time(), slurm_job=os.environ.get("SLURM_JOB_ID"))
+        return dict(
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            started=self._started,
+            refreshed=time.time(),
+            slurm_job=os.environ.get("SLURM_JOB_ID"),
+        )
 
     def _stale(self, other: dict) -> str | None:
         if other.get("host") == socket.gethostname():
@@ -178,7 +211,8 @@ class Lock:
                 raise WorkdirBusy(
                     f"{self.path.parent} is in use by another trainer (host {other.get('host')}, "
                     f"pid {other.get('pid')}, started {time.ctime(float(other.get('started', 0)))}); "
-                    f"use another --workdir, or stop that trainer first")
+                    f"use another --workdir, or stop that trainer first"
+                )
             log.warning("taking over the stale lock %s (%s)", self.path, why)
         paths.write_text_atomic(self.path, text)
         self.held = True

@@ -8,24 +8,54 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 # A small, fast variant of configs/demo.py: one block, 6 samples a step, one step shape.
 FAST = [
-    "--config.model.depth=1", "--config.model.proj_hidden=64", "--config.model.proj_dim=16",
-    "--config.data.cxr_per_batch=4", "--config.data.ct_per_batch=2",
-    "--config.data.buckets.rows_2d=(4,)", "--config.data.buckets.rows_3d=(4,)", "--config.loss.num_slices=32",
-    "--config.optim.warmup_steps=2", "--config.async_checkpointing=False",
+    "--config.model.depth=1",
+    "--config.model.proj_hidden=64",
+    "--config.model.proj_dim=16",
+    "--config.data.cxr_per_batch=4",
+    "--config.data.ct_per_batch=2",
+    "--config.data.buckets.rows_2d=(4,)",
+    "--config.data.buckets.rows_3d=(4,)",
+    "--config.loss.num_slices=32",
+    "--config.optim.warmup_steps=2",
+    "--config.async_checkpointing=False",
 ]
 
 
 @pytest.fixture(scope="session")
 def demo_manifest(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo_data")
-    subprocess.run([sys.executable, "-m", "mmv_jax.data.synthetic", "--out", str(out),
-                    "--n-cxr", "40", "--n-ct", "16"], check=True, cwd=ROOT, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mmv_jax.data.synthetic",
+            "--out",
+            str(out),
+            "--n-cxr",
+            "40",
+            "--n-ct",
+            "16",
+        ],
+        check=True,
+        cwd=ROOT,
+        capture_output=True,
+    )
     return str(out / "manifest.jsonl")
 
 
 def train_cmd(workdir, manifest, *extra):
-    return [sys.executable, "-m", "launch.train", "--config", "configs/demo.py", "--workdir", str(workdir),
-            f"--config.data.manifest={manifest}", *FAST, *extra]
+    return [
+        sys.executable,
+        "-m",
+        "launch.train",
+        "--config",
+        "configs/demo.py",
+        "--workdir",
+        str(workdir),
+        f"--config.data.manifest={manifest}",
+        *FAST,
+        *extra,
+    ]
 
 
 def env():

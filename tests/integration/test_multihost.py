@@ -1,6 +1,7 @@
 """Several JAX processes on one machine (explicit coordinator on localhost, gloo collectives), as
 on a pod or a cluster: the same metrics as one process, exact resume after SIGKILL, resume on
 other topologies, coordinated preemption, a dead process, and multi-process embedding."""
+
 import json
 import os
 import shutil
@@ -20,9 +21,14 @@ KEYS = ("loss", "pred_loss", "sigreg_loss", "grad_norm", "lr")
 # processes agreed on one bucket per step.
 # (a tuple flag given twice is concatenated by the config flags: each is given once)
 ROWS = ["--config.data.buckets.rows_2d=(2,4)", "--config.data.buckets.rows_3d=(2,4,8)"]
-MH = [*(a for a in FAST if "buckets.rows" not in a), "--config.data.cxr_per_batch=4",
-      "--config.data.ct_per_batch=4", "--config.total_steps=6",
-      "--config.log_every_steps=1", "--config.checkpoint_every_steps=2"]
+MH = [
+    *(a for a in FAST if "buckets.rows" not in a),
+    "--config.data.cxr_per_batch=4",
+    "--config.data.ct_per_batch=4",
+    "--config.total_steps=6",
+    "--config.log_every_steps=1",
+    "--config.checkpoint_every_steps=2",
+]
 
 
 def _port():
@@ -35,19 +41,41 @@ def _launch(module_args, n_proc, n_dev, log_prefix, extra_env=None):
     """Starts ``n_proc`` processes of ``python -m MODULE ARGS`` with ``n_dev`` CPU devices each."""
     port, procs = _port(), []
     for i in range(n_proc):
-        e = dict(env(), XLA_FLAGS=f"--xla_force_host_platform_device_count={n_dev}", **(extra_env or {}))
+        e = dict(
+            env(), XLA_FLAGS=f"--xla_force_host_platform_device_count={n_dev}", **(extra_env or {})
+        )
         if n_proc > 1:
-            e.update(MMV_COORDINATOR=f"localhost:{port}", MMV_NUM_PROCESSES=str(n_proc),
-                     MMV_PROCESS_ID=str(i))
+            e.update(
+                MMV_COORDINATOR=f"localhost:{port}",
+                MMV_NUM_PROCESSES=str(n_proc),
+                MMV_PROCESS_ID=str(i),
+            )
         log = open(f"{log_prefix}.p{i}.log", "w")
-        procs.append(subprocess.Popen([sys.executable, "-m", *module_args], cwd=ROOT, env=e,
-                                      stdout=log, stderr=subprocess.STDOUT, text=True))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", *module_args],
+                cwd=ROOT,
+                env=e,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     return procs
 
 
 def _train(workdir, manifest, n_proc, n_dev, *extra, rows=ROWS):
-    args = ["launch.train", "--config", "configs/demo.py", "--workdir", str(workdir),
-            f"--config.data.manifest={manifest}", *MH, *rows, *extra]
+    args = [
+        "launch.train",
+        "--config",
+        "configs/demo.py",
+        "--workdir",
+        str(workdir),
+        f"--config.data.manifest={manifest}",
+        *MH,
+        *rows,
+        *extra,
+    ]
     return _launch(args, n_proc, n_dev, str(workdir))
 
 
@@ -78,7 +106,9 @@ def _wait_for(workdir, step, procs, timeout=240):
     while time.time() - t < timeout:
         for i, p in enumerate(procs):
             assert p.poll() is None, _log(workdir, i)[-3000:]
-        if os.path.exists(path) and any(json.loads(l)["step"] >= step for l in open(path) if l.strip()):
+        if os.path.exists(path) and any(
+            json.loads(l)["step"] >= step for l in open(path) if l.strip()
+        ):
             return
         time.sleep(0.2)
     raise TimeoutError(f"step {step} not reached")
@@ -89,27 +119,46 @@ def reference(tmp_path_factory, demo_manifest):
     """One process, four devices: the metrics every topology must reproduce."""
     work = tmp_path_factory.mktemp("mh") / "ref"
     # rows a multiple of the 4 local devices
-    _finish(_train(work, demo_manifest, 1, 4, rows=["--config.data.buckets.rows_2d=(4,)",
-                                                    "--config.data.buckets.rows_3d=(4,8)"]), work)
+    _finish(
+        _train(
+            work,
+            demo_manifest,
+            1,
+            4,
+            rows=["--config.data.buckets.rows_2d=(4,)", "--config.data.buckets.rows_3d=(4,8)"],
+        ),
+        work,
+    )
     return _metrics(work)
 
 
 def _local_buckets_differ(manifest, steps):
     from configs import demo
     from mmv_jax.data import packing, pipeline
+
     cfg = demo.get_config().data
     cfg.manifest, cfg.cxr_per_batch, cfg.ct_per_batch, cfg.rows_multiple_of = manifest, 4, 4, 2
     cfg.buckets.rows_2d, cfg.buckets.rows_3d = (2, 4), (2, 4, 8)
     srcs = [pipeline._TrainSource(cfg, 0, p, 2) for p in range(2)]
-    return [s for s in range(steps)
-            if len({packing.bucket_for(tuple(src[s][1]["rows_needed"]), pipeline.bucket_rows(cfg, 2)[1])
-                    for src in srcs}) > 1]
+    return [
+        s
+        for s in range(steps)
+        if len(
+            {
+                packing.bucket_for(tuple(src[s][1]["rows_needed"]), pipeline.bucket_rows(cfg, 2)[1])
+                for src in srcs
+            }
+        )
+        > 1
+    ]
 
 
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory, demo_manifest, reference):
     """Two processes x two devices, SIGKILLed after step 4 and rerun to the end."""
-    assert _local_buckets_differ(demo_manifest, 6), "the data must make the processes' buckets differ"
+    assert _local_buckets_differ(demo_manifest, 6), (
+        "the data must make the processes' buckets differ"
+    )
     work = tmp_path_factory.mktemp("mh") / "two"
     procs = _train(work, demo_manifest, 2, 2)
     _wait_for(work, 4, procs)
@@ -130,7 +179,10 @@ def test_two_processes_match_one_and_resume_exactly_after_sigkill(two_process_ru
     _assert_same(got, reference, range(1, 7))
     info = json.load(open(work / "run_info.json"))["starts"]
     assert [s["process_count"] for s in info] == [2, 2]
-    assert info[-1]["devices"] == [dict(process=0, count=2, kind="cpu"), dict(process=1, count=2, kind="cpu")]
+    assert info[-1]["devices"] == [
+        dict(process=0, count=2, kind="cpu"),
+        dict(process=1, count=2, kind="cpu"),
+    ]
     assert info[-1]["start_step"] == done and info[-1]["versions"]["jax"]
 
 
@@ -149,18 +201,40 @@ def test_resume_on_other_topologies(two_process_run, reference, demo_manifest, t
     assert sorted(got) == list(range(1, 7))
     _assert_same(got, reference, range(1, 7))
     # a change of the global batch is refused, naming the key
-    r = subprocess.run([sys.executable, "-m", "launch.train", "--config", "configs/demo.py",
-                        "--workdir", str(work), f"--config.data.manifest={demo_manifest}", *MH,
-                        "--config.total_steps=8", "--config.data.ct_per_batch=2"],
-                       cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "launch.train",
+            "--config",
+            "configs/demo.py",
+            "--workdir",
+            str(work),
+            f"--config.data.manifest={demo_manifest}",
+            *MH,
+            "--config.total_steps=8",
+            "--config.data.ct_per_batch=2",
+        ],
+        cwd=ROOT,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode != 0 and "data.ct_per_batch" in r.stderr, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
 
 
 def test_sigterm_to_one_process_saves_the_same_step_everywhere(demo_manifest, tmp_path):
     work = tmp_path / "term"
-    procs = _train(work, demo_manifest, 2, 2, "--config.total_steps=1000",
-                   "--config.checkpoint_every_steps=500")
+    procs = _train(
+        work,
+        demo_manifest,
+        2,
+        2,
+        "--config.total_steps=1000",
+        "--config.checkpoint_every_steps=500",
+    )
     _wait_for(work, 2, procs)
     procs[1].send_signal(signal.SIGTERM)
     _finish(procs, work, timeout=120)
@@ -174,14 +248,23 @@ def test_sigterm_to_one_process_saves_the_same_step_everywhere(demo_manifest, tm
 
 def test_a_dead_process_stops_the_others(demo_manifest, tmp_path):
     work = tmp_path / "dead"
-    procs = _train(work, demo_manifest, 2, 2, "--config.total_steps=1000",
-                   "--config.checkpoint_every_steps=500", "--config.distributed.heartbeat_timeout_s=10")
+    procs = _train(
+        work,
+        demo_manifest,
+        2,
+        2,
+        "--config.total_steps=1000",
+        "--config.checkpoint_every_steps=500",
+        "--config.distributed.heartbeat_timeout_s=10",
+    )
     _wait_for(work, 2, procs)
     procs[1].send_signal(signal.SIGKILL)
     t = time.time()
     rc = procs[0].wait(timeout=120)
     assert rc != 0 and time.time() - t < 60
-    assert "another process has probably died" in _log(work, 0) or "another task died" in _log(work, 0)
+    assert "another process has probably died" in _log(work, 0) or "another task died" in _log(
+        work, 0
+    )
 
 
 def test_embed_with_two_processes_matches_one(two_process_run, demo_manifest, tmp_path):
@@ -189,9 +272,20 @@ def test_embed_with_two_processes_matches_one(two_process_run, demo_manifest, tm
     outs = {}
     for n_proc, n_dev in ((1, 2), (2, 1)):
         out = tmp_path / f"emb{n_proc}.npz"
-        args = ["mmv_jax.eval.embed", "--checkpoint", str(run), "--manifest", demo_manifest,
-                "--out", str(out), "--batch-size", "5"]
-        _finish(_launch(args, n_proc, n_dev, str(tmp_path / f"emb{n_proc}")), tmp_path / f"emb{n_proc}")
+        args = [
+            "mmv_jax.eval.embed",
+            "--checkpoint",
+            str(run),
+            "--manifest",
+            demo_manifest,
+            "--out",
+            str(out),
+            "--batch-size",
+            "5",
+        ]
+        _finish(
+            _launch(args, n_proc, n_dev, str(tmp_path / f"emb{n_proc}")), tmp_path / f"emb{n_proc}"
+        )
         outs[n_proc] = np.load(out)
     a, b = outs[1], outs[2]
     assert len(a["ids"]) == 56 and a["ids"].tolist() == b["ids"].tolist()

@@ -1,5 +1,6 @@
 """Nothing lost: a diverging run never replaces healthy checkpoints, a damaged checkpoint falls
 back to the newest intact one, and a second trainer on a busy run folder is refused."""
+
 import json
 import os
 import shutil
@@ -11,7 +12,11 @@ import pytest
 from conftest import ROOT, env, train_cmd
 from helpers import MRN, put_raw_tag
 
-COMMON = ("--config.log_every_steps=1", "--config.checkpoint_every_steps=2", "--config.keep_checkpoints=2")
+COMMON = (
+    "--config.log_every_steps=1",
+    "--config.checkpoint_every_steps=2",
+    "--config.keep_checkpoints=2",
+)
 
 
 def _run(cmd, timeout=300):
@@ -26,14 +31,24 @@ def _with_identifier_files(demo_manifest, out):
     """The demo data plus train CT files whose parsed tags hold identifier text."""
     import pydicom
     from pydicom.data import get_testdata_file
+
     shutil.copytree(os.path.dirname(demo_manifest), out)
     lines = open(out / "manifest.jsonl").read().splitlines()
     for i, tag in enumerate(("RescaleSlope", "PixelSpacing", "SliceThickness")):
         ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
         put_raw_tag(ds, tag, MRN)
         ds.save_as(out / f"ident{i}.dcm")
-        lines.append(json.dumps(dict(id=f"ident{i}", path=f"ident{i}.dcm", modality="ct",
-                                     dataset="demo", split="train")))
+        lines.append(
+            json.dumps(
+                dict(
+                    id=f"ident{i}",
+                    path=f"ident{i}.dcm",
+                    modality="ct",
+                    dataset="demo",
+                    split="train",
+                )
+            )
+        )
     (out / "manifest.jsonl").write_text("\n".join(lines) + "\n")
     return str(out / "manifest.jsonl")
 
@@ -45,8 +60,16 @@ def healthy(tmp_path_factory, demo_manifest):
     root = tmp_path_factory.mktemp("lost")
     manifest = _with_identifier_files(demo_manifest, root / "data")
     work = root / "healthy"
-    r = _run(train_cmd(work, manifest, "--config.total_steps=12", *COMMON,
-                       "--config.checkpoint_every_steps=4", "--config.keep_checkpoints=3"))
+    r = _run(
+        train_cmd(
+            work,
+            manifest,
+            "--config.total_steps=12",
+            *COMMON,
+            "--config.checkpoint_every_steps=4",
+            "--config.keep_checkpoints=3",
+        )
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "skipping bad file" in r.stderr and "ident" in r.stderr
     assert MRN not in r.stderr + r.stdout
@@ -64,16 +87,31 @@ def test_divergence_keeps_the_healthy_checkpoints(healthy, demo_manifest, tmp_pa
     shutil.copytree(healthy, work)
     # lr 1e30: the first update blows the parameters up, every later step is non-finite; with
     # checkpoints every 2 steps and 2 kept, the streak of 4 would have rotated out both
-    r = _run(train_cmd(work, demo_manifest, "--config.total_steps=30", *COMMON,
-                       "--config.optim.lr=1e30", "--config.allow_config_change=True",
-                       "--config.max_nonfinite_steps=4"))
+    r = _run(
+        train_cmd(
+            work,
+            demo_manifest,
+            "--config.total_steps=30",
+            *COMMON,
+            "--config.optim.lr=1e30",
+            "--config.allow_config_change=True",
+            "--config.max_nonfinite_steps=4",
+        )
+    )
     assert r.returncode != 0 and "consecutive non-finite steps" in r.stderr, r.stderr[-3000:]
     assert "Traceback" not in r.stderr
     assert _steps(work) == [4, 8, 12]
     # a rerun with a sane learning rate resumes from the last healthy state and stays finite
     # (the run folder given as a file:// URI: the path layer that also serves gs:// folders)
-    r = _run(train_cmd(f"file://{work}", demo_manifest, "--config.total_steps=14", *COMMON,
-                       "--config.allow_config_change=True"))
+    r = _run(
+        train_cmd(
+            f"file://{work}",
+            demo_manifest,
+            "--config.total_steps=14",
+            *COMMON,
+            "--config.allow_config_change=True",
+        )
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "at step 12" in r.stderr
     assert not os.path.exists(os.path.join(ROOT, "file:"))  # never joined to the cwd
@@ -96,8 +134,11 @@ def test_damaged_checkpoints_fall_back_to_the_newest_intact(healthy, demo_manife
     shutil.copytree(healthy, work)
     _flip_a_bit(work / "checkpoints" / "12" / "state")
     os.remove(work / "checkpoints" / "8" / "state" / "_METADATA")
-    r = _run(train_cmd(work, demo_manifest, "--config.total_steps=14", *COMMON,
-                       "--config.keep_checkpoints=4"))
+    r = _run(
+        train_cmd(
+            work, demo_manifest, "--config.total_steps=14", *COMMON, "--config.keep_checkpoints=4"
+        )
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"checkpoint {work / 'checkpoints' / '12'}" in r.stderr
     assert f"checkpoint {work / 'checkpoints' / '8'}" in r.stderr
@@ -108,8 +149,13 @@ def test_damaged_checkpoints_fall_back_to_the_newest_intact(healthy, demo_manife
 
 def test_a_second_trainer_on_a_busy_workdir_is_refused(healthy, demo_manifest, tmp_path):
     work = tmp_path / "busy"
-    first = subprocess.Popen(train_cmd(work, demo_manifest, "--config.total_steps=1000"),
-                             cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = subprocess.Popen(
+        train_cmd(work, demo_manifest, "--config.total_steps=1000"),
+        cwd=ROOT,
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         t = time.time()
         while not (work / "lock.json").exists():

@@ -1,6 +1,7 @@
 """Kill a run between checkpoints, rerun the same command: it resumes and matches an
 uninterrupted run step for step. SIGTERM checkpoints before exit. A half-written checkpoint
 never replaces the last good one."""
+
 import json
 import os
 import shutil
@@ -23,7 +24,9 @@ def _wait_for_step(workdir, step, proc, timeout=300):
     t = time.time()
     while time.time() - t < timeout:
         assert proc.poll() is None, proc.stdout.read()
-        if os.path.exists(path) and any(json.loads(l)["step"] >= step for l in open(path) if l.strip()):
+        if os.path.exists(path) and any(
+            json.loads(l)["step"] >= step for l in open(path) if l.strip()
+        ):
             return
         time.sleep(0.2)
     raise TimeoutError(f"step {step} not reached")
@@ -34,14 +37,24 @@ def _run(cmd):
 
 
 def test_sigkill_resume_matches_uninterrupted(tmp_path, demo_manifest):
-    common = ("--config.total_steps=12", "--config.log_every_steps=1", "--config.checkpoint_every_steps=3")
+    common = (
+        "--config.total_steps=12",
+        "--config.log_every_steps=1",
+        "--config.checkpoint_every_steps=3",
+    )
     full = tmp_path / "full"
     r = _run(train_cmd(full, demo_manifest, *common))
     assert r.returncode == 0, r.stderr[-3000:]
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(train_cmd(killed, demo_manifest, *common), cwd=ROOT, env=env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        train_cmd(killed, demo_manifest, *common),
+        cwd=ROOT,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     _wait_for_step(killed, 5, proc)  # checkpoint at 3; steps after it are lost
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -62,9 +75,20 @@ def test_sigkill_resume_matches_uninterrupted(tmp_path, demo_manifest):
 
 def test_sigterm_checkpoints_then_exits(tmp_path, demo_manifest):
     work = tmp_path / "term"
-    proc = subprocess.Popen(train_cmd(work, demo_manifest, "--config.total_steps=1000",
-                                      "--config.log_every_steps=1", "--config.checkpoint_every_steps=500"),
-                            cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        train_cmd(
+            work,
+            demo_manifest,
+            "--config.total_steps=1000",
+            "--config.log_every_steps=1",
+            "--config.checkpoint_every_steps=500",
+        ),
+        cwd=ROOT,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     _wait_for_step(work, 2, proc)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=300)
@@ -77,7 +101,11 @@ def test_sigterm_checkpoints_then_exits(tmp_path, demo_manifest):
 def test_unfinished_checkpoint_is_ignored(tmp_path, demo_manifest):
     """A save that died half-way (Orbax's temporary folder) must not be restored."""
     work = tmp_path / "crash"
-    r = _run(train_cmd(work, demo_manifest, "--config.total_steps=3", "--config.checkpoint_every_steps=3"))
+    r = _run(
+        train_cmd(
+            work, demo_manifest, "--config.total_steps=3", "--config.checkpoint_every_steps=3"
+        )
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     ckpts = work / "checkpoints"
     # simulate a crash while writing step 6: a partial copy under Orbax's temporary name
@@ -86,7 +114,11 @@ def test_unfinished_checkpoint_is_ignored(tmp_path, demo_manifest):
     for root, _, files in os.walk(tmp):
         for f in files:
             open(os.path.join(root, f), "wb").close()  # truncated files
-    r = _run(train_cmd(work, demo_manifest, "--config.total_steps=4", "--config.checkpoint_every_steps=3"))
+    r = _run(
+        train_cmd(
+            work, demo_manifest, "--config.total_steps=4", "--config.checkpoint_every_steps=3"
+        )
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "at step 3" in r.stderr
     assert (ckpts / "4").is_dir()
