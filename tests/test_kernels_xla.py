@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 
 from mmv_jax.kernels.reference import segment_attention_reference as reference
-from mmv_jax.kernels.xla_blocksparse import _pairs, _ranges, halo_blocks, segment_attention_xla
+from mmv_jax.kernels.xla_blocksparse import (
+    block_pairs,
+    halo_blocks,
+    key_block_ranges,
+    segment_attention_xla,
+)
 
 
 def layout(lengths, total):
@@ -146,11 +151,13 @@ def test_ranges_are_the_hulls_within_the_band():
             n = min((m - 1) * b + 2, cap) if m else 1
             rows.append(np.roll(layout([n] * ((s - phase) // n), s), phase))
         rows = np.stack(rows)
-        lo, count = jax.jit(_ranges, static_argnums=(1, 2))(jnp.asarray(rows), b, m)
+        lo, count = jax.jit(key_block_ranges, static_argnums=(1, 2))(jnp.asarray(rows), b, m)
         count = np.asarray(count).reshape(len(rows), -1)
         np.testing.assert_array_equal(count, np.stack([hull_pairs(r, b) for r in rows]))
         assert count.max() <= 2 * m + 1
-        qi, kj, valid, n = _pairs(lo, count.reshape(-1), s // b, len(rows) * (s // b) * (2 * m + 1))
+        qi, kj, valid, n = block_pairs(
+            lo, count.reshape(-1), s // b, len(rows) * (s // b) * (2 * m + 1)
+        )
         assert int(n) == count.sum() and np.asarray(valid).sum() == count.sum()
         assert np.all(np.asarray(valid)[: int(n)])  # the live pairs come first
 

@@ -66,7 +66,7 @@ def _id_spans(seg):
     return first, last
 
 
-def _pairs(lo, count, nq: int, cap: int):
+def block_pairs(lo, count, nq: int, cap: int):
     """Flat pair list from per-block key ranges ``lo, count [G]``: query block, key block, valid,
     and the number of live pairs (they come first)."""
     g = lo.shape[0]
@@ -176,7 +176,7 @@ def _bwd_pairs(qh, kh, vh, segb, oh, lse, doh, pairs):
     return _over_chunks(pairs, h, b, grads, (zeros, zeros, zeros))
 
 
-def _ranges(seg, b: int, m: int):
+def key_block_ranges(seg, b: int, m: int):
     """Per query block ``[G]``: the key block range (lo, count) of the hull of its ids, clipped to
     the band ``i - m .. i + m``, which holds the hull of any row whose ids span at most ``m``
     blocks' reach (:func:`segment_attention_xla` sends a batch that breaks this to the unbounded
@@ -229,8 +229,8 @@ def _attention_fwd(q, k, v, segment_ids, max_segment_len, block):
         seg = jnp.pad(seg, [(0, 0), (0, padded - s)])
     q = q * jnp.asarray(1.0 / math.sqrt(d), q.dtype)
     qh, kh, vh = (_heads_major(t, b) for t in (q, k, v))
-    ranges = _ranges(seg, b, m)
-    oh, lse = _fwd_pairs(qh, kh, vh, seg.reshape(-1, b), _pairs(*ranges, padded // b, cap))
+    ranges = key_block_ranges(seg, b, m)
+    oh, lse = _fwd_pairs(qh, kh, vh, seg.reshape(-1, b), block_pairs(*ranges, padded // b, cap))
     oh = oh.astype(qh.dtype)
     out = _tokens_major(oh, bsz, s)
     return out, (qh, kh, vh, seg, oh, lse, ranges)
@@ -245,7 +245,7 @@ def _attention_bwd(max_segment_len, block, res, dout):
         dout = jnp.pad(dout, [(0, 0), (0, padded - s), (0, 0), (0, 0)])
     doh = _heads_major(dout, b)
     dq, dk, dv = _bwd_pairs(
-        qh, kh, vh, seg.reshape(-1, b), oh, lse, doh, _pairs(*ranges, padded // b, cap)
+        qh, kh, vh, seg.reshape(-1, b), oh, lse, doh, block_pairs(*ranges, padded // b, cap)
     )
     dq = dq * (1.0 / math.sqrt(d))
     dq, dk, dv = (_tokens_major(t.astype(qh.dtype), bsz, s) for t in (dq, dk, dv))
