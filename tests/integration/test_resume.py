@@ -9,6 +9,7 @@ import signal
 import subprocess
 import time
 
+import pytest
 from conftest import ROOT, env, train_cmd
 
 KEYS = ("loss", "pred_loss", "sigreg_loss", "grad_norm", "lr")
@@ -36,6 +37,10 @@ def _run(cmd):
     return subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
 
 
+# The default suite runs the two-process versions of these two (test_multihost.py: SIGKILL and
+# rerun matching an uninterrupted run step for step; SIGTERM saving one step everywhere); the
+# single-process launches add ~60 s and no code path of their own.
+@pytest.mark.slow
 def test_sigkill_resume_matches_uninterrupted(tmp_path, demo_manifest):
     common = (
         "--config.total_steps=12",
@@ -73,6 +78,7 @@ def test_sigkill_resume_matches_uninterrupted(tmp_path, demo_manifest):
             assert a[step][k] == b[step][k], (step, k, a[step][k], b[step][k])
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_then_exits(tmp_path, demo_manifest):
     work = tmp_path / "term"
     proc = subprocess.Popen(
