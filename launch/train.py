@@ -61,6 +61,7 @@ def dry_run(cfg) -> dict:
     import jax
 
     from mmv_jax.train import loop, sharding as shd
+    from mmv_jax.train.metrics import device_bytes
 
     check_config(cfg)
     platform = loop.start(cfg)
@@ -72,17 +73,7 @@ def dry_run(cfg) -> dict:
     finally:
         it.close()
     compiled = step.lower(state, shd.global_batch(batch, batch_sh)).compile()
-    mem = compiled.memory_analysis()
-    total = (
-        (
-            mem.argument_size_in_bytes
-            + mem.output_size_in_bytes
-            + mem.temp_size_in_bytes
-            - mem.alias_size_in_bytes
-        )
-        if mem is not None
-        else None
-    )
+    total = device_bytes(compiled)
     return {
         "platform": platform,
         "devices": jax.device_count(),

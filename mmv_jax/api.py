@@ -143,13 +143,7 @@ def load_encoder(
             source=os.path.abspath(path),
             step=cfg.get("export_step"),
         )
-    run, ckpt_dir, folder_step = _run_and_checkpoints(path)
-    if folder_step is not None:
-        if step is not None and step != folder_step:
-            raise ValueError(
-                f"load_encoder: {path!r} is step {folder_step}, but step={step} was asked"
-            )
-        step = folder_step
+    run, ckpt_dir, step = resolve_checkpoint(path, step, who="load_encoder:")
     try:
         cfg = embed.load_run_config(run, config)
     except ValueError:
@@ -173,14 +167,18 @@ def load_encoder(
     )
 
 
-def _run_and_checkpoints(path: str):
-    """(run folder, CheckpointManager folder, step of a step folder or None) for a run folder,
-    its ``checkpoints`` folder or one step folder."""
+def resolve_checkpoint(path: str, step: int | None = None, *, who: str = "--checkpoint"):
+    """(run folder, CheckpointManager folder, step) for a run folder, its ``checkpoints`` folder
+    or one step folder ``run/checkpoints/N``. ``step`` (None: the latest, looked up by the
+    caller) must agree with a step folder's N; ``ValueError`` naming ``who`` otherwise."""
     found = _step_folder(path)
     if found is not None:
-        return found
+        run, ckpt_dir, folder_step = found
+        if step is not None and step != folder_step:
+            raise ValueError(f"{who} {path!r} is step {folder_step}, but step {step} was asked for")
+        return run, ckpt_dir, folder_step
     if os.path.isdir(os.path.join(path, "checkpoints")):
-        return path, os.path.join(path, "checkpoints"), None
+        return path, os.path.join(path, "checkpoints"), step
     if os.path.exists(os.path.join(os.path.dirname(os.path.normpath(path)), "config.json")):
-        return os.path.dirname(os.path.normpath(path)), path, None
-    return path, path, None
+        return os.path.dirname(os.path.normpath(path)), path, step
+    return path, path, step

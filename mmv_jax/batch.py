@@ -52,14 +52,14 @@ class PackedBatch(NamedTuple):
     view_index: Any
 
 
-FIELD_DTYPES = dict(
-    segment_ids=np.int32,
-    coords=np.float32,
-    view_sample=np.int32,
-    view_is_global=np.bool_,
-    view_modality=np.int32,
-    view_index=np.int32,
-)
+FIELD_DTYPES = {
+    "segment_ids": np.int32,
+    "coords": np.float32,
+    "view_sample": np.int32,
+    "view_is_global": np.bool_,
+    "view_modality": np.int32,
+    "view_index": np.int32,
+}
 WIRE_DTYPES = ("float32", "bfloat16", "float16", "uint8")
 
 

@@ -37,3 +37,14 @@ def command(prog: str, *errors: type[Exception]):
         return run
 
     return wrap
+
+
+def add_checkpoint_args(ap: argparse.ArgumentParser) -> None:
+    """``--checkpoint`` (a run folder or ``RUN/checkpoints/N``) and ``--step``, as every command
+    that reads a trained encoder spells them (resolved by ``mmv_jax.api.resolve_checkpoint``)."""
+    ap.add_argument(
+        "--checkpoint",
+        required=True,
+        help="run folder written by mmv-train, or one of its checkpoints (RUN/checkpoints/N)",
+    )
+    ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")

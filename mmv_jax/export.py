@@ -18,7 +18,6 @@ The folder holds:
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -400,15 +399,12 @@ def export(
         raise ExportError(f"--out {out!r} is not empty; choose a new folder")
     if os.path.exists(out) and not os.path.isdir(out):
         raise ExportError(f"--out {out!r} is a file; choose a new folder")
-    from mmv_jax.api import _run_and_checkpoints
+    from mmv_jax.api import resolve_checkpoint
 
-    run, ckpt_dir, folder_step = _run_and_checkpoints(checkpoint)
-    if folder_step is not None:
-        if step is not None and step != folder_step:
-            raise ExportError(
-                f"--checkpoint {checkpoint!r} is step {folder_step}, but --step {step} was given"
-            )
-        step = folder_step
+    try:
+        run, ckpt_dir, step = resolve_checkpoint(checkpoint, step)
+    except ValueError as e:
+        raise ExportError(str(e)) from None
     if config is not None and not os.path.isfile(config):
         raise ExportError(f"--config {config!r}: no such file")
     from mmv_jax.eval.embed import load_run_config
@@ -432,13 +428,8 @@ def export(
 
 @cli.command("mmv-export", ExportError)
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser("mmv-export", description=__doc__.split("\n\n")[0])
-    ap.add_argument(
-        "--checkpoint",
-        required=True,
-        help="run folder written by mmv-train, or one of its checkpoints (RUN/checkpoints/N)",
-    )
-    ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    ap = cli.ArgumentParser("mmv-export", description=__doc__.split("\n\n")[0])
+    cli.add_checkpoint_args(ap)
     ap.add_argument("--out", required=True, help="new (or empty) folder for the export")
     ap.add_argument("--config", help="config file (default: the run's config.json)")
     args = ap.parse_args(argv)

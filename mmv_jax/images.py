@@ -30,7 +30,8 @@ MODALITIES = ("cxr", "ct")
 
 @dataclasses.dataclass(frozen=True)
 class Preprocessing:
-    """The training preprocessing of a run (its ``config.data``), as an export records it."""
+    """The training preprocessing of a run (its ``config.data``), as an export records it: the
+    options of :func:`~mmv_jax.data.transforms.load_preprocessed`, field for field."""
 
     long_side_2d: int = 224
     long_side_3d: int = 112
@@ -97,13 +98,7 @@ def prepare(
             split="api",
             spacing=None if spacing is None else tuple(float(s) for s in spacing),
         )
-        image = load_preprocessed(
-            rec,
-            long_side_2d=prep.long_side_2d,
-            long_side_3d=prep.long_side_3d,
-            window=prep.ct_window,
-            max_voxels=prep.max_voxels,
-        )
+        image = load_preprocessed(rec, **dataclasses.asdict(prep))
         return Prepared(image, modality, path)
     arr = _as_array(item)
     if arr.ndim == 2:

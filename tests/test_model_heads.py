@@ -46,4 +46,4 @@ def test_projector_refuses_unknown_settings():
     with pytest.raises(ValueError, match="proj_norm"):
         Projector(16, 32, 8, 3, norm="group", rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="proj_layers"):
-        Projector(16, 32, 8, 0, rngs=nnx.Rngs(0))
+        Projector(16, 32, 8, 0, norm="batch", rngs=nnx.Rngs(0))

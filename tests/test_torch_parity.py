@@ -202,7 +202,7 @@ def test_layernorm_projector_matches():
     from mmv_jax.model.heads import Projector
 
     jp = Projector(24, 40, 8, 3, norm="layer", rngs=nnx.Rngs(2))
-    tp = tr.model.Projector(24, 40, 8, 3, norm="layer")
+    tp = tr.model.Projector(24, 40, 8, 3, 1e-6, "layer")
     pure = {"projector": jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(jp, nnx.Param)))}
     sd = {k[len("projector.") :]: torch.tensor(v) for k, v in ct.jax_to_torch(pure).items()}
     tp.load_state_dict(sd, strict=True)

@@ -53,6 +53,7 @@ def compile_for_topology(cfg, topology: str, num_slices: int = 1, max_shapes: in
     from mmv_jax.data import pipeline
     from mmv_jax.train import sharding as shd
     from mmv_jax.train.loop import build_step
+    from mmv_jax.train.metrics import device_bytes
 
     topo = topologies.get_topology_desc(
         topology_name=topology, platform="tpu", num_slices=num_slices
@@ -83,13 +84,7 @@ def compile_for_topology(cfg, topology: str, num_slices: int = 1, max_shapes: in
         t = time.perf_counter()
         compiled = step.lower(state, batch).compile()
         compile_s = time.perf_counter() - t
-        mem = compiled.memory_analysis()
-        total = (
-            mem.argument_size_in_bytes
-            + mem.output_size_in_bytes
-            + mem.temp_size_in_bytes
-            - mem.alias_size_in_bytes
-        )
+        total = device_bytes(compiled)
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         flops = float(cost.get("flops", 0.0)) if cost else 0.0
@@ -97,8 +92,8 @@ def compile_for_topology(cfg, topology: str, num_slices: int = 1, max_shapes: in
             {
                 "rows": g,
                 "seq_len": seq,
-                "bytes_per_device": int(total),
-                "temp_bytes": int(mem.temp_size_in_bytes),
+                "bytes_per_device": total,
+                "temp_bytes": int(compiled.memory_analysis().temp_size_in_bytes),
                 "flops": flops,
                 "compile_s": round(compile_s, 1),
             }

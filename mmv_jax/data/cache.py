@@ -13,6 +13,7 @@ Resumable: files already written are kept (each file is written atomically). Run
 ``--workers`` processes with a progress bar. The pipeline reads it with ``data.cache_dir=DIR``
 (or ``data.manifest=DIR/manifest.jsonl``); the long sides must match the config's.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -85,22 +86,35 @@ def _spacing_of(out, rel):
         return None
 
 
-def build_cache(manifest: str, out: str, *, workers: int = 1, long_side_2d: int = 224,
-                long_side_3d: int = 112, splits=None, progress: bool = True,
-                max_voxels: int = DEFAULT_MAX_VOXELS) -> dict:
+def build_cache(
+    manifest: str,
+    out: str,
+    *,
+    workers: int = 1,
+    long_side_2d: int = 224,
+    long_side_3d: int = 112,
+    splits=None,
+    progress: bool = True,
+    max_voxels: int = DEFAULT_MAX_VOXELS,
+) -> dict:
     records = load_manifest(manifest, splits=splits)
     out = os.path.abspath(out)
     for m in ("cxr", "ct"):
         os.makedirs(os.path.join(out, m), exist_ok=True)
     info_path = os.path.join(out, "cache_info.json")
-    info = dict(long_side_2d=long_side_2d, long_side_3d=long_side_3d,
-                source_manifest=os.path.abspath(manifest))
+    info = dict(
+        long_side_2d=long_side_2d,
+        long_side_3d=long_side_3d,
+        source_manifest=os.path.abspath(manifest),
+    )
     if os.path.exists(info_path):
         with open(info_path) as f:
             old = json.load(f)
         if (old.get("long_side_2d"), old.get("long_side_3d")) != (long_side_2d, long_side_3d):
-            raise CacheError(f"{out} holds a cache with long sides {old.get('long_side_2d')}/"
-                             f"{old.get('long_side_3d')}; use another --out")
+            raise CacheError(
+                f"{out} holds a cache with long sides {old.get('long_side_2d')}/"
+                f"{old.get('long_side_3d')}; use another --out"
+            )
     with open(info_path, "w") as f:
         json.dump(info, f, indent=1)
     jobs = [(r, out, long_side_2d, long_side_3d, int(max_voxels)) for r in records]
@@ -108,6 +122,7 @@ def build_cache(manifest: str, out: str, *, workers: int = 1, long_side_2d: int 
     bar = None
     if progress:
         from tqdm import tqdm
+
         bar = tqdm(total=len(jobs), unit="img", desc="mmv-cache", file=sys.stderr)
     if workers > 1:
         ctx = mp.get_context("spawn")
@@ -150,20 +165,39 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     ap.add_argument("--long-side-2d", type=int, default=224)
     ap.add_argument("--long-side-3d", type=int, default=112)
-    ap.add_argument("--splits", "--split", nargs="*", default=None, dest="splits",
-                    help="only these splits (default: all)")
-    ap.add_argument("--max-image-voxels", type=int, default=DEFAULT_MAX_VOXELS,
-                    help="refuse files whose header claims more voxels (data.max_image_voxels)")
+    ap.add_argument(
+        "--splits",
+        "--split",
+        nargs="*",
+        default=None,
+        dest="splits",
+        help="only these splits (default: all)",
+    )
+    ap.add_argument(
+        "--max-image-voxels",
+        type=int,
+        default=DEFAULT_MAX_VOXELS,
+        help="refuse files whose header claims more voxels (data.max_image_voxels)",
+    )
     a = ap.parse_args(argv)
     if a.max_image_voxels < 1:
         ap.error("--max-image-voxels must be >= 1")
     for flag in ("workers", "long_side_2d", "long_side_3d"):
         if getattr(a, flag) < 1:
             ap.error(f"--{flag.replace('_', '-')} must be >= 1")
-    res = build_cache(a.manifest, a.out, workers=a.workers, long_side_2d=a.long_side_2d,
-                      long_side_3d=a.long_side_3d, splits=a.splits, max_voxels=a.max_image_voxels)
-    print(f"cached {res['images']} images to {res['out']} ({res['bad']} unreadable, listed in "
-          f"{os.path.join(res['out'], 'bad.jsonl')})")
+    res = build_cache(
+        a.manifest,
+        a.out,
+        workers=a.workers,
+        long_side_2d=a.long_side_2d,
+        long_side_3d=a.long_side_3d,
+        splits=a.splits,
+        max_voxels=a.max_image_voxels,
+    )
+    print(
+        f"cached {res['images']} images to {res['out']} ({res['bad']} unreadable, listed in "
+        f"{os.path.join(res['out'], 'bad.jsonl')})"
+    )
     return 0
 
 

@@ -5,6 +5,7 @@ its records quote element values, so inside ``load_image`` they are dropped and 
 to a fixed text. Sizes a header claims are checked before any pixel is decoded; spacing and
 rescale values must be finite; errors are fixed categories plus a tag name.
 """
+
 from __future__ import annotations
 
 import logging
@@ -14,12 +15,28 @@ import warnings
 
 import numpy as np
 
-from mmv_jax.data.readers import (ImageReadError, _READING, _check_size, _iop_affine,
-                                  _to_canonical, file_errors)
+from mmv_jax.data.readers import (
+    _READING,
+    ImageReadError,
+    _check_size,
+    _iop_affine,
+    _to_canonical,
+    file_errors,
+)
 
 _XRAY_MODALITIES = {"CR", "DX", "DR", "RG", "MG", "XA", "RF", "PX", "IO"}
-_PHOTOMETRIC = {"MONOCHROME1", "MONOCHROME2", "PALETTE COLOR", "RGB", "YBR_FULL", "YBR_FULL_422",
-                "YBR_PARTIAL_420", "YBR_PARTIAL_422", "YBR_ICT", "YBR_RCT"}
+_PHOTOMETRIC = {
+    "MONOCHROME1",
+    "MONOCHROME2",
+    "PALETTE COLOR",
+    "RGB",
+    "YBR_FULL",
+    "YBR_FULL_422",
+    "YBR_PARTIAL_420",
+    "YBR_PARTIAL_422",
+    "YBR_ICT",
+    "YBR_RCT",
+}
 
 
 class _NoHeaderValues(logging.Filter):
@@ -43,12 +60,15 @@ _PYDICOM = []
 def _pydicom():
     """Imports pydicom once per process with its logging and warnings made identifier-safe."""
     import pydicom
+
     if not _PYDICOM:
         import pydicom.pixels  # noqa: F401  (creates the pixel decoders' loggers)
+
         flt = _NoHeaderValues()
         # logger filters do not see records propagated from child loggers: filter each of them
-        for name in ["pydicom"] + [n for n in list(logging.root.manager.loggerDict)
-                                   if n.startswith("pydicom.")]:
+        for name in ["pydicom"] + [
+            n for n in list(logging.root.manager.loggerDict) if n.startswith("pydicom.")
+        ]:
             lg = logging.getLogger(name)
             if not any(isinstance(f, _NoHeaderValues) for f in lg.filters):
                 lg.addFilter(flt)
@@ -94,16 +114,18 @@ def _dicom_frames(ds, path: str) -> int:
     return int(v[0])
 
 
-def _dicom_pixels(ds, path: str, hu_slope, hu_intercept, max_voxels: int, frames: int = 1,
-                  xray: bool = False) -> np.ndarray:
+def _dicom_pixels(
+    ds, path: str, hu_slope, hu_intercept, max_voxels: int, frames: int = 1, xray: bool = False
+) -> np.ndarray:
     """Stored pixels -> the modality's units: the modality LUT (a Modality LUT Sequence, else
     rescale slope/intercept, unless the manifest overrides them); for an X-ray (``xray``) then
     the first VOI LUT or window when the file has one (radiographs from hospital archives often
     store raw detector values that only the VOI makes readable); MONOCHROME1 inverted last."""
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise ImageReadError(path, "no pixel data")
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2") or "MONOCHROME2"
-                      ).strip().upper()
+    photometric = (
+        str(ds.get("PhotometricInterpretation", "MONOCHROME2") or "MONOCHROME2").strip().upper()
+    )
     if photometric not in _PHOTOMETRIC:
         raise ImageReadError(path, "unsupported PhotometricInterpretation")
     _dicom_size_check(ds, path, max_voxels, frames)
@@ -122,37 +144,52 @@ def _dicom_pixels(ds, path: str, hu_slope, hu_intercept, max_voxels: int, frames
         # colour (secondary capture, rare): convert to luminance
         if photometric.startswith("YBR"):
             from pydicom.pixels import convert_color_space
+
             arr = convert_color_space(arr, photometric, "RGB")
         arr = arr.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
     elif photometric == "PALETTE COLOR":
         from pydicom.pixels import apply_color_lut
-        arr = apply_color_lut(arr, ds).astype(np.float32) @ np.array([0.299, 0.587, 0.114],
-                                                                       np.float32)
+
+        arr = apply_color_lut(arr, ds).astype(np.float32) @ np.array(
+            [0.299, 0.587, 0.114], np.float32
+        )
     mono = spp == 1 and photometric in ("MONOCHROME1", "MONOCHROME2")
-    if mono and hu_slope is None and hu_intercept is None and _has_item(ds, path, "ModalityLUTSequence"):
+    if (
+        mono
+        and hu_slope is None
+        and hu_intercept is None
+        and _has_item(ds, path, "ModalityLUTSequence")
+    ):
         with file_errors(path, "modality LUT"):
             from pydicom.pixels import apply_modality_lut
-            arr = apply_modality_lut(arr, ds)   # a lookup table: integer input, not floats
+
+            arr = apply_modality_lut(arr, ds)  # a lookup table: integer input, not floats
         rescaled = True
     else:
         arr = arr.astype(np.float32)
         rescaled = hu_slope is not None or hu_intercept is not None or slope != 1 or inter != 0
         if rescaled:
             arr = arr * np.float32(slope) + np.float32(inter)
-    if xray and mono and (_has_item(ds, path, "VOILUTSequence")
-                          or ("WindowCenter" in ds and "WindowWidth" in ds)):
+    if (
+        xray
+        and mono
+        and (
+            _has_item(ds, path, "VOILUTSequence") or ("WindowCenter" in ds and "WindowWidth" in ds)
+        )
+    ):
         with file_errors(path, "VOI LUT"):
             from pydicom.pixels import apply_voi_lut
+
             if _has_item(ds, path, "VOILUTSequence") and np.all(np.mod(arr, 1) == 0):
-                arr = arr.astype(np.int64)       # the LUT indexes integer values
+                arr = arr.astype(np.int64)  # the LUT indexes integer values
             arr = apply_voi_lut(arr, ds, index=0)
-        rescaled = True   # the VOI's output range is not the stored bits' range
+        rescaled = True  # the VOI's output range is not the stored bits' range
     arr = np.asarray(arr, np.float32)
     if photometric == "MONOCHROME1":
         bits = int((_numbers(ds, path, "BitsStored") or (0,))[0])
         signed = int((_numbers(ds, path, "PixelRepresentation") or (0,))[0])
         if bits and not rescaled and spp == 1 and signed == 0:
-            arr = np.float32(2 ** bits - 1) - arr  # full stored range, independent of content
+            arr = np.float32(2**bits - 1) - arr  # full stored range, independent of content
         else:
             arr = arr.max() + arr.min() - arr
     return arr
@@ -180,8 +217,15 @@ def read_file(path, hu_slope, hu_intercept, max_voxels):
     with file_errors(path, "DICOM parsing"):
         ds = pydicom.dcmread(path)
     frames = _dicom_frames(ds, path)
-    arr = _dicom_pixels(ds, path, hu_slope, hu_intercept, max_voxels, frames,
-                        xray=frames == 1 and _dicom_modality(ds, frames) == "cxr")
+    arr = _dicom_pixels(
+        ds,
+        path,
+        hu_slope,
+        hu_intercept,
+        max_voxels,
+        frames,
+        xray=frames == 1 and _dicom_modality(ds, frames) == "cxr",
+    )
     if arr.size != frames * arr.shape[-1] * arr.shape[-2]:
         raise ImageReadError(path, "pixel data does not match NumberOfFrames")
     arr = arr.reshape((frames,) + arr.shape[-2:])
@@ -227,8 +271,11 @@ def _pixel_spacing(ds, path: str) -> tuple[float, float]:
 
 def read_series(folder, hu_slope, hu_intercept, max_voxels):
     pydicom = _pydicom()
-    files = sorted(os.path.join(folder, f) for f in os.listdir(folder)
-                   if not f.startswith(".") and os.path.isfile(os.path.join(folder, f)))
+    files = sorted(
+        os.path.join(folder, f)
+        for f in os.listdir(folder)
+        if not f.startswith(".") and os.path.isfile(os.path.join(folder, f))
+    )
     if not files:
         raise ImageReadError(folder, "empty DICOM series folder")
     slices = []
@@ -244,17 +291,31 @@ def read_series(folder, hu_slope, hu_intercept, max_voxels):
     if len(uids) > 1:
         raise ImageReadError(folder, f"folder holds {len(uids)} series, expected one")
     # the whole stack against the limit before any slice is decoded
-    _check_size(folder, [sum(int((_numbers(s, folder, "Rows") or (0,))[0])
-                             * int((_numbers(s, folder, "Columns") or (0,))[0]) for s in slices)],
-                max_voxels, "series")
+    _check_size(
+        folder,
+        [
+            sum(
+                int((_numbers(s, folder, "Rows") or (0,))[0])
+                * int((_numbers(s, folder, "Columns") or (0,))[0])
+                for s in slices
+            )
+        ],
+        max_voxels,
+        "series",
+    )
     iop = _numbers(slices[0], folder, "ImageOrientationPatient", 6)
     if iop is not None and all("ImagePositionPatient" in s for s in slices):
         normal = np.cross(np.asarray(iop[:3], float), np.asarray(iop[3:], float))
-        pos = np.array([float(np.dot(normal, _numbers(s, folder, "ImagePositionPatient", 3)))
-                        for s in slices])
+        pos = np.array(
+            [float(np.dot(normal, _numbers(s, folder, "ImagePositionPatient", 3))) for s in slices]
+        )
     else:
-        pos = np.array([(_numbers(s, folder, "InstanceNumber") or (float(i),))[0]
-                        for i, s in enumerate(slices)])
+        pos = np.array(
+            [
+                (_numbers(s, folder, "InstanceNumber") or (float(i),))[0]
+                for i, s in enumerate(slices)
+            ]
+        )
     order = np.argsort(pos, kind="stable")
     slices = [slices[i] for i in order]
     pos = pos[order]
@@ -272,10 +333,10 @@ def read_series(folder, hu_slope, hu_intercept, max_voxels):
         dz = _slice_spacing(slices[0], folder)
     if iop is not None and len(slices) > 1:
         # [slice, row, column] -> voxel axes (i = along the row cosine, j = column cosine, k = normal)
-        arr, (dz, dy, dx) = _to_canonical(arr.transpose(2, 1, 0), _iop_affine(iop, (dx, dy, dz)),
-                                          (dx, dy, dz))
+        arr, (dz, dy, dx) = _to_canonical(
+            arr.transpose(2, 1, 0), _iop_affine(iop, (dx, dy, dz)), (dx, dy, dz)
+        )
     return arr, (dz, dy, dx), "ct" if len(slices) > 1 else _dicom_modality(slices[0], 1)
 
 
 # ---------------------------------------------------------------- NIfTI
-

@@ -1,6 +1,7 @@
 """The evaluation iterator (host side, numpy + Grain): one deterministic whole-image view per
 image, every batch one shape (:func:`eval_batch_shape`). Re-exported by
 :mod:`mmv_jax.data.pipeline`, whose docstring describes it."""
+
 from __future__ import annotations
 
 import logging
@@ -23,8 +24,9 @@ log = logging.getLogger(__name__)
 class _EvalSource:
     def __init__(self, records, cfg, batch_size, seq_len, slots, patch_dim, rows, num_batches):
         self.records, self.bs, self.num_batches = records, int(batch_size), int(num_batches)
-        self.views = dict(long_side_2d=int(cfg.views.long_side_2d),
-                          long_side_3d=int(cfg.views.long_side_3d))
+        self.views = dict(
+            long_side_2d=int(cfg.views.long_side_2d), long_side_3d=int(cfg.views.long_side_3d)
+        )
         self.window = tuple(cfg.ct_window)
         self.max_voxels = max_image_voxels(cfg)
         self.seq_len, self.slots, self.patch_dim, self.rows = seq_len, slots, patch_dim, rows
@@ -34,10 +36,11 @@ class _EvalSource:
 
     def __getitem__(self, b):
         views, ids = [], []
-        for rec in self.records[b * self.bs:(b + 1) * self.bs]:
+        for rec in self.records[b * self.bs : (b + 1) * self.bs]:
             try:
-                image = load_preprocessed(rec, **self.views, window=self.window,
-                                          max_voxels=self.max_voxels)
+                image = load_preprocessed(
+                    rec, **self.views, ct_window=self.window, max_voxels=self.max_voxels
+                )
                 with file_errors(rec.path, "view"):
                     view = whole_view(image, sample=len(ids), modality=int(rec.modality == "ct"))
             except ImageReadError as e:
@@ -59,8 +62,15 @@ def eval_batch_shape(cfg, batch_size: int, has_3d: bool) -> tuple[int, int, int,
     return int(math.ceil(rows / m) * m), s, slots, packing.patch_dim_for(has_3d)
 
 
-def make_eval_iterator(cfg, manifest_path_or_records, *, split: str | None = None,
-                       batch_size: int, process_index: int = 0, process_count: int = 1):
+def make_eval_iterator(
+    cfg,
+    manifest_path_or_records,
+    *,
+    split: str | None = None,
+    batch_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+):
     """Iterator of ``(batch, ids)`` with one deterministic whole-image view per image.
 
     ``manifest_path_or_records``: a manifest path or a list of :class:`Record`. ``split``
@@ -80,9 +90,14 @@ def make_eval_iterator(cfg, manifest_path_or_records, *, split: str | None = Non
     rows, s, slots, pd = eval_batch_shape(cfg, batch_size, has_3d)
     t2, t3 = max_view_tokens(cfg)
     if (t3 if has_3d else t2) > s:
-        raise ConfigError(f"config data.buckets.seq_len={s} is shorter than a whole image "
-                          f"({t3 if has_3d else t2} tokens)")
+        raise ConfigError(
+            f"config data.buckets.seq_len={s} is shorter than a whole image "
+            f"({t3 if has_3d else t2} tokens)"
+        )
     src = _EvalSource(records, cfg, batch_size, s, slots, pd, rows, num_batches)
     ds = grain.MapDataset.source(src).to_iter_dataset(
-        grain.ReadOptions(num_threads=int(cfg.read_threads), prefetch_buffer_size=max(1, int(cfg.prefetch))))
+        grain.ReadOptions(
+            num_threads=int(cfg.read_threads), prefetch_buffer_size=max(1, int(cfg.prefetch))
+        )
+    )
     return iter(mp_prefetch(ds, cfg))

@@ -26,6 +26,7 @@ columns, the probes, evaluation during training) takes them from there.
 
 Errors name the file and the line number.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,15 +34,29 @@ import math
 import os
 import posixpath
 import re
-from dataclasses import dataclass, field, asdict
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
 
 from mmv_jax import paths
 
 LABELS = ("atelectasis", "cardiomegaly", "consolidation", "lung_opacity", "pleural_effusion")
 MODALITIES = ("cxr", "ct")
-_KNOWN = {"id", "path", "modality", "dataset", "split", "patient", "labels", "spacing",
-          "hu_slope", "hu_intercept", "orientation", "preprocessed", "shape", "meta"}
+_KNOWN = {
+    "id",
+    "path",
+    "modality",
+    "dataset",
+    "split",
+    "patient",
+    "labels",
+    "spacing",
+    "hu_slope",
+    "hu_intercept",
+    "orientation",
+    "preprocessed",
+    "shape",
+    "meta",
+}
 
 
 _FINDING = re.compile(r"[a-z][a-z0-9_]*")
@@ -65,8 +80,10 @@ def check_findings(names, where: str = "findings") -> tuple[str, ...]:
         raise ManifestError(f"{where}: findings must be a non-empty list of names")
     for n in names:
         if not isinstance(n, str) or not _FINDING.fullmatch(n):
-            raise ManifestError(f"{where}: finding name {n!r} must match [a-z][a-z0-9_]* "
-                                "(lower case, digits, underscores)")
+            raise ManifestError(
+                f"{where}: finding name {n!r} must match [a-z][a-z0-9_]* "
+                "(lower case, digits, underscores)"
+            )
     if len(set(names)) != len(names):
         raise ManifestError(f"{where}: duplicate finding names")
     return tuple(names)
@@ -75,7 +92,7 @@ def check_findings(names, where: str = "findings") -> tuple[str, ...]:
 @dataclass(frozen=True)
 class Record:
     id: str
-    path: str                       # absolute after loading
+    path: str  # absolute after loading
     modality: str
     dataset: str
     split: str
@@ -90,8 +107,13 @@ class Record:
 
     def read_kwargs(self) -> dict:
         """Keyword overrides for :func:`mmv_jax.data.readers.load_image`."""
-        return dict(modality=self.modality, spacing=self.spacing, hu_slope=self.hu_slope,
-                    hu_intercept=self.hu_intercept, orientation=self.orientation)
+        return dict(
+            modality=self.modality,
+            spacing=self.spacing,
+            hu_slope=self.hu_slope,
+            hu_intercept=self.hu_intercept,
+            orientation=self.orientation,
+        )
 
     def to_json(self, root: str | None = None) -> dict:
         d = {k: v for k, v in asdict(self).items() if v not in (None, {}, False)}
@@ -132,9 +154,12 @@ def parse_record(obj, root: str, where: str = "record", findings=LABELS) -> Reco
     clean = {}
     for k, v in labels.items():
         if k not in findings:
-            raise _err(where, f"unknown label {k!r} (the manifest's findings: "
-                              f"{', '.join(findings)}; declare others in a header line "
-                              '{"findings": [...]})')
+            raise _err(
+                where,
+                f"unknown label {k!r} (the manifest's findings: "
+                f"{', '.join(findings)}; declare others in a header line "
+                '{"findings": [...]})',
+            )
         if v is None:
             continue
         if v not in (1, 0, -1) or isinstance(v, bool):
@@ -146,7 +171,9 @@ def parse_record(obj, root: str, where: str = "record", findings=LABELS) -> Reco
         if v is None:
             return None
         if not isinstance(v, (list, tuple)) or len(v) not in lengths:
-            raise _err(where, f"field {key!r} must be a list of {' or '.join(map(str, lengths))} numbers")
+            raise _err(
+                where, f"field {key!r} must be a list of {' or '.join(map(str, lengths))} numbers"
+            )
         if any(isinstance(x, bool) for x in v):
             raise _err(where, f"field {key!r} must hold numbers")
         try:
@@ -166,32 +193,49 @@ def parse_record(obj, root: str, where: str = "record", findings=LABELS) -> Reco
         raise _err(where, "field 'shape' must hold three positive integers")
     for key in ("hu_slope", "hu_intercept"):
         v = obj.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
-                              or not math.isfinite(v)):
+        if v is not None and (
+            isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+        ):
             raise _err(where, f"field {key!r} must be a finite number")
     preprocessed = obj.get("preprocessed", False)
     # strict: bool("false") is True, so a string here would silently skip the resize
     if preprocessed is None:
         preprocessed = False
     elif preprocessed not in (True, False, 0, 1) or isinstance(preprocessed, float):
-        raise _err(where, "field 'preprocessed' must be true or false (a JSON boolean, or 1/0), "
-                          f"got a {type(preprocessed).__name__}")
+        raise _err(
+            where,
+            "field 'preprocessed' must be true or false (a JSON boolean, or 1/0), "
+            f"got a {type(preprocessed).__name__}",
+        )
     path = obj["path"]
     if paths.is_uri(root) and not paths.is_uri(path):
         path = posixpath.join(root, path)
     elif not os.path.isabs(path) and not paths.is_uri(path):
         path = os.path.normpath(os.path.join(root, path))
-    return Record(id=obj["id"], path=path, modality=obj["modality"], dataset=obj["dataset"],
-                  split=obj["split"], patient=None if patient is None else str(patient),
-                  labels=clean, spacing=spacing,
-                  hu_slope=None if obj.get("hu_slope") is None else float(obj["hu_slope"]),
-                  hu_intercept=None if obj.get("hu_intercept") is None else float(obj["hu_intercept"]),
-                  orientation=orientation, preprocessed=bool(preprocessed),
-                  shape=None if shape is None else tuple(int(s) for s in shape))
+    return Record(
+        id=obj["id"],
+        path=path,
+        modality=obj["modality"],
+        dataset=obj["dataset"],
+        split=obj["split"],
+        patient=None if patient is None else str(patient),
+        labels=clean,
+        spacing=spacing,
+        hu_slope=None if obj.get("hu_slope") is None else float(obj["hu_slope"]),
+        hu_intercept=None if obj.get("hu_intercept") is None else float(obj["hu_intercept"]),
+        orientation=orientation,
+        preprocessed=bool(preprocessed),
+        shape=None if shape is None else tuple(int(s) for s in shape),
+    )
 
 
-def load_manifest(path, *, splits: Sequence[str] | str | None = None,
-                  modality: str | None = None, check_patients: bool = True) -> Records:
+def load_manifest(
+    path,
+    *,
+    splits: Sequence[str] | str | None = None,
+    modality: str | None = None,
+    check_patients: bool = True,
+) -> Records:
     """Reads and validates a JSONL manifest; optionally keeps only ``splits``/``modality``.
     Returns :class:`Records` (a list with the manifest's ``findings``).
 
@@ -234,8 +278,11 @@ def load_manifest(path, *, splits: Sequence[str] | str | None = None,
                 key = (rec.dataset, rec.patient)
                 prev = patient_split.setdefault(key, (rec.split, lineno))
                 if prev[0] != rec.split:
-                    raise _err(where, f"a patient of dataset {rec.dataset!r} is in split "
-                                      f"{rec.split!r} and in split {prev[0]!r} (line {prev[1]})")
+                    raise _err(
+                        where,
+                        f"a patient of dataset {rec.dataset!r} is in split "
+                        f"{rec.split!r} and in split {prev[0]!r} (line {prev[1]})",
+                    )
             records.append(rec)
     if isinstance(splits, str):
         splits = (splits,)
@@ -246,8 +293,9 @@ def load_manifest(path, *, splits: Sequence[str] | str | None = None,
     return Records(records, findings)
 
 
-def write_manifest(path, records: Iterable[Record | dict], *, relative: bool = True,
-                   findings=None) -> None:
+def write_manifest(
+    path, records: Iterable[Record | dict], *, relative: bool = True, findings=None
+) -> None:
     """Writes records as JSONL (atomically); paths are made relative to the file's folder.
     ``findings`` (default: ``records.findings`` of a :class:`Records`, else the paper's five)
     goes into the header line when it is not the default."""

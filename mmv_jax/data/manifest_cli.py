@@ -6,6 +6,7 @@
 
 Counts only: no id, path or patient is printed.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,9 +28,17 @@ def stats(records) -> dict:
     groups: dict = {}
     splits_of = defaultdict(set)
     for r in records:
-        g = groups.setdefault(f"{r.dataset}/{r.split}", {
-            "records": 0, "cxr": 0, "ct": 0,
-            "labels": {f: dict.fromkeys((*LABEL_VALUES.values(), "unknown"), 0) for f in findings}})
+        g = groups.setdefault(
+            f"{r.dataset}/{r.split}",
+            {
+                "records": 0,
+                "cxr": 0,
+                "ct": 0,
+                "labels": {
+                    f: dict.fromkeys((*LABEL_VALUES.values(), "unknown"), 0) for f in findings
+                },
+            },
+        )
         g["records"] += 1
         g[r.modality] += 1
         for f in findings:
@@ -37,30 +46,44 @@ def stats(records) -> dict:
         if r.patient:
             splits_of[(r.dataset, r.patient)].add(r.split)
     patients = Counter(s for sp in splits_of.values() for s in sp)
-    return {"records": len(records), "findings": list(findings),
-            "splits": dict(Counter(r.split for r in records)), "patients": dict(patients),
-            "patients_in_several_splits": sum(len(s) > 1 for s in splits_of.values()),
-            "groups": dict(sorted(groups.items()))}
+    return {
+        "records": len(records),
+        "findings": list(findings),
+        "splits": dict(Counter(r.split for r in records)),
+        "patients": dict(patients),
+        "patients_in_several_splits": sum(len(s) > 1 for s in splits_of.values()),
+        "groups": dict(sorted(groups.items())),
+    }
 
 
 def stats_table(s: dict) -> str:
     """The counts as a Markdown table: one row per dataset/split, ``pos/neg/unc/unknown`` per finding."""
     head = ["dataset/split", "records", "cxr", "ct", *s["findings"]]
-    lines = [f"{s['records']} records; findings: {', '.join(s['findings'])}; labels as "
-             "pos/neg/uncertain/unknown", "",
-             "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    lines = [
+        f"{s['records']} records; findings: {', '.join(s['findings'])}; labels as "
+        "pos/neg/uncertain/unknown",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|---|" + "---:|" * (len(head) - 1),
+    ]
     for name, g in s["groups"].items():
-        cells = ["/".join(str(g["labels"][f][k]) for k in ("pos", "neg", "uncertain", "unknown"))
-                 for f in s["findings"]]
-        lines.append(f"| {name} | {g['records']} | {g['cxr']} | {g['ct']} | " + " | ".join(cells) + " |")
+        cells = [
+            "/".join(str(g["labels"][f][k]) for k in ("pos", "neg", "uncertain", "unknown"))
+            for f in s["findings"]
+        ]
+        lines.append(
+            f"| {name} | {g['records']} | {g['cxr']} | {g['ct']} | " + " | ".join(cells) + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
     ap = cli.ArgumentParser(prog="mmv-manifest", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
-    for name, text in (("validate", "check every record; one line"),
-                       ("stats", "counts per dataset/split/finding")):
+    for name, text in (
+        ("validate", "check every record; one line"),
+        ("stats", "counts per dataset/split/finding"),
+    ):
         p = sub.add_parser(name, help=text)
         p.add_argument("manifest")
         if name == "stats":
@@ -71,8 +94,10 @@ def main(argv=None) -> int:
     except ManifestError as e:
         return cli.fail("mmv-manifest", e)
     if a.command == "validate":
-        print(f"mmv-manifest: {a.manifest}: {len(records)} records, valid; findings: "
-              f"{', '.join(records.findings)}")
+        print(
+            f"mmv-manifest: {a.manifest}: {len(records)} records, valid; findings: "
+            f"{', '.join(records.findings)}"
+        )
     elif a.json:
         print(json.dumps(stats(records)))
     else:

@@ -10,6 +10,7 @@ P (``mode="crop"``, the default: views are already snapped to multiples of P, so
 odd-sized inputs) or zero-padded at the end to the next multiple (``mode="pad"``). An axis shorter
 than P is always padded to P.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -32,8 +33,9 @@ def _fit_axis(x: np.ndarray, axis: int, p: int, mode: str) -> np.ndarray:
     return np.pad(x, pad)
 
 
-def patchify(volume: np.ndarray, p: int = PATCH, *, mode: str = "crop",
-             depth_slice_only: bool = False) -> tuple[np.ndarray, tuple[int, int, int]]:
+def patchify(
+    volume: np.ndarray, p: int = PATCH, *, mode: str = "crop", depth_slice_only: bool = False
+) -> tuple[np.ndarray, tuple[int, int, int]]:
     """``[C, Z, H, W]`` -> (``[G_Z*G_H*G_W, C*P^3]`` float32 patches in (z, y, x) order, grid).
 
     Each patch vector is flattened as ``(c, pz, py, px)`` in C order.
@@ -60,11 +62,24 @@ def patchify(volume: np.ndarray, p: int = PATCH, *, mode: str = "crop",
     return np.ascontiguousarray(x.reshape(gz * gy * gx, -1)), (gz, gy, gx)
 
 
-def make_view(image: np.ndarray, *, sample: int, is_global: bool, index: int,
-              p: int = PATCH, depth_slice_only: bool = False) -> View:
+def make_view(
+    image: np.ndarray,
+    *,
+    sample: int,
+    is_global: bool,
+    index: int,
+    p: int = PATCH,
+    depth_slice_only: bool = False,
+) -> View:
     """A ``[Z, H, W]`` (or ``[C, Z, H, W]``) array in [-1, 1] -> a packable :class:`View`."""
     if image.ndim == 3:
         image = image[None]
     patches, grid = patchify(image, p, depth_slice_only=depth_slice_only)
-    return View(patches=patches, coords=grid_coords(grid), sample=sample, is_global=is_global,
-                modality=int(image.shape[1] > 1), index=index)
+    return View(
+        patches=patches,
+        coords=grid_coords(grid),
+        sample=sample,
+        is_global=is_global,
+        modality=int(image.shape[1] > 1),
+        index=index,
+    )

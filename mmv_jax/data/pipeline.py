@@ -35,6 +35,7 @@ any ``worker_count``), up to the bucket padding that the processes agree on; so 
 is the step index plus the global bad-file counters, and it restores exactly into a fresh
 iterator, process or topology.
 """
+
 from __future__ import annotations
 
 import json
@@ -48,9 +49,25 @@ import numpy as np
 from mmv_jax.batch import View, nbytes, wire_dtype
 from mmv_jax.data import packing
 from mmv_jax.data.config import (  # noqa: F401  (re-exported: the public API lives here)
-    GROUPS, MODS, _local_counts, _records, _view_kwargs, bucket_rows, bucket_shapes,
-    default_config, demo_config, groups_of, manifest_path, max_image_voxels, max_view_tokens,
-    mp_prefetch, num_samples_global, num_views_per_sample, validate_config, workers)
+    GROUPS,
+    MODS,
+    _local_counts,
+    _records,
+    _view_kwargs,
+    bucket_rows,
+    bucket_shapes,
+    default_config,
+    demo_config,
+    groups_of,
+    manifest_path,
+    max_image_voxels,
+    max_view_tokens,
+    mp_prefetch,
+    num_samples_global,
+    num_views_per_sample,
+    validate_config,
+    workers,
+)
 from mmv_jax.data.eval_iterator import eval_batch_shape, make_eval_iterator  # noqa: F401  (re-exported)
 from mmv_jax.data.manifest import Record
 from mmv_jax.data.readers import ImageReadError, file_errors
@@ -63,18 +80,36 @@ log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------- per-sample work
 
-def prepare_views(rec: Record, rng: np.random.Generator, sample: int, cfg_views, ct_window,
-                  max_voxels: int | None = None) -> list[View]:
+
+def prepare_views(
+    rec: Record,
+    rng: np.random.Generator,
+    sample: int,
+    cfg_views,
+    ct_window,
+    max_voxels: int | None = None,
+) -> list[View]:
     """Reads one record and draws its views. Any failure of this one file, whatever raised it,
     is an ImageReadError naming it (a bad file to skip), never another exception."""
-    image = load_preprocessed(rec, long_side_2d=cfg_views["long_side_2d"],
-                              long_side_3d=cfg_views["long_side_3d"], window=ct_window,
-                              max_voxels=max_voxels)
+    image = load_preprocessed(
+        rec,
+        long_side_2d=cfg_views["long_side_2d"],
+        long_side_3d=cfg_views["long_side_3d"],
+        ct_window=ct_window,
+        max_voxels=max_voxels,
+    )
     with file_errors(rec.path, "view sampling"):
-        return sample_views(image, rng, sample=sample, modality=int(rec.modality == "ct"),
-                            n_global=cfg_views["n_global"], n_local=cfg_views["n_local"],
-                            global_scale=cfg_views["global_scale"],
-                            local_scale=cfg_views["local_scale"], flips=cfg_views["flips"])
+        return sample_views(
+            image,
+            rng,
+            sample=sample,
+            modality=int(rec.modality == "ct"),
+            n_global=cfg_views["n_global"],
+            n_local=cfg_views["n_local"],
+            global_scale=cfg_views["global_scale"],
+            local_scale=cfg_views["local_scale"],
+            flips=cfg_views["flips"],
+        )
 
 
 _ONE_BLAS_THREAD = []
@@ -88,6 +123,7 @@ def use_one_blas_thread() -> None:
     pipeline does the same, so a batch is bit-identical whatever the worker count."""
     if not _ONE_BLAS_THREAD:
         from threadpoolctl import threadpool_limits
+
         threadpool_limits(limits=1, user_api="blas")
         _ONE_BLAS_THREAD.append(True)
 
@@ -102,12 +138,18 @@ class _TrainSource:
         self.glob = (int(cfg.cxr_per_batch), int(cfg.ct_per_batch))
         for m, n, rs in zip(MODS, self.local, self.records):
             if n and not rs:
-                raise ConfigError(f"no {m} records in splits {tuple(cfg.train_splits)} of "
-                                  f"{manifest_path(cfg)}, but the config asks for {n} per batch")
+                raise ConfigError(
+                    f"no {m} records in splits {tuple(cfg.train_splits)} of "
+                    f"{manifest_path(cfg)}, but the config asks for {n} per batch"
+                )
         self.seed = int(seed)
         self.pi, self.pc = int(process_index), int(process_count)
-        self.views = dict(_view_kwargs(cfg), long_side_2d=int(cfg.views.long_side_2d),
-                          long_side_3d=int(cfg.views.long_side_3d), flips=tuple(cfg.views.flips))
+        self.views = dict(
+            _view_kwargs(cfg),
+            long_side_2d=int(cfg.views.long_side_2d),
+            long_side_3d=int(cfg.views.long_side_3d),
+            flips=tuple(cfg.views.flips),
+        )
         self.window = tuple(cfg.ct_window)
         self.groups, self.rows = bucket_rows(cfg, process_count)
         self.seq_len, self.slots = int(cfg.buckets.seq_len), int(cfg.buckets.slots)
@@ -115,7 +157,7 @@ class _TrainSource:
         self.retries = int(cfg.max_bad_retries)
         self.max_voxels = max_image_voxels(cfg)
         self._perm: dict[tuple[int, int], np.ndarray] = {}
-        self._known_bad: set[str] = set()   # this worker's bad files, never drawn again
+        self._known_bad: set[str] = set()  # this worker's bad files, never drawn again
 
     def __len__(self):
         return sys.maxsize
@@ -155,8 +197,9 @@ class _TrainSource:
                     rng = np.random.default_rng([self.seed, m, q, attempt])
                     tried += 1
                     try:
-                        views += prepare_views(rec, rng, sample, self.views, self.window,
-                                               self.max_voxels)
+                        views += prepare_views(
+                            rec, rng, sample, self.views, self.window, self.max_voxels
+                        )
                         break
                     except ImageReadError as e:
                         self._known_bad.add(rec.path)
@@ -164,15 +207,22 @@ class _TrainSource:
                 else:
                     raise DataError(
                         f"{self.retries + 1} files in a row failed to load for one {MODS[m]} sample; "
-                        f"first bad: {bad[:5]}")
+                        f"first bad: {bad[:5]}"
+                    )
         batch, need = packing.pack_groups(views, self.groups, self.seq_len, self.slots, self.dtype)
-        info = dict(rows_needed=need, real_tokens=np.int64(sum(v.num_tokens for v in views)),
-                    step=np.int64(step), tried=np.int64(tried), build_s=time.perf_counter() - t0,
-                    bad_paths=json.dumps(bad))  # a string: cheap to ship between processes
+        info = dict(
+            rows_needed=need,
+            real_tokens=np.int64(sum(v.num_tokens for v in views)),
+            step=np.int64(step),
+            tried=np.int64(tried),
+            build_s=time.perf_counter() - t0,
+            bad_paths=json.dumps(bad),
+        )  # a string: cheap to ship between processes
         return batch, info
 
 
 # ---------------------------------------------------------------- the iterator with bad-file accounting
+
 
 def _single_process(local: np.ndarray) -> np.ndarray:
     return local[None]
@@ -193,13 +243,23 @@ class _TrainIterator(grain.DatasetIterator):
     The pipeline starts lazily, on the first ``next``.
     """
 
-    def __init__(self, factory, *, rows: tuple[tuple[int, ...], ...], seq_len: int, max_bad_fraction: float,
-                 min_files: int, samples_per_batch: int, gather=None, cached: bool = True,
-                 workers: int = 0):
+    def __init__(
+        self,
+        factory,
+        *,
+        rows: tuple[tuple[int, ...], ...],
+        seq_len: int,
+        max_bad_fraction: float,
+        min_files: int,
+        samples_per_batch: int,
+        gather=None,
+        cached: bool = True,
+        workers: int = 0,
+    ):
         super().__init__()
         self._cached, self._workers = cached, workers
         self._build_s: list[float] = []
-        self._factory = factory          # start step -> DatasetIterator over (batch, info)
+        self._factory = factory  # start step -> DatasetIterator over (batch, info)
         self._it = None
         self._rows, self._seq_len = rows, seq_len
         self._gather = gather or _single_process
@@ -209,7 +269,7 @@ class _TrainIterator(grain.DatasetIterator):
         self._samples = samples_per_batch
         self._bad = 0
         self._tried = 0
-        self._first_bad: list[tuple[str, str]] = []   # this process's, for the error message
+        self._first_bad: list[tuple[str, str]] = []  # this process's, for the error message
         self._logged: set[str] = set()
 
     def __next__(self):
@@ -217,8 +277,9 @@ class _TrainIterator(grain.DatasetIterator):
             self._it = self._factory(self._step)
         batch, info = next(self._it)
         if int(info["step"]) != self._step:  # the pipeline is ordered; this never fires
-            raise RuntimeError(f"data pipeline out of order: got step {int(info['step'])}, "
-                               f"expected {self._step}")
+            raise RuntimeError(
+                f"data pipeline out of order: got step {int(info['step'])}, expected {self._step}"
+            )
         self._step += 1
         self._note_build_time(float(info["build_s"]))
         bad = json.loads(info["bad_paths"])
@@ -229,8 +290,9 @@ class _TrainIterator(grain.DatasetIterator):
             if len(self._first_bad) < 10:
                 self._first_bad.append((path, reason))
         ng = len(self._rows[0])
-        local = np.array([*info["rows_needed"], info["real_tokens"], len(bad), info["tried"]],
-                         np.int64)
+        local = np.array(
+            [*info["rows_needed"], info["real_tokens"], len(bad), info["tried"]], np.int64
+        )
         t0 = time.perf_counter()
         table = np.asarray(self._gather(local), np.int64).reshape(-1, local.size)
         agree_s = time.perf_counter() - t0
@@ -246,14 +308,22 @@ class _TrainIterator(grain.DatasetIterator):
             raise DataError(
                 f"too many bad files: {self._bad} of {self._tried} tried "
                 f"({self._bad / self._tried:.1%} > data.max_bad_fraction="
-                f"{self._max_bad:g}). First bad files on this host:\n  {listing}")
+                f"{self._max_bad:g}). First bad files on this host:\n  {listing}"
+            )
         capacity = sum(rows) * self._seq_len * len(table)
-        stats = dict(packing_efficiency=np.float32(real / capacity), real_tokens=np.int64(real),
-                     capacity_tokens=np.int64(capacity), rows=np.int64(sum(rows) * len(table)),
-                     wire_bytes=np.int64(nbytes(batch) * len(table)),
-                     bad_files=np.int64(self._bad), bad_in_batch=np.int64(n_bad),
-                     samples=np.int64(self._samples), step=np.int64(info["step"]),
-                     agree_s=np.float32(agree_s), build_s=np.float32(info["build_s"]))
+        stats = dict(
+            packing_efficiency=np.float32(real / capacity),
+            real_tokens=np.int64(real),
+            capacity_tokens=np.int64(capacity),
+            rows=np.int64(sum(rows) * len(table)),
+            wire_bytes=np.int64(nbytes(batch) * len(table)),
+            bad_files=np.int64(self._bad),
+            bad_in_batch=np.int64(n_bad),
+            samples=np.int64(self._samples),
+            step=np.int64(info["step"]),
+            agree_s=np.float32(agree_s),
+            build_s=np.float32(info["build_s"]),
+        )
         return batch, stats
 
     def _note_build_time(self, seconds: float) -> None:
@@ -264,14 +334,22 @@ class _TrainIterator(grain.DatasetIterator):
         self._build_s.append(seconds)
         if len(self._build_s) < 8:
             return
-        per_batch = float(np.median(self._build_s[2:]))   # the first ones warm caches up
+        per_batch = float(np.median(self._build_s[2:]))  # the first ones warm caches up
         per_sample = per_batch / max(self._samples, 1)
-        log.info("building one batch takes %.2f s on one worker (%.1f ms per sample); %d worker "
-                 "process(es)", per_batch, 1e3 * per_sample, self._workers)
+        log.info(
+            "building one batch takes %.2f s on one worker (%.1f ms per sample); %d worker "
+            "process(es)",
+            per_batch,
+            1e3 * per_sample,
+            self._workers,
+        )
         if not self._cached:
-            log.warning("training from original files: %.1f ms per sample, decoding and resizing "
-                        "included; `mmv-cache --manifest M --out DIR` decodes and resizes once, "
-                        "then train with --config.data.cache_dir=DIR", 1e3 * per_sample)
+            log.warning(
+                "training from original files: %.1f ms per sample, decoding and resizing "
+                "included; `mmv-cache --manifest M --out DIR` decodes and resizes once, "
+                "then train with --config.data.cache_dir=DIR",
+                1e3 * per_sample,
+            )
 
     def get_state(self) -> dict:
         return {"step": self._step, "bad_files": self._bad, "tried": self._tried}
@@ -300,13 +378,15 @@ class _TrainDataset(grain.IterDataset):
         return _TrainIterator(self._factory, **self._kwargs)
 
 
-def make_train_dataset(cfg, *, seed: int, process_index: int = 0, process_count: int = 1,
-                       gather=None) -> grain.IterDataset:
+def make_train_dataset(
+    cfg, *, seed: int, process_index: int = 0, process_count: int = 1, gather=None
+) -> grain.IterDataset:
     """The Grain ``IterDataset`` behind :func:`make_train_iterator`."""
     seed = int(cfg.shuffle_seed) if int(cfg.shuffle_seed) >= 0 else int(seed)
     src = _TrainSource(cfg, seed, process_index, process_count)
-    read = grain.ReadOptions(num_threads=int(cfg.read_threads),
-                             prefetch_buffer_size=max(1, int(cfg.prefetch)))
+    read = grain.ReadOptions(
+        num_threads=int(cfg.read_threads), prefetch_buffer_size=max(1, int(cfg.prefetch))
+    )
 
     def factory(start: int):
         ds = grain.MapDataset.source(src)
@@ -314,21 +394,30 @@ def make_train_dataset(cfg, *, seed: int, process_index: int = 0, process_count:
             ds = ds[start:]
         return iter(mp_prefetch(ds.to_iter_dataset(read), cfg))
 
-    return _TrainDataset(factory, rows=src.rows, seq_len=src.seq_len, gather=gather,
-                         cached=bool(cfg.cache_dir) or all(r.preprocessed for rs in src.records for r in rs),
-                         workers=workers(cfg),
-                         max_bad_fraction=float(cfg.max_bad_fraction),
-                         min_files=int(cfg.get("min_files_for_bad_fraction", 0)),
-                         samples_per_batch=sum(src.local))
+    return _TrainDataset(
+        factory,
+        rows=src.rows,
+        seq_len=src.seq_len,
+        gather=gather,
+        cached=bool(cfg.cache_dir) or all(r.preprocessed for rs in src.records for r in rs),
+        workers=workers(cfg),
+        max_bad_fraction=float(cfg.max_bad_fraction),
+        min_files=int(cfg.get("min_files_for_bad_fraction", 0)),
+        samples_per_batch=sum(src.local),
+    )
 
 
-def make_train_iterator(cfg, *, seed: int, process_index: int = 0, process_count: int = 1,
-                        gather=None):
+def make_train_iterator(
+    cfg, *, seed: int, process_index: int = 0, process_count: int = 1, gather=None
+):
     """A checkpointable Grain ``DatasetIterator`` over ``(PackedBatch, stats)`` (module docstring).
 
     With ``cfg.worker_count > 0`` the batches are built in Grain worker processes
     (``mp_prefetch``); call ``absl.flags`` parsing (or ``app.run``) in the entry point first, and
     ``iterator.close()`` when done.
     """
-    return iter(make_train_dataset(cfg, seed=seed, process_index=process_index,
-                                   process_count=process_count, gather=gather))
+    return iter(
+        make_train_dataset(
+            cfg, seed=seed, process_index=process_index, process_count=process_count, gather=gather
+        )
+    )

@@ -33,6 +33,7 @@ is allocated, and spacing and rescale values must be finite (spacing positive). 
 log records (which quote element values) are dropped while a file is read here, and elsewhere
 dropped below ERROR and reduced to a fixed text above it; its Python warnings are ignored.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -40,7 +41,8 @@ import math
 import os
 import threading
 import warnings
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -96,14 +98,16 @@ class file_errors:
 
 
 class ImageRecord(NamedTuple):
-    array: np.ndarray                    # float32 [Z, H, W]
+    array: np.ndarray  # float32 [Z, H, W]
     spacing: tuple[float, float, float]  # (z, y, x) mm
-    modality: str                        # "cxr" | "ct"
+    modality: str  # "cxr" | "ct"
     source: str
 
 
 _NIFTI = (".nii", ".nii.gz")
 _RASTER = (".png", ".jpg", ".jpeg")
+
+
 def _kind(path: str) -> str:
     low = path.lower()
     if os.path.isdir(path):
@@ -131,11 +135,16 @@ def _check_size(path: str, dims, max_voxels: int, what: str = "header") -> None:
         raise ImageReadError(path, f"{what} claims more voxels than max_image_voxels={max_voxels}")
 
 
-def load_image(path, *, modality: str | None = None,
-               spacing: Sequence[float] | None = None,
-               hu_slope: float | None = None, hu_intercept: float | None = None,
-               orientation: Sequence[float] | None = None,
-               max_voxels: int | None = None) -> ImageRecord:
+def load_image(
+    path,
+    *,
+    modality: str | None = None,
+    spacing: Sequence[float] | None = None,
+    hu_slope: float | None = None,
+    hu_intercept: float | None = None,
+    orientation: Sequence[float] | None = None,
+    max_voxels: int | None = None,
+) -> ImageRecord:
     """Reads one image (see the module docstring for the contract).
 
     Keyword overrides come from the manifest: ``modality`` (``"cxr"``/``"ct"``), ``spacing``
@@ -219,6 +228,7 @@ def _iop_affine(orientation, spacing_xyz) -> np.ndarray:
 
 def _read_nifti(path, hu_slope, hu_intercept, orientation, max_voxels):
     import nibabel as nib
+
     with file_errors(path, "NIfTI header parsing"):
         img = nib.load(path)  # the header only; voxels are read below
     shape = tuple(int(s) for s in img.shape)
@@ -226,17 +236,22 @@ def _read_nifti(path, hu_slope, hu_intercept, orientation, max_voxels):
         raise ImageReadError(path, f"{len(shape)}D data is not supported")
     _check_size(path, shape, max_voxels)
     if hu_slope is not None or hu_intercept is not None:
-        arr = np.asanyarray(img.dataobj.get_unscaled() if hasattr(img.dataobj, "get_unscaled")
-                            else img.dataobj).astype(np.float32)
+        arr = np.asanyarray(
+            img.dataobj.get_unscaled() if hasattr(img.dataobj, "get_unscaled") else img.dataobj
+        ).astype(np.float32)
         arr = arr * np.float32(1.0 if hu_slope is None else hu_slope) + np.float32(
-            0.0 if hu_intercept is None else hu_intercept)
+            0.0 if hu_intercept is None else hu_intercept
+        )
     else:
         slope, inter = img.dataobj.slope, img.dataobj.inter
         for name, v in (("scl_slope", slope), ("scl_inter", inter)):
             if v is not None and not np.isfinite(v):
                 raise ImageReadError(path, f"non-finite {name}")
-        raw_ok = np.issubdtype(img.get_data_dtype(), np.integer) and slope in (1, None) \
+        raw_ok = (
+            np.issubdtype(img.get_data_dtype(), np.integer)
+            and slope in (1, None)
             and inter in (0, None)
+        )
         # integer voxels stay integer through the reorientation (half the memory traffic)
         arr = np.asanyarray(img.dataobj) if raw_ok else img.get_fdata(dtype=np.float32)
     arr = arr.reshape(shape[:3] if len(shape) >= 3 else shape)
@@ -260,6 +275,7 @@ def _to_canonical(arr_ijk: np.ndarray, affine: np.ndarray, zooms_ijk) -> tuple[n
     """Voxel array ``[i, j, k]`` with a RAS ``affine`` -> canonical ``[Z (I->S), Y (A->P),
     X (R->L)]`` and its ``(z, y, x)`` spacing."""
     from nibabel import orientations as no
+
     ornt = no.io_orientation(affine)
     arr = no.apply_orientation(arr_ijk, ornt)  # now RAS+ (x->R, y->A, z->S)
     sx, sy, sz = (float(zooms_ijk[int(a)]) for a in ornt[:, 0])
@@ -268,6 +284,7 @@ def _to_canonical(arr_ijk: np.ndarray, affine: np.ndarray, zooms_ijk) -> tuple[n
 
 
 # ---------------------------------------------------------------- NPY / PNG / JPG
+
 
 def _npz_member_shape(z, key: str):
     """Shape from an ``.npz`` member's ``.npy`` header, read without decompressing the data."""
@@ -298,7 +315,8 @@ def _read_npy(path, hu_slope, hu_intercept, max_voxels):
     arr = np.asarray(arr, np.float32)
     if hu_slope is not None or hu_intercept is not None:
         arr = arr * np.float32(1.0 if hu_slope is None else hu_slope) + np.float32(
-            0.0 if hu_intercept is None else hu_intercept)
+            0.0 if hu_intercept is None else hu_intercept
+        )
     if arr.ndim == 2:
         arr = arr[None]
     return arr, (1.0, 1.0, 1.0), "ct" if arr.shape[0] > 1 else "cxr"
@@ -306,6 +324,7 @@ def _read_npy(path, hu_slope, hu_intercept, max_voxels):
 
 def _read_raster(path, max_voxels):
     from PIL import Image
+
     with Image.open(path) as im:  # reads the header only
         _check_size(path, (im.size[0], im.size[1], len(im.getbands())), max_voxels)
         im.load()  # decodes fully: a truncated file raises here
@@ -322,6 +341,7 @@ def _dicom():
     """The DICOM readers (``mmv_jax.data.dicom``), imported on first use: that module builds on
     this one's errors and size checks."""
     from mmv_jax.data import dicom
+
     return dicom
 
 

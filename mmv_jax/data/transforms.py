@@ -7,6 +7,7 @@
 - :func:`load_preprocessed`: one manifest record -> its preprocessed image; every failure of that
   one file, whatever raised it, is an :class:`~mmv_jax.data.readers.ImageReadError` naming it.
 """
+
 from __future__ import annotations
 
 import math
@@ -64,7 +65,7 @@ def resize_axis(x: np.ndarray, axis: int, n_out: int) -> np.ndarray:
         k = n_in // f
         start = (n_in - k * f) // 2
         x = np.take(x, np.arange(start, start + k * f), axis=axis) if k * f != n_in else x
-        shape = x.shape[:axis] + (k, f) + x.shape[axis + 1:]
+        shape = x.shape[:axis] + (k, f) + x.shape[axis + 1 :]
         x = x.reshape(shape).mean(axis=axis + 1, dtype=np.float32)
         n_in = k
         if n_in == n_out:
@@ -112,16 +113,29 @@ def normalize(arr: np.ndarray, modality: str, window=CT_WINDOW) -> np.ndarray:
     return normalize_ct(arr, window) if modality == "ct" else normalize_xray(arr)
 
 
-def preprocess(arr: np.ndarray, spacing, modality: str, *, long_side: int,
-               resized: bool = False, window=CT_WINDOW) -> np.ndarray:
+def preprocess(
+    arr: np.ndarray,
+    spacing,
+    modality: str,
+    *,
+    long_side: int,
+    resized: bool = False,
+    window=CT_WINDOW,
+) -> np.ndarray:
     """Physical-unit ``[Z, H, W]`` -> resized (unless ``resized``) and normalised [-1, 1]."""
     if not resized:
         arr, _ = resize_long_side(arr, spacing, long_side)
     return normalize(arr, modality, window)
 
 
-def load_preprocessed(rec, *, long_side_2d: int, long_side_3d: int, window=CT_WINDOW,
-                      max_voxels: int | None = None) -> np.ndarray:
+def load_preprocessed(
+    rec,
+    *,
+    long_side_2d: int,
+    long_side_3d: int,
+    ct_window=CT_WINDOW,
+    max_voxels: int | None = None,
+) -> np.ndarray:
     """One manifest record (:class:`~mmv_jax.data.manifest.Record`) -> its ``[Z, H, W]`` image
     in [-1, 1]: read (``max_voxels`` bounds the header's claimed size, ``None``: the readers'
     default), check that its dimensionality matches ``rec.modality``, resize (unless
@@ -139,9 +153,14 @@ def load_preprocessed(rec, *, long_side_2d: int, long_side_3d: int, window=CT_WI
     if not is_ct and img.array.shape[0] != 1:
         raise ImageReadError(rec.path, "manifest says cxr but the image is 3D")
     with file_errors(rec.path, "preprocessing"):
-        out = preprocess(img.array, img.spacing, rec.modality,
-                         long_side=long_side_3d if is_ct else long_side_2d,
-                         resized=rec.preprocessed, window=window)
+        out = preprocess(
+            img.array,
+            img.spacing,
+            rec.modality,
+            long_side=long_side_3d if is_ct else long_side_2d,
+            resized=rec.preprocessed,
+            window=ct_window,
+        )
         if min(out.shape) < 1:
             raise ImageReadError(rec.path, "empty image after preprocessing")
         return out

@@ -9,9 +9,10 @@ Crops keep their native resolution (no resize), so their token counts vary. Flip
 per view. All randomness comes from the ``numpy.random.Generator`` passed in: the same seed
 gives the same views on any machine.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -19,8 +20,9 @@ from mmv_jax.batch import PATCH, View
 from mmv_jax.data.patches import make_view
 
 
-def crop_shape(rng: np.random.Generator, dims: Sequence[int], scale: Sequence[float],
-               p: int = PATCH) -> tuple[int, ...]:
+def crop_shape(
+    rng: np.random.Generator, dims: Sequence[int], scale: Sequence[float], p: int = PATCH
+) -> tuple[int, ...]:
     """Samples a crop size (per axis, multiples of ``p`` clipped to the image) for ``dims``.
 
     One ``rng.uniform`` draw; the rest is deterministic integer arithmetic (plain Python: this
@@ -104,9 +106,19 @@ def _flip(rng: np.random.Generator, crop: np.ndarray, flips: Sequence[float]) ->
     return crop
 
 
-def sample_views(image: np.ndarray, rng: np.random.Generator, *, sample: int, modality: int,
-                 n_global: int = 2, n_local: int = 8, global_scale=(0.3, 1.0),
-                 local_scale=(0.05, 0.3), flips=(0.5, 0.0, 0.0), p: int = PATCH) -> list[View]:
+def sample_views(
+    image: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    sample: int,
+    modality: int,
+    n_global: int = 2,
+    n_local: int = 8,
+    global_scale=(0.3, 1.0),
+    local_scale=(0.05, 0.3),
+    flips=(0.5, 0.0, 0.0),
+    p: int = PATCH,
+) -> list[View]:
     """``image`` ``[Z, H, W]`` in [-1, 1] -> ``n_global`` then ``n_local`` patchified views
     (``View.index`` 0.. in that order). 2D views carry ``P*P`` patch vectors (depth slice 0)."""
     views = []
@@ -114,8 +126,14 @@ def sample_views(image: np.ndarray, rng: np.random.Generator, *, sample: int, mo
         is_global = idx < n_global
         crop = random_crop(rng, image, global_scale if is_global else local_scale, p)
         crop = _flip(rng, crop, flips)
-        v = make_view(np.ascontiguousarray(crop), sample=sample, is_global=is_global, index=idx,
-                      p=p, depth_slice_only=image.shape[0] == 1)
+        v = make_view(
+            np.ascontiguousarray(crop),
+            sample=sample,
+            is_global=is_global,
+            index=idx,
+            p=p,
+            depth_slice_only=image.shape[0] == 1,
+        )
         views.append(v._replace(modality=int(modality)))
     return views
 
@@ -123,14 +141,22 @@ def sample_views(image: np.ndarray, rng: np.random.Generator, *, sample: int, mo
 def whole_view(image: np.ndarray, *, sample: int, modality: int, p: int = PATCH) -> View:
     """The deterministic evaluation view: the whole (resized) image, centre-trimmed to the patch
     grid, ``index`` 0, global."""
-    v = make_view(image, sample=sample, is_global=True, index=0, p=p,
-                  depth_slice_only=image.shape[0] == 1)
+    v = make_view(
+        image, sample=sample, is_global=True, index=0, p=p, depth_slice_only=image.shape[0] == 1
+    )
     return v._replace(modality=int(modality))
 
 
-def view_grids(rng: np.random.Generator, shape, *, n_global=2, n_local=8,
-               global_scale=(0.3, 1.0), local_scale=(0.05, 0.3),
-               p: int = PATCH) -> list[tuple[int, int, int]]:
+def view_grids(
+    rng: np.random.Generator,
+    shape,
+    *,
+    n_global=2,
+    n_local=8,
+    global_scale=(0.3, 1.0),
+    local_scale=(0.05, 0.3),
+    p: int = PATCH,
+) -> list[tuple[int, int, int]]:
     """Patch grids ``(gz, gy, gx)`` of the views :func:`sample_views` would draw for an image of
     ``shape`` (geometry only: it sizes the packing buckets, and the benchmarks draw their views
     with it)."""

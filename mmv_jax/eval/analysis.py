@@ -154,6 +154,33 @@ def _top(coef, findings, n=3):
     }
 
 
+def _pca(data, fit_on: str, n_components: int, seed: int):
+    """PCA fitted on the training rows of modality ``fit_on`` ("2D"/"3D"/"ALL"), applied to every
+    row: (data with the projected embeddings, the fitted PCA, the number of rows it was fitted on)."""
+    from sklearn.decomposition import PCA
+
+    if fit_on not in LP_DATA:
+        raise ValueError(f"fit_on must be one of {list(LP_DATA)}, got {fit_on!r}")
+    x = np.asarray(data["embeddings"], np.float64)
+    fit_rows = np.flatnonzero(
+        (_lower(data["split"]) == "train") & np.isin(_lower(data["modality"]), LP_DATA[fit_on])
+    )
+    if fit_rows.size == 0:
+        raise ValueError(f"no training rows to fit the {fit_on} PCA on")
+    k = int(min(n_components, fit_rows.size, x.shape[1]))
+    pca = PCA(n_components=k, random_state=seed).fit(x[fit_rows])
+    return dict(data, embeddings=pca.transform(x).astype(np.float32)), pca, int(fit_rows.size)
+
+
+def _pc_probe(proj, lp_data: str, *, policy, c_grid, seed):
+    """A probe per finding on the components of ``lp_data``'s training rows (C chosen on its
+    validation rows): (probe, training row count, ``|coef|`` [L, k])."""
+    train, val, _ = select_rows(proj, lp_data=lp_data, seed=seed)
+    e, y = proj["embeddings"], proj["labels"]
+    probe = fit_probe(e[train], y[train], e[val], y[val], policy=policy, c_grid=c_grid, seed=seed)
+    return probe, int(train.size), _abs_coef(probe, e.shape[1])
+
+
 def shared_pca_probe(
     data, *, n_components=16, policy="ignore", n_boot=0, seed=0, c_grid=C_GRID
 ) -> dict:
@@ -164,15 +191,7 @@ def shared_pca_probe(
     "3D-fitted" | "joint-fitted": {"lp_data", "abs_coef" [L, k] (rows: "coef_findings"), "top_pcs",
     "per_modality": {"2D" | "3D": {finding: auroc}}, "test_sets"}}}`` — per-modality AUROC pools
     every test row of that modality."""
-    from sklearn.decomposition import PCA
-
-    x = np.asarray(data["embeddings"], np.float64)
-    fit_rows = np.flatnonzero(_lower(data["split"]) == "train")
-    if fit_rows.size == 0:
-        raise ValueError("no training rows to fit the PCA on")
-    k = int(min(n_components, fit_rows.size, x.shape[1]))
-    pca = PCA(n_components=k, random_state=seed).fit(x[fit_rows])
-    proj = dict(data, embeddings=pca.transform(x).astype(np.float32))
+    proj, pca, n_fit = _pca(data, "ALL", n_components, seed)
     by_modality = dict(
         proj, dataset=np.array([MODALITY_NAMES.get(m, m) for m in _lower(data["modality"])])
     )
@@ -183,21 +202,11 @@ def shared_pca_probe(
     for name, lp in PROBE_FITS.items():
         if not set(LP_DATA[lp]) & mods:
             continue
-        train, val, _ = select_rows(proj, lp_data=lp, seed=seed)
-        probe = fit_probe(
-            proj["embeddings"][train],
-            proj["labels"][train],
-            proj["embeddings"][val],
-            proj["labels"][val],
-            policy=policy,
-            c_grid=c_grid,
-            seed=seed,
-        )
-        coef = _abs_coef(probe, k)
+        probe, n_train, coef = _pc_probe(proj, lp, policy=policy, c_grid=c_grid, seed=seed)
         per_mod = evaluate_probe(probe, by_modality, n_boot=0, seed=seed)
         probes[name] = {
             "lp_data": lp,
-            "n_train": int(train.size),
+            "n_train": n_train,
             "abs_coef": coef.tolist(),
             "top_pcs": {f: _top(coef, findings)[f] for f in fig_findings},
             "per_modality": {
@@ -206,8 +215,8 @@ def shared_pca_probe(
             "test_sets": evaluate_probe(probe, proj, n_boot=n_boot, seed=seed),
         }
     return {
-        "n_components": k,
-        "n_fit": int(fit_rows.size),
+        "n_components": int(pca.n_components_),
+        "n_fit": n_fit,
         "explained_variance_ratio": pca.explained_variance_ratio_.tolist(),
         "findings": list(fig_findings),
         "coef_findings": list(findings),
@@ -282,37 +291,15 @@ def pca_probe(
     rows of ``lp_data``); returns explained variance, ``abs_coef [L, k]`` (|coef| per PC on
     standardised PCs, NaN row for a finding without a probe), the top PCs per finding, and the
     test-set AUROCs."""
-    from sklearn.decomposition import PCA
-
-    x = np.asarray(data["embeddings"], np.float64)
-    if fit_on not in LP_DATA:
-        raise ValueError(f"fit_on must be one of {list(LP_DATA)}, got {fit_on!r}")
-    fit_rows = np.flatnonzero(
-        (_lower(data["split"]) == "train") & np.isin(_lower(data["modality"]), LP_DATA[fit_on])
-    )
-    if fit_rows.size == 0:
-        raise ValueError(f"no training rows to fit the {fit_on} PCA on")
-    k = int(min(n_components, fit_rows.size, x.shape[1]))
-    pca = PCA(n_components=k, random_state=seed).fit(x[fit_rows])
-    proj = dict(data, embeddings=pca.transform(x).astype(np.float32))
-    train, val, _ = select_rows(proj, lp_data=lp_data, seed=seed)
-    probe = fit_probe(
-        proj["embeddings"][train],
-        proj["labels"][train],
-        proj["embeddings"][val],
-        proj["labels"][val],
-        policy=policy,
-        c_grid=c_grid,
-        seed=seed,
-    )
-    coef = _abs_coef(probe, k)
+    proj, pca, n_fit = _pca(data, fit_on, n_components, seed)
+    probe, _, coef = _pc_probe(proj, lp_data, policy=policy, c_grid=c_grid, seed=seed)
     findings = findings_of(data)
     top = _top(coef, findings)
     tests = evaluate_probe(probe, proj, n_boot=n_boot, seed=seed)
     return {
         "fit_on": fit_on,
-        "n_components": k,
-        "n_fit": int(fit_rows.size),
+        "n_components": int(pca.n_components_),
+        "n_fit": n_fit,
         "explained_variance_ratio": pca.explained_variance_ratio_.tolist(),
         "abs_coef": coef.tolist(),
         "findings": list(findings),

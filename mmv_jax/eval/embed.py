@@ -200,29 +200,19 @@ def embed(
 def _resolve_checkpoint(path: str, step: int | None):
     """(run folder, step) of ``--checkpoint`` (a run folder, its ``checkpoints`` folder or one
     step folder ``run/checkpoints/N``) and ``--step``; raises ``ValueError`` naming them."""
-    from mmv_jax.api import _run_and_checkpoints
+    from mmv_jax.api import resolve_checkpoint
 
     if not os.path.isdir(path):
         raise ValueError(
             f"--checkpoint {path!r} is not a folder (a run folder of mmv-train or "
             "RUN/checkpoints/N)"
         )
-    run, ckpt_dir, folder_step = _run_and_checkpoints(path)
-    if folder_step is not None and step is not None and step != folder_step:
-        raise ValueError(
-            f"--checkpoint {path!r} is step {folder_step}, but --step {step} was given"
-        )
-    return run, ckpt_dir, step if folder_step is None else folder_step
+    return resolve_checkpoint(path, step)
 
 
 def main(argv=None) -> int:
     ap = cli.ArgumentParser("mmv-embed", description=__doc__.split("\n\n")[0])
-    ap.add_argument(
-        "--checkpoint",
-        required=True,
-        help="run folder written by mmv-train, or one of its checkpoints (RUN/checkpoints/N)",
-    )
-    ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    cli.add_checkpoint_args(ap)
     ap.add_argument("--manifest", required=True)
     ap.add_argument("--out", required=True, help="output .npz")
     ap.add_argument("--config", help="config file (default: the run's config.json)")

@@ -112,7 +112,7 @@ def _q_major_step(qlo, qhi, klo, khi, kstart, kend, *, nq, nk):
 
 
 def _probs_and_dlogits(
-    q_ref, k_ref, v_ref, do_ref, qseg_ref, kseg_ref, lse_ref, di_ref, *, scale, bk, heads
+    q_ref, k_ref, v_ref, qseg_ref, kseg_ref, lse_ref, di_ref, do_ref, *, scale, bk, heads
 ):
     """Backward of a (q-block, k-block) pair, head by head: ``(h, q, k, do, p, ds)`` with the
     probabilities p and dlogits ds of head h, [bq, bk]."""
@@ -137,39 +137,22 @@ def span_bound(block_a: int, block_b: int, max_segment_len: int | None, n_b: int
     return max(1, min(n_b, -(-reach // block_b) + 1))
 
 
+def _split_refs(refs, n_in: int):
+    """A kernel's refs, in the order pallas_call passes them -> (the 8 block-metadata tables of
+    :func:`block_metadata`, scalar prefetch: qlo, qhi, klo, khi, kstart, kend, qstart, qend; the
+    ``n_in`` input blocks; the outputs then the scratch buffers)."""
+    return refs[:8], refs[8 : 8 + n_in], refs[8 + n_in :]
+
+
 # ----------------------------------------------------------------------------- forward
 # Every program handles all H heads of one (row, q-block) (the mask is head-independent), so the
 # grid is (B, nq, k-steps): H times fewer grid steps than a per-head grid.
 
 
-def _fwd_kernel(
-    qlo,
-    qhi,
-    klo,
-    khi,
-    kstart,
-    kend,
-    qstart,
-    qend,
-    q_ref,
-    k_ref,
-    v_ref,
-    qseg_ref,
-    kseg_ref,
-    o_ref,
-    lse_ref,
-    m_scr,
-    l_scr,
-    acc_scr,
-    *,
-    scale,
-    nq,
-    nk,
-    bk,
-    heads,
-    steps,
-):
-    del qstart, qend
+def _fwd_kernel(*refs, scale, nq, nk, bk, heads, steps):
+    meta, (q_ref, k_ref, v_ref, qseg_ref, kseg_ref), rest = _split_refs(refs, 5)
+    qlo, qhi, klo, khi, kstart, kend, _, _ = meta
+    o_ref, lse_ref, m_scr, l_scr, acc_scr = rest
     j, run = _q_major_step(qlo, qhi, klo, khi, kstart, kend, nq=nq, nk=nk)
 
     @pl.when(j == 0)
@@ -319,34 +302,9 @@ def _forward(q, k, v, segment_ids, meta, *, block_q, block_k, ksteps, interpret)
 # ----------------------------------------------------------------------------- backward
 
 
-def _dq_kernel(
-    qlo,
-    qhi,
-    klo,
-    khi,
-    kstart,
-    kend,
-    qstart,
-    qend,
-    q_ref,
-    k_ref,
-    v_ref,
-    qseg_ref,
-    kseg_ref,
-    lse_ref,
-    di_ref,
-    do_ref,
-    dq_ref,
-    dq_scr,
-    *,
-    scale,
-    nq,
-    nk,
-    bk,
-    heads,
-    steps,
-):
-    del qstart, qend
+def _dq_kernel(*refs, scale, nq, nk, bk, heads, steps):
+    meta, ins, (dq_ref, dq_scr) = _split_refs(refs, 8)
+    qlo, qhi, klo, khi, kstart, kend, _, _ = meta
     j, run = _q_major_step(qlo, qhi, klo, khi, kstart, kend, nq=nq, nk=nk)
 
     @pl.when(j == 0)
@@ -355,19 +313,7 @@ def _dq_kernel(
 
     @pl.when(run)
     def _compute():
-        for h, _, k, _, _, ds in _probs_and_dlogits(
-            q_ref,
-            k_ref,
-            v_ref,
-            do_ref,
-            qseg_ref,
-            kseg_ref,
-            lse_ref,
-            di_ref,
-            scale=scale,
-            bk=bk,
-            heads=heads,
-        ):
+        for h, _, k, _, _, ds in _probs_and_dlogits(*ins, scale=scale, bk=bk, heads=heads):
             dq_scr[h] += lax.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
 
     @pl.when(j == steps - 1)
@@ -375,36 +321,9 @@ def _dq_kernel(
         dq_ref[...] = (dq_scr[...] * scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(
-    qlo,
-    qhi,
-    klo,
-    khi,
-    kstart,
-    kend,
-    qstart,
-    qend,
-    q_ref,
-    k_ref,
-    v_ref,
-    qseg_ref,
-    kseg_ref,
-    lse_ref,
-    di_ref,
-    do_ref,
-    dk_ref,
-    dv_ref,
-    dk_scr,
-    dv_scr,
-    *,
-    scale,
-    nq,
-    nk,
-    bk,
-    heads,
-    steps,
-):
-    del kstart, kend
+def _dkv_kernel(*refs, scale, nq, nk, bk, heads, steps):
+    meta, ins, (dk_ref, dv_ref, dk_scr, dv_scr) = _split_refs(refs, 8)
+    qlo, qhi, klo, khi, _, _, qstart, qend = meta
     b, kb, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)  # axis 1 walks k-blocks
     col = b * nk + kb
     start, end = qstart[col], qend[col]
@@ -419,19 +338,7 @@ def _dkv_kernel(
 
     @pl.when(run)
     def _compute():
-        for h, q, _, do, p, ds in _probs_and_dlogits(
-            q_ref,
-            k_ref,
-            v_ref,
-            do_ref,
-            qseg_ref,
-            kseg_ref,
-            lse_ref,
-            di_ref,
-            scale=scale,
-            bk=bk,
-            heads=heads,
-        ):
+        for h, q, _, do, p, ds in _probs_and_dlogits(*ins, scale=scale, bk=bk, heads=heads):
             dv_scr[h] += lax.dot(p.T.astype(do.dtype), do, preferred_element_type=jnp.float32)
             dk_scr[h] += lax.dot(ds.T.astype(q.dtype), q, preferred_element_type=jnp.float32)
 

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mmv_jax.batch import PackedBatch, groups
+from mmv_jax.errors import ConfigError
 from mmv_jax.model.encoder import Dense, Encoder, EncoderConfig, LayerNorm, param
 
 
@@ -34,20 +35,15 @@ class MaskedBatchNorm(nnx.Module):
 
 
 class Projector(nnx.Module):
-    def __init__(
-        self,
-        din: int,
-        hidden: int = 2048,
-        dout: int = 128,
-        layers: int = 3,
-        *,
-        norm: str = "batch",
-        rngs: nnx.Rngs,
-    ):
+    """``layers - 1`` times (Dense -> norm -> GELU), then Dense ``out``; ``norm="batch"`` (masked
+    BatchNorm over the batch's real views) or ``"layer"``. The defaults live in
+    :class:`MultiMedVision` and the config."""
+
+    def __init__(self, din: int, hidden: int, dout: int, layers: int, *, norm: str, rngs: nnx.Rngs):
         if layers < 1:
-            raise ValueError(f"config.model.proj_layers must be >= 1, got {layers}")
+            raise ConfigError(f"config.model.proj_layers must be >= 1, got {layers}")
         if norm not in ("batch", "layer"):
-            raise ValueError(f"config.model.proj_norm must be 'batch' or 'layer', got {norm!r}")
+            raise ConfigError(f"config.model.proj_norm must be 'batch' or 'layer', got {norm!r}")
         dims = [din] + [hidden] * (layers - 1)
         self.hidden = nnx.List(
             [

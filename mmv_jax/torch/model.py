@@ -245,17 +245,10 @@ class MaskedBatchNorm(nn.Module):
 
 class Projector(nn.Module):
     """``layers - 1`` times (Linear -> norm -> GELU), then Linear ``out``; ``norm="batch"``
-    (masked BatchNorm over the batch's real views, the default) or ``"layer"`` (LayerNorm)."""
+    (masked BatchNorm over the batch's real views) or ``"layer"`` (LayerNorm). The defaults
+    live in :class:`MultiMedVisionTorch`."""
 
-    def __init__(
-        self,
-        din: int,
-        hidden: int = 2048,
-        dout: int = 128,
-        layers: int = 3,
-        eps: float = 1e-6,
-        norm: str = "batch",
-    ):
+    def __init__(self, din: int, hidden: int, dout: int, layers: int, eps: float, norm: str):
         super().__init__()
         if norm not in ("batch", "layer"):
             raise ValueError(f"projector norm must be 'batch' or 'layer', got {norm!r}")

@@ -141,6 +141,20 @@ class MetricWriter:
             self._tb.close()
 
 
+def device_bytes(compiled) -> int | None:
+    """Memory one device holds for a compiled step: arguments + outputs + temporaries, less the
+    donated buffers the outputs reuse; None where the backend does not say."""
+    mem = compiled.memory_analysis()
+    if mem is None:
+        return None
+    return int(
+        mem.argument_size_in_bytes
+        + mem.output_size_in_bytes
+        + mem.temp_size_in_bytes
+        - mem.alias_size_in_bytes
+    )
+
+
 def read_metrics(path) -> list[dict]:
     """The rows of a ``metrics.jsonl``. A torn last line (a crash mid-write by an older version)
     is dropped with a warning; a bad line elsewhere raises naming the file and line."""
