@@ -37,19 +37,9 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:  # run as a script from a checkout that is not pip-installed
     sys.path.insert(0, _ROOT)
 
-from mmv_jax.export import load_jax_params  # noqa: E402,F401  (re-exported: the tests use it)
-from mmv_jax.torch.names import (  # noqa: E402,F401  (re-exported: the tests use them)
+from mmv_jax.export import load_jax_params  # noqa: E402
+from mmv_jax.torch.names import (  # noqa: E402
     ConversionError,
-    Entry,
-    _entry,
-    _ident,
-    _linear_w,
-    _matches,
-    _module_order,
-    _patch_w,
-    _proj_w,
-    _qkv_b,
-    _qkv_w,
     flatten,
     jax_to_torch,
     name_map,
