@@ -198,8 +198,8 @@ def embed(
 
 
 def _resolve_checkpoint(path: str, step: int | None):
-    """(run folder, step) of ``--checkpoint`` (a run folder, its ``checkpoints`` folder or one
-    step folder ``run/checkpoints/N``) and ``--step``; raises ``ValueError`` naming them."""
+    """``api.resolve_checkpoint`` of ``--checkpoint`` and ``--step``, after checking that the
+    path is a folder; raises ``ValueError`` naming them."""
     from mmv_jax.api import resolve_checkpoint
 
     if not os.path.isdir(path):
