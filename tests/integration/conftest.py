@@ -43,19 +43,22 @@ def demo_manifest(tmp_path_factory):
     return str(out / "manifest.jsonl")
 
 
-def train_cmd(workdir, manifest, *extra):
+def train_args(workdir, manifest, *extra, fast=FAST):
+    """``launch.train``'s arguments for the demo config on ``manifest``, made small by ``fast``."""
     return [
-        sys.executable,
-        "-m",
         "launch.train",
         "--config",
         "configs/demo.py",
         "--workdir",
         str(workdir),
         f"--config.data.manifest={manifest}",
-        *FAST,
+        *fast,
         *extra,
     ]
+
+
+def train_cmd(workdir, manifest, *extra, fast=FAST):
+    return [sys.executable, "-m", *train_args(workdir, manifest, *extra, fast=fast)]
 
 
 def env():

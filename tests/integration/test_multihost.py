@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import FAST, ROOT, env
+from conftest import FAST, ROOT, env, train_args, train_cmd
 
 KEYS = ("loss", "pred_loss", "sigreg_loss", "grad_norm", "lr")
 # 4 CXR + 4 CT a step and 3D buckets of 2, 4 or 8 rows: on this data the two processes' local
@@ -65,17 +65,7 @@ def _launch(module_args, n_proc, n_dev, log_prefix, extra_env=None):
 
 
 def _train(workdir, manifest, n_proc, n_dev, *extra, rows=ROWS):
-    args = [
-        "launch.train",
-        "--config",
-        "configs/demo.py",
-        "--workdir",
-        str(workdir),
-        f"--config.data.manifest={manifest}",
-        *MH,
-        *rows,
-        *extra,
-    ]
+    args = train_args(workdir, manifest, *rows, *extra, fast=MH)
     return _launch(args, n_proc, n_dev, str(workdir))
 
 
@@ -202,19 +192,9 @@ def test_resume_on_other_topologies(two_process_run, reference, demo_manifest, t
     _assert_same(got, reference, range(1, 7))
     # a change of the global batch is refused, naming the key
     r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "launch.train",
-            "--config",
-            "configs/demo.py",
-            "--workdir",
-            str(work),
-            f"--config.data.manifest={demo_manifest}",
-            *MH,
-            "--config.total_steps=8",
-            "--config.data.ct_per_batch=2",
-        ],
+        train_cmd(
+            work, demo_manifest, "--config.total_steps=8", "--config.data.ct_per_batch=2", fast=MH
+        ),
         cwd=ROOT,
         env=env(),
         capture_output=True,
