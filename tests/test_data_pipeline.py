@@ -318,7 +318,7 @@ def test_cache_roundtrip(demo, tmp_path):
     from mmv_jax.data.cache import build_cache
 
     cfg = _cfg(demo)
-    res = build_cache(
+    build = lambda: build_cache(
         demo,
         str(tmp_path / "c"),
         workers=1,
@@ -326,15 +326,9 @@ def test_cache_roundtrip(demo, tmp_path):
         long_side_3d=cfg.views.long_side_3d,
         progress=False,
     )
+    res = build()
     assert res["images"] == 34 and res["bad"] == 0
-    res = build_cache(
-        demo,
-        str(tmp_path / "c"),
-        workers=1,
-        long_side_2d=cfg.views.long_side_2d,
-        long_side_3d=cfg.views.long_side_3d,
-        progress=False,
-    )  # resumes
+    res = build()  # resumes
     assert res["images"] == 34
     recs = load_manifest(tmp_path / "c" / "manifest.jsonl")
     ct = next(r for r in recs if r.modality == "ct")
